@@ -1,0 +1,163 @@
+"""The Scheduler interface and the common job-state model.
+
+A Scheduler is data plus small pure functions: how to submit, how to read the job id,
+the one batched status query and its parser, the terminal-record lookup, the cancel
+argv. The worker (base.py) and the poller (poller.py) only ever talk to this interface,
+so adding a scheduler means writing one Scheduler and one template, nothing else.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import ClassVar, Iterable, Mapping, Sequence
+
+
+class JobState(enum.IntEnum):
+    """Where a batch job is in its life. Ordered: a job's state only moves forward."""
+
+    UNKNOWN = 0
+    PENDING = 10  # queued, held, configuring: not started yet
+    RUNNING = 20  # started (including suspended: it has started)
+    COMPLETED = 30  # ended with exit code 0
+    FAILED = 31  # ended non-zero, timed out, OOM, node failure, preempted...
+    CANCELLED = 32  # removed by scancel/qdel/bkill/condor_rm
+
+    @property
+    def is_final(self) -> bool:
+        return self >= JobState.COMPLETED
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """One job's status as a scheduler reported it, already mapped to the common model."""
+
+    job_id: str
+    state: JobState
+    native_state: str = ""  # the scheduler's own word: TIMEOUT, Eqw, PSUSP, ...
+    reason: str = ""  # why it waits or why it ended: Resources, HoldReason, ...
+    exit_code: int | None = None
+    signal: int | None = None
+
+    def describe(self) -> str:
+        """A one-line human description, for state messages and logs."""
+        parts = [self.native_state or self.state.name]
+        if self.reason and self.reason not in ("None", "(null)"):
+            parts.append(f"({self.reason})")
+        if self.exit_code is not None:
+            parts.append(f"exit code {self.exit_code}")
+        if self.signal:
+            parts.append(f"signal {self.signal}")
+        return " ".join(parts)
+
+
+@dataclass
+class CommandResult:
+    argv: Sequence[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+class SchedulerError(RuntimeError):
+    """A scheduler command failed in a way the caller must see (its stderr verbatim)."""
+
+    def __init__(self, message: str, result: CommandResult | None = None):
+        super().__init__(message)
+        self.result = result
+
+
+class TransientSchedulerError(SchedulerError):
+    """The controller is unreachable or slow; retry later, assume nothing."""
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """What the worker hands a scheduler to submit one job."""
+
+    script_path: str  # the rendered script, already in the run directory
+    script: str  # its text, for schedulers that read directives from stdin (LSF)
+    job_name: str
+    run_dir: str
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+class Scheduler:
+    """Everything scheduler-specific. Subclasses fill in the class attributes and the
+    pure functions; none of them runs a command itself (the worker does, through a
+    transport), so each is testable on recorded outputs."""
+
+    #: short name used in infrastructure pids: "<name>:<cluster>:<job id>"
+    name: ClassVar[str]
+    #: the jinja2 template (in prefect_xm/workers/templates/) for the batch script
+    template_name: ClassVar[str]
+    #: the prefix of directive lines, e.g. "#SBATCH"
+    directive_prefix: ClassVar[str]
+
+    # -- submission -------------------------------------------------------------
+    def submit_argv(self, request: SubmitRequest) -> list[str]:
+        raise NotImplementedError
+
+    def submit_stdin(self, request: SubmitRequest) -> str | None:
+        """Text fed to the submit command's stdin (None: nothing)."""
+        return None
+
+    def parse_submit(self, stdout: str) -> str:
+        """The job id in a successful submission's stdout; ValueError if none."""
+        raise NotImplementedError
+
+    def find_by_name_argv(self, job_name: str) -> list[str]:
+        """A query listing the ids of live jobs with this name (before a retried submit)."""
+        raise NotImplementedError
+
+    def parse_find_by_name(self, stdout: str) -> list[str]:
+        raise NotImplementedError
+
+    # -- tracking ---------------------------------------------------------------
+    def status_argv(self, job_ids: Sequence[str]) -> list[str]:
+        """ONE query for all tracked jobs."""
+        raise NotImplementedError
+
+    def parse_status(self, result: CommandResult) -> dict[str, JobStatus]:
+        """Statuses of the jobs the live queue still knows. Raises
+        TransientSchedulerError when the query itself failed."""
+        raise NotImplementedError
+
+    def terminal_argvs(self, job_ids: Sequence[str]) -> list[list[str]]:
+        """Queries for the terminal records of jobs that left the live queue, in the
+        order to try them (e.g. scontrol, then sacct). Bounded batches."""
+        raise NotImplementedError
+
+    def parse_terminal(self, result: CommandResult) -> dict[str, JobStatus]:
+        raise NotImplementedError
+
+    # -- cancellation -----------------------------------------------------------
+    def cancel_argvs(self, job_id: str, grace_seconds: int) -> list[list[str]]:
+        """Commands to run in order: a grace signal first, then the kill."""
+        raise NotImplementedError
+
+    def cancel_succeeded(self, result: CommandResult) -> bool:
+        """True if the job is gone after this cancel (including 'already finished')."""
+        return result.ok
+
+    # -- pids -------------------------------------------------------------------
+    def infrastructure_pid(self, cluster: str, job_id: str) -> str:
+        return f"{self.name}:{cluster}:{job_id}"
+
+    @classmethod
+    def parse_infrastructure_pid(cls, pid: str) -> tuple[str, str, str]:
+        """(scheduler, cluster, job id); the cluster may itself contain no ':'."""
+        scheduler, sep, rest = pid.partition(":")
+        cluster, sep2, job_id = rest.partition(":")
+        if not sep or not sep2 or not job_id:
+            raise ValueError(f"not a batch infrastructure pid: {pid!r}")
+        return scheduler, cluster, job_id
+
+
+def chunked(items: Iterable[str], size: int) -> list[list[str]]:
+    items = list(items)
+    return [items[i : i + size] for i in range(0, len(items), size)]

@@ -1,0 +1,126 @@
+"""Shared fixtures: a real Prefect server, the real single-node Slurm, helpers to wait
+on conditions (never fixed sleeps)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+VECTORS = REPO.parent / "shared" / "vectors"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+
+T = TypeVar("T")
+
+
+def wait_for(
+    condition: Callable[[], T], timeout: float = 120.0, interval: float = 0.5, what: str = ""
+) -> T:
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what or condition}: last={last!r}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def require_service(name: str, available: bool, how: str) -> None:
+    """Skip locally when a real service is missing; fail in CI, where a skip proves nothing."""
+    if available:
+        return
+    message = f"{name} is not available: {how}"
+    if IN_CI:
+        pytest.fail(message + " (CI=true: tests that need it fail instead of skipping)")
+    pytest.skip(message)
+
+
+class PrefectServer:
+    def __init__(self, home: Path, port: int, proc: subprocess.Popen):
+        self.home = home
+        self.port = port
+        self.proc = proc
+        self.api_url = f"http://127.0.0.1:{port}/api"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment for a subprocess (worker, CLI, launch script) that talks to this server."""
+        env = dict(os.environ)
+        env.update(
+            PREFECT_API_URL=self.api_url,
+            PREFECT_HOME=str(self.home),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        )
+        env.update(extra)
+        return env
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> PrefectServer:
+    """A real `prefect server start` (SQLite) on a free port, for the whole session.
+
+    The test process itself is pointed at it through PREFECT_API_URL, so the Prefect
+    client in tests, the workers and launch scripts started as subprocesses all share it.
+    """
+    import httpx
+
+    home = Path(tempfile.mkdtemp(prefix="pxm-prefect-home-"))
+    port = free_port()
+    env = dict(os.environ)
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    server = PrefectServer(home, port, proc)
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"prefect server exited: {(home / 'server.log').read_text()[-3000:]}")
+        try:
+            return httpx.get(f"{server.api_url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(healthy, timeout=120, what="prefect server health")
+    old = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
+    os.environ["PREFECT_API_URL"] = server.api_url
+    os.environ["PREFECT_HOME"] = str(home)
+    try:
+        yield server
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(home, ignore_errors=True)
