@@ -110,6 +110,11 @@ class Scheduler:
         """The job id in a successful submission's stdout; ValueError if none."""
         raise NotImplementedError
 
+    def submit_error(self, result: CommandResult) -> SchedulerError:
+        """Classify a failed submission: TransientSchedulerError means 'maybe accepted,
+        check and retry'; anything else is the scheduler's verdict, shown verbatim."""
+        return SchedulerError(result.stderr.strip() or result.stdout.strip(), result)
+
     def find_by_name_argv(self, job_name: str) -> list[str]:
         """A query listing the ids of live jobs with this name (before a retried submit)."""
         raise NotImplementedError
@@ -127,6 +132,11 @@ class Scheduler:
         TransientSchedulerError when the query itself failed."""
         raise NotImplementedError
 
+    def lookup(self, job_id: str, statuses: dict[str, JobStatus]) -> "JobStatus | None":
+        """A tracked job's status in a parsed query (schedulers with arrays or
+        multi-part jobs override this to combine the parts)."""
+        return statuses.get(job_id)
+
     def terminal_argvs(self, job_ids: Sequence[str]) -> list[list[str]]:
         """Queries for the terminal records of jobs that left the live queue, in the
         order to try them (e.g. scontrol, then sacct). Bounded batches."""
@@ -140,9 +150,12 @@ class Scheduler:
         """Commands to run in order: a grace signal first, then the kill."""
         raise NotImplementedError
 
-    def cancel_succeeded(self, result: CommandResult) -> bool:
-        """True if the job is gone after this cancel (including 'already finished')."""
-        return result.ok
+    def parse_cancel(self, result: CommandResult) -> bool:
+        """True if the scheduler accepted the cancel, False if it no longer knows the
+        job (already finished or purged); SchedulerError for any other failure."""
+        if result.ok:
+            return True
+        raise SchedulerError(result.stderr.strip() or f"{result.argv[0]} exited {result.returncode}", result)
 
     # -- pids -------------------------------------------------------------------
     def infrastructure_pid(self, cluster: str, job_id: str) -> str:

@@ -1,0 +1,601 @@
+"""BatchWorker: the scheduler-agnostic Prefect worker for batch schedulers.
+
+One flow run = one batch job. The worker renders the batch script (jinja2, sandboxed,
+StrictUndefined), submits it through a Transport, and follows the job with the shared
+JobPoller of its cluster. It never branches on the scheduler's name: everything
+scheduler-specific is in a Scheduler (slurm.py, ...).
+
+Who reports the run's states: the flow engine inside the job reports Running and its
+final state; the worker reports what only the scheduler knows: InfrastructurePending
+(with the scheduler's reason) while queued, Crashed when the job ended without the
+flow reaching a final state, Cancelled once a cancelled job is gone.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, TypeVar
+from uuid import UUID
+
+import jinja2
+import jinja2.sandbox
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    WorkPoolFilter,
+    WorkPoolFilterName,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.exceptions import InfrastructureNotAvailable, InfrastructureNotFound
+from prefect.states import Cancelled, Crashed, InfrastructurePending
+from prefect.workers.base import (
+    BaseJobConfiguration,
+    BaseVariables,
+    BaseWorker,
+    BaseWorkerResult,
+)
+from pydantic import Field, field_validator
+
+from prefect_xm.workers.poller import JobPoller, TrackedJob
+from prefect_xm.workers.scheduler import (
+    JobState,
+    JobStatus,
+    Scheduler,
+    SchedulerError,
+    SubmitRequest,
+    TransientSchedulerError,
+)
+from prefect_xm.workers.transport import LocalTransport, Transport
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
+
+TEMPLATES = Path(__file__).parent / "templates"
+STDERR_TAIL_BYTES = 3000
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        raise ValueError(f"{name}: {os.environ[name]!r} is not a number of seconds") from None
+
+
+class ScriptTemplateError(ValueError):
+    """The batch-script template could not be rendered (names the variable)."""
+
+
+class SubmissionError(RuntimeError):
+    """The scheduler refused the job; the message is its stderr, verbatim."""
+
+
+class BatchJobConfiguration(BaseJobConfiguration):
+    """Settings common to every batch scheduler; subclasses add their resources."""
+
+    modules: list[str] = Field(default_factory=list)
+    setup_commands: list[str] = Field(default_factory=list)
+    extra_directives: list[str] = Field(default_factory=list)
+    working_dir: Optional[str] = Field(default=None)
+    job_name: Optional[str] = Field(default=None)
+    script_template: Optional[str] = Field(default=None)
+    run_dir: str = Field(default="~/.prefect-xm/runs")
+    cluster: str = Field(default="local")
+    submit_timeout: float = Field(default=60.0)
+
+    @field_validator("extra_directives", "modules")
+    @classmethod
+    def _single_lines(cls, v: list[str], info) -> list[str]:
+        for item in v:
+            if "\n" in item or "\r" in item:
+                raise ValueError(f"{info.field_name}: {item!r} must be a single line")
+        return v
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster_name(cls, v: str) -> str:
+        if not v or ":" in v:
+            raise ValueError(f"cluster: {v!r} must be a non-empty name without ':'")
+        return v
+
+    def prepare_for_flow_run(self, flow_run, deployment=None, flow=None, work_pool=None, worker_name=None, worker_id=None):
+        default_command = self.command is None
+        super().prepare_for_flow_run(
+            flow_run, deployment=deployment, flow=flow, work_pool=work_pool,
+            worker_name=worker_name, worker_id=worker_id,
+        )
+        if default_command:
+            # The same Python as the worker: on a shared filesystem that is the one
+            # with prefect installed; a site can override `command` per pool.
+            self.command = f"{shlex.quote(sys.executable)} -m prefect flow-run execute"
+
+
+class BatchVariables(BaseVariables):
+    modules: list[str] = Field(
+        default_factory=list,
+        title="Modules",
+        description="Environment modules to load before the flow starts (`module load NAME`).",
+    )
+    setup_commands: list[str] = Field(
+        default_factory=list,
+        title="Setup commands",
+        description="Shell lines run in the batch script before the flow starts (e.g. activating a venv).",
+    )
+    extra_directives: list[str] = Field(
+        default_factory=list,
+        title="Extra directives",
+        description="More scheduler options, one per line, without the directive prefix (e.g. '--exclusive').",
+    )
+    working_dir: Optional[str] = Field(
+        default=None, title="Working directory", description="Directory the job starts in."
+    )
+    job_name: Optional[str] = Field(
+        default=None,
+        title="Job name",
+        description="Prefix of the scheduler job name; the flow run id is always appended. Defaults to the flow run's name.",
+    )
+    script_template: Optional[str] = Field(
+        default=None,
+        title="Script template",
+        description="A custom jinja2 batch-script template: a path on the worker's machine, or the template text itself.",
+    )
+    run_dir: str = Field(
+        default="~/.prefect-xm/runs",
+        title="Run directory",
+        description="Where each run's batch script, stdout and stderr are kept (one subdirectory per flow run); must be visible from the compute nodes.",
+    )
+    cluster: str = Field(
+        default="local",
+        title="Cluster name",
+        description="A name for the cluster, stored in each run's infrastructure id so a restarted worker finds its jobs.",
+    )
+    submit_timeout: float = Field(
+        default=60.0,
+        title="Submit timeout (s)",
+        description="How long a submission may take before it is checked and retried.",
+    )
+
+
+class BatchWorkerResult(BaseWorkerResult):
+    """The job's identifier (infrastructure pid) and 0, or the code of a failed submit."""
+
+
+@dataclass
+class FollowedRun:
+    flow_run_id: UUID
+    job_id: str
+    poller: JobPoller
+    transport: Transport
+    configuration: BatchJobConfiguration
+    tracked: TrackedJob
+    cancel_requested: bool = False
+    cancel_task: Optional[asyncio.Task] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+C = TypeVar("C", bound=BatchJobConfiguration)
+V = TypeVar("V", bound=BatchVariables)
+
+
+# abc.ABC among the direct bases keeps Prefect from registering this as a worker type.
+class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
+    """Prefect worker for a batch scheduler; subclasses set `type` and `scheduler`."""
+
+    scheduler: ClassVar[Scheduler]
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.poll_interval = _env_float("PREFECT_XM_POLL_INTERVAL", 10.0)
+        self.grace_period = _env_float("PREFECT_XM_QUERY_GRACE", 300.0)
+        self.recovery_interval = _env_float("PREFECT_XM_RECOVERY_INTERVAL", 60.0)
+        self._transports: dict[str, Transport] = {}
+        self._pollers: dict[str, JobPoller] = {}
+        self._followed: dict[UUID, FollowedRun] = {}
+        self._supervisor: Optional[asyncio.Task] = None
+        self._background: set[asyncio.Task] = set()
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def setup(self) -> None:
+        await super().setup()
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise(), name="xm-supervisor")
+
+    async def teardown(self, *exc_info: Any) -> None:
+        tasks = [t for t in [self._supervisor, *self._background] if t]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for poller in self._pollers.values():
+            await poller.close()
+        for transport in self._transports.values():
+            await transport.close()
+        await super().teardown(*exc_info)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    # -- transports and pollers: one per cluster ---------------------------------------
+    def transport_for(self, configuration: BatchJobConfiguration) -> Transport:
+        key = configuration.cluster
+        if key not in self._transports:
+            self._transports[key] = LocalTransport()
+        return self._transports[key]
+
+    def poller_for(self, configuration: BatchJobConfiguration) -> JobPoller:
+        key = configuration.cluster
+        if key not in self._pollers:
+            self._pollers[key] = JobPoller(
+                self.scheduler,
+                self.transport_for(configuration),
+                interval=self.poll_interval,
+                grace_period=self.grace_period,
+            )
+        return self._pollers[key]
+
+    # -- the batch script ---------------------------------------------------------------
+    def job_name(self, configuration: BatchJobConfiguration, flow_run: "FlowRun") -> str:
+        prefix = configuration.job_name or flow_run.name or "prefect"
+        return f"{prefix}-{flow_run.id}"
+
+    def run_directory(self, configuration: BatchJobConfiguration, flow_run_id: UUID) -> str:
+        base = configuration.run_dir
+        if base.startswith("~") and isinstance(self.transport_for(configuration), LocalTransport):
+            base = os.path.expanduser(base)
+        return f"{base.rstrip('/')}/{flow_run_id}"
+
+    def load_template(self, configuration: BatchJobConfiguration) -> str:
+        custom = configuration.script_template
+        if custom:
+            if "\n" not in custom and os.path.isfile(os.path.expanduser(custom)):
+                return Path(os.path.expanduser(custom)).read_text()
+            return custom
+        return (TEMPLATES / self.scheduler.template_name).read_text()
+
+    def render_script(
+        self, configuration: BatchJobConfiguration, flow_run: "FlowRun", run_dir: str
+    ) -> str:
+        env = jinja2.sandbox.SandboxedEnvironment(
+            undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
+        )
+        env.filters["q"] = lambda v: shlex.quote(str(v))
+        context = configuration.model_dump(exclude={"env"})
+        context.update(
+            job_name=self.job_name(configuration, flow_run),
+            run_dir=run_dir,
+            stdout_path=f"{run_dir}/job.out",
+            stderr_path=f"{run_dir}/job.err",
+            command_argv=shlex.split(configuration.command or ""),
+            flow_run_id=str(flow_run.id),
+            directive=self.scheduler.directive_prefix,
+        )
+        try:
+            return env.from_string(self.load_template(configuration)).render(context)
+        except jinja2.UndefinedError as exc:
+            raise ScriptTemplateError(
+                f"script_template: the batch-script template uses an undefined variable: {exc.message}"
+            ) from None
+        except jinja2.TemplateSyntaxError as exc:
+            raise ScriptTemplateError(
+                f"script_template: syntax error on line {exc.lineno}: {exc.message}"
+            ) from None
+
+    # -- submit ---------------------------------------------------------------------------
+    async def run(
+        self,
+        flow_run: "FlowRun",
+        configuration: C,
+        task_status: Any = None,
+    ) -> BatchWorkerResult:
+        logger = self.get_flow_run_logger(flow_run)
+        transport = self.transport_for(configuration)
+        run_dir = self.run_directory(configuration, flow_run.id)
+        script = self.render_script(configuration, flow_run, run_dir)
+        script_path = f"{run_dir}/job.sh"
+        await transport.write_file(script_path, script, 0o700)
+        logger.info(f"Rendered batch script: {script_path}")
+        request = SubmitRequest(
+            script_path=script_path,
+            script=script,
+            job_name=self.job_name(configuration, flow_run),
+            run_dir=run_dir,
+            env={k: v for k, v in configuration.env.items() if v is not None},
+        )
+        job_id = await self.submit_job(request, transport, configuration, logger)
+        pid = self.scheduler.infrastructure_pid(configuration.cluster, job_id)
+        followed = self._start_following(flow_run.id, job_id, configuration)
+        if task_status is not None:
+            task_status.started(pid)
+        logger.info(f"Submitted {self.scheduler.name} job {job_id} ({request.job_name})")
+        return await self._follow(flow_run, followed, logger)
+
+    async def submit_job(
+        self, request: SubmitRequest, transport: Transport, configuration: C, logger
+    ) -> str:
+        """Submit once. If the submit command fails transiently or times out, the job
+        may still have been accepted: look it up by its unique name before retrying."""
+        argv = self.scheduler.submit_argv(request)
+        stdin = self.scheduler.submit_stdin(request)
+        attempts = 3
+        for attempt in range(1, attempts + 1):
+            try:
+                result = await transport.run(
+                    argv, stdin=stdin, env=request.env, timeout=configuration.submit_timeout
+                )
+                if result.ok:
+                    return self.scheduler.parse_submit(result.stdout)
+                error = self.scheduler.submit_error(result)
+            except TransientSchedulerError as exc:
+                error = exc
+            if not isinstance(error, TransientSchedulerError):
+                raise SubmissionError(f"{argv[0]} refused the job: {error}")
+            logger.warning(f"Submission attempt {attempt} did not complete: {error}")
+            existing = await self._find_by_name(request.job_name, transport)
+            if existing:
+                logger.info(f"Job {existing} with this run's name exists already; not submitting again")
+                return existing
+            if attempt < attempts:
+                await asyncio.sleep(min(2**attempt, 30))
+        raise SubmissionError(f"{argv[0]} failed {attempts} times: {error}")
+
+    async def _find_by_name(self, job_name: str, transport: Transport) -> Optional[str]:
+        for _ in range(3):
+            try:
+                result = await transport.run(self.scheduler.find_by_name_argv(job_name), timeout=30)
+            except TransientSchedulerError:
+                await asyncio.sleep(2)
+                continue
+            if result.ok:
+                ids = self.scheduler.parse_find_by_name(result.stdout)
+                return ids[0] if ids else None
+            await asyncio.sleep(2)
+        raise SubmissionError(
+            f"could not check whether job {job_name!r} was submitted; not retrying, to avoid a duplicate"
+        )
+
+    # -- follow ---------------------------------------------------------------------------
+    def _start_following(self, flow_run_id: UUID, job_id: str, configuration: C) -> FollowedRun:
+        poller = self.poller_for(configuration)
+        followed = FollowedRun(
+            flow_run_id=flow_run_id,
+            job_id=job_id,
+            poller=poller,
+            transport=self.transport_for(configuration),
+            configuration=configuration,
+            tracked=poller.track(job_id),
+        )
+        self._followed[flow_run_id] = followed
+        poller.poll_soon()
+        return followed
+
+    async def _follow(self, flow_run: "FlowRun", followed: FollowedRun, logger) -> BatchWorkerResult:
+        scheduler_name = self.scheduler.name
+        pid = self.scheduler.infrastructure_pid(followed.configuration.cluster, followed.job_id)
+        pending_announced = False
+        try:
+            status = followed.tracked.status
+            while not status.state.is_final:
+                status = await followed.tracked.updates.get()
+                if status.state == JobState.PENDING:
+                    message = f"{scheduler_name} job {followed.job_id} is queued: {status.describe()}"
+                    if not pending_announced:
+                        pending_announced = await self._propose_infrastructure_pending(flow_run, message)
+                    logger.info(message)
+                elif status.state == JobState.RUNNING:
+                    logger.info(f"{scheduler_name} job {followed.job_id} is running ({status.native_state})")
+            await self._finish(flow_run, followed, status, logger)
+            return BatchWorkerResult(identifier=pid, status_code=0)
+        finally:
+            followed.poller.untrack(followed.job_id)
+            self._followed.pop(flow_run.id, None)
+
+    async def _propose_infrastructure_pending(self, flow_run: "FlowRun", message: str) -> bool:
+        current = await self.client.read_flow_run(flow_run.id)
+        if current.state is None or current.state.type != StateType.PENDING:
+            return True  # already running (or done): nothing to announce
+        try:
+            result = await self.client.set_flow_run_state(
+                flow_run.id, InfrastructurePending(message=message)
+            )
+        except Exception:
+            return False
+        return result.status.value == "ACCEPT" if hasattr(result, "status") else True
+
+    async def _finish(self, flow_run: "FlowRun", followed: FollowedRun, status: JobStatus, logger) -> None:
+        """The job has ended: make the run's state say what happened."""
+        job = f"{self.scheduler.name} job {followed.job_id}"
+        current = (await self.client.read_flow_run(flow_run.id)).state
+        if current is None:
+            return
+        if current.type in (StateType.CANCELLING, StateType.CANCELLED) or followed.cancel_requested:
+            if current.type != StateType.CANCELLED:
+                await self.client.set_flow_run_state(
+                    flow_run.id,
+                    Cancelled(message=f"Cancelled: {job} removed ({status.describe()})."),
+                    force=True,
+                )
+            logger.info(f"{job} ended {status.describe()}; flow run cancelled")
+            return
+        if status.state == JobState.COMPLETED and current.is_final():
+            return
+        if current.is_final() and current.type != StateType.CRASHED:
+            return  # the flow reported Completed or Failed itself; that is the truth
+        tail = await self._stderr_tail(followed)
+        if status.state == JobState.CANCELLED:
+            state = Cancelled(message=f"{job} was cancelled outside Prefect ({status.describe()}).")
+            await self.client.set_flow_run_state(flow_run.id, state, force=True)
+            logger.warning(state.message)
+            return
+        message = f"{job} ended {status.describe()} before the flow run reported a final state."
+        if current.type == StateType.CRASHED and current.message:
+            message += f" The flow run said: {current.message}"
+        if tail:
+            message += f"\nLast lines of the job's stderr ({followed.extra.get('stderr_path')}):\n{tail}"
+        # force: the engine may have marked itself Crashed on the scheduler's SIGTERM
+        # without knowing why; the scheduler's reason (TIMEOUT, OOM, ...) is the useful part.
+        await self.client.set_flow_run_state(
+            flow_run.id, Crashed(message=message), force=current.type == StateType.CRASHED
+        )
+        logger.error(message)
+
+    async def _stderr_tail(self, followed: FollowedRun, lines: int = 20) -> str:
+        path = f"{self.run_directory(followed.configuration, followed.flow_run_id)}/job.err"
+        followed.extra["stderr_path"] = path
+        try:
+            text = await followed.transport.read_tail(path, STDERR_TAIL_BYTES)
+        except Exception:
+            return ""
+        if not text:
+            return ""
+        return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+    # -- cancel ---------------------------------------------------------------------------
+    async def kill_infrastructure(
+        self, infrastructure_pid: str, configuration: C, grace_seconds: int = 30
+    ) -> None:
+        scheduler_name, cluster, job_id = Scheduler.parse_infrastructure_pid(infrastructure_pid)
+        if scheduler_name != self.scheduler.name or cluster != configuration.cluster:
+            raise InfrastructureNotAvailable(
+                f"{infrastructure_pid!r} is not a {self.scheduler.name} job on cluster {configuration.cluster!r}"
+            )
+        followed = next((f for f in self._followed.values() if f.job_id == job_id and f.configuration.cluster == cluster), None)
+        if followed:
+            followed.cancel_requested = True
+        last = followed.tracked.status.state if followed else JobState.PENDING
+        gone = await self.cancel_job(job_id, self.transport_for(configuration), grace_seconds, last, followed)
+        if not gone:
+            raise InfrastructureNotFound(f"{self.scheduler.name} job {job_id} not found")
+
+    async def cancel_job(
+        self,
+        job_id: str,
+        transport: Transport,
+        grace_seconds: float,
+        last_state: JobState,
+        followed: Optional[FollowedRun] = None,
+    ) -> bool:
+        """A grace signal first (if the job runs), then the kill. True if the scheduler
+        accepted the cancel, False if it did not know the job."""
+        argvs = self.scheduler.cancel_argvs(job_id, int(grace_seconds))
+        if last_state == JobState.RUNNING and len(argvs) > 1:
+            for argv in argvs[:-1]:
+                await transport.run(argv, timeout=60)
+            if followed:
+                await self._wait_final(followed, grace_seconds)
+                if followed.tracked.is_final:
+                    return True
+        result = await transport.run(argvs[-1], timeout=60)
+        if followed:
+            followed.poller.poll_soon()
+        return self.scheduler.parse_cancel(result)
+
+    async def _wait_final(self, followed: FollowedRun, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        followed.poller.poll_soon()
+        while not followed.tracked.is_final and time.monotonic() < deadline:
+            await asyncio.sleep(min(1.0, self.poll_interval))
+            followed.poller.poll_soon()
+
+    # -- the supervisor: cancellations and restart recovery ----------------------------------
+    async def _supervise(self) -> None:
+        next_recovery = 0.0
+        while True:
+            try:
+                if self._work_pool is not None:
+                    await self._cancel_cancelling_runs()
+                    if time.monotonic() >= next_recovery:
+                        await self.recover_runs()
+                        next_recovery = time.monotonic() + self.recovery_interval
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._logger.exception("Batch worker supervisor pass failed")
+            await asyncio.sleep(self.poll_interval)
+
+    async def _cancel_cancelling_runs(self) -> None:
+        """Prefect only kills infrastructure of runs that never started; we watch our
+        own runs for Cancelling, queued or running, with one API call per interval."""
+        ids = [run_id for run_id, f in self._followed.items() if not f.cancel_requested]
+        if not ids:
+            return
+        runs = await self.client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=ids),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING])),
+            )
+        )
+        for run in runs:
+            followed = self._followed.get(run.id)
+            if followed is None or followed.cancel_requested:
+                continue
+            followed.cancel_requested = True
+            self.get_flow_run_logger(run).info(
+                f"Flow run is cancelling: cancelling {self.scheduler.name} job {followed.job_id}"
+            )
+            followed.cancel_task = self._spawn(
+                self.cancel_job(followed.job_id, followed.transport, 30, followed.tracked.status.state, followed)
+            )
+
+    async def recover_runs(self) -> list[UUID]:
+        """Find this pool's runs whose jobs nobody follows (their worker died or was
+        restarted) and follow them to the end. Never submits anything."""
+        assert self._work_pool is not None
+        runs = await self.client.read_flow_runs(
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self._work_pool.name])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(
+                        any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+                    )
+                )
+            ),
+        )
+        online = await self._online_worker_names()
+        adopted: list[UUID] = []
+        for run in runs:
+            if run.id in self._followed or not run.infrastructure_pid:
+                continue
+            owner = (run.labels or {}).get("prefect.worker.name")
+            if owner and owner != self.name and owner in online:
+                continue  # a live worker follows it
+            try:
+                scheduler_name, cluster, job_id = Scheduler.parse_infrastructure_pid(run.infrastructure_pid)
+            except ValueError:
+                continue
+            if scheduler_name != self.scheduler.name:
+                continue
+            try:
+                configuration = await self.job_configuration.resolve_for_flow_run(
+                    run, client=self.client, work_pool=self._work_pool,
+                    worker_name=self.name, worker_id=self.backend_id,
+                )
+            except Exception as exc:
+                self._logger.warning("Cannot recover flow run %s: %s", run.id, exc)
+                continue
+            if configuration.cluster != cluster:
+                continue
+            logger = self.get_flow_run_logger(run)
+            logger.info(f"Worker {self.name!r} resumes following {scheduler_name} job {job_id}")
+            followed = self._start_following(run.id, job_id, configuration)
+            if run.state and run.state.type == StateType.CANCELLING:
+                followed.cancel_requested = True
+                followed.cancel_task = self._spawn(
+                    self.cancel_job(job_id, followed.transport, 30, JobState.UNKNOWN, followed)
+                )
+            self._spawn(self._follow(run, followed, logger))
+            adopted.append(run.id)
+        return adopted
+
+    async def _online_worker_names(self) -> set[str]:
+        assert self._work_pool is not None
+        workers = await self.client.read_workers_for_work_pool(self._work_pool.name)
+        return {w.name for w in workers if str(getattr(w, "status", "")).upper().endswith("ONLINE")}

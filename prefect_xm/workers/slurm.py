@@ -1,0 +1,447 @@
+"""Slurm: everything the batch worker needs to know about sbatch, squeue, scontrol,
+sacct and scancel, and the `xm-slurm` worker type.
+
+Parsers are pure functions over command output (tested on verbatim outputs in
+tests/test_slurm_parsers.py).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar, Optional, Sequence
+
+from pydantic import Field, field_validator
+
+from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker
+from prefect_xm.workers.scheduler import (
+    CommandResult,
+    JobState,
+    JobStatus,
+    Scheduler,
+    SchedulerError,
+    SubmitRequest,
+    TransientSchedulerError,
+    chunked,
+)
+
+# -- state model ----------------------------------------------------------------
+
+# squeue's compact codes (%t) and the long names (%T) sacct and scontrol print.
+COMPACT_STATES = {
+    "BF": "BOOT_FAIL", "CA": "CANCELLED", "CD": "COMPLETED", "CF": "CONFIGURING",
+    "CG": "COMPLETING", "DL": "DEADLINE", "F": "FAILED", "NF": "NODE_FAIL",
+    "OOM": "OUT_OF_MEMORY", "PD": "PENDING", "PR": "PREEMPTED", "R": "RUNNING",
+    "RD": "RESV_DEL_HOLD", "RF": "REQUEUE_FED", "RH": "REQUEUE_HOLD", "RQ": "REQUEUED",
+    "RS": "RESIZING", "RV": "REVOKED", "SI": "SIGNALING", "SE": "SPECIAL_EXIT",
+    "SO": "STAGE_OUT", "ST": "STOPPED", "S": "SUSPENDED", "TO": "TIMEOUT",
+}
+
+STATE_MAP: dict[str, JobState] = {
+    **dict.fromkeys(
+        ["PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"],
+        JobState.PENDING,
+    ),
+    **dict.fromkeys(
+        ["RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING", "SUSPENDED", "STOPPED"],
+        JobState.RUNNING,
+    ),
+    "COMPLETED": JobState.COMPLETED,
+    **dict.fromkeys(
+        ["FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+         "SPECIAL_EXIT", "PREEMPTED", "REVOKED"],
+        JobState.FAILED,
+    ),
+    "CANCELLED": JobState.CANCELLED,
+}
+
+# 123, 123_4, 123_[5-9%2], 123+0; never step ids (123.batch, 123.0, 123.ext+)
+_JOB_ID = r"\d+(?:_\d+|_\[[^\]\s]*\]|\+\d+)?"
+_JOB_ID_RE = re.compile(rf"^{_JOB_ID}$")
+
+# Errors meaning "the controller did not answer": retry later, assume nothing.
+_TRANSIENT_ERRORS = re.compile(
+    r"Socket timed out|Unable to contact slurm controller|Connection refused|"
+    r"Zero Bytes were transmitted|Communication connection failure|"
+    r"slurm_receive_msg|Transport endpoint|temporarily unavailable",
+    re.IGNORECASE,
+)
+
+
+def normalize_state(raw: str) -> tuple[str, str]:
+    """('CANCELLED by 0' -> 'CANCELLED', 'by 0'); 'PD' -> 'PENDING'; 'RUNING' stays as is."""
+    raw = raw.strip()
+    word, _, rest = raw.partition(" ")
+    word = word.rstrip("+")  # sacct truncates long names with '+'
+    word = COMPACT_STATES.get(word, word)
+    return word, rest.strip()
+
+
+def to_status(job_id: str, raw_state: str, reason: str = "", exit_field: str = "") -> JobStatus:
+    native, detail = normalize_state(raw_state)
+    state = STATE_MAP.get(native, JobState.UNKNOWN)
+    exit_code, signal = parse_exit_code(exit_field)
+    if reason.startswith("(") and reason.endswith(")"):
+        reason = reason[1:-1]
+    return JobStatus(
+        job_id=job_id,
+        state=state,
+        native_state=native,
+        reason=reason or detail,
+        exit_code=exit_code,
+        signal=signal,
+    )
+
+
+def parse_exit_code(field: str) -> tuple[int | None, int | None]:
+    """Slurm prints 'code:signal' (e.g. '0:15' = killed by SIGTERM)."""
+    m = re.match(r"^\s*(-?\d+)(?::(\d+))?\s*$", field or "")
+    if not m:
+        return None, None
+    return int(m.group(1)), int(m.group(2)) if m.group(2) else None
+
+
+def expand_array_id(job_id: str) -> list[str]:
+    """'123_[5-7%2]' -> ['123_5', '123_6', '123_7']; other ids stay as they are."""
+    m = re.match(r"^(\d+)_\[([^\]]+)\]$", job_id)
+    if not m:
+        return [job_id]
+    base, spec = m.group(1), m.group(2).split("%")[0]
+    ids: list[str] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        step = 1
+        if ":" in hi:
+            hi, _, s = hi.partition(":")
+            step = int(s)
+        if hi:
+            ids.extend(f"{base}_{i}" for i in range(int(lo), int(hi) + 1, step))
+        else:
+            ids.append(f"{base}_{lo}")
+    return ids
+
+
+# -- parsers --------------------------------------------------------------------
+
+
+def parse_sbatch(stdout: str) -> str:
+    """The job id from sbatch's stdout, with or without --parsable, with site banners
+    printed before it (the id is on the last line that carries one)."""
+    for line in reversed(stdout.strip().splitlines()):
+        line = line.strip()
+        m = re.match(r"^(\d+)(?:;\S+)?$", line)  # --parsable: "123" or "123;cluster"
+        if m:
+            return m.group(1)
+        m = re.search(r"Submitted batch job (\d+)", line)
+        if m:
+            return m.group(1)
+    raise ValueError(f"no job id in sbatch output: {stdout.strip()[-500:]!r}")
+
+
+def parse_squeue(
+    output: str, *, delimiter: str = "|", columns: Sequence[str] = ("id", "state", "reason")
+) -> dict[str, JobStatus]:
+    """Statuses from squeue output in a custom format (`-h -o '%i|%T|%r'`), or in
+    squeue's default table (a header line starting with JOBID). Lines that are not job
+    lines (site banners, blank lines) are skipped; pending array ranges are expanded."""
+    lines = output.splitlines()
+    header = next((ln for ln in lines if ln.strip()), "")
+    if header.split()[:1] == ["JOBID"]:
+        return _parse_squeue_table(lines)
+    statuses: dict[str, JobStatus] = {}
+    for line in lines:
+        fields = line.strip().split(delimiter) if delimiter != " " else line.split()
+        # A custom -o may carry a literal prefix ("GC3Pie^%i^..."): align on the id column.
+        while fields and len(fields) > len(columns) and not _JOB_ID_RE.match(fields[0]):
+            fields = fields[1:]
+        if len(fields) < len(columns):
+            continue
+        row = dict(zip(columns, (f.strip() for f in fields)))
+        if not _JOB_ID_RE.match(row["id"]):
+            continue
+        for job_id in expand_array_id(row["id"]):
+            statuses[job_id] = to_status(job_id, row["state"], row.get("reason", ""))
+    return statuses
+
+
+def _parse_squeue_table(lines: list[str]) -> dict[str, JobStatus]:
+    statuses: dict[str, JobStatus] = {}
+    header = None
+    for line in lines:
+        parts = line.split()
+        if not parts:
+            continue
+        if header is None:
+            header = parts
+            continue
+        row = dict(zip(header, parts))
+        job_id = row.get("JOBID", "")
+        if not _JOB_ID_RE.match(job_id):
+            continue
+        last = parts[-1]
+        reason = last if last.startswith("(") else ""
+        for jid in expand_array_id(job_id):
+            statuses[jid] = to_status(jid, row.get("ST", row.get("STATE", "")), reason)
+    return statuses
+
+
+def parse_scontrol_show_job(output: str) -> dict[str, JobStatus]:
+    """Records of `scontrol show job [-o] [ID]`: JobId=, JobState=, Reason=, ExitCode=."""
+    statuses: dict[str, JobStatus] = {}
+    for record in re.split(r"(?=\bJobId=)", output):
+        m = re.search(r"\bJobId=(\d+)", record)
+        if not m:
+            continue
+        job_id = m.group(1)
+        array = re.search(r"\bArrayJobId=(\d+) ArrayTaskId=(\d+)", record)
+        if array:
+            job_id = f"{array.group(1)}_{array.group(2)}"
+        het = re.search(r"\bHetJobId=(\d+) HetJobOffset=(\d+)", record)
+        if het:
+            job_id = f"{het.group(1)}+{het.group(2)}"
+        state = re.search(r"\bJobState=(\S+)", record)
+        if not state:
+            continue
+        reason = re.search(r"\bReason=(\S+)", record)
+        exit_field = re.search(r"\bExitCode=(\S+)", record)
+        statuses[job_id] = to_status(
+            job_id,
+            state.group(1),
+            reason.group(1) if reason else "",
+            exit_field.group(1) if exit_field else "",
+        )
+        if array or het:  # also findable under the raw JobId scontrol was asked for
+            statuses.setdefault(m.group(1), statuses[job_id])
+    return statuses
+
+
+def parse_sacct(
+    output: str,
+    *,
+    columns: Sequence[str] = ("JobIDRaw", "State", "ExitCode", "Reason"),
+    delimiter: str = "|",
+) -> dict[str, JobStatus]:
+    """Job (not step) records of `sacct -n -P -o <columns>`."""
+    cols = [c.lower() for c in columns]
+    id_col = next(c for c in cols if c in ("jobidraw", "jobid"))
+    statuses: dict[str, JobStatus] = {}
+    for line in output.splitlines():
+        fields = line.split(delimiter)
+        if len(fields) < len(cols):
+            continue
+        row = dict(zip(cols, fields))
+        job_id = row[id_col].strip()
+        if not _JOB_ID_RE.match(job_id):
+            continue  # header lines, step lines (123.batch, 123.0, 123.ext+)
+        for jid in expand_array_id(job_id):
+            statuses[jid] = to_status(
+                jid, row.get("state", ""), row.get("reason", ""), row.get("exitcode", "")
+            )
+    return statuses
+
+
+def classify_error(result: CommandResult) -> SchedulerError:
+    text = (result.stderr or result.stdout).strip()
+    if _TRANSIENT_ERRORS.search(text):
+        return TransientSchedulerError(text, result)
+    return SchedulerError(text or f"{result.argv[0]} exited {result.returncode}", result)
+
+
+def combine_components(job_id: str, statuses: dict[str, JobStatus]) -> Optional[JobStatus]:
+    """The status of a job as a whole when only its components are listed: array tasks
+    (123_4) or het-job components (123+0). Not started until all have started; ended
+    only when all have ended, failed if any failed."""
+    parts = [s for k, s in statuses.items() if k.startswith((f"{job_id}_", f"{job_id}+"))]
+    if not parts:
+        return None
+    live = [s for s in parts if not s.state.is_final]
+    if live:
+        worst = min(live, key=lambda s: s.state)
+        return JobStatus(job_id, worst.state, worst.native_state, worst.reason)
+    for bad in (JobState.FAILED, JobState.CANCELLED):
+        hit = next((s for s in parts if s.state == bad), None)
+        if hit:
+            return JobStatus(job_id, bad, hit.native_state, hit.reason, hit.exit_code, hit.signal)
+    return JobStatus(job_id, JobState.COMPLETED, "COMPLETED", "", 0)
+
+
+# -- the Scheduler --------------------------------------------------------------
+
+
+class SlurmScheduler(Scheduler):
+    name: ClassVar[str] = "slurm"
+    template_name: ClassVar[str] = "slurm.sh.j2"
+    directive_prefix: ClassVar[str] = "#SBATCH"
+    status_fields: ClassVar[str] = "%i|%T|%r"
+    # Bounded batches: one sacct over hundreds of ids can hang a slurmdbd.
+    terminal_batch_size: ClassVar[int] = 100
+
+    def submit_argv(self, request: SubmitRequest) -> list[str]:
+        return ["sbatch", "--parsable", request.script_path]
+
+    def parse_submit(self, stdout: str) -> str:
+        return parse_sbatch(stdout)
+
+    def submit_error(self, result: CommandResult) -> SchedulerError:
+        return classify_error(result)
+
+    def find_by_name_argv(self, job_name: str) -> list[str]:
+        return ["squeue", "-h", "-t", "all", "--name", job_name, "-o", "%i"]
+
+    def parse_find_by_name(self, stdout: str) -> list[str]:
+        return [ln.strip() for ln in stdout.splitlines() if _JOB_ID_RE.match(ln.strip())]
+
+    def status_argv(self, job_ids: Sequence[str]) -> list[str]:
+        # --me rather than -j: one purged id makes `squeue -j` fail for all of them.
+        return ["squeue", "--me", "-h", "-t", "all", "-o", self.status_fields]
+
+    def parse_status(self, result: CommandResult) -> dict[str, JobStatus]:
+        if not result.ok:
+            raise classify_error(result)
+        return parse_squeue(result.stdout)
+
+    def lookup(self, job_id: str, statuses: dict[str, JobStatus]) -> Optional[JobStatus]:
+        return statuses.get(job_id) or combine_components(job_id, statuses)
+
+    def terminal_argvs(self, job_ids: Sequence[str]) -> list[list[str]]:
+        # scontrol knows finished jobs for MinJobAge (300 s by default) and gives the
+        # exit code; sacct covers the rest where accounting is enabled.
+        argvs = [["scontrol", "show", "job", "-o", job_id] for job_id in job_ids]
+        argvs += [
+            ["sacct", "-X", "-n", "-P", "-j", ",".join(batch), "-o", "JobIDRaw,State,ExitCode,Reason"]
+            for batch in chunked(job_ids, self.terminal_batch_size)
+        ]
+        return argvs
+
+    def parse_terminal(self, result: CommandResult) -> dict[str, JobStatus]:
+        text = result.stdout
+        if not result.ok:
+            err = result.stderr
+            if "Invalid job id" in err or "accounting storage is disabled" in err.lower():
+                return {}
+            raise classify_error(result)
+        if result.argv[0] == "scontrol":
+            return parse_scontrol_show_job(text)
+        return parse_sacct(text)
+
+    def cancel_argvs(self, job_id: str, grace_seconds: int) -> list[list[str]]:
+        return [
+            ["scancel", "--signal=TERM", "--full", job_id],
+            ["scancel", job_id],
+        ]
+
+    def parse_cancel(self, result: CommandResult) -> bool:
+        err = result.stderr
+        if "Invalid job id" in err or "already completing or completed" in err:
+            return False
+        if result.ok:
+            # scancel exits 0 even when it was refused ("Access/permission denied")
+            if "error:" in err:
+                raise SchedulerError(err.strip(), result)
+            return True
+        raise classify_error(result)
+
+
+# -- job variables and the worker ------------------------------------------------
+
+_TIME_RE = re.compile(
+    r"^(?:\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}"
+    r"|UNLIMITED|INFINITE|unlimited|infinite)$"
+)
+_MEMORY_RE = re.compile(r"^\d+[KMGT]?$")
+_DIRECTIVE_VALUE_RE = re.compile(r"^[^\n\r]*$")
+
+
+def _check(pattern: re.Pattern, field: str, value: Optional[str], example: str) -> Optional[str]:
+    if value is None or value == "":
+        return None
+    if not pattern.match(str(value)):
+        raise ValueError(f"{field}: {value!r} is not valid; expected e.g. {example}")
+    return value
+
+
+class SlurmJobConfiguration(BatchJobConfiguration):
+    partition: Optional[str] = Field(default=None)
+    account: Optional[str] = Field(default=None)
+    qos: Optional[str] = Field(default=None)
+    time_limit: Optional[str] = Field(default=None)
+    nodes: Optional[int] = Field(default=None)
+    ntasks: Optional[int] = Field(default=None)
+    cpus_per_task: Optional[int] = Field(default=None)
+    memory: Optional[str] = Field(default=None)
+    gpus: Optional[int] = Field(default=None)
+    gpu_type: Optional[str] = Field(default=None)
+    constraint: Optional[str] = Field(default=None)
+
+    @field_validator("time_limit")
+    @classmethod
+    def _time_limit(cls, v):
+        return _check(_TIME_RE, "time_limit", v, "'90' (minutes), '2:30:00', '1-12:00:00'")
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v):
+        return _check(_MEMORY_RE, "memory", v, "'16G', '512M', '4096'")
+
+    @field_validator("partition", "account", "qos", "gpu_type", "constraint")
+    @classmethod
+    def _one_line(cls, v, info):
+        if v is not None and not re.match(r"^[^\s]+$", v) and info.field_name != "constraint":
+            raise ValueError(f"{info.field_name}: {v!r} must be a single word")
+        return _check(_DIRECTIVE_VALUE_RE, info.field_name, v, "a single line")
+
+    @field_validator("nodes", "ntasks", "cpus_per_task", "gpus")
+    @classmethod
+    def _positive(cls, v, info):
+        if v is not None and v < (0 if info.field_name == "gpus" else 1):
+            raise ValueError(f"{info.field_name}: {v!r} must be a positive integer")
+        return v
+
+
+class SlurmVariables(BatchVariables):
+    partition: Optional[str] = Field(
+        default=None, title="Partition", description="Slurm partition (queue) to submit to (--partition)."
+    )
+    account: Optional[str] = Field(
+        default=None, title="Account", description="Account to charge the job to (--account)."
+    )
+    qos: Optional[str] = Field(default=None, title="QOS", description="Quality of service (--qos).")
+    time_limit: Optional[str] = Field(
+        default=None,
+        title="Time limit",
+        description="Wall-clock limit (--time): minutes, 'HH:MM:SS' or 'D-HH:MM:SS'.",
+        pattern=_TIME_RE.pattern,
+    )
+    nodes: Optional[int] = Field(default=None, ge=1, title="Nodes", description="Number of nodes (--nodes).")
+    ntasks: Optional[int] = Field(default=None, ge=1, title="Tasks", description="Number of tasks (--ntasks).")
+    cpus_per_task: Optional[int] = Field(
+        default=None, ge=1, title="CPUs per task", description="CPUs per task (--cpus-per-task)."
+    )
+    memory: Optional[str] = Field(
+        default=None,
+        title="Memory",
+        description="Memory per node (--mem), e.g. '16G' or '512M'.",
+        pattern=_MEMORY_RE.pattern,
+    )
+    gpus: Optional[int] = Field(
+        default=None, ge=0, title="GPUs", description="GPUs per node, requested as --gres=gpu[:type]:N."
+    )
+    gpu_type: Optional[str] = Field(
+        default=None, title="GPU type", description="GPU type in the gres request, e.g. 'a100'."
+    )
+    constraint: Optional[str] = Field(
+        default=None, title="Constraint", description="Node features required (--constraint)."
+    )
+
+
+class SlurmWorker(BatchWorker):
+    type: ClassVar[str] = "xm-slurm"
+    job_configuration = SlurmJobConfiguration
+    job_configuration_variables = SlurmVariables
+    scheduler: ClassVar[Scheduler] = SlurmScheduler()
+    _description = (
+        "Runs each flow run as a Slurm batch job (sbatch), tracks it with one squeue per "
+        "poll for all jobs, and cancels it with scancel. Locally or over SSH."
+    )
+    _display_name = "Slurm (prefect-xm)"
+    _documentation_url = "https://github.com/prefect-xm/prefect-xm"
+    _logo_url = "https://slurm.schedmd.com/slurm_logo.png"
