@@ -1,1 +1,14 @@
-"""prefect-xm: XManager-style experiments on Prefect 3, and Prefect workers for batch schedulers."""
+"""prefect-xm: XManager-style experiments on Prefect 3, and Prefect workers for batch schedulers.
+
+``from prefect_xm import xm, xm_local, hyper`` (loaded lazily).
+"""
+
+import importlib as _importlib
+
+_LAZY = ("xm", "xm_local", "hyper")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return _importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,985 @@
+"""Experiments and work units on Prefect.
+
+Prefect is the only state store:
+
+- the experiment is a flow run of ``xm-experiment`` named after its title and tagged
+  ``xm``, ``xm-kind:experiment``, ``xm-experiment:<id>``; its id is a short hex string;
+- each work unit is a flow run of ``xm-work-unit`` (a subflow of the experiment run,
+  linked through a task run in it) tagged ``xm-kind:work-unit``, ``xm-work-unit:<n>`` and,
+  with an identity, ``xm-identity:<identity>``; its parameters are its args;
+- each job is a flow run of ``xm-job-runner`` tagged ``xm-kind:job``, ``xm-job:<key>``,
+  a subflow of its work unit; Local jobs run in this process, pool jobs are created
+  from the ``xm-job-runner/<pool>`` deployment and run by the pool's workers.
+
+A work unit is gang-scheduled: every member is submitted before any is watched; it is
+Running once every member runs; when a member fails or crashes the others are cancelled
+and the work unit fails naming it; cancelling the work unit cancels every member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from uuid import UUID
+
+from prefect_xm.core.args import SequentialArgs, jsonable
+from prefect_xm.core.job_blocks import (
+    Executable,
+    Job,
+    JobGroup,
+    Packageable,
+    apply_args,
+    flatten_jobs,
+    package_spec,
+)
+from prefect_xm.core.runtime import Runtime, Waitable, in_event_loop
+from prefect_xm.core.status import ExperimentUnitStatus
+
+log = logging.getLogger("prefect_xm")
+
+TAG_XM = "xm"
+TAG_KIND = "xm-kind:"
+KIND_EXPERIMENT = "experiment"
+KIND_WORK_UNIT = "work-unit"
+KIND_JOB = "job"
+TAG_EXPERIMENT = "xm-experiment:"
+TAG_EXPERIMENT_IDENTITY = "xm-experiment-identity:"
+TAG_WORK_UNIT = "xm-work-unit:"
+TAG_IDENTITY = "xm-identity:"
+TAG_JOB = "xm-job:"
+
+POLL_SECONDS = float(os.environ.get("PREFECT_XM_POLL_SECONDS", "1.0"))
+CANCEL_DEADLINE_SECONDS = float(os.environ.get("PREFECT_XM_CANCEL_DEADLINE_SECONDS", "60"))
+
+_FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+_NOT_STARTED = {"SCHEDULED", "PENDING", "PAUSED"}
+
+
+def _tag_value(tags: Iterable[str], prefix: str) -> Optional[str]:
+    for t in tags:
+        if t.startswith(prefix):
+            return t[len(prefix):]
+    return None
+
+
+def _identity_tag(identity: str, prefix: str = TAG_IDENTITY) -> str:
+    if not isinstance(identity, str) or not identity:
+        raise ValueError(f"identity must be a non-empty string, got {identity!r}")
+    if len(identity) <= 80 and re.fullmatch(r"[A-Za-z0-9_.:=,@+\-/]+", identity):
+        return prefix + identity
+    return prefix + "sha1-" + hashlib.sha1(identity.encode()).hexdigest()
+
+
+def _state_type(run) -> str:
+    return run.state.type.value if run is not None and run.state is not None else "PENDING"
+
+
+def _duration(run) -> Optional[float]:
+    if run is None or run.start_time is None:
+        return None
+    end = run.end_time
+    if end is None:
+        if _state_type(run) in _FINAL:
+            return None
+        end = datetime.datetime.now(datetime.timezone.utc)
+    return max(0.0, (end - run.start_time).total_seconds())
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _args_text(args: Any) -> str:
+    if isinstance(args, Mapping):
+        return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in args.items())
+    return json.dumps(args)
+
+
+async def _client():
+    return await Runtime.get().client()
+
+
+async def _read_runs(client, *, tags: Sequence[str], ids: Optional[Sequence[UUID]] = None, limit: Optional[int] = None,
+                     sort=None):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterTags
+
+    f = FlowRunFilter(tags=FlowRunFilterTags(all_=list(tags)) if tags else None,
+                      id=FlowRunFilterId(any_=list(ids)) if ids is not None else None)
+    out = []
+    offset = 0
+    page = 200
+    while True:
+        batch = await client.read_flow_runs(flow_run_filter=f, limit=page if limit is None else min(page, limit - len(out)),
+                                            offset=offset, sort=sort)
+        out.extend(batch)
+        if len(batch) < page or (limit is not None and len(out) >= limit):
+            return out
+        offset += len(batch)
+
+
+async def _link_task_run(client, parent_flow_run_id: UUID, name: str, key: str, dynamic_key: str):
+    """A task run in the parent flow run standing for a child run (as run_deployment does),
+    so the UI shows the child as a subflow of the parent."""
+    from prefect import Task
+    from prefect.states import Running
+
+    task = Task(name=name, fn=lambda: None)
+    task.task_key = key
+    return await client.create_task_run(task=task, flow_run_id=parent_flow_run_id, dynamic_key=dynamic_key,
+                                        state=Running())
+
+
+async def _finish_task_run(client, task_run_id: Optional[UUID], state_type: str, message: str = "") -> None:
+    from prefect.states import Cancelled, Completed, Failed
+
+    if task_run_id is None:
+        return
+    state = {"COMPLETED": Completed, "CANCELLED": Cancelled}.get(state_type, Failed)(message=message or None)
+    try:
+        await client.set_task_run_state(task_run_id, state, force=True)
+    except Exception as e:  # cosmetic link only
+        log.debug("could not finish link task run %s: %s", task_run_id, e)
+
+
+# ----------------------------------------------------------------------- deployments
+
+_deployment_ids: dict[str, UUID] = {}
+_pool_schemas: dict[str, dict[str, Any]] = {}
+
+
+async def pool_variable_properties(pool_name: str) -> dict[str, Any]:
+    """The pool's job-variable schema properties, read from the Prefect API (cached)."""
+    if pool_name in _pool_schemas:
+        return _pool_schemas[pool_name]
+    from prefect.exceptions import ObjectNotFound
+
+    client = await _client()
+    try:
+        pool = await client.read_work_pool(pool_name)
+    except ObjectNotFound:
+        raise ValueError(f"work pool {pool_name!r} does not exist in the Prefect API ({client.api_url})") from None
+    props = ((pool.base_job_template or {}).get("variables") or {}).get("properties") or {}
+    _pool_schemas[pool_name] = props
+    return props
+
+
+def job_runner_source_dir() -> str:
+    """The directory holding the installed prefect_xm package (the deployment's source)."""
+    import prefect_xm
+
+    return str(Path(prefect_xm.__file__).resolve().parent.parent)
+
+
+async def ensure_job_runner_deployment(pool_name: str) -> UUID:
+    """Makes sure deployment ``xm-job-runner/<pool>`` exists on the pool; returns its id.
+
+    The deployment loads ``prefect_xm/flows/job_runner.py:run_job`` from the directory of
+    the installed prefect_xm package, which must be visible to the pool's workers (a
+    filesystem shared with the cluster, or the same installation path on the nodes).
+    """
+    if pool_name in _deployment_ids:
+        return _deployment_ids[pool_name]
+    from prefect.client.schemas.actions import DeploymentCreate  # noqa: F401  (import check)
+    from prefect.utilities.callables import parameter_schema
+
+    from prefect_xm.flows.job_runner import run_job
+
+    client = await _client()
+    source = job_runner_source_dir()
+    flow_id = await client.create_flow(run_job)
+    deployment_id = await client.create_deployment(
+        flow_id=flow_id,
+        name=pool_name,
+        work_pool_name=pool_name,
+        entrypoint="prefect_xm/flows/job_runner.py:run_job",
+        path=source,
+        pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": source}}],
+        parameter_openapi_schema=parameter_schema(run_job.fn).model_dump_for_openapi(),
+        description="prefect-xm job runner (created automatically by prefect_xm experiments)",
+        tags=[TAG_XM],
+    )
+    _deployment_ids[pool_name] = deployment_id
+    return deployment_id
+
+
+# ------------------------------------------------------------------------ work units
+
+
+class WorkUnit:
+    """One trial of an experiment (a Job or a gang-scheduled JobGroup)."""
+
+    def __init__(self, experiment: "Experiment", work_unit_id: int, args: Any, flow_run_id: UUID,
+                 identity: Optional[str] = None) -> None:
+        self.experiment = experiment
+        self.work_unit_id = work_unit_id
+        self.args = args
+        self.flow_run_id = flow_run_id
+        self.identity = identity
+        self._task: Optional[asyncio.Task] = None  # the orchestration, when launched here
+        self._link_task_run_id: Optional[UUID] = None
+
+    # XManager names
+    @property
+    def experiment_id(self) -> str:
+        return self.experiment.experiment_id
+
+    @property
+    def experiment_unit_name(self) -> str:
+        return f"{self.experiment_id}_{self.work_unit_id}"
+
+    def __repr__(self) -> str:
+        return f"WorkUnit(experiment_id={self.experiment_id!r}, work_unit_id={self.work_unit_id}, args={self.args!r})"
+
+    def __await__(self):  # `await experiment.add(...)` in async launch scripts
+        async def me():
+            return self
+        return me().__await__()
+
+    async def _read_run(self):
+        client = await _client()
+        return await client.read_flow_run(self.flow_run_id)
+
+    async def _status(self) -> ExperimentUnitStatus:
+        return ExperimentUnitStatus.from_state((await self._read_run()).state)
+
+    def get_status(self) -> ExperimentUnitStatus:
+        """The work unit's status, read from its Prefect flow run."""
+        if in_event_loop():
+            raise RuntimeError("use `await work_unit.get_status_async()` in async code")
+        return Runtime.get().run(self._status())
+
+    async def get_status_async(self) -> ExperimentUnitStatus:
+        return await Runtime.get().arun(self._status())
+
+    async def _wait(self) -> ExperimentUnitStatus:
+        if self._task is not None:
+            await asyncio.shield(self._task)
+        while True:
+            status = await self._status()
+            if status.is_final:
+                return status
+            await asyncio.sleep(POLL_SECONDS)
+
+    def wait_until_complete(self) -> Any:
+        """Waits until the work unit is final; returns its ExperimentUnitStatus (awaitable in async code)."""
+        return Waitable(self._wait)
+
+    async def _request_stop(self, reason: str = "stopped by the user") -> None:
+        from prefect.states import Cancelling
+
+        client = await _client()
+        run = await client.read_flow_run(self.flow_run_id)
+        if _state_type(run) not in _FINAL:
+            await client.set_flow_run_state(self.flow_run_id, Cancelling(message=reason), force=True)
+
+    def stop(self) -> Any:
+        """Cancels the work unit (every member job)."""
+        return Waitable(self._request_stop)
+
+    async def _job_runs(self):
+        client = await _client()
+        return await _read_runs(client, tags=[TAG_KIND + KIND_JOB, TAG_EXPERIMENT + self.experiment_id,
+                                              TAG_WORK_UNIT + str(self.work_unit_id)])
+
+    def jobs(self) -> dict[str, ExperimentUnitStatus]:
+        """{job key: status} of the work unit's job runs."""
+        runs = Runtime.get().run(self._job_runs())
+        return {(_tag_value(r.tags, TAG_JOB) or r.name): ExperimentUnitStatus.from_state(r.state) for r in runs}
+
+
+class _Member:
+    def __init__(self, key: str, job: Job, params: dict[str, Any]) -> None:
+        self.key = key
+        self.job = job
+        self.params = params
+        self.flow_run_id: Optional[UUID] = None
+        self.link_id: Optional[UUID] = None
+        self.local_task: Optional[asyncio.Task] = None
+        self.state_type = "PENDING"
+        self.message = ""
+
+    @property
+    def is_local(self) -> bool:
+        return self.job.executor.work_pool_name is None
+
+
+# ------------------------------------------------------------------------ experiment
+
+
+class Experiment:
+    """An experiment: a Prefect flow run whose work units are subflow runs.
+
+    Use it as a context manager (``with``/``async with``): on exit it waits for every
+    work unit launched here and ends the experiment run Completed (or Failed/Cancelled).
+    """
+
+    def __init__(self, experiment_id: str, experiment_title: str, flow_run_id: UUID) -> None:
+        self.experiment_id = experiment_id
+        self.experiment_title = experiment_title
+        self.flow_run_id = flow_run_id
+        self._work_units: dict[int, WorkUnit] = {}
+        self._by_identity: dict[str, WorkUnit] = {}
+        self._next_id = 1
+        self._loaded = False
+        self._artifact_id: Optional[UUID] = None
+        self._summary_lock: Optional[asyncio.Lock] = None
+        self._summary_dirty = False
+        self._stopped = False
+
+    def __repr__(self) -> str:
+        return f"Experiment(experiment_id={self.experiment_id!r}, title={self.experiment_title!r})"
+
+    @property
+    def summary_artifact_key(self) -> str:
+        return f"xm-summary-{self.experiment_id}".lower()
+
+    # ---------------------------------------------------------------- loading
+
+    async def _load(self) -> None:
+        """Reads this experiment's work units from Prefect (for reopened experiments)."""
+        if self._loaded:
+            return
+        client = await _client()
+        runs = await _read_runs(client, tags=[TAG_KIND + KIND_WORK_UNIT, TAG_EXPERIMENT + self.experiment_id])
+        for run in runs:
+            wid = _tag_value(run.tags, TAG_WORK_UNIT)
+            if wid is None or not wid.isdigit():
+                continue
+            ident_tag = next((t for t in run.tags if t.startswith(TAG_IDENTITY)), None)
+            wu = WorkUnit(self, int(wid), dict(run.parameters or {}), run.id,
+                          identity=ident_tag[len(TAG_IDENTITY):] if ident_tag else None)
+            if wu.work_unit_id not in self._work_units:
+                self._work_units[wu.work_unit_id] = wu
+                if ident_tag:
+                    self._by_identity[ident_tag] = wu
+        self._next_id = max(self._work_units, default=0) + 1
+        self._loaded = True
+
+    @property
+    def work_units(self) -> dict[int, WorkUnit]:
+        """{work_unit_id: WorkUnit}, in order of creation (ids start at 1)."""
+        if not self._loaded and not in_event_loop():
+            Runtime.get().run(self._load())
+        return dict(sorted(self._work_units.items()))
+
+    # ---------------------------------------------------------------- package / add
+
+    def package(self, packageables: Sequence[Packageable] = ()) -> list[Executable]:
+        """Turns Packageables into Executables (no build step: paths are resolved)."""
+        if isinstance(packageables, Packageable):
+            raise ValueError("experiment.package takes a list of Packageables")
+        return [package_spec(p) for p in packageables]
+
+    async def _validate_executors(self, members: Mapping[str, Job]) -> None:
+        from prefect_xm.executors import validate_job_variables
+
+        for key, job in members.items():
+            pool = job.executor.work_pool_name
+            if pool is None:
+                continue
+            props = await pool_variable_properties(pool)
+            try:
+                validate_job_variables(pool, job.executor.job_variables(), props)
+            except ValueError as e:
+                raise ValueError(f"job {key!r}: {e}") from None
+
+    def add(self, job: Any, args: Optional[Mapping[str, Any]] = None, *, identity: Optional[str] = None) -> WorkUnit:
+        """Adds a work unit running `job` (a Job, a JobGroup or a job generator).
+
+        args follow XManager: for a Job ``{'args': {...}, 'env_vars': {...}}``, for a
+        JobGroup ``{member: {'args': ...}}``, for a generator its keyword arguments.
+        With `identity`, a work unit of the same identity that already exists in this
+        experiment is returned instead of launching a new one. Returns the WorkUnit
+        (awaitable, so ``await experiment.add(...)`` works in async scripts).
+        """
+        if args is not None and not isinstance(args, Mapping):
+            raise ValueError(f"experiment.add args must be a dict, got {args!r}")
+        # Resolve the jobs now, so bad input raises before anything is submitted.
+        display_args: Any
+        if isinstance(job, (Job, JobGroup)):
+            resolved = apply_args(job, args)
+            display_args = jsonable(args) if args else _default_display_args(resolved)
+        elif callable(job):
+            collector = _GeneratorWorkUnit()
+            result = job(collector, **dict(args or {}))
+            if asyncio.iscoroutine(result):
+                if in_event_loop():
+                    result.close()
+                    raise RuntimeError("async job generators: use `await experiment.add_async(...)`")
+                asyncio.run(result)
+            resolved = collector.group()
+            display_args = jsonable(dict(args or {}))
+        else:
+            raise ValueError(f"experiment.add: expected a Job, a JobGroup or a job generator, got {job!r}")
+        members = flatten_jobs(resolved)
+        return Runtime.get().run(self._add(members, display_args, identity))
+
+    async def add_async(self, job: Any, args: Optional[Mapping[str, Any]] = None, *,
+                        identity: Optional[str] = None) -> WorkUnit:
+        if callable(job) and not isinstance(job, (Job, JobGroup)):
+            collector = _GeneratorWorkUnit()
+            result = job(collector, **dict(args or {}))
+            if asyncio.iscoroutine(result):
+                await result
+            members = flatten_jobs(collector.group())
+            return await Runtime.get().arun(self._add(members, jsonable(dict(args or {})), identity))
+        resolved = apply_args(job, args)
+        display_args = jsonable(args) if args else _default_display_args(resolved)
+        return await Runtime.get().arun(self._add(flatten_jobs(resolved), display_args, identity))
+
+    async def _add(self, members: dict[str, Job], display_args: Any, identity: Optional[str]) -> WorkUnit:
+        from prefect.states import Pending
+
+        from prefect_xm.flows.experiment import xm_work_unit
+
+        await self._load()
+        ident_tag = _identity_tag(identity) if identity is not None else None
+        if ident_tag is not None:
+            if ident_tag in self._by_identity:
+                return self._by_identity[ident_tag]
+        await self._validate_executors(members)
+        params = {key: job.executable.runner_parameters(job.args, job.env_vars) for key, job in members.items()}
+
+        client = await _client()
+        wid = self._next_id
+        self._next_id += 1
+        tags = [TAG_XM, TAG_KIND + KIND_WORK_UNIT, TAG_EXPERIMENT + self.experiment_id, TAG_WORK_UNIT + str(wid)]
+        if ident_tag:
+            tags.append(ident_tag)
+        link = await _link_task_run(client, self.flow_run_id, f"work-unit-{wid}", "xm.work_unit", str(wid))
+        parameters = display_args if isinstance(display_args, dict) else {"args": display_args}
+        run = await client.create_flow_run(
+            xm_work_unit, name=f"{self.experiment_title}-wu{wid}", parameters=parameters, tags=tags,
+            parent_task_run_id=link.id, state=Pending(),
+        )
+        wu = WorkUnit(self, wid, parameters, run.id, identity=identity)
+        wu._link_task_run_id = link.id
+        self._work_units[wid] = wu
+        if ident_tag:
+            self._by_identity[ident_tag] = wu
+        ms = [_Member(key, job, params[key]) for key, job in members.items()]
+        wu._task = asyncio.ensure_future(self._run_work_unit(wu, ms))
+        self._mark_summary_dirty()
+        return wu
+
+    # ---------------------------------------------------------------- orchestration
+
+    async def _submit(self, wu: WorkUnit, m: _Member) -> None:
+        from prefect.states import Pending
+
+        from prefect_xm.flows.job_runner import run_job
+
+        client = await _client()
+        tags = [TAG_XM, TAG_KIND + KIND_JOB, TAG_EXPERIMENT + self.experiment_id,
+                TAG_WORK_UNIT + str(wu.work_unit_id), TAG_JOB + m.key]
+        name = f"{self.experiment_title}-wu{wu.work_unit_id}-{m.key}"
+        link = await _link_task_run(client, wu.flow_run_id, f"job-{m.key}", "xm.job", m.key)
+        m.link_id = link.id
+        if m.is_local:
+            run = await client.create_flow_run(run_job, name=name, parameters=m.params, tags=tags,
+                                               parent_task_run_id=link.id, state=Pending())
+        else:
+            pool = m.job.executor.work_pool_name
+            deployment_id = await ensure_job_runner_deployment(pool)
+            run = await client.create_flow_run_from_deployment(
+                deployment_id, parameters=m.params, name=name, tags=tags, parent_task_run_id=link.id,
+                job_variables=m.job.executor.job_variables(),
+            )
+        m.flow_run_id = run.id
+
+    @staticmethod
+    async def _start_local(m: _Member) -> None:
+        from prefect.flow_engine import run_flow_async
+
+        from prefect_xm.flows.job_runner import run_job
+
+        client = await _client()
+        run = await client.read_flow_run(m.flow_run_id)
+        await run_flow_async(run_job, flow_run=run, parameters=m.params, return_type="state")
+
+    async def _cancel_members(self, members: Sequence[_Member], reason: str) -> None:
+        """Cancels members that are not final and waits until they are (gang semantics)."""
+        from prefect.states import Cancelled, Cancelling
+
+        client = await _client()
+        for m in members:
+            if m.flow_run_id is None or m.state_type in _FINAL:
+                if m.flow_run_id is None and m.local_task is not None:
+                    m.local_task.cancel()
+                continue
+            not_started = m.state_type in _NOT_STARTED if m.is_local else m.state_type == "SCHEDULED"
+            state = Cancelled(message=reason) if not_started else Cancelling(message=reason)
+            await client.set_flow_run_state(m.flow_run_id, state, force=True)
+            if not_started and m.local_task is not None:
+                m.local_task.cancel()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CANCEL_DEADLINE_SECONDS
+        pending = [m for m in members if m.flow_run_id is not None]
+        while pending:
+            runs = await _read_runs(client, tags=[], ids=[m.flow_run_id for m in pending])
+            by_id = {r.id: r for r in runs}
+            for m in pending:
+                r = by_id.get(m.flow_run_id)
+                if r is not None:
+                    m.state_type, m.message = _state_type(r), (r.state.message or "") if r.state else ""
+            pending = [m for m in pending if m.state_type not in _FINAL]
+            if not pending:
+                break
+            if loop.time() > deadline:
+                for m in pending:
+                    if m.is_local:
+                        if m.local_task is not None:
+                            m.local_task.cancel()  # the job runner kills its process group
+                        await client.set_flow_run_state(m.flow_run_id, Cancelled(message=reason), force=True)
+                        m.state_type = "CANCELLED"
+                    else:
+                        log.warning("job %r (flow run %s) is still %s after cancellation; its pool's worker "
+                                    "must finish cancelling it", m.key, m.flow_run_id, m.state_type)
+                break
+            await asyncio.sleep(POLL_SECONDS / 2)
+        for m in members:
+            if m.local_task is not None and not m.local_task.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(m.local_task), 15)
+                except (asyncio.TimeoutError, asyncio.CancelledError, Exception):
+                    m.local_task.cancel()
+
+    async def _run_work_unit(self, wu: WorkUnit, members: list[_Member]) -> None:
+        from prefect.states import Cancelled, Completed, Crashed, Failed, Running
+
+        client = await _client()
+        final_type, message = "FAILED", ""
+        running_set = False
+        try:
+            # Gang: submit every member before starting or watching any of them.
+            await asyncio.gather(*(self._submit(wu, m) for m in members))
+            for m in members:
+                if m.is_local:
+                    m.local_task = asyncio.ensure_future(self._start_local(m))
+            ids = [m.flow_run_id for m in members] + [wu.flow_run_id]
+            while True:
+                runs = {r.id: r for r in await _read_runs(client, tags=[], ids=ids)}
+                wu_state = _state_type(runs.get(wu.flow_run_id))
+                for m in members:
+                    r = runs.get(m.flow_run_id)
+                    if r is not None:
+                        m.state_type = _state_type(r)
+                        m.message = (r.state.message or "") if r.state else ""
+                    if m.local_task is not None and m.local_task.done() and m.state_type not in _FINAL:
+                        # The in-process engine ended without a final state: record a crash.
+                        exc = m.local_task.exception() if not m.local_task.cancelled() else None
+                        m.state_type, m.message = "CRASHED", f"job runner ended without a final state: {exc!r}"
+                        await client.set_flow_run_state(m.flow_run_id, Crashed(message=m.message), force=True)
+                if wu_state in ("CANCELLING", "CANCELLED") or self._stopped:
+                    reason = f"work unit {wu.work_unit_id} was cancelled"
+                    await self._cancel_members(members, reason)
+                    final_type, message = "CANCELLED", reason
+                    break
+                bad = [m for m in members if m.state_type in ("FAILED", "CRASHED")]
+                if bad:
+                    m = bad[0]
+                    what = "crashed" if m.state_type == "CRASHED" else "failed"
+                    message = f"job {m.key!r} {what}: {m.message}" if m.message else f"job {m.key!r} {what}"
+                    others = [o for o in members if o is not m]
+                    if others:
+                        await self._cancel_members(others, f"gang member {m.key!r} {what}")
+                    final_type = "FAILED"
+                    break
+                cancelled = [m for m in members if m.state_type == "CANCELLED"]
+                if cancelled:
+                    m = cancelled[0]
+                    message = f"job {m.key!r} was cancelled"
+                    await self._cancel_members([o for o in members if o is not m], f"gang member {m.key!r} was cancelled")
+                    final_type = "CANCELLED"
+                    break
+                if not running_set and all(m.state_type in ("RUNNING", "COMPLETED") for m in members):
+                    await client.set_flow_run_state(wu.flow_run_id, Running(message="every job is running"), force=True)
+                    running_set = True
+                if all(m.state_type == "COMPLETED" for m in members):
+                    final_type, message = "COMPLETED", f"{len(members)} job(s) completed"
+                    break
+                await asyncio.sleep(POLL_SECONDS)
+        except asyncio.CancelledError:
+            final_type, message = "CANCELLED", "the launching process stopped the work unit"
+            await asyncio.shield(self._cancel_members(members, message))
+        except Exception as e:  # submission or API failure: the work unit crashes, members are stopped
+            log.exception("work unit %s failed to run", wu.work_unit_id)
+            final_type, message = "CRASHED", f"{type(e).__name__}: {e}"
+            try:
+                await self._cancel_members(members, f"work unit {wu.work_unit_id} crashed")
+            except Exception:
+                pass
+        # Final states, mirrored on the link task runs.
+        for m in members:
+            await _finish_task_run(client, m.link_id, m.state_type, m.message)
+        if final_type == "COMPLETED" and not running_set:
+            await client.set_flow_run_state(wu.flow_run_id, Running(), force=True)
+        state = {"COMPLETED": Completed, "CANCELLED": Cancelled, "CRASHED": Crashed}.get(final_type, Failed)(message=message)
+        await client.set_flow_run_state(wu.flow_run_id, state, force=True)
+        await _finish_task_run(client, wu._link_task_run_id, final_type, message)
+        self._mark_summary_dirty()
+        await self._update_summary()
+
+    # ---------------------------------------------------------------- summary
+
+    def _mark_summary_dirty(self) -> None:
+        self._summary_dirty = True
+        asyncio.ensure_future(self._update_summary())
+
+    async def summary_rows(self) -> list[dict[str, Any]]:
+        client = await _client()
+        runs = await _read_runs(client, tags=[TAG_KIND + KIND_WORK_UNIT, TAG_EXPERIMENT + self.experiment_id])
+        rows = []
+        for r in runs:
+            wid = _tag_value(r.tags, TAG_WORK_UNIT)
+            rows.append({
+                "work_unit": int(wid) if wid and wid.isdigit() else wid,
+                "args": _args_text(r.parameters or {}),
+                "state": r.state.name if r.state else "Pending",
+                "duration": format_duration(_duration(r)),
+                "message": (r.state.message or "") if r.state and r.state.type.value != "COMPLETED" else "",
+            })
+        rows.sort(key=lambda row: (not isinstance(row["work_unit"], int), row["work_unit"]))
+        return rows
+
+    async def _update_summary(self) -> None:
+        from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
+
+        if self._summary_lock is None:
+            self._summary_lock = asyncio.Lock()
+        async with self._summary_lock:
+            if not self._summary_dirty:
+                return
+            self._summary_dirty = False
+            try:
+                client = await _client()
+                rows = await self.summary_rows()
+                data = json.dumps(rows)
+                description = f"Work units of experiment {self.experiment_id} ({self.experiment_title})"
+                if self._artifact_id is None:
+                    art = await client.create_artifact(ArtifactCreate(
+                        key=self.summary_artifact_key, type="table", data=data, description=description,
+                        flow_run_id=self.flow_run_id))
+                    self._artifact_id = art.id
+                else:
+                    await client.update_artifact(self._artifact_id, ArtifactUpdate(data=data))
+            except Exception as e:
+                log.warning("could not update the summary artifact of experiment %s: %s", self.experiment_id, e)
+
+    # ---------------------------------------------------------------- wait / stop / close
+
+    async def _wait_all(self) -> dict[int, ExperimentUnitStatus]:
+        await self._load()
+        tasks = [wu._task for wu in self._work_units.values() if wu._task is not None]
+        if tasks:
+            await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
+        statuses = {}
+        for wid, wu in sorted(self._work_units.items()):
+            statuses[wid] = await wu._wait()
+        return statuses
+
+    def wait_until_complete(self) -> Any:
+        """Waits until every work unit is final; returns {work_unit_id: status}."""
+        return Waitable(self._wait_all)
+
+    async def _stop(self, reason: str = "experiment stopped by the user") -> None:
+        from prefect.states import Cancelled, Cancelling
+
+        await self._load()
+        self._stopped = True
+        client = await _client()
+        local_ids = {wu.flow_run_id for wu in self._work_units.values() if wu._task is not None}
+        wus = await _read_runs(client, tags=[TAG_KIND + KIND_WORK_UNIT, TAG_EXPERIMENT + self.experiment_id])
+        for r in wus:
+            if _state_type(r) not in _FINAL:
+                await client.set_flow_run_state(r.id, Cancelling(message=reason), force=True)
+        # Work units driven by another (or no) process: cancel their jobs directly.
+        jobs = await _read_runs(client, tags=[TAG_KIND + KIND_JOB, TAG_EXPERIMENT + self.experiment_id])
+        for r in jobs:
+            wid = _tag_value(r.tags, TAG_WORK_UNIT)
+            wu = self._work_units.get(int(wid)) if wid and wid.isdigit() else None
+            if wu is not None and wu.flow_run_id in local_ids:
+                continue
+            st = _state_type(r)
+            if st in _FINAL:
+                continue
+            state = Cancelled(message=reason) if st == "SCHEDULED" else Cancelling(message=reason)
+            await client.set_flow_run_state(r.id, state, force=True)
+        tasks = [wu._task for wu in self._work_units.values() if wu._task is not None]
+        if tasks:
+            await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
+        # Work units nobody drives (their launcher is gone): record them as Cancelled.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * CANCEL_DEADLINE_SECONDS / 3
+        while True:
+            wus = await _read_runs(client, tags=[TAG_KIND + KIND_WORK_UNIT, TAG_EXPERIMENT + self.experiment_id])
+            left = [r for r in wus if _state_type(r) not in _FINAL]
+            if not left or loop.time() > deadline:
+                break
+            jobs = await _read_runs(client, tags=[TAG_KIND + KIND_JOB, TAG_EXPERIMENT + self.experiment_id])
+            for r in left:
+                wid = _tag_value(r.tags, TAG_WORK_UNIT)
+                mine = [j for j in jobs if _tag_value(j.tags, TAG_WORK_UNIT) == wid]
+                if all(_state_type(j) in _FINAL for j in mine):
+                    await client.set_flow_run_state(r.id, Cancelled(message=reason), force=True)
+            await asyncio.sleep(POLL_SECONDS)
+        self._mark_summary_dirty()
+        await self._finish_run(reason)
+
+    def stop(self) -> Any:
+        """Cancels every work unit of the experiment and ends its run Cancelled."""
+        return Waitable(self._stop)
+
+    async def _finish_run(self, stop_reason: Optional[str] = None) -> str:
+        from prefect.states import Cancelled, Completed, Failed
+
+        client = await _client()
+        wus = await _read_runs(client, tags=[TAG_KIND + KIND_WORK_UNIT, TAG_EXPERIMENT + self.experiment_id])
+        counts: dict[str, int] = {}
+        for r in wus:
+            counts[_state_type(r)] = counts.get(_state_type(r), 0) + 1
+        summary = ", ".join(f"{n} {t.lower()}" for t, n in sorted(counts.items())) or "no work units"
+        if self._stopped:
+            state = Cancelled(message=f"{stop_reason or 'stopped'}: {summary}")
+        elif counts.get("FAILED", 0) + counts.get("CRASHED", 0) + counts.get("CANCELLED", 0):
+            state = Failed(message=f"work units: {summary}")
+        else:
+            state = Completed(message=f"work units: {summary}")
+        await client.set_flow_run_state(self.flow_run_id, state, force=True)
+        self._summary_dirty = True
+        await self._update_summary()
+        return state.type.value
+
+    async def _close(self, exc: Optional[BaseException]) -> None:
+        if exc is not None and not self._stopped:
+            await self._stop(f"the launch script raised {type(exc).__name__}: {exc}")
+            return
+        if not self._stopped:
+            await self._wait_all()
+            await self._finish_run()
+
+    async def _reopen(self) -> None:
+        from prefect.states import Running
+
+        client = await _client()
+        run = await client.read_flow_run(self.flow_run_id)
+        if _state_type(run) != "RUNNING":
+            await client.set_flow_run_state(self.flow_run_id, Running(message="reopened"), force=True)
+        self._stopped = False
+        await self._load()
+
+    def __enter__(self) -> "Experiment":
+        Runtime.get().run(self._reopen())
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            Runtime.get().run(self._close(exc))
+        except KeyboardInterrupt:
+            Runtime.get().run(self._stop("interrupted (Ctrl-C)"))
+            raise
+
+    async def __aenter__(self) -> "Experiment":
+        await Runtime.get().arun(self._reopen())
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        await Runtime.get().arun(self._close(exc))
+
+    # Info
+    def get_status(self) -> ExperimentUnitStatus:
+        async def go():
+            return ExperimentUnitStatus.from_state((await (await _client()).read_flow_run(self.flow_run_id)).state)
+        return Runtime.get().run(go())
+
+
+class _GeneratorWorkUnit:
+    """What a job generator receives as `work_unit`: collects its `add` calls."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, Union[Job, JobGroup]] = {}
+
+    def add(self, job: Union[Job, JobGroup], args: Optional[Mapping[str, Any]] = None) -> Any:
+        resolved = apply_args(job, args)
+        if isinstance(resolved, Job):
+            base = resolved.name or resolved.executable.name
+            key, n = base, 1
+            while key in self._jobs:
+                n += 1
+                key = f"{base}_{n}"
+            self._jobs[key] = resolved
+        else:
+            for k, v in resolved.jobs.items():
+                if k in self._jobs:
+                    raise ValueError(f"job key {k!r} added twice to the work unit")
+                self._jobs[k] = v
+
+        class _Done:
+            def __await__(self_inner):
+                async def none():
+                    return None
+                return none().__await__()
+        return _Done()
+
+    def group(self) -> Union[Job, JobGroup]:
+        if not self._jobs:
+            raise ValueError("the job generator added no jobs to its work unit")
+        return JobGroup(**self._jobs)
+
+
+def _default_display_args(job: Union[Job, JobGroup]) -> dict[str, Any]:
+    if isinstance(job, Job):
+        j = job.args.to_json()
+        return j if isinstance(j, dict) else {"args": j}
+    return {k: _default_display_args(v) for k, v in job.jobs.items()}
+
+
+# ------------------------------------------------------------- create / get / list
+
+
+async def _create(experiment_title: str, identity: Optional[str]) -> Experiment:
+    from prefect.states import Running
+
+    from prefect_xm.flows.experiment import xm_experiment
+
+    client = await _client()
+    if identity is not None:
+        tag = _identity_tag(identity, TAG_EXPERIMENT_IDENTITY)
+        found = await _read_runs(client, tags=[TAG_KIND + KIND_EXPERIMENT, tag], limit=1)
+        if found:
+            return _experiment_from_run(found[0])
+    exp_id = secrets.token_hex(4)
+    tags = [TAG_XM, TAG_KIND + KIND_EXPERIMENT, TAG_EXPERIMENT + exp_id]
+    if identity is not None:
+        tags.append(_identity_tag(identity, TAG_EXPERIMENT_IDENTITY))
+    run = await client.create_flow_run(
+        xm_experiment, name=experiment_title, tags=tags,
+        parameters={}, state=Running(message=f"experiment {exp_id}"),
+    )
+    exp = Experiment(exp_id, experiment_title, run.id)
+    exp._loaded = True
+    return exp
+
+
+def _experiment_from_run(run) -> Experiment:
+    exp_id = _tag_value(run.tags, TAG_EXPERIMENT)
+    return Experiment(exp_id, run.name, run.id)
+
+
+def create_experiment(experiment_title: Optional[str] = None, *, identity: Optional[str] = None) -> Experiment:
+    """Creates an experiment (a Prefect flow run named `experiment_title`).
+
+    With `identity`, an existing experiment created with the same identity is reopened
+    instead, so re-running a launch script adds to it (and `add(identity=...)` skips
+    work units it already has).
+    """
+    title = experiment_title or "experiment"
+    if not isinstance(title, str):
+        raise ValueError(f"experiment_title must be a string, got {experiment_title!r}")
+    if identity is not None:
+        _identity_tag(identity, TAG_EXPERIMENT_IDENTITY)
+    return _AsyncOrSync(title, identity)  # type: ignore[return-value]
+
+
+class _AsyncOrSync:
+    """create_experiment's result: usable as `with`, `async with` or directly."""
+
+    def __init__(self, title: str, identity: Optional[str]) -> None:
+        self._title, self._identity = title, identity
+        self._exp: Optional[Experiment] = None
+        if not in_event_loop():
+            self._exp = Runtime.get().run(_create(title, identity))
+
+    def __getattr__(self, name: str) -> Any:
+        if self._exp is None:
+            raise RuntimeError("use `async with create_experiment(...)` in async code")
+        return getattr(self._exp, name)
+
+    def __enter__(self) -> Experiment:
+        assert self._exp is not None
+        return self._exp.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        assert self._exp is not None
+        self._exp.__exit__(*exc)
+
+    async def __aenter__(self) -> Experiment:
+        if self._exp is None:
+            self._exp = await Runtime.get().arun(_create(self._title, self._identity))
+        return await self._exp.__aenter__()
+
+    async def __aexit__(self, *exc) -> None:
+        assert self._exp is not None
+        await self._exp.__aexit__(*exc)
+
+    def __repr__(self) -> str:
+        return repr(self._exp)
+
+
+async def _get(experiment_id: Union[str, UUID]) -> Experiment:
+    client = await _client()
+    text = str(experiment_id)
+    try:
+        run = await client.read_flow_run(UUID(text))
+        if TAG_KIND + KIND_EXPERIMENT not in (run.tags or []):
+            raise ValueError(f"flow run {text} is not an xm experiment")
+    except ValueError as e:
+        if "not an xm experiment" in str(e):
+            raise
+        found = await _read_runs(client, tags=[TAG_KIND + KIND_EXPERIMENT, TAG_EXPERIMENT + text], limit=1)
+        if not found:
+            raise ValueError(f"no experiment with id {text!r} in the Prefect API ({client.api_url})") from None
+        run = found[0]
+    exp = _experiment_from_run(run)
+    await exp._load()
+    return exp
+
+
+def get_experiment(experiment_id: Union[str, int, UUID]) -> Experiment:
+    """The experiment with this id (its short id or its flow run id), read from Prefect."""
+    return Runtime.get().run(_get(experiment_id))
+
+
+async def _list(limit: Optional[int]) -> list[Experiment]:
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    client = await _client()
+    runs = await _read_runs(client, tags=[TAG_KIND + KIND_EXPERIMENT], limit=limit, sort=FlowRunSort.ID_DESC)
+    runs.sort(key=lambda r: r.created or datetime.datetime.min.replace(tzinfo=datetime.timezone.utc), reverse=True)
+    return [_experiment_from_run(r) for r in runs if _tag_value(r.tags, TAG_EXPERIMENT)]
+
+
+def list_experiments(limit: Optional[int] = None) -> list[Experiment]:
+    """Experiments known to the Prefect API, newest first."""
+    return Runtime.get().run(_list(limit))
+
+
+async def experiment_overview(experiment: Experiment) -> dict[str, Any]:
+    """State, work units and timing of an experiment, for the CLI."""
+    client = await _client()
+    run = await client.read_flow_run(experiment.flow_run_id)
+    rows = await experiment.summary_rows()
+    return {
+        "experiment_id": experiment.experiment_id,
+        "title": experiment.experiment_title,
+        "flow_run_id": str(experiment.flow_run_id),
+        "state": run.state.name if run.state else "Pending",
+        "state_type": _state_type(run),
+        "message": (run.state.message or "") if run.state else "",
+        "created": run.created,
+        "duration": format_duration(_duration(run)),
+        "work_units": rows,
+    }

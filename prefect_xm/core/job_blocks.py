@@ -1,0 +1,341 @@
+"""XManager's job vocabulary: executable specs, Packageable, Executable, Job, JobGroup."""
+
+from __future__ import annotations
+
+import abc
+import copy
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence, Union
+
+from prefect_xm.core.args import SequentialArgs, UserArgs, merge_args, validate_env_vars
+
+
+# --------------------------------------------------------------------------- specs
+
+
+class ExecutableSpec(abc.ABC):
+    """What to run, before packaging. Use Binary, Command, Container or PythonContainer."""
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str: ...
+
+
+@dataclasses.dataclass
+class ModuleName:
+    """Entrypoint of a PythonContainer: ``python -m <module_name> <args>``."""
+
+    module_name: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.module_name, str) or not all(
+            part.isidentifier() for part in self.module_name.split(".")
+        ):
+            raise ValueError(f"ModuleName.module_name must be a dotted Python name, got {self.module_name!r}")
+
+
+@dataclasses.dataclass
+class CommandList:
+    """Entrypoint of a PythonContainer given as shell commands (as in XManager).
+
+    The commands are the user's own shell lines, run with ``sh -c``; the job's args are
+    passed as the shell's positional parameters ("$@"), never interpolated into the text.
+    """
+
+    commands: list[str]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.commands, str) or not all(isinstance(c, str) for c in self.commands):
+            raise ValueError(f"CommandList.commands must be a list of strings, got {self.commands!r}")
+        self.commands = list(self.commands)
+
+
+def _resolve_path(path: str) -> str:
+    """Relative paths resolve against the launch script's directory (as XManager), else cwd."""
+    p = Path(os.path.expanduser(path))
+    if p.is_absolute():
+        return str(p)
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    base = Path.cwd()
+    if main and main.endswith(".py"):
+        main_dir = Path(main).resolve().parent
+        if not str(main_dir).startswith((sys.prefix, sys.base_prefix)):
+            base = main_dir
+    return str((base / p).resolve())
+
+
+@dataclasses.dataclass
+class Binary(ExecutableSpec):
+    """A prebuilt program: ``Binary(path='/usr/bin/python3')``."""
+
+    path: str
+    dependencies: list[Any] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise ValueError(f"Binary.path must be a non-empty string, got {self.path!r}")
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+@dataclasses.dataclass
+class Command(ExecutableSpec):
+    """A plain command line as an argv list: ``Command(['python3', '-c', 'print(1)'])``."""
+
+    command: list[str]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.command, str):
+            raise ValueError(
+                f"Command.command must be an argv list, not a string: {self.command!r} "
+                f"(arguments never go through a shell)"
+            )
+        self.command = [str(c) for c in self.command]
+        if not self.command:
+            raise ValueError("Command.command must not be empty")
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.command[0])
+
+
+@dataclasses.dataclass
+class Container(ExecutableSpec):
+    """A prebuilt container image, run with apptainer: ``Container(image_path='docker://alpine')``."""
+
+    image_path: str
+
+    @property
+    def name(self) -> str:
+        return self.image_path.rsplit("/", 1)[-1].split(":")[0]
+
+
+@dataclasses.dataclass
+class PythonContainer(ExecutableSpec):
+    """Python code at `path` with an entrypoint (ModuleName or CommandList).
+
+    On Local and batch executors the code runs with the job runner's Python, with `path`
+    as the working directory and on PYTHONPATH; `base_image`, when set and apptainer is
+    installed on the node, is used as the container to run in.
+    """
+
+    entrypoint: Union[ModuleName, CommandList]
+    path: str = "."
+    base_image: Optional[str] = None
+    docker_instructions: Optional[list[str]] = None
+    use_deep_module: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.entrypoint, (ModuleName, CommandList)):
+            raise ValueError(
+                f"PythonContainer.entrypoint must be xm.ModuleName or xm.CommandList, got {self.entrypoint!r}"
+            )
+
+    @property
+    def name(self) -> str:
+        if isinstance(self.entrypoint, ModuleName):
+            return self.entrypoint.module_name.rsplit(".", 1)[-1]
+        return os.path.basename(os.path.abspath(self.path))
+
+
+# ------------------------------------------------------------------ executors (base)
+
+
+class ExecutorSpec(abc.ABC):
+    """Where an executable is packaged for (XManager's ExecutorSpec)."""
+
+
+class Executor(abc.ABC):
+    """Where a job runs: a work pool and its job variables (or the embedded Local)."""
+
+    requirements: Any = None
+
+    @classmethod
+    @abc.abstractmethod
+    def Spec(cls) -> ExecutorSpec:  # noqa: N802
+        ...
+
+    #: The Prefect work pool this executor submits to; None = run locally.
+    work_pool_name: Optional[str] = None
+
+    def job_variables(self) -> dict[str, Any]:
+        """The pool's job variables for a job on this executor."""
+        return {}
+
+
+# --------------------------------------------------------------- packaged executables
+
+
+@dataclasses.dataclass
+class Packageable:
+    """What to build and its static args (XManager's Packageable)."""
+
+    executable_spec: ExecutableSpec
+    executor_spec: ExecutorSpec
+    args: Any = None
+    env_vars: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.executable_spec, ExecutableSpec):
+            raise ValueError(f"Packageable.executable_spec must be an xm executable spec, got {self.executable_spec!r}")
+        if not isinstance(self.executor_spec, ExecutorSpec):
+            raise ValueError(f"Packageable.executor_spec must be an ExecutorSpec (e.g. Local.Spec()), got {self.executor_spec!r}")
+        self.args = SequentialArgs.from_collection(self.args)
+        self.env_vars = validate_env_vars(self.env_vars, "Packageable.env_vars")
+
+
+@dataclasses.dataclass
+class Executable:
+    """A packaged executable: what the job-runner flow runs (kind + static args/env).
+
+    kind: "command" (argv), "module" (python -m), "commands" (CommandList via sh -c),
+    "container" (apptainer run image).
+    """
+
+    name: str
+    kind: str = "command"
+    command: Optional[list[str]] = None
+    module: Optional[str] = None
+    commands: Optional[list[str]] = None
+    image: Optional[str] = None
+    path: Optional[str] = None
+    args: SequentialArgs = dataclasses.field(default_factory=SequentialArgs)
+    env_vars: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def runner_parameters(self, job_args: SequentialArgs, job_env: Mapping[str, str]) -> dict[str, Any]:
+        """Parameters of the job-runner flow (prefect_xm.flows.job_runner.run_job)."""
+        spec: dict[str, Any] = {"kind": self.kind}
+        if self.command is not None:
+            spec["command"] = list(self.command)
+        if self.module is not None:
+            spec["module"] = self.module
+        if self.commands is not None:
+            spec["commands"] = list(self.commands)
+        if self.image is not None:
+            spec["image"] = self.image
+        if self.path is not None:
+            spec["path"] = self.path
+        env = dict(self.env_vars)
+        env.update(job_env)
+        return {
+            "executable": spec,
+            "args": merge_args(self.args, job_args).to_list(),
+            "env": env,
+            "working_dir": self.path,
+        }
+
+
+def package_spec(packageable: Packageable) -> Executable:
+    spec = packageable.executable_spec
+    common = dict(name=spec.name, args=packageable.args, env_vars=dict(packageable.env_vars))
+    if isinstance(spec, Binary):
+        path = spec.path
+        if os.sep in path and not os.path.isabs(path):
+            path = _resolve_path(path)
+        return Executable(kind="command", command=[path], **common)
+    if isinstance(spec, Command):
+        return Executable(kind="command", command=list(spec.command), **common)
+    if isinstance(spec, Container):
+        return Executable(kind="container", image=spec.image_path, **common)
+    if isinstance(spec, PythonContainer):
+        path = _resolve_path(spec.path)
+        if not os.path.isdir(path):
+            raise ValueError(f"PythonContainer.path: {spec.path!r} (resolved to {path}) is not a directory")
+        if isinstance(spec.entrypoint, ModuleName):
+            return Executable(kind="module", module=spec.entrypoint.module_name, path=path, image=spec.base_image, **common)
+        return Executable(kind="commands", commands=list(spec.entrypoint.commands), path=path, image=spec.base_image, **common)
+    raise ValueError(f"Packageable.executable_spec: unsupported spec {spec!r}")
+
+
+# ---------------------------------------------------------------------- jobs
+
+
+@dataclasses.dataclass
+class Job:
+    """A unit of computation: an executable on an executor, with args and env vars."""
+
+    executable: Executable
+    executor: Executor
+    name: Optional[str] = None
+    args: Any = None
+    env_vars: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.executable, Executable):
+            raise ValueError(
+                f"Job.executable must come from experiment.package(...), got {self.executable!r}"
+            )
+        if not isinstance(self.executor, Executor):
+            raise ValueError(f"Job.executor must be an executor (e.g. xm_local.Local()), got {self.executor!r}")
+        self.args = SequentialArgs.from_collection(self.args)
+        self.env_vars = validate_env_vars(self.env_vars, "Job.env_vars")
+
+
+JobGeneratorType = Callable[..., Optional[Awaitable[Any]]]
+JobType = Union[Job, "JobGroup", JobGeneratorType]
+
+
+class JobGroup:
+    """Jobs scheduled together (a gang): ``JobGroup(learner=Job(...), actor=Job(...))``."""
+
+    def __init__(self, *, constraints: Optional[Sequence[Any]] = None, **jobs: Union[Job, "JobGroup"]) -> None:
+        if not jobs:
+            raise ValueError("JobGroup needs at least one job")
+        for key, job in jobs.items():
+            if not isinstance(job, (Job, JobGroup)):
+                raise ValueError(f"JobGroup member {key!r} must be a Job or a JobGroup, got {job!r}")
+        self.jobs: dict[str, Union[Job, JobGroup]] = dict(jobs)
+        self.constraints = list(constraints) if constraints else []
+
+    def __repr__(self) -> str:
+        return f"JobGroup({', '.join(self.jobs)})"
+
+
+def _check_args_keys(args: Mapping[str, Any], allowed: Sequence[str], what: str) -> None:
+    unknown = [k for k in args if k not in allowed]
+    if unknown:
+        raise ValueError(f"args {unknown!r} are not supported by {what}; allowed: {list(allowed)!r}")
+
+
+def apply_args(job: Union[Job, JobGroup], args: Optional[Mapping[str, Any]]) -> Union[Job, JobGroup]:
+    """XManager's work-unit args: {'args': ..., 'env_vars': ...} for a Job, {member: ...} for a group."""
+    if not args:
+        return job
+    if not isinstance(args, Mapping):
+        raise ValueError(f"experiment.add args must be a dict, got {args!r}")
+    if isinstance(job, Job):
+        _check_args_keys(args, ("args", "env_vars"), "xm.Job")
+        job = copy.copy(job)
+        if "args" in args:
+            job.args = merge_args(job.args, args["args"])
+        if "env_vars" in args:
+            env = dict(job.env_vars)
+            env.update(validate_env_vars(args["env_vars"], "env_vars"))
+            job.env_vars = env
+        return job
+    _check_args_keys(args, list(job.jobs), "xm.JobGroup")
+    group = copy.copy(job)
+    group.jobs = {k: apply_args(v, args.get(k, {})) for k, v in job.jobs.items()}
+    return group
+
+
+def flatten_jobs(job: Union[Job, JobGroup], prefix: str = "") -> dict[str, Job]:
+    """{'key': Job} for a Job or a (nested) JobGroup; nested keys are joined with '.'."""
+    if isinstance(job, Job):
+        return {prefix or (job.name or job.executable.name): job}
+    out: dict[str, Job] = {}
+    for key, member in job.jobs.items():
+        out.update(flatten_jobs(member, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+def get_args_for_all_jobs(job: Union[Job, JobGroup], args: Mapping[str, Any]) -> dict[str, Any]:
+    """Work-unit args applying `args` to every job of a (nested) group (as XManager)."""
+    if isinstance(job, Job):
+        return {"args": dict(args)}
+    return {key: get_args_for_all_jobs(member, args) for key, member in job.jobs.items()}

@@ -1,0 +1,212 @@
+"""JobRequirements and ResourceType (XManager's vocabulary), with validation.
+
+``JobRequirements(cpu=4, memory=16 * xm.GiB, a100=2, replicas=2)``. Memory-like values
+are bytes (int/float) or strings such as ``"16GiB"``, ``"512M"``. Invalid values raise
+ValueError naming the field and the value.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from typing import Any, Mapping, Optional, Union
+
+# Units (XManager exposes these as xm.KiB, xm.GiB, ...).
+KiB = 1024
+MiB = 1024**2
+GiB = 1024**3
+TiB = 1024**4
+KB = 1000
+MB = 1000**2
+GB = 1000**3
+TB = 1000**4
+vCPU = 1
+mCPU = 1e-3  # noqa: N816
+
+
+class ResourceType(enum.Enum):
+    # value: (name, kind) kind in {"cpu","memory","disk","gpu","tpu"}
+    CPU = "cpu"
+    RAM = "ram"
+    MEMORY = "memory"
+    EPHEMERAL_STORAGE = "ephemeral_storage"
+    DISK = "disk"
+    GPU = "gpu"
+    # NVIDIA accelerators
+    A100 = "a100"
+    A100_80GIB = "a100_80gib"
+    H100 = "h100"
+    H200 = "h200"
+    L4 = "l4"
+    L40S = "l40s"
+    T4 = "t4"
+    V100 = "v100"
+    P100 = "p100"
+    P4 = "p4"
+    K80 = "k80"
+    A10 = "a10"
+    A40 = "a40"
+    RTX6000 = "rtx6000"
+    # TPUs (accepted for compatibility; no batch executor maps them)
+    TPU_V2 = "tpu_v2"
+    TPU_V3 = "tpu_v3"
+    TPU_V4 = "tpu_v4"
+
+    @classmethod
+    def parse(cls, name: Union[str, "ResourceType"]) -> "ResourceType":
+        if isinstance(name, ResourceType):
+            return name
+        key = str(name).strip().lower()
+        for member in cls:
+            if member.value == key:
+                return member
+        raise ValueError(
+            f"unknown resource {name!r}; known: {', '.join(m.value for m in cls)}"
+        )
+
+    @property
+    def is_memory(self) -> bool:
+        return self in (ResourceType.RAM, ResourceType.MEMORY, ResourceType.EPHEMERAL_STORAGE, ResourceType.DISK)
+
+    @property
+    def is_accelerator(self) -> bool:
+        return self not in (
+            ResourceType.CPU, ResourceType.RAM, ResourceType.MEMORY,
+            ResourceType.EPHEMERAL_STORAGE, ResourceType.DISK,
+        )
+
+    @property
+    def is_tpu(self) -> bool:
+        return self.value.startswith("tpu")
+
+
+_MEM_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?)(B?)\s*$", re.IGNORECASE)
+_PREFIX = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
+
+
+def parse_bytes(value: Any, field: str = "memory") -> int:
+    """Bytes from an int/float or a string like '16GiB', '16G' (binary), '500MB' (decimal)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{field}: expected an amount of bytes, got {value!r}")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{field} must be a positive amount of bytes, got {value!r}")
+        return int(value)
+    if isinstance(value, str):
+        m = _MEM_RE.match(value)
+        if not m:
+            raise ValueError(
+                f"{field}: cannot parse {value!r} as memory (examples: 16GiB, 512M, 2T)"
+            )
+        number, prefix, i, b = m.groups()
+        power = _PREFIX[prefix.upper()]
+        # '16G' and '16GiB' are binary (as in Slurm), '16GB' is decimal.
+        base = 1000 if (b and not i and prefix) else 1024
+        result = int(float(number) * base**power)
+        if result <= 0:
+            raise ValueError(f"{field} must be positive, got {value!r}")
+        return result
+    raise ValueError(f"{field}: expected bytes or a string like '16GiB', got {value!r}")
+
+
+def _positive_number(field: str, value: Any, integer: bool = False) -> Union[int, float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):
+            try:
+                value = float(value) if not integer else int(value)
+            except ValueError:
+                raise ValueError(f"{field} must be a positive number, got {value!r}") from None
+        else:
+            raise ValueError(f"{field} must be a positive number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{field} must be positive, got {value!r}")
+    if integer:
+        if int(value) != value:
+            raise ValueError(f"{field} must be a whole number, got {value!r}")
+        return int(value)
+    return int(value) if float(value).is_integer() else value
+
+
+class JobRequirements:
+    """Resources a job needs: ``JobRequirements(cpu=4, memory=16*GiB, a100=2, replicas=2)``.
+
+    Also accepts a positional mapping ``{ResourceType.CPU: 4, 'ram': '8GiB'}`` as in
+    XManager, ``ram=`` as an alias of ``memory=``, and ``location=``.
+    """
+
+    def __init__(
+        self,
+        resources: Optional[Mapping[Union[str, ResourceType], Any]] = None,
+        *,
+        location: Optional[str] = None,
+        replicas: Optional[int] = None,
+        **kw_resources: Any,
+    ) -> None:
+        self.task_requirements: dict[ResourceType, Union[int, float]] = {}
+        merged: list[tuple[Any, Any]] = list((resources or {}).items()) + list(kw_resources.items())
+        for name, value in merged:
+            try:
+                rtype = ResourceType.parse(name)
+            except ValueError as e:
+                raise ValueError(f"JobRequirements: {e}") from None
+            field = rtype.value
+            if rtype in (ResourceType.RAM, ResourceType.MEMORY):
+                rtype, field = ResourceType.RAM, str(name.value if isinstance(name, ResourceType) else name)
+            if rtype in self.task_requirements:
+                raise ValueError(f"JobRequirements: {field} given twice")
+            if rtype.is_memory:
+                self.task_requirements[rtype] = parse_bytes(value, field)
+            elif rtype.is_accelerator:
+                self.task_requirements[rtype] = _positive_number(field, value, integer=True)
+            else:
+                self.task_requirements[rtype] = _positive_number(field, value)
+        accelerators = [r for r in self.task_requirements if r.is_accelerator]
+        if len(accelerators) > 1:
+            raise ValueError(
+                "JobRequirements: only one accelerator type per job, got "
+                + ", ".join(f"{r.value}={self.task_requirements[r]}" for r in accelerators)
+            )
+        if location is not None and (not isinstance(location, str) or not location.strip()):
+            raise ValueError(f"JobRequirements: location must be a non-empty string, got {location!r}")
+        self.location = location
+        self.replicas = 1 if replicas is None else _positive_number("replicas", replicas, integer=True)
+
+    # Convenience accessors.
+    @property
+    def cpu(self) -> Optional[Union[int, float]]:
+        return self.task_requirements.get(ResourceType.CPU)
+
+    @property
+    def memory(self) -> Optional[int]:
+        return self.task_requirements.get(ResourceType.RAM)  # type: ignore[return-value]
+
+    ram = memory
+
+    @property
+    def accelerator(self) -> Optional[ResourceType]:
+        for r in self.task_requirements:
+            if r.is_accelerator:
+                return r
+        return None
+
+    @property
+    def accelerator_count(self) -> int:
+        acc = self.accelerator
+        return int(self.task_requirements[acc]) if acc else 0
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, JobRequirements)
+            and self.task_requirements == other.task_requirements
+            and self.location == other.location
+            and self.replicas == other.replicas
+        )
+
+    def __repr__(self) -> str:
+        parts = [f"{r.value}={v!r}" for r, v in self.task_requirements.items()]
+        if self.location:
+            parts.append(f"location={self.location!r}")
+        if self.replicas != 1:
+            parts.append(f"replicas={self.replicas}")
+        return f"JobRequirements({', '.join(parts)})"

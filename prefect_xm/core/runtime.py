@@ -1,0 +1,101 @@
+"""A background event loop that drives experiments for synchronous launch scripts.
+
+Launch scripts are usually synchronous (``with create_experiment(...)``), while the
+orchestration (creating runs, running Local jobs, watching gangs) is asyncio. One daemon
+thread per process runs an event loop and a Prefect client; the public API submits
+coroutines to it and waits on the results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from typing import Any, Awaitable, Coroutine, Optional, TypeVar
+
+T = TypeVar("T")
+
+
+class Runtime:
+    _lock = threading.Lock()
+    _instance: Optional["Runtime"] = None
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="prefect-xm-runtime", daemon=True)
+        self._client = None
+        self._client_lock: Optional[asyncio.Lock] = None
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    @classmethod
+    def get(cls) -> "Runtime":
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = Runtime()
+            return cls._instance
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> "concurrent.futures.Future[T]":
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: Optional[float] = None) -> T:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("Runtime.run called from the runtime thread")
+        return self.submit(coro).result(timeout)
+
+    async def arun(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await `coro` on the runtime loop from another event loop."""
+        return await asyncio.wrap_future(self.submit(coro))
+
+    async def client(self):
+        """The runtime's Prefect client (only use it on the runtime loop)."""
+        if self._client_lock is None:
+            self._client_lock = asyncio.Lock()
+        async with self._client_lock:
+            if self._client is None:
+                from prefect.client.orchestration import get_client
+
+                client = get_client()
+                await client.__aenter__()
+                self._client = client
+        return self._client
+
+
+def in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False
+
+
+class Waitable:
+    """Returned by wait/stop methods: blocks when called from sync code, and is
+    awaitable from async code (``await work_unit.wait_until_complete()``)."""
+
+    def __init__(self, coro_factory, result_fn=lambda r: r) -> None:
+        self._factory = coro_factory
+        self._result_fn = result_fn
+        self._value: Any = None
+        self._sync = not in_event_loop()
+        if self._sync:
+            self._value = result_fn(Runtime.get().run(coro_factory()))
+
+    def __await__(self):
+        if self._sync:
+            async def done():
+                return self._value
+            return done().__await__()
+
+        async def go():
+            return self._result_fn(await Runtime.get().arun(self._factory()))
+
+        return go().__await__()
+
+    def result(self) -> Any:
+        if not self._sync:
+            raise RuntimeError("await this object in async code")
+        return self._value

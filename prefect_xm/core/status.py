@@ -1,0 +1,53 @@
+"""ExperimentUnitStatus: XManager's status vocabulary over a Prefect state."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+ACTIVE = {"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"}
+FAILED = {"FAILED", "CRASHED"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentUnitStatus:
+    """The status of a work unit (or a job), read from its Prefect flow run's state."""
+
+    state_type: str  # Prefect StateType value: PENDING, RUNNING, COMPLETED, FAILED, ...
+    state_name: str
+    message: str = ""
+
+    @classmethod
+    def from_state(cls, state) -> "ExperimentUnitStatus":
+        if state is None:
+            return cls("PENDING", "Pending", "")
+        return cls(state.type.value, state.name or state.type.value.title(), state.message or "")
+
+    @property
+    def is_active(self) -> bool:
+        return self.state_type in ACTIVE
+
+    @property
+    def is_running(self) -> bool:
+        return self.state_type == "RUNNING"
+
+    @property
+    def is_completed(self) -> bool:
+        return self.state_type == "COMPLETED"
+
+    is_succeeded = is_completed
+
+    @property
+    def is_failed(self) -> bool:
+        return self.state_type in FAILED
+
+    @property
+    def is_cancelled(self) -> bool:
+        return self.state_type == "CANCELLED"
+
+    @property
+    def is_final(self) -> bool:
+        return not self.is_active
+
+    def __str__(self) -> str:
+        return f"{self.state_name}" + (f": {self.message}" if self.message else "")

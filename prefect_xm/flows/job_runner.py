@@ -1,0 +1,222 @@
+"""The job-runner flow: runs one xm job's program and reports it to Prefect.
+
+One job = one flow run of ``xm-job-runner``. The program is started with an argv list
+(never a shell string) in its own process group; its stdout and stderr are streamed line
+by line into the run's logs. The run ends Failed with the exit code when the program
+fails, and Cancelled when the run is cancelled: the job runner watches its own flow run
+and, on Cancelling, kills the program's whole process group.
+
+Parameters (what ``Executable.runner_parameters`` produces):
+
+- ``executable``: ``{"kind": "command", "command": [...]}``,
+  ``{"kind": "module", "module": "pkg.mod", "path": "/code", "image": optional}``,
+  ``{"kind": "commands", "commands": ["sh line", ...], "path": ..., "image": optional}``
+  or ``{"kind": "container", "image": "docker://alpine:3"}``;
+- ``args``: the argv tail, already rendered from XManager-style args;
+- ``env``: extra environment variables for the program;
+- ``working_dir``: the program's working directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import sys
+from typing import Any, Optional
+
+from prefect import flow, get_run_logger
+from prefect.states import Cancelled, Failed
+
+JOB_RUNNER_FLOW_NAME = "xm-job-runner"
+CANCEL_POLL_SECONDS = float(os.environ.get("PREFECT_XM_CANCEL_POLL_SECONDS", "1.0"))
+KILL_GRACE_SECONDS = float(os.environ.get("PREFECT_XM_KILL_GRACE_SECONDS", "3.0"))
+
+
+class JobSpecError(ValueError):
+    """The executable parameter does not describe a runnable program."""
+
+
+def _container_runtime() -> Optional[str]:
+    for name in ("apptainer", "singularity"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def build_argv(executable: dict[str, Any], args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The program's argv and extra env for an executable spec. Pure but for PATH lookups."""
+    kind = executable.get("kind", "command")
+    extra_env: dict[str, str] = {}
+    image = executable.get("image")
+    path = executable.get("path")
+    args = [str(a) for a in args]
+    if kind == "command":
+        command = executable.get("command")
+        if not command or isinstance(command, str):
+            raise JobSpecError(f"executable.command must be a non-empty argv list, got {command!r}")
+        return [str(c) for c in command] + args, extra_env
+    runtime = _container_runtime() if image else None
+    if kind == "container":
+        if not image:
+            raise JobSpecError("executable.image is required for kind 'container'")
+        if runtime is None:
+            raise JobSpecError(f"container {image!r}: neither apptainer nor singularity is installed here")
+        return [runtime, "run", image] + args, extra_env
+    if kind in ("module", "commands"):
+        if path:
+            extra_env["PYTHONPATH"] = path + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+        if kind == "module":
+            module = executable.get("module")
+            if not module:
+                raise JobSpecError("executable.module is required for kind 'module'")
+            inner = ["python3" if runtime else sys.executable, "-m", module]
+        else:
+            commands = executable.get("commands")
+            if not commands:
+                raise JobSpecError("executable.commands is required for kind 'commands'")
+            # The user's own shell lines; args are positional parameters ("$@"), never text.
+            inner = ["sh", "-c", "\n".join(commands), "xm-entrypoint"]
+        if runtime:
+            bind = ["--bind", path, "--pwd", path] if path else []
+            return [runtime, "exec", *bind, image, *inner] + args, extra_env
+        return inner + args, extra_env
+    raise JobSpecError(f"unknown executable kind {kind!r}")
+
+
+def _kill_group(proc: asyncio.subprocess.Process, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def _terminate(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM the program's process group, SIGKILL it after a grace period."""
+    if proc.returncode is None:
+        _kill_group(proc, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), KILL_GRACE_SECONDS)
+        except asyncio.TimeoutError:
+            pass
+    # Children may outlive the leader: kill whatever is left in the group.
+    _kill_group(proc, signal.SIGKILL)
+    if proc.returncode is None:
+        await proc.wait()
+
+
+async def _pump(stream: asyncio.StreamReader, emit) -> None:
+    while True:
+        try:
+            line = await stream.readline()
+        except ValueError:  # line longer than the limit: take what is buffered
+            line = await stream.read(1 << 20)
+        if not line:
+            return
+        emit(line.decode("utf-8", errors="replace").rstrip("\n"))
+
+
+async def _watch_cancellation(flow_run_id) -> str:
+    """Returns when this flow run is Cancelling/Cancelled (never returns otherwise)."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        while True:
+            await asyncio.sleep(CANCEL_POLL_SECONDS)
+            try:
+                run = await client.read_flow_run(flow_run_id)
+            except Exception:  # API hiccup: keep running, look again
+                continue
+            if run.state is not None and run.state.type.value in ("CANCELLING", "CANCELLED"):
+                return run.state.message or "cancelled"
+
+
+@flow(name=JOB_RUNNER_FLOW_NAME, log_prints=False, validate_parameters=True)
+async def run_job(
+    executable: dict[str, Any],
+    args: Optional[list[str]] = None,
+    env: Optional[dict[str, str]] = None,
+    working_dir: Optional[str] = None,
+):
+    """Run one xm job's program; stream its output; fail with its exit code."""
+    from prefect.context import FlowRunContext
+
+    logger = get_run_logger()
+    argv, extra_env = build_argv(executable, list(args or []))
+    child_env = dict(os.environ)
+    child_env.update(extra_env)
+    child_env.update({str(k): str(v) for k, v in (env or {}).items()})
+    cwd = working_dir or None
+    logger.info("starting %s (%d args)", argv[0], len(argv) - 1)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=cwd,
+            env=child_env,
+            start_new_session=True,  # own process group: cancel kills the whole tree
+            limit=1 << 20,
+        )
+    except OSError as e:
+        return Failed(message=f"could not start {argv[0]!r}: {e}")
+
+    ctx = FlowRunContext.get()
+    flow_run_id = ctx.flow_run.id if ctx and ctx.flow_run else None
+    pumps = asyncio.gather(
+        _pump(proc.stdout, lambda line: logger.info("%s", line)),
+        _pump(proc.stderr, lambda line: logger.info("[stderr] %s", line)),
+    )
+    waiter = asyncio.ensure_future(proc.wait())
+    watcher = asyncio.ensure_future(_watch_cancellation(flow_run_id)) if flow_run_id else None
+    try:
+        pending = {waiter} | ({watcher} if watcher else set())
+        done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if watcher is not None and watcher in done and waiter not in done:
+            reason = watcher.result()
+            logger.info("flow run is being cancelled (%s): killing the program's process group", reason)
+            await _terminate(proc)
+            await asyncio.wait_for(pumps, 10)
+            return Cancelled(message=f"cancelled: {reason}; the program was killed")
+        await pumps
+        rc = proc.returncode
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        if proc.returncode is None:  # engine cancelled us or an error: leave no processes
+            await _terminate(proc)
+        if not pumps.done():
+            pumps.cancel()
+    if rc != 0:
+        if rc < 0:
+            try:
+                signame = signal.Signals(-rc).name
+            except ValueError:
+                signame = str(-rc)
+            return Failed(message=f"{argv[0]} was killed by signal {signame} (exit code {rc})")
+        return Failed(message=f"{argv[0]} exited with code {rc}")
+    logger.info("%s exited with code 0", argv[0])
+    return {"exit_code": 0}
+
+
+def _main() -> None:  # python -m prefect_xm.flows.job_runner <flow-run-id>: run a precreated run
+    import asyncio as _asyncio
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow_async
+
+    async def go() -> int:
+        async with get_client() as client:
+            run = await client.read_flow_run(UUID(sys.argv[1]))
+        state = await run_flow_async(run_job, flow_run=run, parameters=run.parameters, return_type="state")
+        return 0 if state.is_completed() else 1
+
+    sys.exit(_asyncio.run(go()))
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,57 @@
+"""XManager's vocabulary on Prefect: ``from prefect_xm import xm``.
+
+A launch script written for XManager ports by changing its imports to
+``from prefect_xm import xm`` and ``from prefect_xm import xm_local``.
+"""
+
+from prefect_xm.core.args import SequentialArgs, UserArgs, merge_args, to_argv
+from prefect_xm.core.experiment import Experiment, WorkUnit
+from prefect_xm.core.job_blocks import (
+    Binary,
+    Command,
+    CommandList,
+    Container,
+    Executable,
+    ExecutableSpec,
+    Executor,
+    ExecutorSpec,
+    Job,
+    JobGeneratorType,
+    JobGroup,
+    JobType,
+    ModuleName,
+    Packageable,
+    PythonContainer,
+    get_args_for_all_jobs,
+)
+from prefect_xm.core.resources import (
+    GB,
+    KB,
+    MB,
+    TB,
+    GiB,
+    JobRequirements,
+    KiB,
+    MiB,
+    ResourceType,
+    TiB,
+    mCPU,
+    vCPU,
+)
+from prefect_xm.core.status import ExperimentUnitStatus
+
+# XManager spells some specs as factory functions too.
+binary = Binary
+container = Container
+python_container = PythonContainer
+WorkUnitStatus = ExperimentUnitStatus
+ExperimentUnit = WorkUnit
+
+__all__ = [
+    "Binary", "Command", "CommandList", "Container", "Executable", "ExecutableSpec", "Executor",
+    "ExecutorSpec", "Experiment", "ExperimentUnit", "ExperimentUnitStatus", "GB", "GiB", "Job",
+    "JobGeneratorType", "JobGroup", "JobRequirements", "JobType", "KB", "KiB", "MB", "MiB",
+    "ModuleName", "Packageable", "PythonContainer", "ResourceType", "SequentialArgs", "TB", "TiB",
+    "UserArgs", "WorkUnit", "WorkUnitStatus", "binary", "container", "get_args_for_all_jobs",
+    "mCPU", "merge_args", "python_container", "to_argv", "vCPU",
+]

@@ -1,0 +1,19 @@
+"""XManager's ``xm_local`` on Prefect: ``from prefect_xm import xm_local``.
+
+create_experiment / get_experiment / list_experiments talk to the Prefect API named by
+PREFECT_API_URL, or to Prefect's embedded (ephemeral) server when it is unset.
+"""
+
+from prefect_xm.core.experiment import (
+    Experiment,
+    WorkUnit,
+    create_experiment,
+    get_experiment,
+    list_experiments,
+)
+from prefect_xm.executors import Local, LocalSpec, Slurm, SlurmSpec
+
+__all__ = [
+    "Experiment", "Local", "LocalSpec", "Slurm", "SlurmSpec", "WorkUnit", "create_experiment",
+    "get_experiment", "list_experiments",
+]
