@@ -33,6 +33,8 @@ def _check_requirements(value: Any, where: str) -> JobRequirements:
 class LocalSpec(ExecutorSpec):
     """Package for the Local executor."""
 
+    runs_locally = True
+
     def __repr__(self) -> str:
         return "Local.Spec()"
 

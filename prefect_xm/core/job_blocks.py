@@ -244,11 +244,14 @@ def package_spec(packageable: Packageable) -> Executable:
         return Executable(kind="container", image=spec.image_path, **common)
     if isinstance(spec, PythonContainer):
         path = _resolve_path(spec.path)
+        # On this machine (Local) the code runs with the local Python; base_image is used
+        # where an executor runs containers (batch nodes with apptainer).
+        image = None if getattr(packageable.executor_spec, "runs_locally", False) else spec.base_image
         if not os.path.isdir(path):
             raise ValueError(f"PythonContainer.path: {spec.path!r} (resolved to {path}) is not a directory")
         if isinstance(spec.entrypoint, ModuleName):
-            return Executable(kind="module", module=spec.entrypoint.module_name, path=path, image=spec.base_image, **common)
-        return Executable(kind="commands", commands=list(spec.entrypoint.commands), path=path, image=spec.base_image, **common)
+            return Executable(kind="module", module=spec.entrypoint.module_name, path=path, image=image, **common)
+        return Executable(kind="commands", commands=list(spec.entrypoint.commands), path=path, image=image, **common)
     raise ValueError(f"Packageable.executable_spec: unsupported spec {spec!r}")
 
 

@@ -1,0 +1,282 @@
+"""End-to-end: experiments on the Local executor through the real Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_for
+
+pytestmark = pytest.mark.e2e
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def api(prefect_server):
+    """The Prefect server, with this process's Prefect settings pointing at it."""
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()
+    return prefect_server
+
+
+def _runs(*tags):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    with get_client(sync_client=True) as c:
+        return c.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=list(tags))))
+
+
+def _run(flow_run_id):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as c:
+        return c.read_flow_run(flow_run_id)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_xmanager_readme_snippet_ports_by_changing_imports(api, tmp_path):
+    (tmp_path / "cifar10.py").write_text(textwrap.dedent("""
+        import json, os, sys
+        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, str(os.getpid()) + ".json"), "w") as f:
+            json.dump(sys.argv[1:], f)
+        print("trained with", sys.argv[1:])
+    """))
+    # XManager's README launch script; only the import lines and the executor (Vertex ->
+    # Local, as the binary path: this machine) changed.
+    (tmp_path / "launch.py").write_text(textwrap.dedent("""
+        import itertools
+
+        from prefect_xm import xm
+        from prefect_xm import xm_local
+
+        with xm_local.create_experiment(experiment_title='cifar10') as experiment:
+          spec = xm.PythonContainer(
+              # Package the current directory that this script is in.
+              path='.',
+              base_image='gcr.io/deeplearning-platform-release/pytorch-gpu',
+              entrypoint=xm.ModuleName('cifar10'),
+          )
+          [executable] = experiment.package([
+              xm.Packageable(
+                  executable_spec=spec,
+                  executor_spec=xm_local.Local.Spec(),
+                  args={'platform': 'gpu'},
+              ),
+          ])
+          batch_sizes = [64, 1024]
+          learning_rates = [0.1, 0.001]
+          trials = list(
+              dict([('batch_size', bs), ('learning_rate', lr)])
+              for (bs, lr) in itertools.product(batch_sizes, learning_rates)
+          )
+          for hyperparameters in trials:
+            experiment.add(xm.Job(
+                executable=executable,
+                executor=xm_local.Local(),
+                args=hyperparameters,
+            ))
+        print("EXPERIMENT", experiment.experiment_id)
+    """))
+    proc = subprocess.run([PY, str(tmp_path / "launch.py")], env=api.env(), cwd="/", capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exp_id = proc.stdout.split("EXPERIMENT", 1)[1].split()[0]
+    argvs = sorted(json.loads(p.read_text()) for p in (tmp_path / "runs").iterdir())
+    assert argvs == sorted([
+        ["--platform=gpu", f"--batch_size={bs}", f"--learning_rate={lr}"]
+        for bs in (64, 1024) for lr in (0.1, 0.001)])
+    wus = _runs("xm-kind:work-unit", f"xm-experiment:{exp_id}")
+    assert len(wus) == 4 and all(r.state.is_completed() for r in wus)
+    assert sorted((r.parameters["batch_size"], r.parameters["learning_rate"]) for r in wus) == sorted(
+        [(64, 0.1), (64, 0.001), (1024, 0.1), (1024, 0.001)])
+
+
+def test_product_sweep_of_job_groups(api, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from prefect_xm import hyper, xm, xm_local
+
+    trials = hyper.product(hyper.sweep("lr", [0.1, 0.01, 0.001]), hyper.sweep("bs", [16, 32]))
+    code = "import sys; print('member', sys.argv[1], 'args', ' '.join(sys.argv[2:]))"
+    with xm_local.create_experiment(experiment_title="product-sweep") as experiment:
+        [exe] = experiment.package([xm.Packageable(xm.Command([PY, "-c", code]), xm_local.Local.Spec())])
+        for hp in trials:
+            group = xm.JobGroup(
+                train=xm.Job(exe, xm_local.Local(), args=["train"]),
+                evaluate=xm.Job(exe, xm_local.Local(), args=["eval"]),
+            )
+            experiment.add(group, args=xm.get_args_for_all_jobs(group, hp))
+    exp_id = experiment.experiment_id
+    assert len(experiment.work_units) == 6
+    for wid, wu in experiment.work_units.items():
+        assert wu.get_status().is_completed, (wid, wu.get_status())
+
+    exp_run = _run(experiment.flow_run_id)
+    assert exp_run.state.is_completed() and exp_run.name == "product-sweep"
+    wus = _runs("xm-kind:work-unit", f"xm-experiment:{exp_id}")
+    jobs = _runs("xm-kind:job", f"xm-experiment:{exp_id}")
+    assert len(wus) == 6 and len(jobs) == 12
+    assert all(r.state.is_completed() for r in wus + jobs)
+    # Args are the work-unit runs' parameters; job runs carry the rendered argv.
+    assert sorted((r.parameters["train"]["args"]["lr"], r.parameters["train"]["args"]["bs"]) for r in wus) == sorted(
+        (t["lr"], t["bs"]) for t in trials)
+    job = next(j for j in jobs if "xm-job:evaluate" in j.tags and "xm-work-unit:1" in j.tags)
+    assert job.parameters["args"] == ["eval", "--lr=0.1", "--bs=16"]
+
+    with get_client(sync_client=True) as c:
+        # Work units are subflows of the experiment run, jobs subflows of their work unit.
+        wu1 = next(r for r in wus if "xm-work-unit:1" in r.tags)
+        assert c.read_task_run(wu1.parent_task_run_id).flow_run_id == experiment.flow_run_id
+        assert c.read_task_run(job.parent_task_run_id).flow_run_id == wu1.id
+        # The program's output is in the job run's logs.
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        logs = c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[job.id])))
+        assert any("member eval args --lr=0.1 --bs=16" in log.message for log in logs), [l.message for l in logs]
+        # The summary artifact: one row per work unit, all Completed.
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"xm-summary-{exp_id}"])))
+        assert arts and arts[0].flow_run_id == experiment.flow_run_id
+        rows = json.loads(arts[0].data)
+        assert [row["work_unit"] for row in rows] == [1, 2, 3, 4, 5, 6]
+        assert {row["state"] for row in rows} == {"Completed"} and all(row["duration"] != "-" for row in rows)
+
+
+def test_gang_member_failure_cancels_the_others(api, tmp_path):
+    from prefect_xm import xm, xm_local
+
+    pidfile = tmp_path / "sleeper.pid"
+    sleeper = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+    failer = (f"import os, sys, time\n"
+              f"while not os.path.exists({str(pidfile)!r}): time.sleep(0.1)\n"
+              f"print('giving up', flush=True); sys.exit(1)")
+    with xm_local.create_experiment(experiment_title="gang") as experiment:
+        [exe] = experiment.package([xm.Packageable(xm.Binary(PY), xm_local.Local.Spec())])
+        wu = experiment.add(xm.JobGroup(
+            sleeper=xm.Job(exe, xm_local.Local(), args=["-c", sleeper]),
+            failer=xm.Job(exe, xm_local.Local(), args=["-c", failer]),
+        ))
+    status = wu.get_status()
+    assert status.is_failed and "failer" in status.message and "exited with code 1" in status.message, status
+    jobs = {j.tags[-1]: j for j in _runs("xm-kind:job", f"xm-experiment:{experiment.experiment_id}")}
+    assert jobs["xm-job:failer"].state.is_failed()
+    assert jobs["xm-job:sleeper"].state.is_cancelled(), jobs["xm-job:sleeper"].state
+    assert "failer" in jobs["xm-job:sleeper"].state.message
+    pid = int(pidfile.read_text())
+    wait_for(lambda: not _pid_alive(pid), timeout=30, what="the sleeper process to be gone")
+    assert _run(experiment.flow_run_id).state.is_failed()
+
+
+def test_stopping_a_work_unit_cancels_every_member(api, tmp_path):
+    from prefect_xm import xm, xm_local
+
+    code = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(300)"
+    experiment = xm_local.create_experiment(experiment_title="stop")
+    with experiment:
+        [exe] = experiment.package([xm.Packageable(xm.Command([PY, "-c", code]), xm_local.Local.Spec())])
+        wu = experiment.add(xm.JobGroup(a=xm.Job(exe, xm_local.Local(), args=[str(tmp_path / "a")]),
+                                        b=xm.Job(exe, xm_local.Local(), args=[str(tmp_path / "b")])))
+        wait_for(lambda: wu.get_status().is_running, timeout=120, what="the work unit to run")
+        pids = [int((tmp_path / n).read_text()) for n in "ab"]
+        wu.stop()
+    assert wu.get_status().is_cancelled
+    jobs = _runs("xm-kind:job", f"xm-experiment:{experiment.experiment_id}")
+    assert len(jobs) == 2 and all(j.state.is_cancelled() for j in jobs)
+    for pid in pids:
+        wait_for(lambda: not _pid_alive(pid), timeout=30, what=f"process {pid} to be gone")
+
+
+def test_args_reach_the_program_byte_for_byte(api, tmp_path):
+    from prefect_xm import xm, xm_local
+
+    marker = tmp_path / "marker"
+    out = tmp_path / "argv.json"
+    code = "import json, sys; open(sys.argv[1], 'w').write(json.dumps(sys.argv[2:]))"
+    args = {
+        "space": "a b  c",
+        "quotes": "it's \"quoted\" 'twice'",
+        "subst": f"$(touch {marker})",
+        "semi": f"x; touch {marker}",
+        "ticks": f"`touch {marker}`",
+        "newline": "line1\nline2\n",
+        "glob": "*",
+        "unicode": "héllo ✓",
+        "flag": True,
+        "list": ["a b", "$(c)"],
+    }
+    positional = [f"; touch {marker}", "$HOME", "a\\b"]
+    with xm_local.create_experiment(experiment_title="argv") as experiment:
+        [exe] = experiment.package([xm.Packageable(xm.Command([PY, "-c", code, str(out)]), xm_local.Local.Spec())])
+        wu = experiment.add(xm.Job(exe, xm_local.Local(), args=xm.merge_args(args, positional)))
+    assert wu.get_status().is_completed
+    expected = xm.merge_args(args, positional).to_list()
+    assert json.loads(out.read_text()) == expected
+    assert expected[2] == f"--subst=$(touch {marker})"
+    assert not marker.exists()
+
+
+def test_get_and_list_experiments_from_a_fresh_process(api, tmp_path):
+    from prefect_xm import xm, xm_local
+
+    with xm_local.create_experiment(experiment_title="fresh-process") as experiment:
+        [exe] = experiment.package([xm.Packageable(xm.Command([PY, "-c", "import sys; sys.exit(int(sys.argv[1][-1]))"]),
+                                                   xm_local.Local.Spec())])
+        experiment.add(xm.Job(exe, xm_local.Local(), args={"code": 0}))
+        experiment.add(xm.Job(exe, xm_local.Local(), args={"code": 3}))
+    script = textwrap.dedent(f"""
+        import json
+        from prefect_xm import xm_local
+        e = xm_local.get_experiment({experiment.experiment_id!r})
+        listed = [x.experiment_id for x in xm_local.list_experiments()]
+        print(json.dumps({{
+            "title": e.experiment_title,
+            "listed": {experiment.experiment_id!r} in listed,
+            "wus": {{str(k): [wu.args, wu.get_status().state_name, wu.get_status().message]
+                     for k, wu in e.work_units.items()}},
+        }}))
+    """)
+    proc = subprocess.run([PY, "-c", script], env=api.env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["title"] == "fresh-process" and got["listed"]
+    assert got["wus"]["1"][:2] == [{"code": 0}, "Completed"]
+    assert got["wus"]["2"][:2] == [{"code": 3}, "Failed"] and "exited with code 3" in got["wus"]["2"][2]
+
+
+def test_bad_input_raises_before_anything_is_submitted(api, tmp_path):
+    from prefect_xm import xm, xm_local
+
+    with pytest.raises(ValueError, match="cpu.*-1|-1.*cpu"):
+        xm.JobRequirements(cpu=-1)
+    experiment = xm_local.create_experiment(experiment_title="bad-input")
+    with experiment:
+        [exe] = experiment.package([xm.Packageable(xm.Binary("/bin/true"), xm_local.Local.Spec())])
+        with pytest.raises(ValueError, match="evaluator"):
+            experiment.add(xm.JobGroup(train=xm.Job(exe, xm_local.Local())), args={"evaluator": {}})
+        with pytest.raises(ValueError, match="no-such-pool"):
+            experiment.add(xm.Job(exe, xm_local.Slurm(work_pool="no-such-pool")))
+    assert experiment.work_units == {}
+    assert _runs("xm-kind:work-unit", f"xm-experiment:{experiment.experiment_id}") == []

@@ -1,0 +1,171 @@
+"""Unit tests on the pure parts of the experiment API: args, requirements, jobs, executors."""
+
+import datetime
+
+import pytest
+
+from prefect_xm import xm, xm_local
+from prefect_xm.executors import Slurm, slurm_memory, slurm_time, validate_job_variables
+
+
+# ------------------------------------------------------------------ args
+
+
+def test_dict_args_become_flags_in_insertion_order():
+    assert xm.to_argv({"b": 1, "a": "x y", "lr": 0.1}) == ["--b=1", "--a=x y", "--lr=0.1"]
+
+
+def test_bool_none_and_list_args():
+    assert xm.to_argv({"t": True, "f": False, "n": None, "l": [1, 2], "tu": ("a", "b")}) == [
+        "--t", "--nof", "--l=1", "--l=2", "--tu=a", "--tu=b"]
+
+
+def test_positional_and_sequential_args():
+    assert xm.to_argv(["pos", 3, "--raw"]) == ["pos", "3", "--raw"]
+    merged = xm.merge_args({"foo": "1", "bar": "42"}, ["--"], {"foo": "2", "n": 16})
+    assert merged.to_list() == ["--foo=2", "--bar=42", "--", "--n=16"]
+    assert merged.to_dict(kwargs_only=True) == {"foo": "2", "bar": "42", "n": 16}
+
+
+def test_string_args_are_rejected():
+    with pytest.raises(ValueError, match="Wrap it in a list"):
+        xm.to_argv("--lr=0.1")
+
+
+def test_nul_bytes_are_rejected():
+    with pytest.raises(ValueError, match="NUL"):
+        xm.to_argv(["a\0b"])
+
+
+def test_env_var_names_are_validated():
+    exe = xm.Executable(name="x", command=["true"])
+    with pytest.raises(ValueError, match="1BAD"):
+        xm.Job(exe, xm_local.Local(), env_vars={"1BAD": "x"})
+    with pytest.raises(ValueError, match="A-B"):
+        xm.Packageable(xm.Binary("/bin/true"), xm_local.Local.Spec(), env_vars={"A-B": "1"})
+    assert xm.Job(exe, xm_local.Local(), env_vars={"OK_1": 5}).env_vars == {"OK_1": "5"}
+
+
+# ------------------------------------------------------------------ requirements
+
+
+def test_requirements_units_and_accelerators():
+    r = xm.JobRequirements(cpu=4, memory=16 * xm.GiB, a100=2, replicas=3)
+    assert (r.cpu, r.memory, r.accelerator, r.accelerator_count, r.replicas) == (
+        4, 16 * 1024**3, xm.ResourceType.A100, 2, 3)
+    assert xm.JobRequirements(ram="512MiB").memory == 512 * 1024**2
+    assert xm.JobRequirements(memory="2G").memory == 2 * 1024**3
+    assert xm.JobRequirements(memory="2GB").memory == 2 * 1000**3
+    assert xm.JobRequirements({xm.ResourceType.T4: 1, "cpu": 0.5}).accelerator is xm.ResourceType.T4
+
+
+@pytest.mark.parametrize("kwargs, field, value", [
+    ({"cpu": -1}, "cpu", "-1"),
+    ({"cpu": "many"}, "cpu", "many"),
+    ({"memory": "lots"}, "memory", "lots"),
+    ({"ram": 0}, "ram", "0"),
+    ({"a100": 1.5}, "a100", "1.5"),
+    ({"replicas": 0}, "replicas", "0"),
+    ({"location": ""}, "location", "''"),
+])
+def test_invalid_requirements_name_field_and_value(kwargs, field, value):
+    with pytest.raises(ValueError) as e:
+        xm.JobRequirements(**kwargs)
+    assert field in str(e.value) and value in str(e.value)
+
+
+def test_unknown_resource_and_two_accelerator_types():
+    with pytest.raises(ValueError, match="warp_drive"):
+        xm.JobRequirements(warp_drive=1)
+    with pytest.raises(ValueError, match="one accelerator"):
+        xm.JobRequirements(a100=1, t4=1)
+
+
+# ------------------------------------------------------------------ jobs, packaging
+
+
+def test_package_and_add_args_follow_xmanager(tmp_path):
+    from prefect_xm.core.job_blocks import apply_args, flatten_jobs, package_spec
+
+    exe = package_spec(xm.Packageable(xm.Binary("/bin/echo"), xm_local.Local.Spec(),
+                                      args={"platform": "gpu"}, env_vars={"A": "1"}))
+    job = xm.Job(exe, xm_local.Local(), args={"lr": 0.1})
+    params = exe.runner_parameters(job.args, job.env_vars)
+    assert params["executable"] == {"kind": "command", "command": ["/bin/echo"]}
+    assert params["args"] == ["--platform=gpu", "--lr=0.1"]
+    assert params["env"] == {"A": "1"}
+
+    group = xm.JobGroup(train=job, eval=xm.Job(exe, xm_local.Local()))
+    applied = apply_args(group, {"train": {"args": {"lr": 0.5}}, "eval": {"env_vars": {"B": "2"}}})
+    members = flatten_jobs(applied)
+    assert list(members) == ["train", "eval"]
+    assert members["train"].args.to_list() == ["--lr=0.5"]
+    assert members["eval"].env_vars == {"B": "2"}
+    assert job.args.to_list() == ["--lr=0.1"]  # the original is untouched
+    with pytest.raises(ValueError, match="evaluator"):
+        apply_args(group, {"evaluator": {}})
+    with pytest.raises(ValueError, match="argz"):
+        apply_args(job, {"argz": {}})
+    assert xm.get_args_for_all_jobs(group, {"x": 1}) == {"train": {"args": {"x": 1}}, "eval": {"args": {"x": 1}}}
+
+    (tmp_path / "mod.py").write_text("")
+    py = package_spec(xm.Packageable(xm.PythonContainer(entrypoint=xm.ModuleName("mod"), path=str(tmp_path)),
+                                     xm_local.Local.Spec()))
+    assert (py.kind, py.module, py.path) == ("module", "mod", str(tmp_path))
+
+
+def test_job_runner_argv_never_uses_a_shell_for_args(tmp_path):
+    from prefect_xm.flows.job_runner import build_argv
+
+    argv, _ = build_argv({"kind": "command", "command": ["/bin/echo"]}, ["$(touch x)", "a;b"])
+    assert argv == ["/bin/echo", "$(touch x)", "a;b"]
+    argv, env = build_argv({"kind": "module", "module": "m", "path": str(tmp_path)}, ["--x=1"])
+    assert argv[1:] == ["-m", "m", "--x=1"] and env["PYTHONPATH"].startswith(str(tmp_path))
+    argv, _ = build_argv({"kind": "commands", "commands": ["echo hi", 'echo "$@"']}, ["`id`"])
+    assert argv == ["sh", "-c", 'echo hi\necho "$@"', "xm-entrypoint", "`id`"]
+
+
+# ------------------------------------------------------------------ executors
+
+
+def test_slurm_maps_requirements_to_job_variables():
+    s = Slurm(requirements=xm.JobRequirements(cpu=4, memory=16 * xm.GiB, a100=2, replicas=2),
+              partition="gpu", account="proj", time="1-02:00:00", modules=["cuda/12"],
+              extra_directives=["--exclusive"], work_pool="hpc")
+    assert s.work_pool_name == "hpc"
+    assert s.job_variables() == {
+        "cpus_per_task": 4, "memory": "16G", "gpus": 2, "gpu_type": "a100", "ntasks": 2,
+        "partition": "gpu", "account": "proj", "modules": ["cuda/12"],
+        "extra_directives": ["--exclusive"], "time_limit": "1-02:00:00"}
+    assert Slurm(requirements=xm.JobRequirements(gpu=1, cpu=0.5)).job_variables() == {"gpus": 1, "cpus_per_task": 1}
+    assert Slurm(time=datetime.timedelta(hours=1, minutes=30)).job_variables() == {"time_limit": "01:30:00"}
+    assert Slurm(time=90).job_variables() == {"time_limit": "90"}
+    assert Slurm(job_variables={"qos": "high"}).job_variables() == {"qos": "high"}
+
+
+def test_slurm_units_and_errors():
+    assert slurm_memory(16 * 1024**3) == "16G"
+    assert slurm_memory(1536 * 1024**2) == "1536M"
+    assert slurm_time("30:00") == "30:00"
+    with pytest.raises(ValueError, match="two hours"):
+        slurm_time("two hours")
+    with pytest.raises(ValueError, match="partition"):
+        Slurm(partition="")
+    with pytest.raises(ValueError, match="location"):
+        Slurm(requirements=xm.JobRequirements(location="us-east"))
+    with pytest.raises(ValueError, match="qos"):
+        Slurm(qos="a", job_variables={"qos": "b"})
+
+
+def test_job_variables_are_checked_against_the_pool_schema():
+    props = {"partition": {"type": "string"}, "gpus": {"type": "integer"},
+             "modules": {"type": "array", "items": {"type": "string"}},
+             "memory": {"anyOf": [{"type": "string"}, {"type": "null"}]}}
+    validate_job_variables("hpc", {"partition": "a", "gpus": 2, "modules": ["x"], "memory": "1G"}, props)
+    with pytest.raises(ValueError) as e:
+        validate_job_variables("hpc", {"partiton": "a"}, props)
+    assert "'partiton'" in str(e.value) and "'hpc'" in str(e.value)
+    with pytest.raises(ValueError, match="gpus"):
+        validate_job_variables("hpc", {"gpus": "two"}, props)
+    with pytest.raises(ValueError, match="gpus"):
+        validate_job_variables("hpc", {"gpus": True}, props)
