@@ -56,6 +56,12 @@ TAG_WORK_UNIT = "xm-work-unit:"
 TAG_IDENTITY = "xm-identity:"
 TAG_JOB = "xm-job:"
 
+#: Called as PROGRESS_HOOK(experiment, counts) while an experiment waits for its work
+#: units, whenever the counts of work-unit states change (the CLI prints progress).
+PROGRESS_HOOK = None
+#: Experiments created or opened in this process (the CLI prints their results).
+OPENED: list = []
+
 POLL_SECONDS = float(os.environ.get("PREFECT_XM_POLL_SECONDS", "1.0"))
 CANCEL_DEADLINE_SECONDS = float(os.environ.get("PREFECT_XM_CANCEL_DEADLINE_SECONDS", "60"))
 
@@ -685,7 +691,22 @@ class Experiment:
         await self._load()
         tasks = [wu._task for wu in self._work_units.values() if wu._task is not None]
         if tasks:
-            await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
+            gathered = asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
+            if PROGRESS_HOOK is None:
+                await gathered
+            else:
+                last = None
+                while True:
+                    done, _ = await asyncio.wait({gathered}, timeout=POLL_SECONDS)
+                    try:
+                        counts = await self._counts()
+                        if counts != last:
+                            last = counts
+                            PROGRESS_HOOK(self, counts)
+                    except Exception as e:  # progress is cosmetic
+                        log.debug("progress: %s", e)
+                    if done:
+                        break
         statuses = {}
         for wid, wu in sorted(self._work_units.items()):
             statuses[wid] = await wu._wait()
@@ -743,6 +764,15 @@ class Experiment:
         """Cancels every work unit of the experiment and ends its run Cancelled."""
         return Waitable(self._stop)
 
+    async def _counts(self) -> dict[str, int]:
+        client = await _client()
+        wus = await _read_runs(client, tags=[TAG_KIND + KIND_WORK_UNIT, TAG_EXPERIMENT + self.experiment_id])
+        counts: dict[str, int] = {}
+        for r in wus:
+            name = r.state.name if r.state else "Pending"
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
     async def _finish_run(self, stop_reason: Optional[str] = None) -> str:
         from prefect.states import Cancelled, Completed, Failed
 
@@ -752,10 +782,10 @@ class Experiment:
         for r in wus:
             counts[_state_type(r)] = counts.get(_state_type(r), 0) + 1
         summary = ", ".join(f"{n} {t.lower()}" for t, n in sorted(counts.items())) or "no work units"
-        if self._stopped:
-            state = Cancelled(message=f"{stop_reason or 'stopped'}: {summary}")
-        elif counts.get("FAILED", 0) + counts.get("CRASHED", 0) + counts.get("CANCELLED", 0):
+        if counts.get("FAILED", 0) + counts.get("CRASHED", 0):
             state = Failed(message=f"work units: {summary}")
+        elif self._stopped or counts.get("CANCELLED", 0):
+            state = Cancelled(message=f"{stop_reason or 'work units were cancelled'}: {summary}")
         else:
             state = Completed(message=f"work units: {summary}")
         await client.set_flow_run_state(self.flow_run_id, state, force=True)
@@ -783,6 +813,8 @@ class Experiment:
 
     def __enter__(self) -> "Experiment":
         Runtime.get().run(self._reopen())
+        if self not in OPENED:
+            OPENED.append(self)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -794,6 +826,8 @@ class Experiment:
 
     async def __aenter__(self) -> "Experiment":
         await Runtime.get().arun(self._reopen())
+        if self not in OPENED:
+            OPENED.append(self)
         return self
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
@@ -871,6 +905,7 @@ async def _create(experiment_title: str, identity: Optional[str]) -> Experiment:
     )
     exp = Experiment(exp_id, experiment_title, run.id)
     exp._loaded = True
+    OPENED.append(exp)
     return exp
 
 

@@ -1,0 +1,102 @@
+"""The prefect-xm CLI, end to end against the real Prefect server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_for
+
+pytestmark = pytest.mark.e2e
+
+CLI = str(Path(sys.executable).parent / "prefect-xm")
+
+
+@pytest.fixture(scope="module")
+def api(prefect_server):
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()
+    return prefect_server
+
+
+def _cli(api, *args, timeout=300):
+    proc = subprocess.run([CLI, *args], env=api.env(COLUMNS="200"), capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def _runs(*tags):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    with get_client(sync_client=True) as c:
+        return c.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=list(tags))))
+
+
+def test_launch_twice_with_identity_adds_no_duplicate_work_units(api, tmp_path):
+    identity = f"idem-{uuid.uuid4().hex[:8]}"
+    script = tmp_path / "launch.py"
+    script.write_text(textwrap.dedent(f"""
+        import argparse, sys
+        from prefect_xm import hyper, xm, xm_local
+
+        flags = argparse.ArgumentParser()
+        flags.add_argument("--note", required=True)
+        note = flags.parse_args().note
+
+        with xm_local.create_experiment(experiment_title="idempotent", identity={identity!r}) as experiment:
+            [exe] = experiment.package([xm.Packageable(xm.Command([sys.executable, "-c", "print('ran')"]),
+                                                       xm_local.Local.Spec())])
+            for hp in hyper.sweep("lr", [0.1, 0.2]):
+                wu = experiment.add(xm.Job(exe, xm_local.Local(), args=hp), identity=f"lr={{hp['lr']}}")
+        print("EXPERIMENT", experiment.experiment_id, "NOTE", note, "WUS", len(experiment.work_units))
+    """))
+    first = _cli(api, "launch", str(script), "--", "--note", "first run")
+    assert first.returncode == 0, first.stdout + first.stderr[-3000:]
+    exp_id = first.stdout.split("EXPERIMENT", 1)[1].split()[0]
+    assert "NOTE first run WUS 2" in first.stdout.replace("  ", " ") or "NOTE first run WUS 2" in first.stdout
+    assert "idempotent" in first.stdout and "Completed" in first.stdout  # the results table
+    assert "work units done" in first.stderr  # progress while waiting
+
+    second = _cli(api, "launch", str(script), "--", "--note", "second")
+    assert second.returncode == 0, second.stdout + second.stderr[-3000:]
+    assert second.stdout.split("EXPERIMENT", 1)[1].split()[0] == exp_id
+    assert "WUS 2" in second.stdout
+    wus = _runs("xm-kind:work-unit", f"xm-experiment:{exp_id}")
+    jobs = _runs("xm-kind:job", f"xm-experiment:{exp_id}")
+    assert len(wus) == 2 and len(jobs) == 2
+    assert sorted(r.parameters["lr"] for r in wus) == [0.1, 0.2]
+
+    # list and show read it back from Prefect.
+    listed = _cli(api, "list")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert exp_id in listed.stdout and "idempotent" in listed.stdout
+    shown = _cli(api, "show", exp_id)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "lr=0.1" in shown.stdout and "lr=0.2" in shown.stdout and "Completed" in shown.stdout
+    missing = _cli(api, "show", "nosuchid")
+    assert missing.returncode == 2 and "nosuchid" in missing.stderr
+
+
+def test_stop_cancels_a_running_experiment(api, tmp_path):
+    from prefect_xm import xm, xm_local
+
+    code = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(300)"
+    with xm_local.create_experiment(experiment_title="cli-stop") as experiment:
+        [exe] = experiment.package([xm.Packageable(xm.Command([sys.executable, "-c", code]), xm_local.Local.Spec())])
+        wu = experiment.add(xm.Job(exe, xm_local.Local(), args=[str(tmp_path / "pid")]))
+        wait_for(lambda: wu.get_status().is_running, timeout=120, what="the work unit to run")
+        stopped = _cli(api, "stop", experiment.experiment_id)
+        assert stopped.returncode == 0, stopped.stderr[-3000:]
+        assert "Cancelled" in stopped.stdout
+    assert wu.get_status().is_cancelled
+    pid = int((tmp_path / "pid").read_text())
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
+             timeout=30, what="the job's process to be gone")
+    assert experiment.get_status().is_cancelled
