@@ -21,8 +21,15 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+# Tests talk to the real server of the `prefect_server` fixture, never to a temporary one.
+os.environ["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "false"
 
 T = TypeVar("T")
+
+# Prefect reads its settings when it is first imported, so the address of the test
+# server is fixed here, before any test module imports prefect; the session fixture
+# `prefect_server` starts the server there on first use.
+_SERVER_HOME = Path(tempfile.mkdtemp(prefix="pxm-prefect-home-"))
 
 
 def wait_for(
@@ -43,6 +50,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_SERVER_PORT = free_port()
+os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{_SERVER_PORT}/api"
+os.environ["PREFECT_HOME"] = str(_SERVER_HOME)
 
 
 def require_service(name: str, available: bool, how: str) -> None:
@@ -78,13 +90,13 @@ class PrefectServer:
 def prefect_server() -> PrefectServer:
     """A real `prefect server start` (SQLite) on a free port, for the whole session.
 
-    The test process itself is pointed at it through PREFECT_API_URL, so the Prefect
-    client in tests, the workers and launch scripts started as subprocesses all share it.
+    The test process itself is pointed at it through PREFECT_API_URL (set above), and
+    `.env()` gives subprocesses (workers, CLIs, launch scripts) the same address.
     """
     import httpx
 
-    home = Path(tempfile.mkdtemp(prefix="pxm-prefect-home-"))
-    port = free_port()
+    home = _SERVER_HOME
+    port = _SERVER_PORT
     env = dict(os.environ)
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     env.pop("PREFECT_API_URL", None)
@@ -107,17 +119,9 @@ def prefect_server() -> PrefectServer:
             return False
 
     wait_for(healthy, timeout=120, what="prefect server health")
-    old = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
-    os.environ["PREFECT_API_URL"] = server.api_url
-    os.environ["PREFECT_HOME"] = str(home)
     try:
         yield server
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         proc.terminate()
         try:
             proc.wait(20)

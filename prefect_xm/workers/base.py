@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import os
+import re
 import shlex
 import sys
 import time
@@ -97,6 +98,13 @@ class BatchJobConfiguration(BaseJobConfiguration):
         for item in v:
             if "\n" in item or "\r" in item:
                 raise ValueError(f"{info.field_name}: {item!r} must be a single line")
+        return v
+
+    @field_validator("job_name")
+    @classmethod
+    def _job_name(cls, v: Optional[str]) -> Optional[str]:
+        if v and not re.match(r"^[A-Za-z0-9_.+-]+$", v):
+            raise ValueError(f"job_name: {v!r} may only hold letters, digits and _ . + -")
         return v
 
     @field_validator("cluster")
@@ -562,11 +570,14 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         online = await self._online_worker_names()
         adopted: list[UUID] = []
         for run in runs:
-            if run.id in self._followed or not run.infrastructure_pid:
+            if run.id in self._followed or run.id in self._submitting_flow_run_ids:
                 continue
             owner = (run.labels or {}).get("prefect.worker.name")
             if owner and owner != self.name and owner in online:
                 continue  # a live worker follows it
+            if not run.infrastructure_pid:
+                await self._adopt_unrecorded_submission(run)
+                continue
             try:
                 scheduler_name, cluster, job_id = Scheduler.parse_infrastructure_pid(run.infrastructure_pid)
             except ValueError:
@@ -594,6 +605,29 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             self._spawn(self._follow(run, followed, logger))
             adopted.append(run.id)
         return adopted
+
+    async def _adopt_unrecorded_submission(self, run: "FlowRun") -> None:
+        """A worker that died between the submit and recording the job id leaves a
+        Pending run without a pid; its job (if any) is found by its unique name."""
+        if run.state is None or run.state.type != StateType.PENDING or run.state.name == "Pending":
+            return  # only runs that reached Submitting can have a job
+        try:
+            configuration = await self.job_configuration.resolve_for_flow_run(
+                run, client=self.client, work_pool=self._work_pool,
+                worker_name=self.name, worker_id=self.backend_id,
+            )
+            job_id = await self._find_by_name(self.job_name(configuration, run), self.transport_for(configuration))
+        except Exception as exc:
+            self._logger.warning("Cannot check flow run %s for an unrecorded job: %s", run.id, exc)
+            return
+        if job_id is None:
+            return
+        pid = self.scheduler.infrastructure_pid(configuration.cluster, job_id)
+        await self.client.update_flow_run(run.id, infrastructure_pid=pid)
+        logger = self.get_flow_run_logger(run)
+        logger.info(f"Found {self.scheduler.name} job {job_id} submitted by a worker that died; following it")
+        followed = self._start_following(run.id, job_id, configuration)
+        self._spawn(self._follow(run, followed, logger))
 
     async def _online_worker_names(self) -> set[str]:
         assert self._work_pool is not None

@@ -1,0 +1,170 @@
+"""End-to-end helpers: batch-worker subprocesses, command-counting wrappers, deployments.
+
+Tests drive everything as a user would: `prefect work-pool create`, `prefect worker
+start`, deployments, the Prefect API; the scheduler is the real one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun, StateType
+
+from conftest import REPO, PrefectServer, wait_for
+
+FLOWS = REPO / "tests" / "flows"
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+class CountingWrappers:
+    """A directory of wrappers (put first on PATH) that log each call of the wrapped
+    commands, one line per call: '<command> <args>'."""
+
+    def __init__(self, root: Path, commands: list[str]):
+        self.dir = root / "bin"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log = root / "calls.log"
+        self.log.touch()
+        for command in commands:
+            real = shutil.which(command)
+            assert real, f"{command} not on PATH"
+            wrapper = self.dir / command
+            wrapper.write_text(
+                "#!/bin/sh\n"
+                f'printf "%s\\n" "{command} $*" >> {self.log}\n'
+                f'exec {real} "$@"\n'
+            )
+            wrapper.chmod(0o755)
+
+    def calls(self, command: str) -> list[str]:
+        return [ln for ln in self.log.read_text().splitlines() if ln.split(" ", 1)[0] == command]
+
+
+class WorkerProcess:
+    """`prefect worker start` for a pool, as a subprocess with its own log."""
+
+    def __init__(self, server: PrefectServer, pool: str, worker_type: str, workdir: Path,
+                 name: str | None = None, path_prefix: Path | None = None, **env: str):
+        self.server = server
+        self.pool = pool
+        self.worker_type = worker_type
+        self.name = name or f"worker-{uuid.uuid4().hex[:6]}"
+        self.workdir = workdir
+        self.path_prefix = path_prefix
+        self.extra_env = env
+        self.proc: subprocess.Popen | None = None
+        self.logs: list[Path] = []
+
+    def start(self) -> "WorkerProcess":
+        env = self.server.env(
+            PREFECT_XM_POLL_INTERVAL="1",
+            PREFECT_XM_RECOVERY_INTERVAL="5",
+            PREFECT_WORKER_QUERY_SECONDS="1",
+            PREFECT_WORKER_PREFETCH_SECONDS="0",
+            PREFECT_WORKER_ENABLE_CANCELLATION="true",
+            **self.extra_env,
+        )
+        env["PATH"] = os.pathsep.join(
+            [str(self.path_prefix)] * bool(self.path_prefix) + [str(Path(sys.executable).parent), env["PATH"]]
+        )
+        log = self.workdir / f"{self.name}-{len(self.logs)}.log"
+        self.logs.append(log)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", self.pool,
+             "--type", self.worker_type, "--name", self.name],
+            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        wait_for(lambda: "started" in log.read_text() or self._died(), 120, what=f"worker {self.name} to start")
+        return self
+
+    def _died(self) -> bool:
+        if self.proc and self.proc.poll() is not None:
+            raise AssertionError(f"worker exited: {self.log_text()[-3000:]}")
+        return False
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text() for p in self.logs if p.exists())
+
+    def kill(self) -> None:
+        """SIGKILL, as an OOM killer or a lost node would."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def create_pool(server: PrefectServer, name: str, worker_type: str) -> None:
+    """Through the CLI, as a user would."""
+    out = subprocess.run(
+        [sys.executable, "-m", "prefect", "work-pool", "create", name, "--type", worker_type],
+        env=server.env(), capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+async def deploy(entrypoint: str, pool: str, name: str, job_variables: dict | None = None):
+    from prefect import flow
+
+    f = await flow.from_source(source=str(FLOWS), entrypoint=entrypoint)
+    return await f.deploy(
+        name=name, work_pool_name=pool, job_variables=job_variables or {},
+        print_next_steps=False, build=False, push=False,
+    )
+
+
+async def start_run(deployment_id, parameters: dict | None = None, job_variables: dict | None = None) -> FlowRun:
+    async with get_client() as client:
+        return await client.create_flow_run_from_deployment(
+            deployment_id, parameters=parameters or {}, job_variables=job_variables or {}
+        )
+
+
+async def read_run(run_id) -> FlowRun:
+    async with get_client() as client:
+        return await client.read_flow_run(run_id)
+
+
+def state_of(run_id) -> StateType | None:
+    fr = run(read_run(run_id))
+    return fr.state.type if fr.state else None
+
+
+def wait_final(run_id, timeout: float = 240) -> FlowRun:
+    def final():
+        fr = run(read_run(run_id))
+        return fr if fr.state and fr.state.is_final() else None
+
+    return wait_for(final, timeout, interval=1, what=f"flow run {run_id} to reach a final state")
+
+
+def slurm_job_id(fr: FlowRun) -> str:
+    assert fr.infrastructure_pid, f"no infrastructure pid on {fr.id}"
+    return fr.infrastructure_pid.rsplit(":", 1)[1]
+
+
+def squeue_state(job_id: str) -> str:
+    """The job's state as squeue shows it ('' if squeue no longer lists it)."""
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def jobs_named(name: str) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-t", "all", "--name", name, "-o", "%i"], capture_output=True, text=True)
+    return out.stdout.split()
