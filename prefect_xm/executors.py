@@ -229,7 +229,8 @@ def validate_job_variables(pool_name: str, variables: Mapping[str, Any], propert
     if unknown:
         raise ValueError(
             f"job variable(s) {', '.join(repr(k) for k in unknown)} are not defined by work pool "
-            f"{pool_name!r}; it accepts: {', '.join(sorted(properties))}"
+            f"{pool_name!r}; " + (f"it accepts: {', '.join(sorted(properties))}" if properties
+                                  else "it declares no job variables")
         )
     for key, value in variables.items():
         types = _schema_types(properties[key] or {})
@@ -245,3 +246,46 @@ def validate_job_variables(pool_name: str, variables: Mapping[str, Any], propert
             raise ValueError(
                 f"job variable {key!r}={value!r} for work pool {pool_name!r} must be of type {'/'.join(types)}"
             )
+
+
+# ------------------------------------------------------------- any work pool
+
+
+class WorkPoolSpec(ExecutorSpec):
+    """Package for a job on a work pool (the code must be where the pool's workers run)."""
+
+    def __repr__(self) -> str:
+        return "WorkPool.Spec()"
+
+
+class WorkPool(Executor):
+    """A job on any Prefect work pool, with its job variables given verbatim.
+
+    ``WorkPool("my-process-pool", job_variables={"working_dir": "/scratch"})``. This is
+    how schedulers without a dedicated executor class plug in; like the others, the
+    variables are checked against the pool's schema before submission.
+    """
+
+    def __init__(self, work_pool: str, job_variables: Optional[Mapping[str, Any]] = None,
+                 requirements: Optional[JobRequirements] = None) -> None:
+        if not isinstance(work_pool, str) or not work_pool.strip():
+            raise ValueError(f"WorkPool.work_pool must be a non-empty string, got {work_pool!r}")
+        if job_variables is not None and not isinstance(job_variables, Mapping):
+            raise ValueError(f"WorkPool.job_variables must be a dict, got {job_variables!r}")
+        self.work_pool = work_pool
+        self.job_variables_ = dict(job_variables or {})
+        self.requirements = _check_requirements(requirements, "WorkPool")
+
+    @property
+    def work_pool_name(self) -> str:  # type: ignore[override]
+        return self.work_pool
+
+    @classmethod
+    def Spec(cls) -> WorkPoolSpec:  # noqa: N802
+        return WorkPoolSpec()
+
+    def job_variables(self) -> dict[str, Any]:
+        return dict(self.job_variables_)
+
+    def __repr__(self) -> str:
+        return f"WorkPool({self.work_pool!r}, job_variables={self.job_variables_!r})"

@@ -11,9 +11,9 @@ from prefect_xm.core.experiment import (
     get_experiment,
     list_experiments,
 )
-from prefect_xm.executors import Local, LocalSpec, Slurm, SlurmSpec
+from prefect_xm.executors import Local, LocalSpec, Slurm, SlurmSpec, WorkPool, WorkPoolSpec
 
 __all__ = [
-    "Experiment", "Local", "LocalSpec", "Slurm", "SlurmSpec", "WorkUnit", "create_experiment",
+    "Experiment", "Local", "LocalSpec", "Slurm", "SlurmSpec", "WorkPool", "WorkPoolSpec", "WorkUnit", "create_experiment",
     "get_experiment", "list_experiments",
 ]

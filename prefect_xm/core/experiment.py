@@ -102,6 +102,8 @@ def _duration(run) -> Optional[float]:
 def format_duration(seconds: Optional[float]) -> str:
     if seconds is None:
         return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
@@ -648,14 +650,27 @@ class Experiment:
     async def summary_rows(self) -> list[dict[str, Any]]:
         client = await _client()
         runs = await _read_runs(client, tags=[TAG_KIND + KIND_WORK_UNIT, TAG_EXPERIMENT + self.experiment_id])
+        jobs = await _read_runs(client, tags=[TAG_KIND + KIND_JOB, TAG_EXPERIMENT + self.experiment_id])
+        spans: dict[str, list] = {}
+        now = datetime.datetime.now(datetime.timezone.utc)
+        for j in jobs:
+            if j.start_time is None:
+                continue
+            wid = _tag_value(j.tags, TAG_WORK_UNIT)
+            end = j.end_time or (now if _state_type(j) not in _FINAL else j.start_time)
+            span = spans.setdefault(wid, [j.start_time, end])
+            span[0], span[1] = min(span[0], j.start_time), max(span[1], end)
         rows = []
         for r in runs:
             wid = _tag_value(r.tags, TAG_WORK_UNIT)
+            span = spans.get(wid)
+            # Duration: from the first job's start to the last job's end (the gang's span).
+            seconds = (span[1] - span[0]).total_seconds() if span else _duration(r)
             rows.append({
                 "work_unit": int(wid) if wid and wid.isdigit() else wid,
                 "args": _args_text(r.parameters or {}),
                 "state": r.state.name if r.state else "Pending",
-                "duration": format_duration(_duration(r)),
+                "duration": format_duration(seconds),
                 "message": (r.state.message or "") if r.state and r.state.type.value != "COMPLETED" else "",
             })
         rows.sort(key=lambda row: (not isinstance(row["work_unit"], int), row["work_unit"]))
