@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
@@ -53,6 +54,8 @@ class LocalTransport:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=full_env,
+                # its own process group, so a timeout kills what it started too
+                start_new_session=True,
             )
         except FileNotFoundError as exc:
             raise TransientSchedulerError(f"{argv[0]}: command not found ({exc})") from None
@@ -61,7 +64,10 @@ class LocalTransport:
                 proc.communicate(stdin.encode() if stdin is not None else None), timeout
             )
         except asyncio.TimeoutError:
-            proc.kill()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             await proc.wait()
             raise TransientSchedulerError(
                 f"{argv[0]} did not answer within {timeout:g} s"

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone on a fresh Debian machine (as root):
+# installs the venv and the services the end-to-end tests use, then runs pytest.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k slurm -x`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+bash scripts/bootstrap.sh
+bash scripts/slurm-cluster.sh start
+exec .venv/bin/python -m pytest -ra "$@"

@@ -1,0 +1,113 @@
+"""The poller's rules, on scripted scheduler answers (the real Slurm cannot be made to
+time out or forget a job on cue; the e2e tests cover the ordinary path for real)."""
+
+from __future__ import annotations
+
+from prefect_xm.workers.poller import JobPoller
+from prefect_xm.workers.scheduler import CommandResult, JobState
+from prefect_xm.workers.slurm import SlurmScheduler
+
+
+class ScriptedTransport:
+    """Answers each command from `answers[command name]`, a list consumed in order
+    (the last answer repeats)."""
+
+    def __init__(self, **answers):
+        self.answers = {k: list(v) for k, v in answers.items()}
+        self.calls: list[list[str]] = []
+
+    async def run(self, argv, *, stdin=None, env=None, timeout=60.0):
+        self.calls.append(list(argv))
+        queue = self.answers.get(argv[0], [(1, "", f"{argv[0]}: no answer scripted")])
+        rc, out, err = queue.pop(0) if len(queue) > 1 else queue[0]
+        return CommandResult(list(argv), rc, out, err)
+
+    def count(self, name):
+        return sum(1 for c in self.calls if c[0] == name)
+
+
+async def poll(poller, times=1):
+    for _ in range(times):
+        await poller.poll_once()
+
+
+def drain(job):
+    out = []
+    while not job.updates.empty():
+        out.append(job.updates.get_nowait())
+    return out
+
+
+async def test_one_status_query_for_many_jobs():
+    listing = "".join(f"{i}|PENDING|Priority\n" for i in range(1, 201))
+    t = ScriptedTransport(squeue=[(0, listing, "")])
+    p = JobPoller(SlurmScheduler(), t)
+    jobs = [p.track(str(i)) for i in range(1, 201)]
+    await poll(p, 3)
+    assert t.count("squeue") == 3 and len(t.calls) == 3
+    assert all(j.status.reason == "Priority" for j in jobs)
+
+
+async def test_failing_query_keeps_last_state_then_recovers():
+    t = ScriptedTransport(squeue=[
+        (0, "5|RUNNING|None\n", ""),
+        (1, "", "squeue: error: Socket timed out on send/recv operation"),
+        (1, "", "slurm_load_jobs error: Unable to contact slurm controller (connect failure)"),
+        (0, "5|RUNNING|None\n", ""),
+    ])
+    p = JobPoller(SlurmScheduler(), t, grace_period=300)
+    job = p.track("5")
+    await poll(p, 3)
+    assert job.status.state == JobState.RUNNING and p.failing_since is not None
+    assert [s.state for s in drain(job)] == [JobState.RUNNING]
+    await poll(p)
+    assert p.failing_since is None and job.status.state == JobState.RUNNING
+
+
+async def test_states_only_move_forward():
+    t = ScriptedTransport(squeue=[(0, "7|RUNNING|None\n", ""), (0, "7|PENDING|Priority\n", "")])
+    p = JobPoller(SlurmScheduler(), t)
+    job = p.track("7")
+    await poll(p, 2)
+    assert job.status.state == JobState.RUNNING
+
+
+async def test_absent_job_is_resolved_from_its_terminal_record_not_assumed_completed():
+    t = ScriptedTransport(
+        squeue=[(0, "", "")],
+        scontrol=[(0, "JobId=9 JobName=x JobState=OUT_OF_MEMORY Reason=OutOfMemory ExitCode=0:125\n", "")],
+    )
+    p = JobPoller(SlurmScheduler(), t)
+    job = p.track("9")
+    await poll(p)
+    assert job.status.state == JobState.FAILED
+    assert job.status.native_state == "OUT_OF_MEMORY" and job.status.reason == "OutOfMemory"
+
+
+async def test_absent_job_without_record_waits_for_the_grace_period_then_is_lost():
+    t = ScriptedTransport(
+        squeue=[(0, "", "")],
+        scontrol=[(1, "", "slurm_load_jobs error: Invalid job id specified")],
+        sacct=[(1, "", "Slurm accounting storage is disabled")],
+    )
+    p = JobPoller(SlurmScheduler(), t, grace_period=300)
+    job = p.track("11", initial=JobState.RUNNING)
+    await poll(p, 2)
+    assert job.status.state == JobState.RUNNING  # unknown is not completed
+    job.missing_since -= 301
+    await poll(p)
+    assert job.status.state == JobState.FAILED and job.status.native_state == "LOST"
+
+
+async def test_final_state_in_the_queue_gets_its_exit_code_from_scontrol():
+    t = ScriptedTransport(
+        squeue=[(0, "12|FAILED|NonZeroExitCode\n", "")],
+        scontrol=[(0, "JobId=12 JobState=FAILED Reason=NonZeroExitCode ExitCode=3:0\n", "")],
+    )
+    p = JobPoller(SlurmScheduler(), t)
+    job = p.track("12")
+    await poll(p)
+    assert (job.status.state, job.status.exit_code) == (JobState.FAILED, 3)
+    assert [s.state for s in drain(job)] == [JobState.FAILED]  # announced once, complete
+    await poll(p)
+    assert t.count("squeue") == 1  # nothing left to poll

@@ -1,0 +1,124 @@
+"""The rendered batch script and the submit path, against the real sbatch."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import REPO, require_service
+from prefect_xm.workers.base import ScriptTemplateError
+from prefect_xm.workers.scheduler import SubmitRequest
+from prefect_xm.workers.slurm import SlurmJobConfiguration, SlurmWorker
+from prefect_xm.workers.transport import LocalTransport
+
+FULL = dict(
+    partition="debug",
+    account="physics",
+    qos="normal",
+    time_limit="0-00:10:00",
+    nodes=1,
+    ntasks=1,
+    cpus_per_task=1,
+    memory="256M",
+    modules=["cuda/12.2"],
+    setup_commands=["source /etc/profile"],
+    extra_directives=["--signal=USR2@90", "--comment=from-prefect-xm"],
+    working_dir="/tmp",
+    env={"PREFECT_API_KEY": "pnu_secret_value_never_rendered", "FOO": "bar"},
+    job_name="train",
+    command="python -m prefect flow-run execute --why 'a b'",
+)
+
+
+def slurm_up() -> bool:
+    return subprocess.run(["bash", str(REPO / "scripts/slurm-cluster.sh"), "status"], capture_output=True).returncode == 0
+
+
+def render(**variables) -> str:
+    worker = SlurmWorker(work_pool_name="render-only")
+    config = SlurmJobConfiguration(**variables)
+    flow_run = SimpleNamespace(id=uuid.UUID(int=7), name="brave-fox")
+    return worker.render_script(config, flow_run, "/tmp/pxm-runs/" + str(flow_run.id))
+
+
+def test_full_variable_set_renders_every_directive():
+    script = render(**FULL, gpus=2, gpu_type="a100", constraint="skylake&ib")
+    for line in (
+        "#SBATCH --job-name=train-00000000-0000-0000-0000-000000000007",
+        "#SBATCH --partition=debug", "#SBATCH --account=physics", "#SBATCH --qos=normal",
+        "#SBATCH --time=0-00:10:00", "#SBATCH --nodes=1", "#SBATCH --ntasks=1",
+        "#SBATCH --cpus-per-task=1", "#SBATCH --mem=256M", "#SBATCH --gres=gpu:a100:2",
+        "#SBATCH --constraint='skylake&ib'", "#SBATCH --chdir=/tmp", "#SBATCH --signal=USR2@90",
+        "module load cuda/12.2", "source /etc/profile",
+        "exec python -m prefect flow-run execute --why 'a b'",
+    ):
+        assert line in script.splitlines(), line
+    # secrets and the environment travel through sbatch's environment, not the script
+    assert "pnu_secret" not in script and "FOO" not in script
+
+
+def test_full_variable_set_passes_sbatch_test_only(tmp_path):
+    require_service("Slurm", slurm_up(), "bash scripts/slurm-cluster.sh start")
+    # no GPU (gres) and no node features exist on this node, so those two stay unset
+    script = render(**FULL)
+    path = tmp_path / "job.sh"
+    path.write_text(script)
+    out = subprocess.run(["sbatch", "--test-only", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "to start at" in out.stderr
+
+
+def test_undefined_template_variable_is_an_error_naming_it():
+    with pytest.raises(ScriptTemplateError, match="'gpu_count' is undefined"):
+        render(script_template="#!/bin/bash\n#SBATCH --gres=gpu:{{ gpu_count }}\n")
+
+
+def test_template_from_a_file(tmp_path):
+    t = tmp_path / "site.sh.j2"
+    t.write_text("#!/bin/bash\n#SBATCH --partition={{ partition }}\n# {{ job_name }}\nexec {{ command_argv | map('q') | join(' ') }}\n")
+    script = render(partition="gpu", script_template=str(t), command="python -c 'print(1)'")
+    assert "#SBATCH --partition=gpu" in script
+    assert "exec python -c 'print(1)'" in script
+
+
+def test_bad_values_name_field_and_value():
+    for field, value in (("time_limit", "ten minutes"), ("memory", "16 gigs"), ("cpus_per_task", 0), ("job_name", "my job")):
+        with pytest.raises(ValueError) as info:
+            SlurmJobConfiguration(**{field: value})
+        assert field in str(info.value) and str(value) in str(info.value)
+    with pytest.raises(ValueError, match="extra_directives"):
+        SlurmJobConfiguration(extra_directives=["--exclusive\nrm -rf /"])
+
+
+def test_submit_that_times_out_is_found_by_name_not_submitted_twice(tmp_path):
+    """sbatch accepts the job and then hangs: the worker's submit times out, looks the
+    job up by its unique name and takes that id, instead of submitting again."""
+    require_service("Slurm", slurm_up(), "bash scripts/slurm-cluster.sh start")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "sbatch.calls"
+    (bin_dir / "sbatch").write_text(
+        "#!/bin/sh\n"
+        f'echo call >> {calls}\n'
+        '/usr/bin/sbatch "$@"\n'
+        "sleep 30\n"  # the answer never comes back in time
+    )
+    (bin_dir / "sbatch").chmod(0o755)
+    name = f"timeout-probe-{uuid.uuid4().hex[:8]}"
+    script = tmp_path / "job.sh"
+    script.write_text(f"#!/bin/bash\n#SBATCH --job-name={name}\n#SBATCH --output=/dev/null\ntrue\n")
+    worker = SlurmWorker(work_pool_name="submit-only")
+    import os
+    request = SubmitRequest(str(script), script.read_text(), name, str(tmp_path),
+                            env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    config = SlurmJobConfiguration(submit_timeout=2)
+    job_id = asyncio.run(worker.submit_job(request, LocalTransport(), config, logging.getLogger("t")))
+    assert calls.read_text().count("call") == 1
+    listed = subprocess.run(["squeue", "-h", "-t", "all", "--name", name, "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert listed == [job_id]
