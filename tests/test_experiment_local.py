@@ -280,3 +280,26 @@ def test_bad_input_raises_before_anything_is_submitted(api, tmp_path):
             experiment.add(xm.Job(exe, xm_local.Slurm(work_pool="no-such-pool")))
     assert experiment.work_units == {}
     assert _runs("xm-kind:work-unit", f"xm-experiment:{experiment.experiment_id}") == []
+
+
+async def test_async_launch_script_with_a_job_generator(api, tmp_path):
+    from prefect_xm import xm, xm_local
+
+    async with xm_local.create_experiment(experiment_title="async") as experiment:
+        [exe] = experiment.package([xm.Packageable(xm.Command([PY, "-c", "import sys; print(sys.argv[1:])"]),
+                                                   xm_local.Local.Spec())])
+
+        async def make_job(work_unit, lr, steps):
+            # XManager's job generator: adds the work unit's jobs, given the args as kwargs.
+            work_unit.add(xm.Job(exe, xm_local.Local(), name="trainer", args={"lr": lr, "steps": steps}))
+            work_unit.add(xm.Job(exe, xm_local.Local(), name="evaluator", args={"lr": lr}))
+
+        wu = await experiment.add(make_job, args={"lr": 0.5, "steps": 3})
+        plain = await experiment.add(xm.Job(exe, xm_local.Local(), args={"lr": 0.1}))
+        status = await wu.wait_until_complete()
+        assert status.is_completed, status
+        assert wu.args == {"lr": 0.5, "steps": 3}
+    assert plain.get_status().is_completed
+    jobs = _runs("xm-kind:job", f"xm-experiment:{experiment.experiment_id}", "xm-work-unit:1")
+    assert sorted((j.tags[-1], tuple(j.parameters["args"])) for j in jobs) == [
+        ("xm-job:evaluator", ("--lr=0.5",)), ("xm-job:trainer", ("--lr=0.5", "--steps=3"))]

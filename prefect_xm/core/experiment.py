@@ -40,7 +40,7 @@ from prefect_xm.core.job_blocks import (
     flatten_jobs,
     package_spec,
 )
-from prefect_xm.core.runtime import Runtime, Waitable, in_event_loop
+from prefect_xm.core.runtime import Runtime, dual, in_event_loop
 from prefect_xm.core.status import ExperimentUnitStatus
 
 log = logging.getLogger("prefect_xm")
@@ -265,8 +265,6 @@ class WorkUnit:
 
     def get_status(self) -> ExperimentUnitStatus:
         """The work unit's status, read from its Prefect flow run."""
-        if in_event_loop():
-            raise RuntimeError("use `await work_unit.get_status_async()` in async code")
         return Runtime.get().run(self._status())
 
     async def get_status_async(self) -> ExperimentUnitStatus:
@@ -283,7 +281,7 @@ class WorkUnit:
 
     def wait_until_complete(self) -> Any:
         """Waits until the work unit is final; returns its ExperimentUnitStatus (awaitable in async code)."""
-        return Waitable(self._wait)
+        return dual(self._wait)
 
     async def _request_stop(self, reason: str = "stopped by the user") -> None:
         from prefect.states import Cancelling
@@ -295,7 +293,7 @@ class WorkUnit:
 
     def stop(self) -> Any:
         """Cancels the work unit (every member job)."""
-        return Waitable(self._request_stop)
+        return dual(self._request_stop)
 
     async def _job_runs(self):
         client = await _client()
@@ -424,10 +422,10 @@ class Experiment:
             collector = _GeneratorWorkUnit()
             result = job(collector, **dict(args or {}))
             if asyncio.iscoroutine(result):
-                if in_event_loop():
-                    result.close()
-                    raise RuntimeError("async job generators: use `await experiment.add_async(...)`")
-                asyncio.run(result)
+                # The generator only records jobs: run it to completion on the runtime loop.
+                async def consume(coro=result):
+                    await coro
+                Runtime.get().run(consume())
             resolved = collector.group()
             display_args = jsonable(dict(args or {}))
         else:
@@ -729,7 +727,7 @@ class Experiment:
 
     def wait_until_complete(self) -> Any:
         """Waits until every work unit is final; returns {work_unit_id: status}."""
-        return Waitable(self._wait_all)
+        return dual(self._wait_all)
 
     async def _stop(self, reason: str = "experiment stopped by the user") -> None:
         from prefect.states import Cancelled, Cancelling
@@ -777,7 +775,7 @@ class Experiment:
 
     def stop(self) -> Any:
         """Cancels every work unit of the experiment and ends its run Cancelled."""
-        return Waitable(self._stop)
+        return dual(self._stop)
 
     async def _counts(self) -> dict[str, int]:
         client = await _client()

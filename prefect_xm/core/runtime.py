@@ -72,30 +72,10 @@ def in_event_loop() -> bool:
         return False
 
 
-class Waitable:
-    """Returned by wait/stop methods: blocks when called from sync code, and is
-    awaitable from async code (``await work_unit.wait_until_complete()``)."""
-
-    def __init__(self, coro_factory, result_fn=lambda r: r) -> None:
-        self._factory = coro_factory
-        self._result_fn = result_fn
-        self._value: Any = None
-        self._sync = not in_event_loop()
-        if self._sync:
-            self._value = result_fn(Runtime.get().run(coro_factory()))
-
-    def __await__(self):
-        if self._sync:
-            async def done():
-                return self._value
-            return done().__await__()
-
-        async def go():
-            return self._result_fn(await Runtime.get().arun(self._factory()))
-
-        return go().__await__()
-
-    def result(self) -> Any:
-        if not self._sync:
-            raise RuntimeError("await this object in async code")
-        return self._value
+def dual(coro_factory):
+    """Runs ``coro_factory()`` on the runtime loop: blocks and returns its result when
+    called from sync code; returns an awaitable of the result when called from async
+    code (so ``await work_unit.wait_until_complete()`` works as in XManager)."""
+    if not in_event_loop():
+        return Runtime.get().run(coro_factory())
+    return Runtime.get().arun(coro_factory())
