@@ -303,3 +303,34 @@ async def test_async_launch_script_with_a_job_generator(api, tmp_path):
     jobs = _runs("xm-kind:job", f"xm-experiment:{experiment.experiment_id}", "xm-work-unit:1")
     assert sorted((j.tags[-1], tuple(j.parameters["args"])) for j in jobs) == [
         ("xm-job:evaluator", ("--lr=0.5",)), ("xm-job:trainer", ("--lr=0.5", "--steps=3"))]
+
+
+def test_terminating_the_launcher_cancels_its_local_jobs(api, tmp_path):
+    import signal
+
+    pidfile = tmp_path / "pid"
+    (tmp_path / "launch.py").write_text(textwrap.dedent(f"""
+        import sys
+        from prefect_xm import xm, xm_local
+        code = "import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+        with xm_local.create_experiment(experiment_title="sigterm") as experiment:
+            print("EXPERIMENT", experiment.experiment_id, flush=True)
+            [exe] = experiment.package([xm.Packageable(xm.Command([sys.executable, "-c", code]), xm_local.Local.Spec())])
+            experiment.add(xm.Job(exe, xm_local.Local()))
+    """))
+    launcher = subprocess.Popen([PY, str(tmp_path / "launch.py")], env=api.env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+    try:
+        exp_id = launcher.stdout.readline().split()[1]
+        wait_for(lambda: pidfile.exists() and pidfile.read_text(), timeout=120, what="the job to start")
+        pid = int(pidfile.read_text())
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(90)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    wait_for(lambda: not _pid_alive(pid), timeout=30, what="the job's process to be gone")
+    [wu] = _runs("xm-kind:work-unit", f"xm-experiment:{exp_id}")
+    [job] = _runs("xm-kind:job", f"xm-experiment:{exp_id}")
+    assert wu.state.is_cancelled() and job.state.is_cancelled(), (wu.state, job.state)
+    assert _runs("xm-kind:experiment", f"xm-experiment:{exp_id}")[0].state.is_cancelled()

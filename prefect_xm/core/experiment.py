@@ -825,6 +825,7 @@ class Experiment:
         await self._load()
 
     def __enter__(self) -> "Experiment":
+        _install_sigterm_handler()
         Runtime.get().run(self._reopen())
         if self not in OPENED:
             OPENED.append(self)
@@ -851,6 +852,24 @@ class Experiment:
         async def go():
             return ExperimentUnitStatus.from_state((await (await _client()).read_flow_run(self.flow_run_id)).state)
         return Runtime.get().run(go())
+
+
+def _install_sigterm_handler() -> None:
+    """SIGTERM on a launch script -> KeyboardInterrupt, so `with` blocks stop their work
+    units (and kill Local jobs) instead of dying and leaving runs and processes behind.
+    Only when SIGTERM has its default disposition and we are on the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 class _GeneratorWorkUnit:

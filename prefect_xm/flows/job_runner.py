@@ -20,6 +20,7 @@ Parameters (what ``Executable.runner_parameters`` produces):
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import shutil
 import signal
@@ -32,6 +33,23 @@ from prefect.states import Cancelled, Failed
 JOB_RUNNER_FLOW_NAME = "xm-job-runner"
 CANCEL_POLL_SECONDS = float(os.environ.get("PREFECT_XM_CANCEL_POLL_SECONDS", "1.0"))
 KILL_GRACE_SECONDS = float(os.environ.get("PREFECT_XM_KILL_GRACE_SECONDS", "3.0"))
+
+
+#: Process groups of programs started by job runners in this process (killed at exit,
+#: so a launcher that exits or is terminated leaves no orphaned Local jobs).
+_LIVE_GROUPS: set[int] = set()
+
+
+def _kill_live_groups() -> None:
+    for pgid in list(_LIVE_GROUPS):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    _LIVE_GROUPS.clear()
+
+
+atexit.register(_kill_live_groups)
 
 
 class JobSpecError(ValueError):
@@ -163,6 +181,8 @@ async def run_job(
         )
     except OSError as e:
         return Failed(message=f"could not start {argv[0]!r}: {e}")
+    _LIVE_GROUPS.add(proc.pid)
+    program = os.path.basename(argv[0])
 
     ctx = FlowRunContext.get()
     flow_run_id = ctx.flow_run.id if ctx and ctx.flow_run else None
@@ -190,15 +210,16 @@ async def run_job(
             await _terminate(proc)
         if not pumps.done():
             pumps.cancel()
+        _LIVE_GROUPS.discard(proc.pid)
     if rc != 0:
         if rc < 0:
             try:
                 signame = signal.Signals(-rc).name
             except ValueError:
                 signame = str(-rc)
-            return Failed(message=f"{argv[0]} was killed by signal {signame} (exit code {rc})")
-        return Failed(message=f"{argv[0]} exited with code {rc}")
-    logger.info("%s exited with code 0", argv[0])
+            return Failed(message=f"{program} was killed by signal {signame} (exit code {rc})")
+        return Failed(message=f"{program} exited with code {rc}")
+    logger.info("%s exited with code 0", program)
     return {"exit_code": 0}
 
 
