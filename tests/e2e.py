@@ -152,19 +152,3 @@ def wait_final(run_id, timeout: float = 240) -> FlowRun:
         return fr if fr.state and fr.state.is_final() else None
 
     return wait_for(final, timeout, interval=1, what=f"flow run {run_id} to reach a final state")
-
-
-def slurm_job_id(fr: FlowRun) -> str:
-    assert fr.infrastructure_pid, f"no infrastructure pid on {fr.id}"
-    return fr.infrastructure_pid.rsplit(":", 1)[1]
-
-
-def squeue_state(job_id: str) -> str:
-    """The job's state as squeue shows it ('' if squeue no longer lists it)."""
-    out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
-    return out.stdout.strip()
-
-
-def jobs_named(name: str) -> list[str]:
-    out = subprocess.run(["squeue", "-h", "-t", "all", "--name", name, "-o", "%i"], capture_output=True, text=True)
-    return out.stdout.split()

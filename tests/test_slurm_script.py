@@ -6,7 +6,6 @@ import asyncio
 import logging
 import subprocess
 import uuid
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

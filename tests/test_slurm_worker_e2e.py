@@ -1,0 +1,42 @@
+"""The xm-slurm worker end to end on the real single-node Slurm (scripts/slurm-cluster.sh)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from batch_suite import BatchWorkerSuite, SchedulerHarness
+from conftest import REPO
+from prefect_xm.workers.slurm import SlurmScheduler
+
+pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
+
+
+def slurm_is_up() -> bool:
+    status = subprocess.run(["bash", str(REPO / "scripts" / "slurm-cluster.sh"), "status"], capture_output=True)
+    return status.returncode == 0
+
+
+SLURM = SchedulerHarness(
+    scheduler=SlurmScheduler(),
+    worker_type="xm-slurm",
+    available=slurm_is_up,
+    how_to="start it with `bash scripts/slurm-cluster.sh start`",
+    submit_command="sbatch",
+    status_command="squeue",
+    cancel_command="scancel",
+    hold_variables={"extra_directives": ["--hold"]},
+    hold_reason="JobHeldUser",
+    time_limit_variables={"time_limit": "1"},
+    time_limit_word="TIMEOUT",
+    bad_queue_variables={"partition": "nosuchpartition"},
+    bad_queue_error="invalid partition specified: nosuchpartition",
+    malformed_variables=[({"time_limit": "ten minutes"}, "time_limit"), ({"memory": "16 gigs"}, "memory")],
+    # one `squeue --me` for all jobs; `-j ids` would be per-job (and fails on one purged id)
+    status_call_is_batched=lambda call: "--me" in call and " -j " not in call,
+)
+
+
+class TestSlurmWorker(BatchWorkerSuite):
+    harness = SLURM
