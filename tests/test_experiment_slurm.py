@@ -1,0 +1,75 @@
+"""The 3x2 JobGroup sweep on the real single-node Slurm through an xm-slurm work pool."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from conftest import REPO, require_service
+
+pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
+
+
+def _slurm_is_up() -> bool:
+    status = subprocess.run(["bash", str(REPO / "scripts" / "slurm-cluster.sh"), "status"], capture_output=True)
+    return status.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def slurm_pool(prefect_server, tmp_path_factory):
+    from prefect.context import refresh_global_settings_context
+
+    from e2e import WorkerProcess, create_pool
+
+    require_service("slurm", _slurm_is_up(), "start it with `bash scripts/slurm-cluster.sh start`")
+    refresh_global_settings_context()
+    root = tmp_path_factory.mktemp("xm-slurm-sweep")
+    pool = f"xm-slurm-{uuid.uuid4().hex[:6]}"
+    create_pool(prefect_server, pool, "xm-slurm")
+    worker = WorkerProcess(prefect_server, pool, "xm-slurm", root).start()
+    try:
+        yield pool, root
+    finally:
+        worker.stop()
+
+
+def test_product_sweep_of_job_groups_on_slurm(slurm_pool, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    from prefect_xm import hyper, xm, xm_local
+
+    pool, root = slurm_pool
+    out = tmp_path / "out"
+    out.mkdir()
+    code = ("import json, os, sys; "
+            "open(os.path.join(sys.argv[1], sys.argv[2] + '-' + os.environ['SLURM_JOB_ID']), 'w')"
+            ".write(json.dumps(sys.argv[3:]))")
+    executor = xm_local.Slurm(requirements=xm.JobRequirements(cpu=1, memory=256 * xm.MiB), partition="debug",
+                              time="10:00", work_pool=pool, job_variables={"run_dir": str(root / "runs")})
+    trials = hyper.product(hyper.sweep("lr", [0.1, 0.01, 0.001]), hyper.sweep("bs", [16, 32]))
+    with xm_local.create_experiment(experiment_title="slurm-sweep") as experiment:
+        [exe] = experiment.package([xm.Packageable(xm.Command([sys.executable, "-c", code, str(out)]),
+                                                   xm_local.Slurm.Spec())])
+        for hp in trials:
+            group = xm.JobGroup(train=xm.Job(exe, executor, args=["train"]),
+                                evaluate=xm.Job(exe, executor, args=["eval"]))
+            experiment.add(group, args=xm.get_args_for_all_jobs(group, hp))
+    statuses = {wid: wu.get_status() for wid, wu in experiment.work_units.items()}
+    assert len(statuses) == 6 and all(s.is_completed for s in statuses.values()), statuses
+
+    tags = [f"xm-experiment:{experiment.experiment_id}"]
+    with get_client(sync_client=True) as c:
+        jobs = c.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags + ["xm-kind:job"])))
+        wus = c.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags + ["xm-kind:work-unit"])))
+    assert len(jobs) == 12 and all(j.state.is_completed() for j in jobs)
+    assert all(j.work_pool_name == pool and j.job_variables["memory"] == "256M" for j in jobs)
+    assert sorted((w.parameters["train"]["args"]["lr"], w.parameters["train"]["args"]["bs"]) for w in wus) == sorted(
+        (t["lr"], t["bs"]) for t in trials)
+    written = [json.loads(p.read_text()) for p in out.iterdir()]
+    assert len(written) == 12  # each job ran under its own Slurm job id
+    assert sorted(written) == sorted([f"--lr={t['lr']}", f"--bs={t['bs']}"] for t in trials for _ in (0, 1))
