@@ -73,3 +73,36 @@ def test_product_sweep_of_job_groups_on_slurm(slurm_pool, tmp_path):
     written = [json.loads(p.read_text()) for p in out.iterdir()]
     assert len(written) == 12  # each job ran under its own Slurm job id
     assert sorted(written) == sorted([f"--lr={t['lr']}", f"--bs={t['bs']}"] for t in trials for _ in (0, 1))
+
+
+def test_gang_failure_on_slurm_cancels_the_sleeper(slurm_pool, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    from conftest import wait_for
+    from prefect_xm import xm, xm_local
+
+    pool, root = slurm_pool
+    started = tmp_path / "sleeper-started"
+    sleeper = f"import os, time; open({str(started)!r}, 'w').write(os.environ['SLURM_JOB_ID']); time.sleep(300)"
+    failer = (f"import os, sys, time\n"
+              f"while not os.path.exists({str(started)!r}): time.sleep(0.2)\n"
+              f"sys.exit(1)")
+    executor = xm_local.Slurm(partition="debug", time="10:00", work_pool=pool,
+                              job_variables={"run_dir": str(root / "runs")})
+    with xm_local.create_experiment(experiment_title="slurm-gang") as experiment:
+        [exe] = experiment.package([xm.Packageable(xm.Binary(sys.executable), xm_local.Slurm.Spec())])
+        wu = experiment.add(xm.JobGroup(sleeper=xm.Job(exe, executor, args=["-c", sleeper]),
+                                        failer=xm.Job(exe, executor, args=["-c", failer])))
+    status = wu.get_status()
+    assert status.is_failed and "failer" in status.message, status
+    tags = [f"xm-experiment:{experiment.experiment_id}", "xm-kind:job", "xm-job:sleeper"]
+    with get_client(sync_client=True) as c:
+        [run] = c.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags)))
+    assert run.state.is_cancelled(), run.state
+    job_id = started.read_text()
+
+    def gone():
+        q = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+        return q.returncode != 0 or not q.stdout.strip() or q.stdout.strip() in ("CANCELLED", "COMPLETED", "FAILED")
+    wait_for(gone, timeout=60, what=f"Slurm job {job_id} to leave the queue")
