@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 
 class JobState(enum.IntEnum):
@@ -84,6 +84,9 @@ class SubmitRequest:
     job_name: str
     run_dir: str
     env: Mapping[str, str] = field(default_factory=dict)
+    #: the run's job variables (the configuration, without env), for schedulers whose
+    #: submission is more than the script (HTCondor's submit description)
+    variables: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -121,6 +124,12 @@ class Scheduler:
 
     def parse_find_by_name(self, stdout: str) -> list[str]:
         raise NotImplementedError
+
+    def find_by_name_answered(self, result: CommandResult) -> bool:
+        """Whether the find-by-name query answered (some schedulers exit non-zero to say
+        'no job by that name', e.g. LSF's bjobs -J); its stdout then goes to
+        parse_find_by_name."""
+        return result.ok
 
     # -- tracking ---------------------------------------------------------------
     def status_argv(self, job_ids: Sequence[str]) -> list[str]:
