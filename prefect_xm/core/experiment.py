@@ -396,6 +396,13 @@ class Experiment:
             pool = job.executor.work_pool_name
             if pool is None:
                 continue
+            from prefect.settings import get_current_settings
+
+            if not get_current_settings().api.url:
+                raise ValueError(
+                    f"job {key!r} runs on work pool {pool!r}, whose workers need a Prefect server they "
+                    f"can reach: set PREFECT_API_URL (the embedded server only serves the Local executor)"
+                )
             props = await pool_variable_properties(pool)
             try:
                 validate_job_variables(pool, job.executor.job_variables(), props)
