@@ -125,6 +125,12 @@ class Scheduler:
     def parse_find_by_name(self, stdout: str) -> list[str]:
         raise NotImplementedError
 
+    def jobs_named(self, job_name: str, stdout: str) -> list[str]:
+        """The ids in a find-by-name answer. Schedulers whose query cannot filter by
+        name (it lists every job: Slurm's Torque wrappers have no qselect) filter here;
+        by default, parse_find_by_name."""
+        return self.parse_find_by_name(stdout)
+
     def find_by_name_answered(self, result: CommandResult) -> bool:
         """Whether the find-by-name query answered (some schedulers exit non-zero to say
         'no job by that name', e.g. LSF's bjobs -J); its stdout then goes to
