@@ -459,7 +459,7 @@ class Experiment:
         from prefect_xm.flows.experiment import xm_work_unit
 
         await self._load()
-        ident_tag = _identity_tag(identity) if identity is not None else None
+        ident_tag = _identity_tag(identity) if identity else None  # '' = none, as in XManager
         if ident_tag is not None:
             if ident_tag in self._by_identity:
                 return self._by_identity[ident_tag]
