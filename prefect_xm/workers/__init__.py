@@ -5,6 +5,7 @@ the `prefect.collections` entry point), so `prefect worker start --type xm-slurm
 """
 
 from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker
+from prefect_xm.workers.pbs import PbsScheduler, PbsWorker, TorqueScheduler
 from prefect_xm.workers.scheduler import JobState, JobStatus, Scheduler
 from prefect_xm.workers.slurm import SlurmScheduler, SlurmWorker
 
@@ -14,7 +15,10 @@ __all__ = [
     "BatchWorker",
     "JobState",
     "JobStatus",
+    "PbsScheduler",
+    "PbsWorker",
     "Scheduler",
     "SlurmScheduler",
     "SlurmWorker",
+    "TorqueScheduler",
 ]

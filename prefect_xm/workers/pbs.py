@@ -1,0 +1,507 @@
+"""PBS: everything the batch worker needs to know about qsub, qstat, qselect, tracejob
+and qdel, in two dialects, and the `xm-pbs` worker type.
+
+- **PBS Pro / OpenPBS** (`dialect: pbspro`, the default): ONE `qstat -x -f -F json <ids>`
+  per poll. `-x` includes finished jobs (history, `job_state` F with `Exit_status`), so the
+  same query that follows a job also gives its end. Without `-x` a finished job answers
+  rc 35 "Job has finished"; an id the server no longer knows (history disabled or
+  expired) answers rc 153 "qstat: Unknown Job Id <id>".
+- **Torque** (`dialect: torque`): `qstat -f <ids>` (text; in Torque `-x` means XML, not
+  history). A finished job stays listed in state C with `exit_status` for the server's
+  keep_completed seconds, then is gone (tracejob reads the server's logs).
+
+Why the ids are listed rather than querying every job and filtering: on a big site
+`qstat -x -f -F json` without ids returns every user's jobs and two weeks of history
+(hundreds of thousands of records, megabytes of JSON) on every poll; naming the
+tracked ids costs the server one lookup each. qstat answers the known ids on stdout
+and names each unknown one on stderr (rc 153), so one purged id does not hide the
+others: the parser reads stdout whatever the exit code. Should a server fail the
+whole call instead, every job looks absent for that poll and is looked up by the
+terminal queries: first batched, then one id at a time for a bounded number of ids
+per poll (PER_ID_LOOKUPS), never per job for all of them.
+
+Parsers are pure functions over command output (tests/test_pbs_parsers.py runs them on
+verbatim outputs from other projects' fixtures and documentation).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+from typing import ClassVar, Literal, Optional, Sequence
+
+from pydantic import Field, field_validator
+
+from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker
+from prefect_xm.workers.scheduler import (
+    CommandResult,
+    JobState,
+    JobStatus,
+    Scheduler,
+    SchedulerError,
+    SubmitRequest,
+    TransientSchedulerError,
+    chunked,
+)
+
+# -- state model ----------------------------------------------------------------
+
+# PBS Pro: Q queued, H held, W waiting for its start time, T in transit, M moved to
+# another server; R running, B array begun, E exiting, S/U suspended; F/X finished.
+PBSPRO_STATES: dict[str, JobState] = {
+    **dict.fromkeys("QHWTM", JobState.PENDING),
+    **dict.fromkeys("RBESU", JobState.RUNNING),
+}
+PBSPRO_FINAL = {"F", "X"}
+# Torque: C completed (kept keep_completed seconds). Slurm's Torque wrappers print
+# U for Slurm states they do not map (OUT_OF_MEMORY, DEADLINE...): unknown.
+TORQUE_STATES: dict[str, JobState] = {
+    **dict.fromkeys("QHWT", JobState.PENDING),
+    **dict.fromkeys("RES", JobState.RUNNING),
+}
+TORQUE_FINAL = {"C"}
+
+HOLD_TYPES = {"u": "user hold", "o": "operator hold", "s": "system hold", "p": "password hold", "n": "no hold"}
+
+# Negative exit statuses are the server's or MoM's verdict, not the job's.
+PBSPRO_EXEC_CODES = {
+    -1: "JOB_EXEC_FAIL1: the job could not start",
+    -2: "JOB_EXEC_FAIL2: the job could not start after its files were set up",
+    -3: "JOB_EXEC_RETRY: the job could not start, to be retried",
+    -4: "JOB_EXEC_INITABT: the job was aborted when its MoM restarted",
+    -24: "JOB_EXEC_KILL_NCPUS_BURST: killed for using more CPUs than requested",
+    -25: "JOB_EXEC_KILL_NCPUS_SUM: killed for using more CPUs than requested",
+    -26: "JOB_EXEC_KILL_VMEM: killed for exceeding its vmem limit",
+    -27: "JOB_EXEC_KILL_MEM: killed for exceeding its memory limit",
+    -28: "JOB_EXEC_KILL_CPUT: killed for exceeding its cput limit",
+    -29: "JOB_EXEC_KILL_WALLTIME: killed for exceeding its walltime limit",
+}
+TORQUE_EXEC_CODES = {
+    -1: "JOB_EXEC_FAIL1: the job could not start",
+    -2: "JOB_EXEC_FAIL2: the job could not start after its files were set up",
+    -3: "JOB_EXEC_RETRY: the job could not start, to be retried",
+    -4: "JOB_EXEC_INITABT: the job was aborted when its MoM restarted",
+    -8: "JOB_EXEC_CMDFAIL: the job's command could not be executed",
+    -9: "JOB_EXEC_STDOUTFAIL: the job's output files could not be created",
+    -10: "JOB_EXEC_OVERLIMIT_MEM: killed for exceeding its memory limit",
+    -11: "JOB_EXEC_OVERLIMIT_WT: killed for exceeding its walltime limit",
+    -12: "JOB_EXEC_OVERLIMIT_CPUT: killed for exceeding its cput limit",
+}
+
+_JOB_ID = r"\d+(?:\[\d*\])?(?:\.[A-Za-z0-9_.-]+)?"
+_JOB_ID_RE = re.compile(rf"^{_JOB_ID}$")
+_UNKNOWN_RE = re.compile(r"Unknown Job Id:?\s+(\S+)")
+_FINISHED_RE = re.compile(r"(\S+)\s+Job has finished")
+# Errors meaning "the server did not answer": retry later, assume nothing. The exit
+# codes are the ones ERT retries qsub on (pbs_errno & 0xff).
+_TRANSIENT_ERRORS = re.compile(
+    r"pbs_iff|cannot connect to (?:host|server)|Connection refused|Invalid credential|"
+    r"Premature end of message|timed out|Socket timed out|Unable to contact slurm controller|"
+    r"temporarily unavailable|Communication failure",
+    re.IGNORECASE,
+)
+_TRANSIENT_CODES = {162, 171, 183}
+
+
+def exit_status_meaning(code: int, dialect: str = "pbspro") -> tuple[JobState, str, Optional[int]]:
+    """(state, reason, signal) of a finished job's Exit_status / exit_status.
+    0 completed; 256+N killed by signal N (265 = SIGKILL: what PBS Pro's qdel ends
+    with, so cancelled); negative = the server's or MoM's reason (walltime, memory...)."""
+    if code == 0:
+        return JobState.COMPLETED, "", None
+    if code > 256:
+        signal = code - 256
+        if dialect == "pbspro" and code == 265:
+            return JobState.CANCELLED, "killed by SIGKILL (qdel)", signal
+        return JobState.FAILED, f"killed by signal {signal}", signal
+    if code < 0:
+        table = PBSPRO_EXEC_CODES if dialect == "pbspro" else TORQUE_EXEC_CODES
+        return JobState.FAILED, table.get(code, "the server ended the job"), None
+    return JobState.FAILED, "", None
+
+
+def job_status(job_id: str, attrs: dict, dialect: str = "pbspro") -> JobStatus:
+    """A job's status from its qstat attributes (JSON, `-f` text or Torque XML)."""
+    native = str(attrs.get("job_state", "")).strip()
+    states, final = (PBSPRO_STATES, PBSPRO_FINAL) if dialect == "pbspro" else (TORQUE_STATES, TORQUE_FINAL)
+    comment = str(attrs.get("comment", "") or "").strip()
+    raw_exit = attrs.get("Exit_status", attrs.get("exit_status"))
+    if native in final:
+        if raw_exit is None or str(raw_exit).strip() == "":
+            if dialect == "pbspro":
+                # PBS Pro records no exit status for a job deleted before it ran.
+                return JobStatus(job_id, JobState.CANCELLED, native, comment or "ended without running")
+            # Torque always prints exit_status with C; Slurm's Torque wrappers never do.
+            return JobStatus(job_id, JobState.FAILED, native, comment or "no exit_status reported")
+        code = int(str(raw_exit).strip())
+        state, reason, signal = exit_status_meaning(code, dialect)
+        if comment and state != JobState.COMPLETED:
+            reason = f"{reason}; {comment}" if reason else comment
+        return JobStatus(job_id, state, native, reason, code, signal)
+    state = states.get(native, JobState.UNKNOWN)
+    reason = comment
+    if native == "H" and not reason:
+        hold = str(attrs.get("Hold_Types", "")).strip()
+        if hold:
+            reason = f"Hold_Types={hold} ({', '.join(HOLD_TYPES.get(h, h) for h in hold)})"
+    code = int(str(raw_exit).strip()) if re.match(r"^\s*-?\d+\s*$", str(raw_exit or "")) else None
+    return JobStatus(job_id, state, native, reason, code)  # E (exiting) may know its exit status
+
+
+# -- parsers --------------------------------------------------------------------
+
+
+def parse_qsub(stdout: str) -> str:
+    """The job id qsub prints: the whole last id-shaped line, server name included
+    (`1234.server`), after any site banners; or the id in interactive qsub's
+    'qsub: waiting for job <id> to start'."""
+    for line in reversed(stdout.strip().splitlines()):
+        line = line.strip()
+        if _JOB_ID_RE.match(line):
+            return line
+        m = re.match(rf"^qsub: (?:waiting for )?job ({_JOB_ID}) ", line)
+        if m:
+            return m.group(1)
+    raise ValueError(f"no job id in qsub output: {stdout.strip()[-500:]!r}")
+
+
+def parse_qstat_json(text: str, dialect: str = "pbspro") -> dict[str, JobStatus]:
+    """Statuses from `qstat -f -F json` (PBS Pro). Text around the JSON document (site
+    banners) is ignored; Exit_status may be a number or (ERT's fake) a string."""
+    start = text.find("{")
+    if start < 0:
+        return {}
+    try:
+        data, _ = json.JSONDecoder().raw_decode(text[start:])
+    except json.JSONDecodeError as exc:
+        raise SchedulerError(f"qstat printed invalid JSON: {exc}") from None
+    jobs = data.get("Jobs") or {}
+    return {job_id: job_status(job_id, attrs, dialect) for job_id, attrs in jobs.items()}
+
+
+def parse_qstat_full_records(text: str) -> dict[str, dict[str, str]]:
+    """Attributes per job from `qstat -f` text: 'Job Id: <id>' then 'name = value' lines
+    (PBS indents them with 4 spaces, Slurm's Torque wrappers with a tab). Long values
+    wrap mid-word onto continuation lines (a tab or 8 spaces; stray unindented lines
+    inside a value, as in Torque's sched_hint): joined without a separator."""
+    records: dict[str, dict[str, str]] = {}
+    attrs: Optional[dict[str, str]] = None
+    indent: Optional[str] = None
+    last: Optional[str] = None
+    for line in text.splitlines():
+        m = re.match(r"^Job Id:\s*(\S+)", line)
+        if m:
+            attrs = records.setdefault(m.group(1), {})
+            indent, last = None, None
+            continue
+        if attrs is None or not line.strip():
+            continue
+        a = re.match(r"^(\s+)([A-Za-z_][\w.]*) = ?(.*)$", line)
+        if a and (indent is None or a.group(1) == indent):
+            indent = indent or a.group(1)
+            last = a.group(2)
+            attrs[last] = a.group(3).rstrip()
+        elif last is not None:
+            attrs[last] += line.strip()
+    return records
+
+
+def parse_qstat_full(text: str, dialect: str = "pbspro") -> dict[str, JobStatus]:
+    return {job_id: job_status(job_id, attrs, dialect) for job_id, attrs in parse_qstat_full_records(text).items()}
+
+
+def parse_qstat_xml(text: str, dialect: str = "torque") -> dict[str, JobStatus]:
+    """Statuses from Torque's `qstat -x` (XML, one <Job> per job)."""
+    try:
+        root = ET.fromstring(text.strip())
+    except ET.ParseError as exc:
+        raise SchedulerError(f"qstat printed invalid XML: {exc}") from None
+    statuses: dict[str, JobStatus] = {}
+    for job in root.iter("Job"):
+        attrs = {child.tag: (child.text or "").strip() for child in job if len(child) == 0}
+        job_id = attrs.get("Job_Id", "")
+        if job_id:
+            statuses[job_id] = job_status(job_id, attrs, dialect)
+    return statuses
+
+
+def parse_qstat_table(text: str, dialect: str = "pbspro") -> dict[str, JobStatus]:
+    """Statuses from qstat's one-line-per-job formats (default, -a, -n1, -Ex -w): the
+    state is the column headed 'S' (located by the dashes under the header); lines
+    without a header (grep'd) take the second-to-last word. Truncated ids ('123.ser*')
+    are kept as printed."""
+    lines = text.splitlines()
+    spans: Optional[list[tuple[int, int]]] = None
+    state_col: Optional[int] = None
+    statuses: dict[str, JobStatus] = {}
+    for i, line in enumerate(lines):
+        if re.match(r"^-+(\s+-+)+\s*$", line):
+            spans = [(m.start(), m.end()) for m in re.finditer(r"-+", line)]
+            header = lines[i - 1] if i else ""
+            state_col = next(
+                (k for k, (a, b) in enumerate(spans) if header[a : b + 1].strip() == "S"), None
+            )
+            continue
+        words = line.split()
+        if not words or not re.match(r"^\d", words[0]):
+            continue
+        if spans is not None and state_col is not None:
+            a, b = spans[state_col]
+            native = line[a:b].strip()
+            if not re.match(r"^[A-Z]$", native) and len(words) >= len(spans):
+                native = words[state_col]  # misaligned columns: count words instead
+        elif len(words) >= 3:
+            native = words[-2]
+        else:
+            continue
+        statuses[words[0]] = job_status(words[0], {"job_state": native}, dialect)
+    return statuses
+
+
+def parse_tracejob(text: str, dialect: str = "torque") -> dict[str, JobStatus]:
+    """A finished job's record from `tracejob ID` (the server's logs): 'Job: <id>' and
+    the 'Exit_status=N' line."""
+    job = re.search(r"^Job:\s*(\S+)", text, re.MULTILINE)
+    exit_m = re.search(r"\bExit_status=(-?\d+)", text)
+    if not job or not exit_m:
+        return {}
+    native = "F" if dialect == "pbspro" else "C"
+    return {job.group(1): job_status(job.group(1), {"job_state": native, "Exit_status": exit_m.group(1)}, dialect)}
+
+
+def unknown_ids(stderr: str) -> list[str]:
+    """Ids qstat/qdel named as unknown ('qstat: Unknown Job Id 2') or finished
+    ('qstat: 12.srv Job has finished, use -x or -H ...')."""
+    return _UNKNOWN_RE.findall(stderr) + _FINISHED_RE.findall(stderr)
+
+
+def only_unknown_errors(stderr: str) -> bool:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    return all(_UNKNOWN_RE.search(ln) or "Job has finished" in ln for ln in lines)
+
+
+def classify_error(result: CommandResult) -> SchedulerError:
+    text = (result.stderr.strip() + "\n" + result.stdout.strip()).strip()
+    if result.returncode in _TRANSIENT_CODES or _TRANSIENT_ERRORS.search(text):
+        return TransientSchedulerError(text, result)
+    return SchedulerError(text or f"{result.argv[0]} exited {result.returncode}", result)
+
+
+# -- the Scheduler --------------------------------------------------------------
+
+
+class PbsScheduler(Scheduler):
+    """PBS Pro / OpenPBS. TorqueScheduler below holds only what differs."""
+
+    name: ClassVar[str] = "pbs"
+    template_name: ClassVar[str] = "pbs.sh.j2"
+    directive_prefix: ClassVar[str] = "#PBS"
+    dialect: ClassVar[str] = "pbspro"
+    terminal_batch_size: ClassVar[int] = 100
+    #: at most this many one-id lookups per poll (only when a batched one did not answer)
+    per_id_lookups: ClassVar[int] = 10
+
+    def submit_argv(self, request: SubmitRequest) -> list[str]:
+        return ["qsub", request.script_path]
+
+    def parse_submit(self, stdout: str) -> str:
+        return parse_qsub(stdout)
+
+    def submit_error(self, result: CommandResult) -> SchedulerError:
+        return classify_error(result)
+
+    def find_by_name_argv(self, job_name: str) -> list[str]:
+        return ["qselect", "-x", "-N", job_name]  # -x: finished jobs too
+
+    def parse_find_by_name(self, stdout: str) -> list[str]:
+        return [ln.strip() for ln in stdout.splitlines() if _JOB_ID_RE.match(ln.strip())]
+
+    def status_argv(self, job_ids: Sequence[str]) -> list[str]:
+        return ["qstat", "-x", "-f", "-F", "json", *job_ids]
+
+    def parse_status(self, result: CommandResult) -> dict[str, JobStatus]:
+        if "{" in result.stdout:
+            return parse_qstat_json(result.stdout, self.dialect)  # partial answers too (rc 153)
+        if result.ok or only_unknown_errors(result.stderr):
+            return {}
+        raise classify_error(result)
+
+    def terminal_argvs(self, job_ids: Sequence[str]) -> list[list[str]]:
+        argvs = [self.status_argv(batch) for batch in chunked(job_ids, self.terminal_batch_size)]
+        if len(job_ids) > 1:
+            argvs += [self.status_argv([job_id]) for job_id in job_ids[: self.per_id_lookups]]
+        # history disabled or expired: the server's logs, where readable
+        argvs += [["tracejob", "-n", "3", job_id] for job_id in job_ids[: self.per_id_lookups]]
+        return argvs
+
+    def parse_terminal(self, result: CommandResult) -> dict[str, JobStatus]:
+        if result.argv[0] == "tracejob":
+            return parse_tracejob(result.stdout, self.dialect)
+        return self.parse_status(result)
+
+    def cancel_argvs(self, job_id: str, grace_seconds: int) -> list[list[str]]:
+        # qdel itself sends SIGTERM, waits the server's kill_delay, then SIGKILL.
+        return [["qdel", job_id]]
+
+    def parse_cancel(self, result: CommandResult) -> bool:
+        if result.ok:
+            return True
+        text = result.stderr + result.stdout
+        if (
+            unknown_ids(text)
+            or "Job has finished" in text
+            or re.search(r"invalid state for job|Request invalid for state of job", text, re.IGNORECASE)
+        ):
+            return False
+        if not text.strip():
+            return False  # Slurm's Torque qdel: silent rc 1 for finished or unknown ids
+        raise classify_error(result)
+
+
+class TorqueScheduler(PbsScheduler):
+    dialect: ClassVar[str] = "torque"
+
+    def submit_argv(self, request: SubmitRequest) -> list[str]:
+        # The script's #PBS -o/-e would do for Torque itself, but Slurm's Torque qsub
+        # passes its own defaults to sbatch, which override the script: say them here.
+        return ["qsub", "-o", f"{request.run_dir}/job.out", "-e", f"{request.run_dir}/job.err", request.script_path]
+
+    def find_by_name_argv(self, job_name: str) -> list[str]:
+        # Torque's qselect -N is missing from Slurm's wrappers: list the jobs, filter here
+        # (only on a retried submit or a restart, never per poll).
+        return ["qstat", "-f"]
+
+    def jobs_named(self, job_name: str, stdout: str) -> list[str]:
+        return [
+            job_id for job_id, attrs in parse_qstat_full_records(stdout).items()
+            if attrs.get("Job_Name") == job_name
+        ]
+
+    def parse_find_by_name(self, stdout: str) -> list[str]:
+        return list(parse_qstat_full_records(stdout))
+
+    def find_by_name_answered(self, result: CommandResult) -> bool:
+        # Slurm's qstat exits 153, silently, when there is no job at all.
+        return result.ok or (result.returncode == 153 and not result.stdout.strip() and not result.stderr.strip())
+
+    def status_argv(self, job_ids: Sequence[str]) -> list[str]:
+        return ["qstat", "-f", *job_ids]
+
+    def parse_status(self, result: CommandResult) -> dict[str, JobStatus]:
+        if "Job Id:" in result.stdout:
+            return parse_qstat_full(result.stdout, self.dialect)  # partial answers too (rc 153)
+        if result.ok or only_unknown_errors(result.stderr):
+            return {}
+        raise classify_error(result)
+
+    def terminal_argvs(self, job_ids: Sequence[str]) -> list[list[str]]:
+        # C records carry exit_status for keep_completed seconds; after that, tracejob.
+        argvs = [self.status_argv(batch) for batch in chunked(job_ids, self.terminal_batch_size)]
+        argvs += [["tracejob", "-n", "3", job_id] for job_id in job_ids[: self.per_id_lookups]]
+        return argvs
+
+
+DIALECTS: dict[str, PbsScheduler] = {"pbspro": PbsScheduler(), "torque": TorqueScheduler()}
+
+
+# -- job variables and the worker ------------------------------------------------
+
+# [[[DD:]HH:]MM:]SS: seconds, MM:SS, HH:MM:SS (Torque also DD:HH:MM:SS)
+_WALLTIME_RE = re.compile(r"^\d+(?::\d{1,2}){0,3}$")
+# PBS sizes: an integer with an optional b/kb/mb/gb/tb/pb (or w: words) suffix
+_SIZE_RE = re.compile(r"^\d+(?:[kKmMgGtTpP]?[bBwW])?$")
+_WORD_RE = re.compile(r"^[A-Za-z0-9_.@+-]+$")
+
+
+def _check(pattern: re.Pattern, field: str, value: Optional[str], example: str) -> Optional[str]:
+    if value is None or value == "":
+        return None
+    if not pattern.match(str(value)):
+        raise ValueError(f"{field}: {value!r} is not valid; expected e.g. {example}")
+    return value
+
+
+class PbsJobConfiguration(BatchJobConfiguration):
+    dialect: Literal["pbspro", "torque"] = Field(default="pbspro")
+    queue: Optional[str] = Field(default=None)
+    account: Optional[str] = Field(default=None)
+    time_limit: Optional[str] = Field(default=None)
+    nodes: Optional[int] = Field(default=None)
+    cpus: Optional[int] = Field(default=None)
+    memory: Optional[str] = Field(default=None)
+    gpus: Optional[int] = Field(default=None)
+    hold: bool = Field(default=False)
+
+    @field_validator("time_limit")
+    @classmethod
+    def _time_limit(cls, v):
+        return _check(_WALLTIME_RE, "time_limit", v, "'01:30:00' (HH:MM:SS), '90:00', '5400' (seconds)")
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v):
+        return _check(_SIZE_RE, "memory", v, "'16gb', '512mb'")
+
+    @field_validator("queue", "account")
+    @classmethod
+    def _word(cls, v, info):
+        return _check(_WORD_RE, info.field_name, v, "a single word")
+
+    @field_validator("nodes", "cpus", "gpus")
+    @classmethod
+    def _positive(cls, v, info):
+        if v is not None and v < (0 if info.field_name == "gpus" else 1):
+            raise ValueError(f"{info.field_name}: {v!r} must be a positive integer")
+        return v
+
+
+class PbsVariables(BatchVariables):
+    dialect: Literal["pbspro", "torque"] = Field(
+        default="pbspro",
+        title="PBS dialect",
+        description="'pbspro' for PBS Professional / OpenPBS (qstat -x -F json, -l select=...), "
+        "'torque' for Torque or Slurm's Torque wrappers (qstat -f, -l nodes=N:ppn=C).",
+    )
+    queue: Optional[str] = Field(default=None, title="Queue", description="Queue to submit to (-q).")
+    account: Optional[str] = Field(default=None, title="Account", description="Account to charge (-A).")
+    time_limit: Optional[str] = Field(
+        default=None,
+        title="Walltime",
+        description="Wall-clock limit (-l walltime=): 'HH:MM:SS', 'MM:SS' or seconds.",
+        pattern=_WALLTIME_RE.pattern,
+    )
+    nodes: Optional[int] = Field(
+        default=None, ge=1, title="Nodes", description="Number of nodes (chunks in PBS Pro's select; nodes= in Torque)."
+    )
+    cpus: Optional[int] = Field(
+        default=None, ge=1, title="CPUs per node", description="CPUs per node (ncpus= in PBS Pro's select; ppn= in Torque)."
+    )
+    memory: Optional[str] = Field(
+        default=None,
+        title="Memory",
+        description="Memory, e.g. '16gb': per node in PBS Pro (mem= in select), for the job in Torque (-l mem=).",
+        pattern=_SIZE_RE.pattern,
+    )
+    gpus: Optional[int] = Field(
+        default=None, ge=0, title="GPUs per node", description="GPUs per node (ngpus= in PBS Pro's select; gpus= in Torque's nodes=)."
+    )
+    hold: bool = Field(
+        default=False, title="Submit held", description="Submit the job held (-h): it waits until released with qrls."
+    )
+
+
+class PbsWorker(BatchWorker):
+    type: ClassVar[str] = "xm-pbs"
+    job_configuration = PbsJobConfiguration
+    job_configuration_variables = PbsVariables
+    scheduler: ClassVar[Scheduler] = DIALECTS["pbspro"]
+    _description = (
+        "Runs each flow run as a PBS Pro/OpenPBS or Torque batch job (qsub), tracks it with "
+        "one qstat per poll for all jobs, and cancels it with qdel. Locally or over SSH."
+    )
+    _display_name = "PBS Pro / Torque (prefect-xm)"
+    _documentation_url = "https://github.com/prefect-xm/prefect-xm"
+
+    def scheduler_for(self, configuration: BatchJobConfiguration) -> Scheduler:
+        return DIALECTS[getattr(configuration, "dialect", "pbspro")]
