@@ -5,6 +5,9 @@
 
 import importlib as _importlib
 
+# Eager, so `prefect block register -m prefect_xm` finds the blocks.
+from prefect_xm.blocks import SSHConnection  # noqa: E402,F401
+
 _LAZY = ("xm", "xm_local", "hyper")
 
 

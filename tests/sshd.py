@@ -1,0 +1,116 @@
+"""A real OpenSSH server (Debian's openssh-server) on 127.0.0.1, for the SSH tests.
+
+Each SSHServer has its own generated host key, an authorized user key, its own port
+and a VERBOSE log, from which tests count accepted connections."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+from conftest import free_port, wait_for
+
+SSHD = "/usr/sbin/sshd"
+
+
+def sshd_available() -> bool:
+    return os.path.exists(SSHD) and shutil.which("ssh-keygen") is not None
+
+
+def keygen(path: Path, comment: str = "prefect-xm-test") -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)], check=True)
+    return path
+
+
+def descendants(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    children = [int(p) for p in out]
+    return [d for c in children for d in descendants(c)] + children
+
+
+class SSHServer:
+    def __init__(self, root: Path, session_path: str | None = None):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.host_key = keygen(root / "host_key", "host")
+        self.user_key = keygen(root / "user_key", "user")
+        self.authorized = root / "authorized_keys"
+        self.authorized.write_text((root / "user_key.pub").read_text())
+        self.authorized.chmod(0o600)
+        self.log = root / "sshd.log"
+        self.config = root / "sshd_config"
+        lines = [
+            f"Port {self.port}",
+            "ListenAddress 127.0.0.1",
+            f"HostKey {self.host_key}",
+            f"PidFile {root / 'sshd.pid'}",
+            f"AuthorizedKeysFile {self.authorized}",
+            "PermitRootLogin prohibit-password",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "UsePAM no",
+            "StrictModes no",
+            "LogLevel VERBOSE",
+            "Subsystem sftp internal-sftp",
+            "MaxSessions 50",
+            "MaxStartups 50",
+        ]
+        if session_path:
+            # the login node's PATH (e.g. wrappers that count scheduler calls)
+            lines.append(f"SetEnv PATH={session_path}")
+        self.config.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen | None = None
+        os.makedirs("/run/sshd", exist_ok=True)  # privilege separation directory
+
+    @property
+    def known_hosts(self) -> str:
+        key = (self.root / "host_key.pub").read_text().split()
+        return f"[127.0.0.1]:{self.port} {key[0]} {key[1]}\n"
+
+    def start(self) -> "SSHServer":
+        self.proc = subprocess.Popen(
+            [SSHD, "-D", "-f", str(self.config), "-E", str(self.log)], start_new_session=True
+        )
+        wait_for(self._listening, 30, interval=0.2, what=f"sshd on port {self.port}")
+        return self
+
+    def _listening(self) -> bool:
+        if self.proc and self.proc.poll() is not None:
+            raise AssertionError(f"sshd exited {self.proc.returncode}: {self.log.read_text() if self.log.exists() else ''}")
+        return self.log.exists() and f"Server listening on 127.0.0.1 port {self.port}" in self.log.read_text()
+
+    def stop(self) -> None:
+        """Stop the listener AND drop every open connection (a `systemctl restart ssh`
+        alone keeps sessions alive; a reboot or a crash of the login node does not)."""
+        if self.proc and self.proc.poll() is None:
+            for pid in [*descendants(self.proc.pid), self.proc.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.proc.wait(20)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def accepted(self) -> int:
+        """Connections sshd accepted (one per successful authentication)."""
+        return self.log.read_text().count("Accepted publickey")
+
+    def block_fields(self, **overrides) -> dict:
+        fields = dict(
+            host="127.0.0.1",
+            port=self.port,
+            username=getpass.getuser(),
+            private_key_path=str(self.user_key),
+            known_hosts=self.known_hosts,
+            connect_timeout=5,
+        )
+        fields.update(overrides)
+        return fields
