@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 bash scripts/bootstrap.sh
 bash scripts/slurm-cluster.sh start
+bash scripts/sshd-package.sh
 exec .venv/bin/python -m pytest -ra "$@"
