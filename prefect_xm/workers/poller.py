@@ -153,7 +153,7 @@ class JobPoller:
     async def _resolve_terminal(self, jobs: list[TrackedJob], live_statuses: dict[str, JobStatus]) -> None:
         records: dict[str, JobStatus] = {}
         wanted = {j.job_id for j in jobs}
-        for argv in self.scheduler.terminal_argvs(sorted(wanted)):
+        for argv in self.scheduler.terminal_argvs_for(sorted(wanted), live_statuses):
             try:
                 result = await self.transport.run(argv, timeout=self.command_timeout)
                 found = self.scheduler.parse_terminal(result)

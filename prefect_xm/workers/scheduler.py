@@ -157,8 +157,20 @@ class Scheduler:
         order to try them (e.g. scontrol, then sacct). Bounded batches."""
         raise NotImplementedError
 
+    def terminal_argvs_for(
+        self, job_ids: Sequence[str], live: Mapping[str, JobStatus]
+    ) -> list[list[str]]:
+        """terminal_argvs, knowing what the live query said of each job (schedulers whose
+        lookup depends on it, e.g. SGE asks `qstat -j` only for jobs in an error state)."""
+        return self.terminal_argvs(job_ids)
+
     def parse_terminal(self, result: CommandResult) -> dict[str, JobStatus]:
         raise NotImplementedError
+
+    def cleanup_argvs(self, status: JobStatus) -> list[list[str]]:
+        """Commands to run once a job is final, for jobs the scheduler would keep in its
+        queue although they can never run (SGE's Eqw waits forever). Usually none."""
+        return []
 
     # -- cancellation -----------------------------------------------------------
     def cancel_argvs(self, job_id: str, grace_seconds: int) -> list[list[str]]:
