@@ -115,6 +115,15 @@ def cmd_launch(script: str, script_args: Sequence[str]) -> int:
         runpy.run_path(path, run_name="__main__")
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        print("prefect-xm launch: interrupted; the experiment's work units were stopped", file=sys.stderr)
+        code = 130
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        print(f"prefect-xm launch: {script} raised; its experiments were stopped", file=sys.stderr)
+        code = 1
     finally:
         sys.argv = old_argv
         core.PROGRESS_HOOK = None
