@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The main job: an example run on this machine, printing its results.
-# Installs what it needs (venv, single-node Slurm) on a fresh Debian machine, as root.
+# The main job: a 3x2 hyperparameter sweep (examples/sweep_local.py) on the embedded
+# default (local processes and Prefect's embedded server; no cluster needed), printing
+# a results table. Installs what it needs (the venv) on a fresh Debian machine, as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 bash scripts/bootstrap.sh
-bash scripts/slurm-cluster.sh start >/dev/null
-exec .venv/bin/python examples/slurm_worker_demo.py
+# No PREFECT_API_URL: Prefect starts its embedded server for the run.
+unset PREFECT_API_URL
+exec .venv/bin/python examples/sweep_local.py "$@"
