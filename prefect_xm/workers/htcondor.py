@@ -1,0 +1,492 @@
+"""HTCondor: everything the batch worker needs to know about condor_submit, condor_q,
+condor_history and condor_rm, and the `xm-htcondor` worker type.
+
+HTCondor reads no directives from the script: a job is a *submit description*. The
+batch script (templates/htcondor.sh.j2) is the job's executable; the submit description
+is generated here from the job variables (SubmitRequest.variables) and given to
+`condor_submit -terse` on stdin, so nothing but the script is written to disk.
+
+Choices (documented in the variables' descriptions too):
+- Wall-clock limit: `allowed_execute_duration` (seconds of execution, not counting file
+  transfer). At the limit HTCondor puts the job on hold ("The job exceeded allowed
+  execute duration of 1:00", HoldReasonCode 47) rather than removing it. Not
+  `periodic_remove`: its RemoveReason only quotes the expression, and a removed job
+  reads like a cancellation.
+- Holds: a job the USER held (`hold = True` at submit, HoldReasonCode 15, or
+  condor_hold, code 1) is pending, shown with its HoldReason. A job held by the SYSTEM
+  (walltime, memory over request, file transfer failures, ...) ends the run Crashed with
+  the HoldReason: nothing in the run will release it, and a run waiting forever on a hold
+  nobody sees is the failure we must avoid. The job itself stays held in the queue for
+  the user to inspect (`condor_q -hold`) and `condor_rm`.
+- Completed jobs stay in condor_q for `keep_completed` seconds (`leave_in_queue`), like
+  Slurm's MinJobAge: the status query gets the exit code without a history scan, and a
+  retried submit finds a job that already finished by its batch name. After that they
+  are read from `condor_history` (bounded batches).
+- The environment: `getenv = True` (condor_submit's environment, where the worker puts
+  PREFECT_API_URL, the flow run id and any API key). HTCondor stores it in the job ad, so
+  anyone who can read the job ad (condor_q -l) can read it: use short-lived keys.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, ClassVar, Mapping, Optional, Sequence
+
+from pydantic import Field, field_validator
+
+from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker
+from prefect_xm.workers.scheduler import (
+    CommandResult,
+    JobState,
+    JobStatus,
+    Scheduler,
+    SchedulerError,
+    SubmitRequest,
+    TransientSchedulerError,
+    chunked,
+)
+
+# -- state model ----------------------------------------------------------------
+
+JOB_STATUS = {1: "IDLE", 2: "RUNNING", 3: "REMOVED", 4: "COMPLETED", 5: "HELD", 6: "TRANSFERRING_OUTPUT", 7: "SUSPENDED"}
+STATE_MAP = {1: JobState.PENDING, 2: JobState.RUNNING, 3: JobState.CANCELLED, 4: JobState.COMPLETED,
+             5: JobState.PENDING, 6: JobState.RUNNING, 7: JobState.RUNNING}
+#: the letters condor_q's table prints in its ST column
+ST_LETTERS = {"I": 1, "R": 2, "X": 3, "C": 4, "H": 5, ">": 6, "S": 7, "<": 2}
+#: HoldReasonCodes of holds a user asked for: UserRequest, SubmittedOnHold, SpoolingInput
+USER_HOLD_CODES = (1, 15, 16)
+#: JobExecuteExceeded: allowed_execute_duration reached
+EXECUTE_DURATION_HOLD_CODE = 47
+
+STATUS_ATTRIBUTES = (
+    "ClusterId", "ProcId", "JobStatus", "ExitCode", "ExitBySignal", "ExitSignal",
+    "HoldReason", "HoldReasonCode", "RemoveReason", "JobBatchName",
+)
+
+_TRANSIENT_ERRORS = re.compile(
+    r"Failed to connect|Can't find address|Unable to contact|timed out|Connection refused|"
+    r"SECMAN|communicate with|temporarily unavailable|Failed to fetch ads|Failed to end classad message",
+    re.IGNORECASE,
+)
+_JOB_ID_RE = re.compile(r"^\d+\.\d+$")
+
+
+def ad_to_status(ad: Mapping[str, Any]) -> Optional[JobStatus]:
+    """A job ad (condor_q/condor_history -json, or -af:j columns) in the common model."""
+    try:
+        job_id = f"{int(ad['ClusterId'])}.{int(ad['ProcId'])}"
+        code = int(ad["JobStatus"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    native = JOB_STATUS.get(code, str(code))
+    state = STATE_MAP.get(code, JobState.UNKNOWN)
+    reason = ""
+    exit_code: Optional[int] = None
+    signal: Optional[int] = None
+    if code == 4:
+        if _true(ad.get("ExitBySignal")):
+            signal = _int(ad.get("ExitSignal"))
+            state = JobState.FAILED
+        else:
+            exit_code = _int(ad.get("ExitCode"))
+            if exit_code:
+                state = JobState.FAILED
+    elif code == 5:
+        reason = _text(ad.get("HoldReason"))
+        hold_code = _int(ad.get("HoldReasonCode"))
+        if not _user_hold(hold_code, reason):
+            state = JobState.FAILED  # held by the system: see the module docstring
+    elif code == 3:
+        reason = _text(ad.get("RemoveReason"))
+    return JobStatus(job_id, state, native, reason, exit_code, signal)
+
+
+def _user_hold(code: Optional[int], reason: str) -> bool:
+    if code is not None:
+        return code in USER_HOLD_CODES
+    return reason.startswith(("submitted on hold", "via condor_hold"))
+
+
+def _true(v: Any) -> bool:
+    return v is True or str(v).lower() == "true"
+
+
+def _int(v: Any) -> Optional[int]:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _text(v: Any) -> str:
+    return "" if v is None or v == "undefined" else str(v)
+
+
+# -- parsers --------------------------------------------------------------------
+
+
+def parse_condor_submit(stdout: str) -> str:
+    """The first job id: '-terse' prints '15.0 - 15.0'; the plain form
+    '1 job(s) submitted to cluster 6.' (after any warnings) gives '6.0'."""
+    m = re.search(r"^\s*(\d+\.\d+) - \d+\.\d+\s*$", stdout, re.M)
+    if m:
+        return m.group(1)
+    m = re.search(r"job\(s\) submitted to cluster (\d+)\.", stdout)
+    if m:
+        return f"{m.group(1)}.0"
+    raise ValueError(f"no job id in condor_submit output: {stdout.strip()[-500:]!r}")
+
+
+def parse_json_ads(output: str) -> dict[str, JobStatus]:
+    """condor_q / condor_history -json: a JSON array of job ads (nothing at all when no
+    job matched)."""
+    text = output.strip()
+    if not text:
+        return {}
+    ads = json.loads(text)
+    statuses: dict[str, JobStatus] = {}
+    for ad in ads if isinstance(ads, list) else [ads]:
+        status = ad_to_status(ad)
+        if status:
+            statuses[status.job_id] = status
+    return statuses
+
+
+def parse_autoformat(output: str, attributes: Sequence[str]) -> dict[str, JobStatus]:
+    """`-af:j attr...` lines: '<cluster.proc> value value ...'; the last attribute may
+    hold blanks (a HoldReason)."""
+    statuses: dict[str, JobStatus] = {}
+    for line in output.splitlines():
+        parts = line.strip().split(None, len(attributes))
+        if len(parts) < len(attributes) + 1 or not _JOB_ID_RE.match(parts[0]):
+            continue
+        cluster, proc = parts[0].split(".")
+        ad: dict[str, Any] = {"ClusterId": cluster, "ProcId": proc}
+        ad.update({a: (None if v == "undefined" else v) for a, v in zip(attributes, parts[1:])})
+        status = ad_to_status(ad)
+        if status:
+            statuses[status.job_id] = status
+    return statuses
+
+
+def parse_condor_q_table(output: str) -> dict[str, str]:
+    """`condor_q -nobatch` rows: job id -> the ST letter (I R X C H > S ...)."""
+    states: dict[str, str] = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and _JOB_ID_RE.match(parts[0]) and re.match(r"^\d+\+\d\d:\d\d:\d\d$", parts[4]):
+            states[parts[0]] = parts[5]
+    return states
+
+
+def parse_condor_q_totals(output: str) -> dict[str, int]:
+    """The summary line: 'N jobs; a completed, b removed, c idle, d running, e held, f suspended'."""
+    m = re.search(r"^(\d+) jobs; (.*)$", output, re.M)
+    if not m:
+        return {}
+    totals = {"jobs": int(m.group(1))}
+    for count, word in re.findall(r"(\d+) (\w+)", m.group(2)):
+        totals[word] = int(count)
+    return totals
+
+
+def parse_hold_table(output: str) -> dict[str, dict[str, Any]]:
+    """`condor_q -hold` (25.0+ layout with CODE/SUB): id -> code, subcode, reason."""
+    held: dict[str, dict[str, Any]] = {}
+    for line in output.splitlines():
+        m = re.match(r"^\s*(\d+\.\d+)\s+(\S+)\s+\d+/\d+\s+\d\d:\d\d\s+(\d+)/(\d+)\s+(.*)$", line)
+        if m:
+            held[m.group(1)] = {"owner": m.group(2), "hold_reason_code": int(m.group(3)),
+                                "hold_reason_subcode": int(m.group(4)), "hold_reason": m.group(5).strip()}
+    return held
+
+
+def parse_event_log(text: str) -> dict[str, JobStatus]:
+    """The job event log (`log = ...`): the last termination/abort/hold event per job."""
+    statuses: dict[str, JobStatus] = {}
+    for event in re.split(r"(?m)^\.\.\.\s*$", text):
+        m = re.search(r"^(\d{3}) \((\d+)\.(\d+)\.\d+\) [^\n]*?(\S[^\n]*)$", event.strip(), re.M)
+        if not m:
+            continue
+        code, job_id = m.group(1), f"{int(m.group(2))}.{int(m.group(3))}"
+        if code == "005":
+            normal = re.search(r"Normal termination \(return value (\d+)\)", event)
+            sig = re.search(r"Abnormal termination \(signal (\d+)\)", event)
+            ad = {"ClusterId": m.group(2), "ProcId": m.group(3), "JobStatus": 4}
+            if normal:
+                ad["ExitCode"] = normal.group(1)
+            elif sig:
+                ad.update(ExitBySignal=True, ExitSignal=sig.group(1))
+            statuses[job_id] = ad_to_status(ad)
+        elif code == "009":
+            statuses[job_id] = JobStatus(job_id, JobState.CANCELLED, "REMOVED", "aborted")
+        elif code == "012":
+            reason = re.search(r"\n\s+(.+)", event)
+            statuses[job_id] = JobStatus(job_id, JobState.PENDING, "HELD", reason.group(1).strip() if reason else "")
+        elif code in ("000", "001"):
+            statuses.setdefault(job_id, JobStatus(job_id, JobState.PENDING if code == "000" else JobState.RUNNING,
+                                                  "IDLE" if code == "000" else "RUNNING"))
+            if code == "001":
+                statuses[job_id] = JobStatus(job_id, JobState.RUNNING, "RUNNING")
+    return statuses
+
+
+def parse_condor_rm(stdout: str, stderr: str) -> dict[str, str]:
+    """Per job id: 'removed' ('Job 1.0 marked for removal' / 'removed.'), 'not_found',
+    'already_removed'."""
+    outcome: dict[str, str] = {}
+    for m in re.finditer(r"Job (\d+\.\d+) (?:marked for removal|removed)", stdout or ""):
+        outcome[m.group(1)] = "removed"
+    text = (stdout or "") + "\n" + (stderr or "")
+    for m in re.finditer(r"Job (\d+\.\d+) not found", text):
+        outcome[m.group(1)] = "not_found"
+    for m in re.finditer(r"Job (\d+\.\d+) already marked for removal", text):
+        outcome[m.group(1)] = "already_removed"
+    return outcome
+
+
+def classify_error(result: CommandResult) -> SchedulerError:
+    text = (result.stderr.strip() or result.stdout.strip())
+    if _TRANSIENT_ERRORS.search(text):
+        return TransientSchedulerError(text, result)
+    return SchedulerError(text or f"{result.argv[0]} exited {result.returncode}", result)
+
+
+# -- the submit description -----------------------------------------------------
+
+
+def duration_seconds(value: str) -> int:
+    """'90' (minutes) or 'H:MM:SS' -> seconds."""
+    if ":" in value:
+        h, m, s = (int(x) for x in value.split(":"))
+        return h * 3600 + m * 60 + s
+    return int(value) * 60
+
+
+def submit_description(request: SubmitRequest, keep_completed: int) -> str:
+    """The submit description for one job, from the request and its job variables. Every
+    value was validated single-line by HTCondorJobConfiguration."""
+    v = request.variables
+    lines = [
+        f"universe = {v.get('universe') or 'vanilla'}",
+        f"executable = {request.script_path}",
+        f"output = {request.run_dir}/job.out",
+        f"error = {request.run_dir}/job.err",
+        f"log = {request.run_dir}/job.log",
+        f"batch_name = {request.job_name}",
+        "getenv = True",
+        f"initialdir = {v.get('working_dir') or request.run_dir}",
+    ]
+    for key in ("request_cpus", "request_memory", "request_disk", "request_gpus", "requirements", "accounting_group"):
+        if v.get(key) not in (None, ""):
+            lines.append(f"{key} = {v[key]}")
+    if v.get("time_limit"):
+        lines.append(f"allowed_execute_duration = {duration_seconds(str(v['time_limit']))}")
+    if v.get("hold"):
+        lines.append("hold = True")
+    if keep_completed > 0:
+        lines.append(
+            f"leave_in_queue = JobStatus == 4 && (time() - EnteredCurrentStatus) < {keep_completed}"
+        )
+    lines += list(v.get("extra_directives") or [])
+    lines.append("queue 1")
+    return "\n".join(lines) + "\n"
+
+
+# -- the Scheduler --------------------------------------------------------------
+
+
+class HTCondorScheduler(Scheduler):
+    name: ClassVar[str] = "htcondor"
+    template_name: ClassVar[str] = "htcondor.sh.j2"
+    #: HTCondor reads no directives from the script (the submit description carries them)
+    directive_prefix: ClassVar[str] = "#"
+    terminal_batch_size: ClassVar[int] = 50
+    #: completed jobs stay in condor_q this long (leave_in_queue), see the module docstring
+    keep_completed: ClassVar[int] = 300
+
+    def submit_argv(self, request: SubmitRequest) -> list[str]:
+        # no file argument: condor_submit reads the submit description from stdin; the
+        # unique batch name (find-by-name relies on it) is on the command line as well
+        return ["condor_submit", "-terse", "-batch-name", request.job_name]
+
+    def submit_stdin(self, request: SubmitRequest) -> Optional[str]:
+        return submit_description(request, self.keep_completed)
+
+    def parse_submit(self, stdout: str) -> str:
+        return parse_condor_submit(stdout)
+
+    def submit_error(self, result: CommandResult) -> SchedulerError:
+        return classify_error(result)
+
+    def find_by_name_argv(self, job_name: str) -> list[str]:
+        # the name is [A-Za-z0-9_.+-] and a uuid: safe inside a ClassAd string
+        return ["condor_q", "-constraint", f'JobBatchName == "{job_name}"', "-af:j", "JobStatus"]
+
+    def parse_find_by_name(self, stdout: str) -> list[str]:
+        ids = []
+        for line in stdout.splitlines():
+            parts = line.split()
+            if parts and _JOB_ID_RE.match(parts[0]):
+                ids.append(parts[0])
+        return ids
+
+    def status_argv(self, job_ids: Sequence[str]) -> list[str]:
+        return ["condor_q", *job_ids, "-json", "-attributes", ",".join(STATUS_ATTRIBUTES)]
+
+    def parse_status(self, result: CommandResult) -> dict[str, JobStatus]:
+        if not result.ok:
+            raise classify_error(result)
+        try:
+            return parse_json_ads(result.stdout)
+        except json.JSONDecodeError as exc:
+            raise TransientSchedulerError(f"condor_q printed no JSON: {exc}", result) from None
+
+    def terminal_argvs(self, job_ids: Sequence[str]) -> list[list[str]]:
+        return [
+            ["condor_history", *batch, "-json", "-attributes", ",".join(STATUS_ATTRIBUTES)]
+            for batch in chunked(job_ids, self.terminal_batch_size)
+        ]
+
+    def parse_terminal(self, result: CommandResult) -> dict[str, JobStatus]:
+        if not result.ok:
+            raise classify_error(result)
+        return parse_json_ads(result.stdout)
+
+    def cancel_argvs(self, job_id: str, grace_seconds: int) -> list[list[str]]:
+        # condor_rm is graceful by itself: the job's kill_sig (SIGTERM), SIGKILL later
+        return [["condor_rm", job_id]]
+
+    def parse_cancel(self, result: CommandResult) -> bool:
+        outcome = parse_condor_rm(result.stdout, result.stderr).get(result.argv[-1])
+        if outcome in ("not_found", "already_removed"):
+            return False
+        if outcome == "removed" or result.ok:
+            return True
+        raise classify_error(result)
+
+
+# -- job variables and the worker ------------------------------------------------
+
+_DURATION_RE = re.compile(r"^(?:\d+|\d+:[0-5]\d:[0-5]\d)$")
+_MEMORY_RE = re.compile(r"^\d+(?:\s?[KMGT]B?)?$", re.IGNORECASE)
+_UNIVERSE_RE = re.compile(r"^[A-Za-z]+$")
+_WORD_RE = re.compile(r"^[A-Za-z0-9_.@+-]+$")
+_SINGLE_LINE_RE = re.compile(r"^[^\n\r]*$")
+
+
+def _check(pattern: re.Pattern, field: str, value, example: str):
+    if value is None or value == "":
+        return None
+    if not pattern.match(str(value)):
+        raise ValueError(f"{field}: {value!r} is not valid; expected e.g. {example}")
+    return value
+
+
+class HTCondorJobConfiguration(BatchJobConfiguration):
+    universe: str = Field(default="vanilla")
+    request_cpus: Optional[int] = Field(default=None)
+    request_memory: Optional[str] = Field(default=None)
+    request_disk: Optional[str] = Field(default=None)
+    request_gpus: Optional[int] = Field(default=None)
+    requirements: Optional[str] = Field(default=None)
+    accounting_group: Optional[str] = Field(default=None)
+    time_limit: Optional[str] = Field(default=None)
+    hold: bool = Field(default=False)
+
+    @field_validator("time_limit")
+    @classmethod
+    def _time_limit(cls, v):
+        return _check(_DURATION_RE, "time_limit", v, "'90' (minutes) or '2:30:00'")
+
+    @field_validator("request_memory", "request_disk")
+    @classmethod
+    def _memory(cls, v, info):
+        return _check(_MEMORY_RE, info.field_name, v, "'4GB', '512MB' or '4096' (MB; disk: KB)")
+
+    @field_validator("universe")
+    @classmethod
+    def _universe(cls, v):
+        # not checked against a list: condor_submit's refusal is shown verbatim
+        return _check(_UNIVERSE_RE, "universe", v, "'vanilla', 'container'") or "vanilla"
+
+    @field_validator("accounting_group")
+    @classmethod
+    def _word(cls, v):
+        return _check(_WORD_RE, "accounting_group", v, "'group_physics.alice'")
+
+    @field_validator("requirements")
+    @classmethod
+    def _line(cls, v):
+        return _check(_SINGLE_LINE_RE, "requirements", v, "a single-line ClassAd expression")
+
+    @field_validator("extra_directives")
+    @classmethod
+    def _submit_commands(cls, v):
+        for line in v:
+            if re.match(r"^\s*queue\b", line, re.IGNORECASE):
+                raise ValueError(f"extra_directives: {line!r}: the worker writes the one 'queue' line itself")
+        return v
+
+    @field_validator("request_cpus", "request_gpus")
+    @classmethod
+    def _positive(cls, v, info):
+        if v is not None and v < (0 if info.field_name == "request_gpus" else 1):
+            raise ValueError(f"{info.field_name}: {v!r} must be a positive integer")
+        return v
+
+    @field_validator("working_dir")
+    @classmethod
+    def _working_dir(cls, v):
+        return _check(_SINGLE_LINE_RE, "working_dir", v, "a path on a single line")
+
+
+class HTCondorVariables(BatchVariables):
+    universe: str = Field(
+        default="vanilla", title="Universe", description="The HTCondor universe (vanilla, container, docker, ...)."
+    )
+    request_cpus: Optional[int] = Field(default=None, ge=1, title="CPUs", description="request_cpus")
+    request_memory: Optional[str] = Field(
+        default=None, title="Memory", description="request_memory, e.g. '4GB' (a bare number is MB).",
+        pattern=_MEMORY_RE.pattern,
+    )
+    request_disk: Optional[str] = Field(
+        default=None, title="Disk", description="request_disk, e.g. '10GB' (a bare number is KB)."
+    )
+    request_gpus: Optional[int] = Field(default=None, ge=0, title="GPUs", description="request_gpus")
+    requirements: Optional[str] = Field(
+        default=None, title="Requirements", description="A ClassAd expression the execution slot must match."
+    )
+    accounting_group: Optional[str] = Field(default=None, title="Accounting group", description="accounting_group")
+    time_limit: Optional[str] = Field(
+        default=None,
+        title="Time limit",
+        description=(
+            "Execution time limit: minutes or 'H:MM:SS', as allowed_execute_duration. At the limit "
+            "HTCondor holds the job and the run ends Crashed with the hold reason."
+        ),
+        pattern=_DURATION_RE.pattern,
+    )
+    hold: bool = Field(
+        default=False, title="Hold", description="Submit the job held (hold = True) until released with condor_release."
+    )
+    extra_directives: list[str] = Field(
+        default_factory=list,
+        title="Extra submit commands",
+        description="More submit-description lines, before the worker's 'queue 1' (e.g. 'rank = Memory', '+ProjectName = \"x\"').",
+    )
+
+
+class HTCondorWorker(BatchWorker):
+    type: ClassVar[str] = "xm-htcondor"
+    job_configuration = HTCondorJobConfiguration
+    job_configuration_variables = HTCondorVariables
+    scheduler: ClassVar[Scheduler] = HTCondorScheduler()
+    _description = (
+        "Runs each flow run as an HTCondor job (condor_submit with a generated submit "
+        "description), tracks it with one condor_q per poll for all jobs (condor_history "
+        "once they leave the queue), and cancels it with condor_rm."
+    )
+    _display_name = "HTCondor (prefect-xm)"
+    _documentation_url = "https://github.com/prefect-xm/prefect-xm"
