@@ -81,7 +81,8 @@ class SchedulerHarness:
         return state is None or state.is_final
 
     def jobs_named(self, name: str) -> list[str]:
-        return self.scheduler.parse_find_by_name(self._run(self.scheduler.find_by_name_argv(name)).stdout)
+        # as the worker does it (base._find_by_name): the scheduler filters by name
+        return self.scheduler.jobs_named(name, self._run(self.scheduler.find_by_name_argv(name)).stdout)
 
 
 def job_id_of(fr) -> str:
@@ -131,10 +132,11 @@ class BatchWorkerSuite:
         create_pool(prefect_server, pool, h.worker_type)
         os.environ["PATH"] = h.env_path()  # the wrappers and the tests find the fakes too
         wrappers = CountingWrappers(root, [h.submit_command, h.status_command, h.cancel_command])
-        worker = WorkerProcess(prefect_server, pool, h.worker_type, root, path_prefix=wrappers.dir).start()
+        extra_variables, worker_path = self.prepare(root, wrappers)
+        worker = WorkerProcess(prefect_server, pool, h.worker_type, root, path_prefix=worker_path).start()
         run_dir = str(root / "runs")
         deployments = {
-            name: run(deploy(f"slurm_flows.py:{name}", pool, f"e2e-{name}", {"run_dir": run_dir}))
+            name: run(deploy(f"slurm_flows.py:{name}", pool, f"e2e-{name}", {"run_dir": run_dir, **extra_variables}))
             for name in ("double", "boom", "sleeper")
         }
 
@@ -146,8 +148,19 @@ class BatchWorkerSuite:
             pool, worker, wrappers, deployments, prefect_server, run_dir, h)
         # Slow scenarios start first and are checked later, so their waits overlap.
         e.timeout_run = run(start_run(deployments["sleeper"], {"seconds": 600}, h.time_limit_variables))
+        e.worker_path = worker_path
+        e.cluster = extra_variables.get("cluster") or extra_variables.get("ssh_block") or "local"
         yield e
-        worker.stop()
+        e.worker.stop()
+        self.cleanup()
+
+    def prepare(self, root, wrappers) -> tuple[dict, object]:
+        """Hook for variants (e.g. over SSH): job variables every deployment gets, and the
+        directory put first on the worker's PATH."""
+        return {}, wrappers.dir
+
+    def cleanup(self) -> None:
+        pass
 
     def test_flow_completes_with_result_and_logs(self, env):
         fr = run(start_run(env.deployments["double"], {"x": 21}))
@@ -155,7 +168,8 @@ class BatchWorkerSuite:
         assert fr.state.type == StateType.COMPLETED, fr.state
         assert run(fr.state.aresult()) == 42
         name = env.h.scheduler.name
-        assert fr.infrastructure_pid.startswith(f"{name}:local:")
+        scheduler_name, cluster, _ = Scheduler.parse_infrastructure_pid(fr.infrastructure_pid)
+        assert (scheduler_name, cluster) == (name, env.cluster)
         logs = wait_for(lambda: (lambda t: t if "doubling 21" in t else None)(logs_of(fr.id)), 60, what="flow logs")
         assert f"Submitted {name} job {job_id_of(fr)}" in logs
         assert "Rendered batch script" in logs
@@ -271,7 +285,7 @@ class BatchWorkerSuite:
         wait_for(lambda: all(run(read_run(r.id)).infrastructure_pid for r in runs), 120, what="5 jobs submitted")
         env.worker.kill()
         replacement = WorkerProcess(env.server, env.pool, env.h.worker_type, env.worker.workdir, name=env.worker.name,
-                                    path_prefix=env.wrappers.dir).start()
+                                    path_prefix=env.worker_path).start()
         env.worker = replacement
         for r in runs:
             fr = wait_final(r.id, timeout=300)

@@ -44,18 +44,18 @@ from prefect.workers.base import (
     BaseWorker,
     BaseWorkerResult,
 )
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from prefect_xm.workers.poller import JobPoller, TrackedJob
 from prefect_xm.workers.scheduler import (
     JobState,
     JobStatus,
     Scheduler,
-    SchedulerError,
     SubmitRequest,
     TransientSchedulerError,
 )
-from prefect_xm.workers.transport import LocalTransport, Transport
+from prefect_xm.blocks.ssh import SSHConnection
+from prefect_xm.workers.transport import LocalTransport, SSHTransport, Transport
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
@@ -90,7 +90,15 @@ class BatchJobConfiguration(BaseJobConfiguration):
     script_template: Optional[str] = Field(default=None)
     run_dir: str = Field(default="~/.prefect-xm/runs")
     cluster: str = Field(default="local")
+    ssh_block: Optional[str] = Field(default=None)
     submit_timeout: float = Field(default=60.0)
+
+    @model_validator(mode="after")
+    def _cluster_of_ssh_block(self):
+        # Jobs on different login nodes must not share infrastructure ids.
+        if self.ssh_block and self.cluster == "local":
+            self.cluster = self.ssh_block
+        return self
 
     @field_validator("extra_directives", "modules")
     @classmethod
@@ -163,7 +171,12 @@ class BatchVariables(BaseVariables):
     cluster: str = Field(
         default="local",
         title="Cluster name",
-        description="A name for the cluster, stored in each run's infrastructure id so a restarted worker finds its jobs.",
+        description="A name for the cluster, stored in each run's infrastructure id so a restarted worker finds its jobs. Defaults to the SSH block's name when one is set.",
+    )
+    ssh_block: Optional[str] = Field(
+        default=None,
+        title="SSH connection block",
+        description="Name of an 'SSH Connection' block: run the scheduler's commands on that login node. Empty: on the worker's machine.",
     )
     submit_timeout: float = Field(
         default=60.0,
@@ -233,18 +246,30 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         return task
 
     # -- transports and pollers: one per cluster ---------------------------------------
-    def transport_for(self, configuration: BatchJobConfiguration) -> Transport:
+    async def transport_for(self, configuration: BatchJobConfiguration) -> Transport:
+        """One transport per cluster, shared by every command of every run on it: over
+        SSH that is one connection, whatever the number of jobs."""
         key = configuration.cluster
         if key not in self._transports:
-            self._transports[key] = LocalTransport()
+            if configuration.ssh_block:
+                connection = await SSHConnection.aload(configuration.ssh_block)
+                self._transports[key] = SSHTransport(connection, self._logger)
+            else:
+                self._transports[key] = LocalTransport()
         return self._transports[key]
 
-    def poller_for(self, configuration: BatchJobConfiguration) -> JobPoller:
-        key = configuration.cluster
+    def scheduler_for(self, configuration: BatchJobConfiguration) -> Scheduler:
+        """The Scheduler for a run's job variables: `scheduler`, unless the worker type
+        has dialects chosen per pool or run (xm-pbs: PBS Pro or Torque)."""
+        return self.scheduler
+
+    async def poller_for(self, configuration: BatchJobConfiguration) -> JobPoller:
+        scheduler = self.scheduler_for(configuration)
+        key = configuration.cluster if scheduler is self.scheduler else (configuration.cluster, id(scheduler))
         if key not in self._pollers:
             self._pollers[key] = JobPoller(
-                self.scheduler,
-                self.transport_for(configuration),
+                scheduler,
+                await self.transport_for(configuration),
                 interval=self.poll_interval,
                 grace_period=self.grace_period,
             )
@@ -255,10 +280,8 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         prefix = configuration.job_name or flow_run.name or "prefect"
         return f"{prefix}-{flow_run.id}"
 
-    def run_directory(self, configuration: BatchJobConfiguration, flow_run_id: UUID) -> str:
-        base = configuration.run_dir
-        if base.startswith("~") and isinstance(self.transport_for(configuration), LocalTransport):
-            base = os.path.expanduser(base)
+    async def run_directory(self, configuration: BatchJobConfiguration, flow_run_id: UUID) -> str:
+        base = await (await self.transport_for(configuration)).expand_path(configuration.run_dir)
         return f"{base.rstrip('/')}/{flow_run_id}"
 
     def load_template(self, configuration: BatchJobConfiguration) -> str:
@@ -305,8 +328,8 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         task_status: Any = None,
     ) -> BatchWorkerResult:
         logger = self.get_flow_run_logger(flow_run)
-        transport = self.transport_for(configuration)
-        run_dir = self.run_directory(configuration, flow_run.id)
+        transport = await self.transport_for(configuration)
+        run_dir = await self.run_directory(configuration, flow_run.id)
         script = self.render_script(configuration, flow_run, run_dir)
         script_path = f"{run_dir}/job.sh"
         await transport.write_file(script_path, script, 0o700)
@@ -317,10 +340,11 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             job_name=self.job_name(configuration, flow_run),
             run_dir=run_dir,
             env={k: v for k, v in configuration.env.items() if v is not None},
+            variables=configuration.model_dump(exclude={"env"}),
         )
         job_id = await self.submit_job(request, transport, configuration, logger)
         pid = self.scheduler.infrastructure_pid(configuration.cluster, job_id)
-        followed = self._start_following(flow_run.id, job_id, configuration)
+        followed = await self._start_following(flow_run.id, job_id, configuration)
         if task_status is not None:
             task_status.started(pid)
         logger.info(f"Submitted {self.scheduler.name} job {job_id} ({request.job_name})")
@@ -331,8 +355,9 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
     ) -> str:
         """Submit once. If the submit command fails transiently or times out, the job
         may still have been accepted: look it up by its unique name before retrying."""
-        argv = self.scheduler.submit_argv(request)
-        stdin = self.scheduler.submit_stdin(request)
+        scheduler = self.scheduler_for(configuration)
+        argv = scheduler.submit_argv(request)
+        stdin = scheduler.submit_stdin(request)
         attempts = 3
         for attempt in range(1, attempts + 1):
             try:
@@ -340,30 +365,34 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                     argv, stdin=stdin, env=request.env, timeout=configuration.submit_timeout
                 )
                 if result.ok:
-                    return self.scheduler.parse_submit(result.stdout)
-                error = self.scheduler.submit_error(result)
+                    return scheduler.parse_submit(result.stdout)
+                error = scheduler.submit_error(result)
             except TransientSchedulerError as exc:
                 error = exc
             if not isinstance(error, TransientSchedulerError):
                 raise SubmissionError(f"{argv[0]} refused the job: {error}")
             logger.warning(f"Submission attempt {attempt} did not complete: {error}")
-            existing = await self._find_by_name(request.job_name, transport)
-            if existing:
-                logger.info(f"Job {existing} with this run's name exists already; not submitting again")
-                return existing
+            if getattr(error, "command_ran", True):
+                existing = await self._find_by_name(request.job_name, transport, scheduler)
+                if existing:
+                    logger.info(f"Job {existing} with this run's name exists already; not submitting again")
+                    return existing
             if attempt < attempts:
                 await asyncio.sleep(min(2**attempt, 30))
         raise SubmissionError(f"{argv[0]} failed {attempts} times: {error}")
 
-    async def _find_by_name(self, job_name: str, transport: Transport) -> Optional[str]:
+    async def _find_by_name(
+        self, job_name: str, transport: Transport, scheduler: Optional[Scheduler] = None
+    ) -> Optional[str]:
+        scheduler = scheduler or self.scheduler
         for _ in range(3):
             try:
-                result = await transport.run(self.scheduler.find_by_name_argv(job_name), timeout=30)
+                result = await transport.run(scheduler.find_by_name_argv(job_name), timeout=30)
             except TransientSchedulerError:
                 await asyncio.sleep(2)
                 continue
-            if result.ok:
-                ids = self.scheduler.parse_find_by_name(result.stdout)
+            if scheduler.find_by_name_answered(result):
+                ids = scheduler.jobs_named(job_name, result.stdout)
                 return ids[0] if ids else None
             await asyncio.sleep(2)
         raise SubmissionError(
@@ -371,13 +400,13 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         )
 
     # -- follow ---------------------------------------------------------------------------
-    def _start_following(self, flow_run_id: UUID, job_id: str, configuration: C) -> FollowedRun:
-        poller = self.poller_for(configuration)
+    async def _start_following(self, flow_run_id: UUID, job_id: str, configuration: C) -> FollowedRun:
+        poller = await self.poller_for(configuration)
         followed = FollowedRun(
             flow_run_id=flow_run_id,
             job_id=job_id,
             poller=poller,
-            transport=self.transport_for(configuration),
+            transport=await self.transport_for(configuration),
             configuration=configuration,
             tracked=poller.track(job_id),
         )
@@ -400,6 +429,10 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                     logger.info(message)
                 elif status.state == JobState.RUNNING:
                     logger.info(f"{scheduler_name} job {followed.job_id} is running ({status.native_state})")
+            for argv in followed.poller.scheduler.cleanup_argvs(status):
+                # e.g. SGE's Eqw: final for us, but the scheduler would keep it forever
+                result = await followed.transport.run(argv, timeout=60)
+                logger.info(f"Removed {scheduler_name} job {followed.job_id} ({' '.join(argv)}: rc {result.returncode})")
             await self._finish(flow_run, followed, status, logger)
             return BatchWorkerResult(identifier=pid, status_code=0)
         finally:
@@ -456,7 +489,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         logger.error(message)
 
     async def _stderr_tail(self, followed: FollowedRun, lines: int = 20) -> str:
-        path = f"{self.run_directory(followed.configuration, followed.flow_run_id)}/job.err"
+        path = f"{await self.run_directory(followed.configuration, followed.flow_run_id)}/job.err"
         followed.extra["stderr_path"] = path
         try:
             text = await followed.transport.read_tail(path, STDERR_TAIL_BYTES)
@@ -479,7 +512,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         if followed:
             followed.cancel_requested = True
         last = followed.tracked.status.state if followed else JobState.PENDING
-        gone = await self.cancel_job(job_id, self.transport_for(configuration), grace_seconds, last, followed)
+        gone = await self.cancel_job(job_id, await self.transport_for(configuration), grace_seconds, last, followed)
         if not gone:
             raise InfrastructureNotFound(f"{self.scheduler.name} job {job_id} not found")
 
@@ -596,7 +629,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                 continue
             logger = self.get_flow_run_logger(run)
             logger.info(f"Worker {self.name!r} resumes following {scheduler_name} job {job_id}")
-            followed = self._start_following(run.id, job_id, configuration)
+            followed = await self._start_following(run.id, job_id, configuration)
             if run.state and run.state.type == StateType.CANCELLING:
                 followed.cancel_requested = True
                 followed.cancel_task = self._spawn(
@@ -616,7 +649,10 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                 run, client=self.client, work_pool=self._work_pool,
                 worker_name=self.name, worker_id=self.backend_id,
             )
-            job_id = await self._find_by_name(self.job_name(configuration, run), self.transport_for(configuration))
+            job_id = await self._find_by_name(
+                self.job_name(configuration, run), await self.transport_for(configuration),
+                self.scheduler_for(configuration),
+            )
         except Exception as exc:
             self._logger.warning("Cannot check flow run %s for an unrecorded job: %s", run.id, exc)
             return
@@ -626,7 +662,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         await self.client.update_flow_run(run.id, infrastructure_pid=pid)
         logger = self.get_flow_run_logger(run)
         logger.info(f"Found {self.scheduler.name} job {job_id} submitted by a worker that died; following it")
-        followed = self._start_following(run.id, job_id, configuration)
+        followed = await self._start_following(run.id, job_id, configuration)
         self._spawn(self._follow(run, followed, logger))
 
     async def _online_worker_names(self) -> set[str]:
