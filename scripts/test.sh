@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 bash scripts/bootstrap.sh
 bash scripts/slurm-cluster.sh start
+bash scripts/sge-cluster.sh start
 bash scripts/sshd-package.sh
 exec .venv/bin/python -m pytest -ra "$@"
