@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 bash scripts/bootstrap.sh
 bash scripts/slurm-cluster.sh start
+bash scripts/torque-wrappers.sh >/dev/null  # Slurm's Torque qsub/qstat/qdel, unpacked beside the system
 bash scripts/sge-cluster.sh start
 bash scripts/sshd-package.sh
 exec .venv/bin/python -m pytest -ra "$@"
