@@ -11,9 +11,20 @@ from prefect_xm.core.experiment import (
     get_experiment,
     list_experiments,
 )
-from prefect_xm.executors import Local, LocalSpec, Slurm, SlurmSpec, WorkPool, WorkPoolSpec
+from prefect_xm.executors import (
+    ContainerSpec,
+    Docker,
+    Kubernetes,
+    Local,
+    LocalSpec,
+    Slurm,
+    SlurmSpec,
+    Vertex,
+    WorkPool,
+    WorkPoolSpec,
+)
 
 __all__ = [
-    "Experiment", "Local", "LocalSpec", "Slurm", "SlurmSpec", "WorkPool", "WorkPoolSpec", "WorkUnit", "create_experiment",
+    "ContainerSpec", "Docker", "Experiment", "Kubernetes", "Local", "LocalSpec", "Slurm", "SlurmSpec", "Vertex", "WorkPool", "WorkPoolSpec", "WorkUnit", "create_experiment",
     "get_experiment", "list_experiments",
 ]

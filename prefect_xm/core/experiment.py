@@ -405,7 +405,7 @@ class Experiment:
                 )
             props = await pool_variable_properties(pool)
             try:
-                validate_job_variables(pool, job.executor.job_variables(), props)
+                validate_job_variables(pool, job.executor.job_variables_for(job.executable), props)
             except ValueError as e:
                 raise ValueError(f"job {key!r}: {e}") from None
 
@@ -464,7 +464,8 @@ class Experiment:
             if ident_tag in self._by_identity:
                 return self._by_identity[ident_tag]
         await self._validate_executors(members)
-        params = {key: job.executable.runner_parameters(job.args, job.env_vars) for key, job in members.items()}
+        params = {key: job.executor.runner_parameters(job.executable.runner_parameters(job.args, job.env_vars))
+                  for key, job in members.items()}
 
         client = await _client()
         wid = self._next_id
@@ -509,7 +510,7 @@ class Experiment:
             deployment_id = await ensure_job_runner_deployment(pool)
             run = await client.create_flow_run_from_deployment(
                 deployment_id, parameters=m.params, name=name, tags=tags, parent_task_run_id=link.id,
-                job_variables=m.job.executor.job_variables(),
+                job_variables=m.job.executor.job_variables_for(m.job.executable),
             )
         m.flow_run_id = run.id
 

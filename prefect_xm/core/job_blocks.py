@@ -167,6 +167,16 @@ class Executor(abc.ABC):
         """The pool's job variables for a job on this executor."""
         return {}
 
+    def job_variables_for(self, executable: Any) -> dict[str, Any]:
+        """The pool's job variables for `executable` on this executor (container executors
+        take the image from it)."""
+        return self.job_variables()
+
+    def runner_parameters(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The job-runner flow's parameters on this executor (container executors, where
+        the runner already runs inside the image, rewrite them)."""
+        return params
+
 
 # --------------------------------------------------------------- packaged executables
 
