@@ -8,16 +8,25 @@ from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, Batch
 from prefect_xm.workers.pbs import PbsScheduler, PbsWorker, TorqueScheduler
 from prefect_xm.workers.scheduler import JobState, JobStatus, Scheduler
 from prefect_xm.workers.slurm import SlurmScheduler, SlurmWorker
+from prefect_xm.workers.sge import SgeScheduler, SgeWorker
+from prefect_xm.workers.lsf import LsfScheduler, LsfWorker
+from prefect_xm.workers.htcondor import HTCondorScheduler, HTCondorWorker
 
 __all__ = [
     "BatchJobConfiguration",
     "BatchVariables",
     "BatchWorker",
+    "HTCondorScheduler",
+    "HTCondorWorker",
     "JobState",
     "JobStatus",
     "PbsScheduler",
     "PbsWorker",
+    "LsfScheduler",
+    "LsfWorker",
     "Scheduler",
+    "SgeScheduler",
+    "SgeWorker",
     "SlurmScheduler",
     "SlurmWorker",
     "TorqueScheduler",
