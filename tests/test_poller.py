@@ -111,3 +111,18 @@ async def test_final_state_in_the_queue_gets_its_exit_code_from_scontrol():
     assert [s.state for s in drain(job)] == [JobState.FAILED]  # announced once, complete
     await poll(p)
     assert t.count("squeue") == 1  # nothing left to poll
+
+
+async def test_job_removed_by_the_worker_and_gone_without_record_is_cancelled():
+    # SGE writes no qacct record for a job deleted while pending.
+    from prefect_xm.workers.sge import SgeScheduler
+
+    empty = "<?xml version='1.0'?>\n<job_info>\n  <queue_info>\n  </queue_info>\n  <job_info>\n  </job_info>\n</job_info>\n"
+    t = ScriptedTransport(qstat=[(0, empty, "")], qacct=[(1, "", "error: job id 12 not found\n")])
+    p = JobPoller(SgeScheduler(), t, grace_period=300)
+    job = p.track("12")
+    await poll(p)
+    assert job.status.state == JobState.PENDING  # gone, no record, not cancelled: unknown yet
+    job.cancelled = True
+    await poll(p)
+    assert job.status.state == JobState.CANCELLED

@@ -36,6 +36,8 @@ class TrackedJob:
     updates: "asyncio.Queue[JobStatus]" = field(default_factory=asyncio.Queue)
     missing_since: Optional[float] = None
     has_terminal_record: bool = False
+    #: the worker removed it (scancel/qdel... accepted or "no such job")
+    cancelled: bool = False
 
     @property
     def is_final(self) -> bool:
@@ -175,6 +177,14 @@ class JobPoller:
                 self._update(job, record, final_ok=True)
             elif live is not None and live.state.is_final:
                 self._update(job, live, final_ok=True)  # final per the queue, no details
+            elif live is None and job.cancelled:
+                # removed by the worker and gone from the queue: cancelled, whether or not
+                # a record follows (SGE writes none for a job deleted while pending)
+                self._update(
+                    job,
+                    JobStatus(job.job_id, JobState.CANCELLED, "CANCELLED", "removed by the worker; no terminal record"),
+                    final_ok=True,
+                )
             elif job.missing_since is not None and now - job.missing_since > self.grace_period:
                 self._update(
                     job,
