@@ -535,9 +535,13 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                 if followed.tracked.is_final:
                     return True
         result = await transport.run(argvs[-1], timeout=60)
+        accepted = self.scheduler.parse_cancel(result)
         if followed:
+            # A job removed while queued may leave no terminal record (SGE's qacct):
+            # once it has left the queue, the poller knows it was cancelled.
+            followed.tracked.cancelled = True
             followed.poller.poll_soon()
-        return self.scheduler.parse_cancel(result)
+        return accepted
 
     async def _wait_final(self, followed: FollowedRun, timeout: float) -> None:
         deadline = time.monotonic() + timeout
