@@ -165,6 +165,8 @@ async def _finish_task_run(client, task_run_id: Optional[UUID], state_type: str,
 # ----------------------------------------------------------------------- deployments
 
 _deployment_ids: dict[str, UUID] = {}
+#: Pool types whose jobs run in a container image (the stock workers prefect-xm maps onto).
+CONTAINER_POOL_TYPES = frozenset({"docker", "kubernetes", "vertex-ai", "cloud-run", "cloud-run-v2", "ecs"})
 _pool_schemas: dict[str, dict[str, Any]] = {}
 
 
@@ -208,13 +210,19 @@ async def ensure_job_runner_deployment(pool_name: str) -> UUID:
     client = await _client()
     source = job_runner_source_dir()
     flow_id = await client.create_flow(run_job)
+    pool = await client.read_work_pool(pool_name)
+    if pool.type in CONTAINER_POOL_TYPES:
+        # The job runs in an image with prefect-xm installed: load the flow by module
+        # name there; this machine's source directory does not exist in the container.
+        where: dict[str, Any] = dict(entrypoint="prefect_xm.flows.job_runner:run_job", path=None, pull_steps=[])
+    else:
+        where = dict(entrypoint="prefect_xm/flows/job_runner.py:run_job", path=source,
+                     pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": source}}])
     deployment_id = await client.create_deployment(
         flow_id=flow_id,
         name=pool_name,
         work_pool_name=pool_name,
-        entrypoint="prefect_xm/flows/job_runner.py:run_job",
-        path=source,
-        pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": source}}],
+        **where,
         parameter_openapi_schema=parameter_schema(run_job.fn).model_dump_for_openapi(),
         description="prefect-xm job runner (created automatically by prefect_xm experiments)",
         tags=[TAG_XM],
@@ -795,6 +803,15 @@ class Experiment:
         return counts
 
     async def _finish_run(self, stop_reason: Optional[str] = None) -> str:
+        state = await self._final_state(stop_reason)
+        client = await _client()
+        await client.set_flow_run_state(self.flow_run_id, state, force=True)
+        self._summary_dirty = True
+        await self._update_summary()
+        return state.type.value
+
+    async def _final_state(self, stop_reason: Optional[str] = None):
+        """The experiment run's final state, from its work units' states."""
         from prefect.states import Cancelled, Completed, Failed
 
         client = await _client()
@@ -809,10 +826,7 @@ class Experiment:
             state = Cancelled(message=f"{stop_reason or 'work units were cancelled'}: {summary}")
         else:
             state = Completed(message=f"work units: {summary}")
-        await client.set_flow_run_state(self.flow_run_id, state, force=True)
-        self._summary_dirty = True
-        await self._update_summary()
-        return state.type.value
+        return state
 
     async def _close(self, exc: Optional[BaseException]) -> None:
         if exc is not None and not self._stopped:
@@ -946,6 +960,21 @@ async def _create(experiment_title: str, identity: Optional[str]) -> Experiment:
     exp = Experiment(exp_id, experiment_title, run.id)
     exp._loaded = True
     OPENED.append(exp)
+    return exp
+
+
+async def adopt_flow_run(flow_run_id: UUID, experiment_title: str) -> Experiment:
+    """Makes a running xm-experiment flow run (started from a deployment) an experiment:
+    tags it, names it after the title, returns its Experiment (the flow drives it)."""
+    from prefect.client.schemas.actions import FlowRunUpdate  # noqa: F401  (import check)
+
+    client = await _client()
+    run = await client.read_flow_run(flow_run_id)
+    exp_id = _tag_value(run.tags or [], TAG_EXPERIMENT) or secrets.token_hex(4)
+    tags = list(dict.fromkeys(list(run.tags or []) + [TAG_XM, TAG_KIND + KIND_EXPERIMENT, TAG_EXPERIMENT + exp_id]))
+    await client.update_flow_run(flow_run_id, name=experiment_title, tags=tags)
+    exp = Experiment(exp_id, experiment_title, flow_run_id)
+    exp._loaded = True
     return exp
 
 
