@@ -122,17 +122,18 @@ class BatchWorkerSuite:
     harness: SchedulerHarness
 
     @pytest.fixture(scope="class")
-    def env(self, prefect_server, tmp_path_factory):
+    @classmethod
+    def env(cls, prefect_server, tmp_path_factory):
         """One pool of this worker type, its worker (behind command-counting wrappers)
         and deployments of tests/flows/slurm_flows.py."""
-        h = self.harness
+        h = cls.harness
         require_service(h.worker_type, h.available(), h.how_to)
         root = tmp_path_factory.mktemp(h.worker_type)
         pool = f"{h.worker_type}-{uuid.uuid4().hex[:6]}"
         create_pool(prefect_server, pool, h.worker_type)
         os.environ["PATH"] = h.env_path()  # the wrappers and the tests find the fakes too
         wrappers = CountingWrappers(root, [h.submit_command, h.status_command, h.cancel_command])
-        extra_variables, worker_path = self.prepare(root, wrappers)
+        extra_variables, worker_path = cls.prepare(root, wrappers)
         worker = WorkerProcess(prefect_server, pool, h.worker_type, root, path_prefix=worker_path).start()
         run_dir = str(root / "runs")
         deployments = {
@@ -152,14 +153,16 @@ class BatchWorkerSuite:
         e.cluster = extra_variables.get("cluster") or extra_variables.get("ssh_block") or "local"
         yield e
         e.worker.stop()
-        self.cleanup()
+        cls.cleanup()
 
-    def prepare(self, root, wrappers) -> tuple[dict, object]:
+    @classmethod
+    def prepare(cls, root, wrappers) -> tuple[dict, object]:
         """Hook for variants (e.g. over SSH): job variables every deployment gets, and the
         directory put first on the worker's PATH."""
         return {}, wrappers.dir
 
-    def cleanup(self) -> None:
+    @classmethod
+    def cleanup(cls) -> None:
         pass
 
     def test_flow_completes_with_result_and_logs(self, env):

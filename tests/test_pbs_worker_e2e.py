@@ -97,7 +97,8 @@ NO_EXIT_STATUS = (
 class TestTorqueWorker(BatchWorkerSuite):
     harness = TORQUE
 
-    def prepare(self, root, wrappers):
+    @classmethod
+    def prepare(cls, root, wrappers):
         return {"dialect": "torque"}, wrappers.dir
 
     @pytest.mark.xfail(strict=True, reason=NO_EXIT_STATUS)

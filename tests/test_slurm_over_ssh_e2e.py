@@ -33,7 +33,8 @@ def save_block(name: str, **fields) -> str:
 class TestSlurmWorkerOverSsh(BatchWorkerSuite):
     harness = SLURM
 
-    def prepare(self, root, wrappers):
+    @classmethod
+    def prepare(cls, root, wrappers):
         require_service("sshd", sshd_available(), "apt-get install openssh-server (scripts/test.sh does)")
         # The login node's PATH has the counting wrappers; the worker's has none of the
         # scheduler's commands: everything must go through SSH.
@@ -45,13 +46,13 @@ class TestSlurmWorkerOverSsh(BatchWorkerSuite):
             shim = blocker / command
             shim.write_text(f"#!/bin/sh\necho '{command} ran on the worker, not over SSH' >&2\nexit 127\n")
             shim.chmod(0o755)
-        cls = type(self)
         cls.sshd, cls.root = sshd, root
         cls.block = save_block(f"login-{uuid.uuid4().hex[:6]}", **sshd.block_fields())
         return {"ssh_block": cls.block}, blocker
 
-    def cleanup(self) -> None:
-        type(self).sshd.stop()
+    @classmethod
+    def cleanup(cls) -> None:
+        cls.sshd.stop()
 
     def worker_connections(self, env) -> int:
         """Established TCP connections from the worker process to sshd."""
