@@ -126,3 +126,20 @@ async def test_job_removed_by_the_worker_and_gone_without_record_is_cancelled():
     job.cancelled = True
     await poll(p)
     assert job.status.state == JobState.CANCELLED
+
+
+async def test_final_state_with_exit_code_in_the_live_query_needs_no_record_lookup():
+    """Schedulers whose live query carries the exit code (PBS Pro `qstat -x`, LSF
+    `bjobs -a`) cost no extra command when a job ends."""
+    from prefect_xm.workers.scheduler import JobStatus
+
+    class WithExitCodes(SlurmScheduler):
+        def parse_status(self, result):
+            return {"21": JobStatus("21", JobState.FAILED, "FAILED", "NonZeroExitCode", exit_code=2)}
+
+    t = ScriptedTransport(squeue=[(0, "", "")])
+    p = JobPoller(WithExitCodes(), t)
+    job = p.track("21")
+    await poll(p)
+    assert (job.status.state, job.status.exit_code) == (JobState.FAILED, 2)
+    assert [c[0] for c in t.calls] == ["squeue"]

@@ -146,9 +146,9 @@ class JobPoller:
                 need_record.append(job)
             else:
                 job.missing_since = None
-                if status.state.is_final:
-                    need_record.append(job)  # for the exit code and reason
-                self._update(job, status, final_ok=False)
+                if status.state.is_final and status.exit_code is None:
+                    need_record.append(job)  # the live queue lacks the exit code: ask the record
+                self._update(job, status, final_ok=status.exit_code is not None)
         if need_record:
             await self._resolve_terminal(need_record, statuses)
 
