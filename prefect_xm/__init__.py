@@ -8,6 +8,8 @@ import importlib as _importlib
 # Eager, so `prefect block register -m prefect_xm` finds the blocks.
 from prefect_xm.blocks import SSHConnection  # noqa: E402,F401
 
+__all__ = ["SSHConnection", "hyper", "xm", "xm_local"]
+
 _LAZY = ("xm", "xm_local", "hyper")
 
 

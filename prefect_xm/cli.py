@@ -107,7 +107,7 @@ def cmd_launch(script: str, script_args: Sequence[str]) -> int:
         return 2
     _note_api()
     core.PROGRESS_HOOK = _progress
-    old_argv, old_path0 = sys.argv, sys.path[0] if sys.path else None
+    old_argv = sys.argv
     sys.argv = [path, *script_args]
     sys.path.insert(0, os.path.dirname(path))
     code = 0

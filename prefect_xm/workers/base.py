@@ -71,6 +71,15 @@ def _env_float(name: str, default: float) -> float:
         raise ValueError(f"{name}: {os.environ[name]!r} is not a number of seconds") from None
 
 
+def check_format(pattern: "re.Pattern[str]", field: str, value: Optional[str], example: str) -> Optional[str]:
+    """A job variable's value against its scheduler's syntax; the error names both."""
+    if value is None or value == "":
+        return None
+    if not pattern.match(str(value)):
+        raise ValueError(f"{field}: {value!r} is not valid; expected e.g. {example}")
+    return value
+
+
 class ScriptTemplateError(ValueError):
     """The batch-script template could not be rendered (names the variable)."""
 
@@ -211,6 +220,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
     """Prefect worker for a batch scheduler; subclasses set `type` and `scheduler`."""
 
     scheduler: ClassVar[Scheduler]
+    _documentation_url = "https://github.com/prefect-xm/prefect-xm"
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 from pydantic import Field, field_validator
 
-from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker
+from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker, check_format
 from prefect_xm.workers.scheduler import (
     CommandResult,
     JobState,
@@ -376,13 +376,6 @@ _WORD_RE = re.compile(r"^[A-Za-z0-9_.@+-]+$")
 _SINGLE_LINE_RE = re.compile(r"^[^\n\r]*$")
 
 
-def _check(pattern: re.Pattern, field: str, value, example: str):
-    if value is None or value == "":
-        return None
-    if not pattern.match(str(value)):
-        raise ValueError(f"{field}: {value!r} is not valid; expected e.g. {example}")
-    return value
-
 
 class HTCondorJobConfiguration(BatchJobConfiguration):
     universe: str = Field(default="vanilla")
@@ -398,28 +391,28 @@ class HTCondorJobConfiguration(BatchJobConfiguration):
     @field_validator("time_limit")
     @classmethod
     def _time_limit(cls, v):
-        return _check(_DURATION_RE, "time_limit", v, "'90' (minutes) or '2:30:00'")
+        return check_format(_DURATION_RE, "time_limit", v, "'90' (minutes) or '2:30:00'")
 
     @field_validator("request_memory", "request_disk")
     @classmethod
     def _memory(cls, v, info):
-        return _check(_MEMORY_RE, info.field_name, v, "'4GB', '512MB' or '4096' (MB; disk: KB)")
+        return check_format(_MEMORY_RE, info.field_name, v, "'4GB', '512MB' or '4096' (MB; disk: KB)")
 
     @field_validator("universe")
     @classmethod
     def _universe(cls, v):
         # not checked against a list: condor_submit's refusal is shown verbatim
-        return _check(_UNIVERSE_RE, "universe", v, "'vanilla', 'container'") or "vanilla"
+        return check_format(_UNIVERSE_RE, "universe", v, "'vanilla', 'container'") or "vanilla"
 
     @field_validator("accounting_group")
     @classmethod
     def _word(cls, v):
-        return _check(_WORD_RE, "accounting_group", v, "'group_physics.alice'")
+        return check_format(_WORD_RE, "accounting_group", v, "'group_physics.alice'")
 
     @field_validator("requirements")
     @classmethod
     def _line(cls, v):
-        return _check(_SINGLE_LINE_RE, "requirements", v, "a single-line ClassAd expression")
+        return check_format(_SINGLE_LINE_RE, "requirements", v, "a single-line ClassAd expression")
 
     @field_validator("extra_directives")
     @classmethod
@@ -439,7 +432,7 @@ class HTCondorJobConfiguration(BatchJobConfiguration):
     @field_validator("working_dir")
     @classmethod
     def _working_dir(cls, v):
-        return _check(_SINGLE_LINE_RE, "working_dir", v, "a path on a single line")
+        return check_format(_SINGLE_LINE_RE, "working_dir", v, "a path on a single line")
 
 
 class HTCondorVariables(BatchVariables):
@@ -489,4 +482,3 @@ class HTCondorWorker(BatchWorker):
         "once they leave the queue), and cancels it with condor_rm."
     )
     _display_name = "HTCondor (prefect-xm)"
-    _documentation_url = "https://github.com/prefect-xm/prefect-xm"

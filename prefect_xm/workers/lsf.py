@@ -26,7 +26,7 @@ from typing import ClassVar, Optional, Sequence
 
 from pydantic import Field, field_validator
 
-from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker
+from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker, check_format
 from prefect_xm.workers.scheduler import (
     CommandResult,
     JobState,
@@ -336,13 +336,6 @@ _WORD_RE = re.compile(r"^[A-Za-z0-9_.+:@/-]+$")
 _GPU_MODEL_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 
-def _check(pattern: re.Pattern, field: str, value, example: str):
-    if value is None or value == "":
-        return None
-    if not pattern.match(str(value)):
-        raise ValueError(f"{field}: {value!r} is not valid; expected e.g. {example}")
-    return value
-
 
 def lsf_memory(value: str) -> str:
     """'16G' -> '16GB' (LSF wants KB/MB/GB/TB); a bare number stays in LSF_UNIT_FOR_LIMITS."""
@@ -366,22 +359,22 @@ class LsfJobConfiguration(BatchJobConfiguration):
     @field_validator("time_limit")
     @classmethod
     def _time_limit(cls, v):
-        return _check(_RUN_LIMIT_RE, "time_limit", v, "'90' (minutes) or '1:30' (hours:minutes)")
+        return check_format(_RUN_LIMIT_RE, "time_limit", v, "'90' (minutes) or '1:30' (hours:minutes)")
 
     @field_validator("memory")
     @classmethod
     def _memory(cls, v):
-        return _check(_MEMORY_RE, "memory", v, "'16GB', '512MB', '16G' or '4096' (in LSF_UNIT_FOR_LIMITS)")
+        return check_format(_MEMORY_RE, "memory", v, "'16GB', '512MB', '16G' or '4096' (in LSF_UNIT_FOR_LIMITS)")
 
     @field_validator("queue", "project")
     @classmethod
     def _word(cls, v, info):
-        return _check(_WORD_RE, info.field_name, v, "a single word")
+        return check_format(_WORD_RE, info.field_name, v, "a single word")
 
     @field_validator("gpu_model")
     @classmethod
     def _gpu_model(cls, v):
-        return _check(_GPU_MODEL_RE, "gpu_model", v, "'TeslaV100_SXM2_32GB'")
+        return check_format(_GPU_MODEL_RE, "gpu_model", v, "'TeslaV100_SXM2_32GB'")
 
     @field_validator("resources")
     @classmethod
@@ -451,4 +444,3 @@ class LsfWorker(BatchWorker):
         "bjobs per poll for all jobs (bhist once they are cleaned), and cancels it with bkill."
     )
     _display_name = "LSF (prefect-xm)"
-    _documentation_url = "https://github.com/prefect-xm/prefect-xm"

@@ -33,7 +33,7 @@ from typing import ClassVar, Literal, Optional, Sequence
 
 from pydantic import Field, field_validator
 
-from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker
+from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker, check_format
 from prefect_xm.workers.scheduler import (
     CommandResult,
     JobState,
@@ -414,13 +414,6 @@ _SIZE_RE = re.compile(r"^\d+(?:[kKmMgGtTpP]?[bBwW])?$")
 _WORD_RE = re.compile(r"^[A-Za-z0-9_.@+-]+$")
 
 
-def _check(pattern: re.Pattern, field: str, value: Optional[str], example: str) -> Optional[str]:
-    if value is None or value == "":
-        return None
-    if not pattern.match(str(value)):
-        raise ValueError(f"{field}: {value!r} is not valid; expected e.g. {example}")
-    return value
-
 
 class PbsJobConfiguration(BatchJobConfiguration):
     dialect: Literal["pbspro", "torque"] = Field(default="pbspro")
@@ -436,17 +429,17 @@ class PbsJobConfiguration(BatchJobConfiguration):
     @field_validator("time_limit")
     @classmethod
     def _time_limit(cls, v):
-        return _check(_WALLTIME_RE, "time_limit", v, "'01:30:00' (HH:MM:SS), '90:00', '5400' (seconds)")
+        return check_format(_WALLTIME_RE, "time_limit", v, "'01:30:00' (HH:MM:SS), '90:00', '5400' (seconds)")
 
     @field_validator("memory")
     @classmethod
     def _memory(cls, v):
-        return _check(_SIZE_RE, "memory", v, "'16gb', '512mb'")
+        return check_format(_SIZE_RE, "memory", v, "'16gb', '512mb'")
 
     @field_validator("queue", "account")
     @classmethod
     def _word(cls, v, info):
-        return _check(_WORD_RE, info.field_name, v, "a single word")
+        return check_format(_WORD_RE, info.field_name, v, "a single word")
 
     @field_validator("nodes", "cpus", "gpus")
     @classmethod
@@ -501,7 +494,6 @@ class PbsWorker(BatchWorker):
         "one qstat per poll for all jobs, and cancels it with qdel. Locally or over SSH."
     )
     _display_name = "PBS Pro / Torque (prefect-xm)"
-    _documentation_url = "https://github.com/prefect-xm/prefect-xm"
 
     def scheduler_for(self, configuration: BatchJobConfiguration) -> Scheduler:
         return DIALECTS[getattr(configuration, "dialect", "pbspro")]

@@ -198,6 +198,22 @@ class Scheduler:
         return scheduler, cluster, job_id
 
 
+def combine_parts(job_id: str, parts: Sequence[JobStatus], completed_word: str = "COMPLETED") -> "JobStatus | None":
+    """A multi-part job (array tasks, heterogeneous components) as a whole: not started
+    until all parts have started; ended only when all have ended; failed if any failed."""
+    if not parts:
+        return None
+    live = [s for s in parts if not s.state.is_final]
+    if live:
+        worst = min(live, key=lambda s: s.state)
+        return JobStatus(job_id, worst.state, worst.native_state, worst.reason)
+    for bad in (JobState.FAILED, JobState.CANCELLED):
+        hit = next((s for s in parts if s.state == bad), None)
+        if hit:
+            return JobStatus(job_id, bad, hit.native_state, hit.reason, hit.exit_code, hit.signal)
+    return JobStatus(job_id, JobState.COMPLETED, completed_word, "", 0)
+
+
 def chunked(items: Iterable[str], size: int) -> list[list[str]]:
     items = list(items)
     return [items[i : i + size] for i in range(0, len(items), size)]

@@ -29,7 +29,7 @@ from typing import ClassVar, Mapping, Optional, Sequence
 
 from pydantic import Field, field_validator
 
-from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker
+from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker, check_format
 from prefect_xm.workers.scheduler import (
     CommandResult,
     JobState,
@@ -39,6 +39,7 @@ from prefect_xm.workers.scheduler import (
     SubmitRequest,
     TransientSchedulerError,
     chunked,
+    combine_parts,
 )
 
 # -- state model ----------------------------------------------------------------
@@ -274,17 +275,7 @@ def combine_tasks(job_id: str, statuses: Mapping[str, JobStatus]) -> Optional[Jo
     """An array job as a whole from its tasks ('ID.N'): not started until all have
     started, ended only when all have ended, failed if any failed."""
     parts = [s for k, s in statuses.items() if k.startswith(f"{job_id}.")]
-    if not parts:
-        return None
-    live = [s for s in parts if not s.state.is_final]
-    if live:
-        worst = min(live, key=lambda s: s.state)
-        return JobStatus(job_id, worst.state, worst.native_state, worst.reason)
-    for bad in (JobState.FAILED, JobState.CANCELLED):
-        hit = next((s for s in parts if s.state == bad), None)
-        if hit:
-            return JobStatus(job_id, bad, hit.native_state, hit.reason, hit.exit_code, hit.signal)
-    return JobStatus(job_id, JobState.COMPLETED, "DONE", "", 0)
+    return combine_parts(job_id, parts, "DONE")
 
 
 # -- the Scheduler --------------------------------------------------------------
@@ -388,13 +379,6 @@ _MEMORY_RE = re.compile(r"^\d+(?:\.\d+)?[KkMmGgTt]?$")
 _WORD_RE = re.compile(r"^[A-Za-z0-9_.@+*,-]+$")
 
 
-def _check(pattern: re.Pattern, field: str, value: Optional[str], example: str) -> Optional[str]:
-    if value is None or value == "":
-        return None
-    if not pattern.match(str(value)):
-        raise ValueError(f"{field}: {value!r} is not valid; expected e.g. {example}")
-    return value
-
 
 class SgeJobConfiguration(BatchJobConfiguration):
     queue: Optional[str] = Field(default=None)
@@ -410,22 +394,22 @@ class SgeJobConfiguration(BatchJobConfiguration):
     @field_validator("time_limit")
     @classmethod
     def _time_limit(cls, v):
-        return _check(_TIME_RE, "time_limit", v, "'3600' (seconds) or '1:00:00' (h_rt)")
+        return check_format(_TIME_RE, "time_limit", v, "'3600' (seconds) or '1:00:00' (h_rt)")
 
     @field_validator("memory")
     @classmethod
     def _memory(cls, v):
-        return _check(_MEMORY_RE, "memory", v, "'4G', '512M' (h_vmem, per slot)")
+        return check_format(_MEMORY_RE, "memory", v, "'4G', '512M' (h_vmem, per slot)")
 
     @field_validator("queue", "project", "parallel_environment", "gpu_resource")
     @classmethod
     def _word(cls, v, info):
-        return _check(_WORD_RE, info.field_name, v, "a single word such as 'all.q'")
+        return check_format(_WORD_RE, info.field_name, v, "a single word such as 'all.q'")
 
     @field_validator("shell")
     @classmethod
     def _shell(cls, v):
-        return _check(re.compile(r"^/[^\s]+$"), "shell", v, "'/bin/bash'")
+        return check_format(re.compile(r"^/[^\s]+$"), "shell", v, "'/bin/bash'")
 
     @field_validator("slots", "gpus")
     @classmethod
@@ -479,5 +463,4 @@ class SgeWorker(BatchWorker):
         "poll for all jobs and qacct for finished ones, and cancels it with qdel. Locally or over SSH."
     )
     _display_name = "Grid Engine / SGE (prefect-xm)"
-    _documentation_url = "https://github.com/prefect-xm/prefect-xm"
     _logo_url = "https://upload.wikimedia.org/wikipedia/commons/8/8a/Grid_Engine_logo.png"

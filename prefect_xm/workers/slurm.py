@@ -12,7 +12,7 @@ from typing import ClassVar, Optional, Sequence
 
 from pydantic import Field, field_validator
 
-from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker
+from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker, check_format
 from prefect_xm.workers.scheduler import (
     CommandResult,
     JobState,
@@ -22,6 +22,7 @@ from prefect_xm.workers.scheduler import (
     SubmitRequest,
     TransientSchedulerError,
     chunked,
+    combine_parts,
 )
 
 # -- state model ----------------------------------------------------------------
@@ -251,17 +252,7 @@ def combine_components(job_id: str, statuses: dict[str, JobStatus]) -> Optional[
     (123_4) or het-job components (123+0). Not started until all have started; ended
     only when all have ended, failed if any failed."""
     parts = [s for k, s in statuses.items() if k.startswith((f"{job_id}_", f"{job_id}+"))]
-    if not parts:
-        return None
-    live = [s for s in parts if not s.state.is_final]
-    if live:
-        worst = min(live, key=lambda s: s.state)
-        return JobStatus(job_id, worst.state, worst.native_state, worst.reason)
-    for bad in (JobState.FAILED, JobState.CANCELLED):
-        hit = next((s for s in parts if s.state == bad), None)
-        if hit:
-            return JobStatus(job_id, bad, hit.native_state, hit.reason, hit.exit_code, hit.signal)
-    return JobStatus(job_id, JobState.COMPLETED, "COMPLETED", "", 0)
+    return combine_parts(job_id, parts, "COMPLETED")
 
 
 # -- the Scheduler --------------------------------------------------------------
@@ -351,13 +342,6 @@ _MEMORY_RE = re.compile(r"^\d+[KMGT]?$")
 _DIRECTIVE_VALUE_RE = re.compile(r"^[^\n\r]*$")
 
 
-def _check(pattern: re.Pattern, field: str, value: Optional[str], example: str) -> Optional[str]:
-    if value is None or value == "":
-        return None
-    if not pattern.match(str(value)):
-        raise ValueError(f"{field}: {value!r} is not valid; expected e.g. {example}")
-    return value
-
 
 class SlurmJobConfiguration(BatchJobConfiguration):
     partition: Optional[str] = Field(default=None)
@@ -375,19 +359,19 @@ class SlurmJobConfiguration(BatchJobConfiguration):
     @field_validator("time_limit")
     @classmethod
     def _time_limit(cls, v):
-        return _check(_TIME_RE, "time_limit", v, "'90' (minutes), '2:30:00', '1-12:00:00'")
+        return check_format(_TIME_RE, "time_limit", v, "'90' (minutes), '2:30:00', '1-12:00:00'")
 
     @field_validator("memory")
     @classmethod
     def _memory(cls, v):
-        return _check(_MEMORY_RE, "memory", v, "'16G', '512M', '4096'")
+        return check_format(_MEMORY_RE, "memory", v, "'16G', '512M', '4096'")
 
     @field_validator("partition", "account", "qos", "gpu_type", "constraint")
     @classmethod
     def _one_line(cls, v, info):
         if v is not None and not re.match(r"^[^\s]+$", v) and info.field_name != "constraint":
             raise ValueError(f"{info.field_name}: {v!r} must be a single word")
-        return _check(_DIRECTIVE_VALUE_RE, info.field_name, v, "a single line")
+        return check_format(_DIRECTIVE_VALUE_RE, info.field_name, v, "a single line")
 
     @field_validator("nodes", "ntasks", "cpus_per_task", "gpus")
     @classmethod
@@ -443,5 +427,4 @@ class SlurmWorker(BatchWorker):
         "poll for all jobs, and cancels it with scancel. Locally or over SSH."
     )
     _display_name = "Slurm (prefect-xm)"
-    _documentation_url = "https://github.com/prefect-xm/prefect-xm"
     _logo_url = "https://slurm.schedmd.com/slurm_logo.png"
