@@ -103,6 +103,10 @@ class SSHServer:
         """Connections sshd accepted (one per successful authentication)."""
         return self.log.read_text().count("Accepted publickey")
 
+    def commands(self) -> int:
+        """Commands run (one SSH session each), over all connections."""
+        return self.log.read_text().count("Starting session: command")
+
     def block_fields(self, **overrides) -> dict:
         fields = dict(
             host="127.0.0.1",

@@ -66,8 +66,12 @@ class TestSlurmWorkerOverSsh(BatchWorkerSuite):
         runs = [run(start_run(env.deployments["sleeper"], {"seconds": 1}, SLURM.hold_variables)) for _ in range(30)]
         for r in runs:
             wait_state(r.id, StateType.PENDING, name="InfrastructurePending", timeout=300)
-        polls_before = len(env.wrappers.calls("squeue"))
+        polls_before, commands_before = len(env.wrappers.calls("squeue")), self.sshd.commands()
         wait_for(lambda: len(env.wrappers.calls("squeue")) >= polls_before + 5, 60, what="5 more polls")
+        polls, commands = len(env.wrappers.calls("squeue")) - polls_before, self.sshd.commands() - commands_before
+        # each poll of the 30 held jobs is one squeue, in one SSH session (a poll in
+        # flight at either end of the window may be counted on one side only)
+        assert commands <= polls + 1, (commands, polls)
         assert self.sshd.accepted() == accepted_before  # no new connection for 30 jobs
         assert self.worker_connections(env) == 1
         assert not any("ran on the worker" in logs_of(r.id) for r in runs[:3])
