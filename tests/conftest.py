@@ -99,6 +99,8 @@ def prefect_server() -> PrefectServer:
     port = _SERVER_PORT
     env = dict(os.environ)
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    # The UI asks the server where its API is; without this it says 127.0.0.1:4200.
+    env["PREFECT_SERVER_UI_API_URL"] = f"http://127.0.0.1:{port}/api"
     env.pop("PREFECT_API_URL", None)
     log = open(home / "server.log", "w")
     proc = subprocess.Popen(
