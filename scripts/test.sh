@@ -10,4 +10,5 @@ bash scripts/slurm-cluster.sh start
 bash scripts/torque-wrappers.sh >/dev/null  # Slurm's Torque qsub/qstat/qdel, unpacked beside the system
 bash scripts/sge-cluster.sh start
 bash scripts/sshd-package.sh
+bash scripts/chromium.sh
 exec .venv/bin/python -m pytest -ra "$@"
