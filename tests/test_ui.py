@@ -12,10 +12,13 @@ Chromium comes from `scripts/chromium.sh` (apt); Playwright's own browser downlo
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import re
 import shutil
 import sys
+import tempfile
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +30,9 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage"]
-DOCS = REPO / "docs"
+# The README's screenshots are refreshed only on request, so a test run leaves the
+# tree clean: PREFECT_XM_UPDATE_SCREENSHOTS=1 bash scripts/test.sh -k ui
+DOCS = (REPO / "docs") if os.environ.get("PREFECT_XM_UPDATE_SCREENSHOTS") == "1" else Path(tempfile.mkdtemp(prefix="pxm-ui-"))
 SLURM_TITLES = ["Partition", "Time limit", "CPUs per task", "Memory", "GPUs", "GPU type", "Modules",
                 "Setup commands"]
 
