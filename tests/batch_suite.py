@@ -127,7 +127,12 @@ class BatchWorkerSuite:
         """One pool of this worker type, its worker (behind command-counting wrappers)
         and deployments of tests/flows/slurm_flows.py."""
         h = cls.harness
-        require_service(h.worker_type, h.available(), h.how_to)
+        # A loaded 2-core machine can leave a daemon briefly unanswering (SGE's execd
+        # unheard, a slow qstat): give the service a generous while before judging.
+        deadline = time.monotonic() + 90
+        while not (up := h.available()) and time.monotonic() < deadline:
+            time.sleep(3)
+        require_service(h.worker_type, up, h.how_to)
         root = tmp_path_factory.mktemp(h.worker_type)
         pool = f"{h.worker_type}-{uuid.uuid4().hex[:6]}"
         create_pool(prefect_server, pool, h.worker_type)

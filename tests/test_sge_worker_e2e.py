@@ -15,7 +15,9 @@ pytestmark = [pytest.mark.sge, pytest.mark.e2e]
 
 
 def sge_is_up() -> bool:
-    status = subprocess.run(["bash", str(REPO / "scripts" / "sge-cluster.sh"), "status"], capture_output=True)
+    status = subprocess.run(["bash", str(REPO / "scripts" / "sge-cluster.sh"), "status"], capture_output=True, text=True)
+    if status.returncode != 0:
+        print(f"sge-cluster.sh status: {status.stderr.strip()[-500:]}")  # shown with a failure
     return status.returncode == 0
 
 
