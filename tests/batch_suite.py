@@ -136,7 +136,10 @@ class BatchWorkerSuite:
         root = tmp_path_factory.mktemp(h.worker_type)
         pool = f"{h.worker_type}-{uuid.uuid4().hex[:6]}"
         create_pool(prefect_server, pool, h.worker_type)
-        os.environ["PATH"] = h.env_path()  # the wrappers and the tests find the fakes too
+        # The wrappers and this class's tests find the fakes too; restored afterwards, or a
+        # fake qstat (PBS) would shadow the real one (SGE) for the classes that follow.
+        saved_path = os.environ["PATH"]
+        os.environ["PATH"] = h.env_path()
         wrappers = CountingWrappers(root, [h.submit_command, h.status_command, h.cancel_command])
         extra_variables, worker_path = cls.prepare(root, wrappers)
         worker = WorkerProcess(prefect_server, pool, h.worker_type, root, path_prefix=worker_path).start()
@@ -156,9 +159,12 @@ class BatchWorkerSuite:
         e.timeout_run = run(start_run(deployments["sleeper"], {"seconds": 600}, h.time_limit_variables))
         e.worker_path = worker_path
         e.cluster = extra_variables.get("cluster") or extra_variables.get("ssh_block") or "local"
-        yield e
-        e.worker.stop()
-        cls.cleanup()
+        try:
+            yield e
+        finally:
+            e.worker.stop()
+            cls.cleanup()
+            os.environ["PATH"] = saved_path
 
     @classmethod
     def prepare(cls, root, wrappers) -> tuple[dict, object]:
