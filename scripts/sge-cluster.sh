@@ -155,7 +155,7 @@ prepare_host() {
 start_qmaster() {
     log "starting sge_qmaster"
     # Daemonizes itself; its messages go to $QMASTER_SPOOL/messages.
-    /usr/sbin/sge_qmaster </dev/null >/dev/null 2>&1 || {
+    /usr/sbin/sge_qmaster 9>&- </dev/null >/dev/null 2>&1 || {
         tail -n 20 "$QMASTER_SPOOL/messages" >&2 || true
         die "sge_qmaster failed to start"
     }
@@ -284,7 +284,7 @@ EOF
 
 start_execd() {
     log "starting sge_execd"
-    /usr/sbin/sge_execd </dev/null >/dev/null 2>&1 || die "sge_execd failed to start"
+    /usr/sbin/sge_execd 9>&- </dev/null >/dev/null 2>&1 || die "sge_execd failed to start"
 }
 
 wait_queue_ready() {
@@ -335,6 +335,8 @@ smoke_test() {
 }
 
 # Test sessions may call start/stop at the same time; one at a time.
+# Every daemon is started with fd 9 closed: one that inherited it would hold the lock
+# for as long as it runs, and every later start would wait on it in vain.
 take_lock() {
     exec 9>/run/sge-cluster.lock
     if ! flock -w 180 9; then

@@ -185,7 +185,7 @@ ensure_munge() {
     log "starting munged"
     # --force: a munged that died leaves its socket behind, and munged refuses to start
     # over a socket it cannot prove is stale.
-    runuser -u munge -- /usr/sbin/munged --force </dev/null >/dev/null 2>&1 ||
+    runuser -u munge -- /usr/sbin/munged --force 9>&- </dev/null >/dev/null 2>&1 ||
         die "munged did not start (see /var/log/munge/munged.log)"
     local deadline=$((SECONDS + 15))
     until munge_works; do
@@ -290,7 +290,7 @@ start_daemons() {
     # Both daemons fork into the background themselves; their own output goes to the
     # log files, the redirects only keep a failing start's message for the error.
     log "starting slurmctld"
-    if ! slurmctld </dev/null >>"$LOG_DIR/slurmctld.start.log" 2>&1; then
+    if ! slurmctld 9>&- </dev/null >>"$LOG_DIR/slurmctld.start.log" 2>&1; then
         tail -n 20 "$LOG_DIR/slurmctld.start.log" "$LOG_DIR/slurmctld.log" >&2 || true
         die "slurmctld failed to start"
     fi
@@ -298,7 +298,7 @@ start_daemons() {
     SLURMD_STARTED=$(date +%s)
     # -N: slurmd would otherwise look itself up by `hostname -s`, which is not the
     # NodeName where `hostname` prints a fully qualified name.
-    if ! slurmd -N "$NODE" </dev/null >>"$LOG_DIR/slurmd.start.log" 2>&1; then
+    if ! slurmd -N "$NODE" 9>&- </dev/null >>"$LOG_DIR/slurmd.start.log" 2>&1; then
         tail -n 20 "$LOG_DIR/slurmd.start.log" "$LOG_DIR/slurmd.log" >&2 || true
         die "slurmd failed to start"
     fi
@@ -391,6 +391,8 @@ smoke_test() {
 
 # Test sessions may call start/stop at the same time; one at a time, and a second
 # start then finds the cluster up and returns at once.
+# Every daemon is started with fd 9 closed: one that inherited it would hold the lock
+# for as long as it runs, and every later start would wait on it in vain.
 take_lock() {
     exec 9>/run/slurm-cluster.lock
     if ! flock -w 180 9; then
