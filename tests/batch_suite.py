@@ -8,10 +8,12 @@ Waits are on conditions with generous deadlines; nothing asserts how fast anythi
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
@@ -62,6 +64,10 @@ class SchedulerHarness:
     path_prefix: list[str] = field(default_factory=list)
     #: a status-call argv that names individual jobs is per-job polling
     status_call_is_batched: Callable[[str], bool] = lambda call: True
+    #: the command that shows a queued job's record as other users could read it, and
+    #: whether that record lists the environment qsub -V / getenv copied into the job
+    job_record_argv: Optional[Callable[[str], list[str]]] = None
+    job_record_shows_environment: bool = False
 
     def env_path(self) -> str:
         return os.pathsep.join([*self.path_prefix, os.environ["PATH"]])
@@ -83,6 +89,9 @@ class SchedulerHarness:
     def jobs_named(self, name: str) -> list[str]:
         # as the worker does it (base._find_by_name): the scheduler filters by name
         return self.scheduler.jobs_named(name, self._run(self.scheduler.find_by_name_argv(name)).stdout)
+
+
+WORKER_CREDENTIAL = f"xm-worker-credential-{uuid.uuid4().hex}"
 
 
 def job_id_of(fr) -> str:
@@ -142,11 +151,15 @@ class BatchWorkerSuite:
         os.environ["PATH"] = h.env_path()
         wrappers = CountingWrappers(root, [h.submit_command, h.status_command, h.cancel_command])
         extra_variables, worker_path = cls.prepare(root, wrappers)
-        worker = WorkerProcess(prefect_server, pool, h.worker_type, root, path_prefix=worker_path).start()
+        # A credential of the worker's own (as PREFECT_API_KEY would be) and a harmless
+        # marker: scheduler commands get the marker, never the credential.
+        worker = WorkerProcess(prefect_server, pool, h.worker_type, root, path_prefix=worker_path,
+                               XM_SUITE_WORKER_API_KEY=WORKER_CREDENTIAL,
+                               XM_SUITE_WORKER_MARKER="xm-suite-marker").start()
         run_dir = str(root / "runs")
         deployments = {
             name: run(deploy(f"slurm_flows.py:{name}", pool, f"e2e-{name}", {"run_dir": run_dir, **extra_variables}))
-            for name in ("double", "boom", "sleeper")
+            for name in ("double", "boom", "sleeper", "environ")
         }
 
         class Env:
@@ -208,6 +221,43 @@ class BatchWorkerSuite:
         assert fr.state.type == StateType.CRASHED, fr.state
         assert "exit code 127" in fr.state.message
         assert "/opt/no-such-python" in fr.state.message
+
+    def test_run_environment_reaches_the_flow_through_an_owner_only_file(self, env):
+        secret = f"xm-run-token-{uuid.uuid4().hex}"
+        fr = run(start_run(env.deployments["environ"], {"name": "XM_SUITE_RUN_TOKEN"},
+                           {"env": {"XM_SUITE_RUN_TOKEN": secret}}))
+        fr = wait_final(fr.id)
+        assert fr.state.type == StateType.COMPLETED, fr.state
+        assert run(fr.state.aresult()) == secret
+        run_dir = Path(env.run_dir) / str(fr.id)
+        env_file = run_dir / "job.env"
+        assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+        assert secret in env_file.read_text() and str(fr.id) in env_file.read_text()
+        assert secret not in (run_dir / "job.sh").read_text()
+        assert secret not in logs_of(fr.id) and WORKER_CREDENTIAL not in logs_of(fr.id)
+
+    def test_queued_jobs_record_holds_no_credential(self, env):
+        """What other users of the cluster can read of a job (qstat -j, qstat -f,
+        condor_q) carries neither the run's credentials nor the worker's."""
+        h = env.h
+        secret = f"xm-run-token-{uuid.uuid4().hex}"
+        fr = run(start_run(env.deployments["sleeper"], {"seconds": 1},
+                           {**h.hold_variables, "env": {"XM_SUITE_RUN_TOKEN": secret}}))
+        fr = wait_state(fr.id, StateType.PENDING, name="InfrastructurePending")
+        job_id = job_id_of(fr)
+        try:
+            if h.job_record_argv is not None:
+                record = h._run(h.job_record_argv(job_id))
+                text = record.stdout + record.stderr
+                assert record.returncode == 0 and job_id.split(".")[0] in text, text
+                assert secret not in text and WORKER_CREDENTIAL not in text
+                if h.job_record_shows_environment:
+                    # the record does list the copied environment: the check above means something
+                    assert "xm-suite-marker" in text, text
+            assert secret not in "\n".join(env.wrappers.calls(h.submit_command))
+        finally:
+            request_cancel(fr.id)
+            wait_state(fr.id, StateType.CANCELLED)
 
     def test_cancel_while_pending(self, env):
         # a held job stays queued however idle the cluster is

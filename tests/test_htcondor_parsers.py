@@ -173,7 +173,7 @@ def test_one_status_query_for_all_jobs():
 
 def request(**variables) -> SubmitRequest:
     config = HTCondorJobConfiguration(**variables)
-    return SubmitRequest("/runs/r1/job.sh", "#!/bin/bash\n", "job-r1", "/runs/r1", {},
+    return SubmitRequest("/runs/r1/job.sh", "#!/bin/bash\n", "job-r1", "/runs/r1",
                          config.model_dump(exclude={"env"}))
 
 

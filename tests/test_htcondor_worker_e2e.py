@@ -40,6 +40,9 @@ HTCONDOR = SchedulerHarness(
     path_prefix=[str(FAKE_CONDOR)],
     # one condor_q -json for all tracked ids, never one per job
     status_call_is_batched=lambda call: " -json " in call and "-constraint" not in call,
+    # with getenv = True, the ad's Environment is the worker's environment
+    job_record_argv=lambda job_id: ["condor_q", "-json", job_id],
+    job_record_shows_environment=True,
 )
 
 
@@ -65,7 +68,7 @@ def test_completed_job_is_read_from_condor_history(tmp_path):
     script = tmp_path / "job.sh"
     script.write_text("#!/bin/bash\necho bye >&2\nexit 7\n")
     script.chmod(0o755)
-    request = SubmitRequest(str(script), script.read_text(), "hist-1", str(tmp_path), {},
+    request = SubmitRequest(str(script), script.read_text(), "hist-1", str(tmp_path),
                             HTCondorJobConfiguration().model_dump(exclude={"env"}))
     job_id = s.parse_submit(sh(s.submit_argv(request), s.submit_stdin(request)).stdout)
     wait_for(lambda: job_id not in s.parse_status(sh(s.status_argv([job_id]))), 60, what="the job to leave condor_q")

@@ -51,6 +51,9 @@ PBSPRO = PbsHarness(
     path_prefix=[str(FAKE_PBSPRO)],
     # the one JSON query with history; terminal lookups use the same form
     status_call_is_batched=lambda call: call.startswith("qstat -x -f -F json "),
+    # with #PBS -V, Variable_List is the worker's environment
+    job_record_argv=lambda job_id: ["qstat", "-f", job_id],
+    job_record_shows_environment=True,
 )
 
 
@@ -84,6 +87,8 @@ TORQUE = PbsHarness(
     malformed_variables=[({"time_limit": "ten minutes"}, "time_limit"), ({"memory": "16 gigs"}, "memory")],
     path_prefix=[TORQUE_WRAPPERS],
     status_call_is_batched=lambda call: call.startswith("qstat -f "),
+    # the job is a Slurm job: its record is scontrol's
+    job_record_argv=lambda job_id: ["scontrol", "show", "job", "-dd", job_id.split(".")[0]],
 )
 
 NO_EXIT_STATUS = (

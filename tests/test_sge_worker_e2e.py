@@ -40,6 +40,9 @@ SGE = SchedulerHarness(
     # one `qstat -xml` for all jobs; `qstat -j ID` per job would be per-job polling
     # (the worker asks `qstat -j` only for jobs in an error state, none here)
     status_call_is_batched=lambda call: call.split() == ["qstat", "-xml"],
+    # any user may run qstat -j; with qsub -V its env_list is the worker's environment
+    job_record_argv=lambda job_id: ["qstat", "-j", job_id],
+    job_record_shows_environment=True,
 )
 
 

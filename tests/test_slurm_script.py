@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 import uuid
 from types import SimpleNamespace
@@ -58,8 +59,9 @@ def test_full_variable_set_renders_every_directive():
         "exec python -m prefect flow-run execute --why 'a b'",
     ):
         assert line in script.splitlines(), line
-    # secrets and the environment travel through sbatch's environment, not the script
+    # secrets and the environment travel in the run's 0600 env file, sourced, never inline
     assert "pnu_secret" not in script and "FOO" not in script
+    assert ". /tmp/pxm-runs/00000000-0000-0000-0000-000000000007/job.env" in script.splitlines()
 
 
 def test_full_variable_set_passes_sbatch_test_only(tmp_path):
@@ -80,7 +82,8 @@ def test_undefined_template_variable_is_an_error_naming_it():
 
 def test_template_from_a_file(tmp_path):
     t = tmp_path / "site.sh.j2"
-    t.write_text("#!/bin/bash\n#SBATCH --partition={{ partition }}\n# {{ job_name }}\nexec {{ command_argv | map('q') | join(' ') }}\n")
+    t.write_text("#!/bin/bash\n#SBATCH --partition={{ partition }}\n# {{ job_name }}\n. {{ env_file | q }}\n"
+                 "exec {{ command_argv | map('q') | join(' ') }}\n")
     script = render(partition="gpu", script_template=str(t), command="python -c 'print(1)'")
     assert "#SBATCH --partition=gpu" in script
     assert "exec python -c 'print(1)'" in script
@@ -95,7 +98,7 @@ def test_bad_values_name_field_and_value():
         SlurmJobConfiguration(extra_directives=["--exclusive\nrm -rf /"])
 
 
-def test_submit_that_times_out_is_found_by_name_not_submitted_twice(tmp_path):
+def test_submit_that_times_out_is_found_by_name_not_submitted_twice(tmp_path, monkeypatch):
     """sbatch accepts the job and then hangs: the worker's submit times out, looks the
     job up by its unique name and takes that id, instead of submitting again."""
     require_service("Slurm", slurm_up(), "bash scripts/slurm-cluster.sh start")
@@ -113,9 +116,9 @@ def test_submit_that_times_out_is_found_by_name_not_submitted_twice(tmp_path):
     script = tmp_path / "job.sh"
     script.write_text(f"#!/bin/bash\n#SBATCH --job-name={name}\n#SBATCH --output=/dev/null\ntrue\n")
     worker = SlurmWorker(work_pool_name="submit-only")
-    import os
-    request = SubmitRequest(str(script), script.read_text(), name, str(tmp_path),
-                            env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    # scheduler commands run in the worker's environment
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    request = SubmitRequest(str(script), script.read_text(), name, str(tmp_path))
     config = SlurmJobConfiguration(submit_timeout=2)
     job_id = asyncio.run(worker.submit_job(request, LocalTransport(), config, logging.getLogger("t")))
     assert calls.read_text().count("call") == 1

@@ -35,6 +35,7 @@ SLURM = SchedulerHarness(
     malformed_variables=[({"time_limit": "ten minutes"}, "time_limit"), ({"memory": "16 gigs"}, "memory")],
     # one `squeue --me` for all jobs; `-j ids` would be per-job (and fails on one purged id)
     status_call_is_batched=lambda call: "--me" in call and " -j " not in call,
+    job_record_argv=lambda job_id: ["scontrol", "show", "job", "-dd", job_id],
 )
 
 

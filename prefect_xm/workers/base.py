@@ -80,6 +80,16 @@ def check_format(pattern: "re.Pattern[str]", field: str, value: Optional[str], e
     return value
 
 
+#: the run's environment, beside job.sh in the run directory (mode 0600)
+ENV_FILE = "job.env"
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def environment_file(env: dict[str, str]) -> str:
+    """The run's environment as a file the batch script sources (`. job.env`)."""
+    return "".join(f"export {name}={shlex.quote(str(value))}\n" for name, value in env.items())
+
+
 class ScriptTemplateError(ValueError):
     """The batch-script template could not be rendered (names the variable)."""
 
@@ -115,6 +125,14 @@ class BatchJobConfiguration(BaseJobConfiguration):
         for item in v:
             if "\n" in item or "\r" in item:
                 raise ValueError(f"{info.field_name}: {item!r} must be a single line")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _environment_names(cls, v: dict) -> dict:
+        for name in v:
+            if not ENV_NAME.fullmatch(name):
+                raise ValueError(f"env: {name!r} is not a valid environment variable name")
         return v
 
     @field_validator("job_name")
@@ -318,9 +336,10 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             command_argv=shlex.split(configuration.command or ""),
             flow_run_id=str(flow_run.id),
             directive=self.scheduler.directive_prefix,
+            env_file=f"{run_dir}/{ENV_FILE}",
         )
         try:
-            return env.from_string(self.load_template(configuration)).render(context)
+            script = env.from_string(self.load_template(configuration)).render(context)
         except jinja2.UndefinedError as exc:
             raise ScriptTemplateError(
                 f"script_template: the batch-script template uses an undefined variable: {exc.message}"
@@ -329,6 +348,13 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             raise ScriptTemplateError(
                 f"script_template: syntax error on line {exc.lineno}: {exc.message}"
             ) from None
+        if context["env_file"] not in script:
+            # without it the flow would start with neither its API URL nor its run id
+            raise ScriptTemplateError(
+                "script_template: the batch-script template must source the run's environment "
+                "file, e.g. `. {{ env_file | q }}` before the command"
+            )
+        return script
 
     # -- submit ---------------------------------------------------------------------------
     async def run(
@@ -341,6 +367,10 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         transport = await self.transport_for(configuration)
         run_dir = await self.run_directory(configuration, flow_run.id)
         script = self.render_script(configuration, flow_run, run_dir)
+        run_env = {k: v for k, v in configuration.env.items() if v is not None}
+        # The run's environment (API URL, flow run id, the API key) travels in a file only
+        # its owner can read, never in the script, the submit command or the job's record.
+        await transport.write_file(f"{run_dir}/{ENV_FILE}", environment_file(run_env), 0o600)
         script_path = f"{run_dir}/job.sh"
         await transport.write_file(script_path, script, 0o700)
         logger.info(f"Rendered batch script: {script_path}")
@@ -349,7 +379,6 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             script=script,
             job_name=self.job_name(configuration, flow_run),
             run_dir=run_dir,
-            env={k: v for k, v in configuration.env.items() if v is not None},
             variables=configuration.model_dump(exclude={"env"}),
         )
         job_id = await self.submit_job(request, transport, configuration, logger)
@@ -371,9 +400,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         attempts = 3
         for attempt in range(1, attempts + 1):
             try:
-                result = await transport.run(
-                    argv, stdin=stdin, env=request.env, timeout=configuration.submit_timeout
-                )
+                result = await transport.run(argv, stdin=stdin, timeout=configuration.submit_timeout)
                 if result.ok:
                     return scheduler.parse_submit(result.stdout)
                 error = scheduler.submit_error(result)

@@ -22,9 +22,10 @@ Choices (documented in the variables' descriptions too):
   Slurm's MinJobAge: the status query gets the exit code without a history scan, and a
   retried submit finds a job that already finished by its batch name. After that they
   are read from `condor_history` (bounded batches).
-- The environment: `getenv = True` (condor_submit's environment, where the worker puts
-  PREFECT_API_URL, the flow run id and any API key). HTCondor stores it in the job ad, so
-  anyone who can read the job ad (condor_q -l) can read it: use short-lived keys.
+- The environment: `getenv = True` copies condor_submit's environment, which is the
+  worker's without its credentials (transport.command_environment), into the job ad,
+  which anyone can read with condor_q -l. The run's own environment (API URL, flow run
+  id, API key) is in the run directory's 0600 job.env, sourced by the script.
 """
 
 from __future__ import annotations

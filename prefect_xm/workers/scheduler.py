@@ -83,7 +83,6 @@ class SubmitRequest:
     script: str  # its text, for schedulers that read directives from stdin (LSF)
     job_name: str
     run_dir: str
-    env: Mapping[str, str] = field(default_factory=dict)
     #: the run's job variables (the configuration, without env), for schedulers whose
     #: submission is more than the script (HTCondor's submit description)
     variables: Mapping[str, Any] = field(default_factory=dict)

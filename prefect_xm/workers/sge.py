@@ -289,8 +289,8 @@ class SgeScheduler(Scheduler):
     error_batch_size: ClassVar[int] = 50
 
     def submit_argv(self, request: SubmitRequest) -> list[str]:
-        # -V: the job gets qsub's environment (the API URL, the flow run id), like
-        # sbatch's default; nothing is written into the script.
+        # -V: the job gets qsub's environment (PATH, the site's variables), like sbatch's
+        # default; it has no credentials in it (the run's own are in job.env).
         return ["qsub", "-terse", "-V", request.script_path]
 
     def parse_submit(self, stdout: str) -> str:

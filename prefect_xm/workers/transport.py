@@ -42,6 +42,18 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
+#: Names of the worker's own credentials (its Prefect API key, cloud tokens...). Scheduler
+#: commands run without them: qsub -V, HTCondor's getenv and bsub copy the submitting
+#: environment into the job's record, where other users can read it (qstat -j, qstat -f,
+#: condor_q -l). A run's own credentials reach its job through a 0600 file instead.
+CREDENTIAL_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|PASSPHRASE|AUTH|CREDENTIAL", re.IGNORECASE)
+
+
+def command_environment() -> dict[str, str]:
+    """The worker's environment without its credentials, for scheduler commands."""
+    return {k: v for k, v in os.environ.items() if not CREDENTIAL_NAME.search(k)}
+
+
 class LocalTransport:
     """Runs scheduler commands as subprocesses of the worker."""
 
@@ -53,9 +65,7 @@ class LocalTransport:
         env: Mapping[str, str] | None = None,
         timeout: float = 60.0,
     ) -> CommandResult:
-        full_env = None
-        if env:
-            full_env = {**os.environ, **{k: v for k, v in env.items() if v is not None}}
+        full_env = {**command_environment(), **{k: v for k, v in (env or {}).items() if v is not None}}
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -92,8 +102,11 @@ class LocalTransport:
         def _write() -> None:
             p = Path(path)
             p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(text)
-            p.chmod(mode)
+            # created with its final mode, so a secret is never readable by others
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(fd, mode)
+                f.write(text)
 
         await asyncio.to_thread(_write)
 

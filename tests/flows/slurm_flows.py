@@ -23,3 +23,9 @@ def sleeper(seconds: float = 300.0) -> str:
     get_run_logger().info(f"sleeping {seconds} s")
     time.sleep(seconds)
     return "slept"
+
+
+@flow(persist_result=True)
+def environ(name: str) -> str:
+    """The value of an environment variable in the job (the run's env reaches it)."""
+    return os.environ.get(name, "<unset>")

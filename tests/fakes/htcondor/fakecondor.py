@@ -298,6 +298,9 @@ def condor_submit(argv: list[str]) -> int:
             "AcctGroup": commands.get("accounting_group"),
             "AllowedExecuteDuration": int(commands["allowed_execute_duration"]) if commands.get("allowed_execute_duration") else None,
             "JobStatus": IDLE, "EnteredCurrentStatus": now,
+            # as HTCondor: the job's whole environment (getenv's copy included) is in its
+            # ad, in the "new" space-separated syntax, for anyone running condor_q -l
+            "Environment": " ".join(f"{k}='{v}'" if " " in v else f"{k}={v}" for k, v in env.items()) or None,
             "_env": env, "_argv": shlex.split(commands.get("arguments", "").strip('"')), "_keep": keep,
         }
         ad.update({k: classad_value(v) for k, v in custom.items()})

@@ -277,7 +277,9 @@ def attributes(job: dict) -> dict:
         a["session_id"] = job.get("pid") or _read_int(JOBS / f"{job['seq']}.pid") or 0
         a["jobdir"] = job["env"].get("HOME", "")
     a["substate"] = 91 if job["state"] == "F" and "exit_status" not in job else SUBSTATE[job["state"]]
-    a["Variable_List"] = {k: v for k, v in job["env"].items() if k.startswith("PBS_O_")}
+    # as PBS: the PBS_O_ variables, plus every variable qsub exported (-V, -v)
+    exported = job.get("exported", [])
+    a["Variable_List"] = {k: v for k, v in job["env"].items() if k.startswith("PBS_O_") or k in exported}
     if job.get("comment"):
         a["comment"] = job["comment"]
     a["etime"] = ctime(job["ctime"])
@@ -479,6 +481,7 @@ def qsub(argv: list[str]) -> int:
             resources[key] = value
     cwd = os.getcwd()
     env = dict(os.environ) if opts.get("V") else {k: v for k, v in os.environ.items() if k in ("HOME", "USER", "LOGNAME", "LANG")}
+    exported = sorted(os.environ) if opts.get("V") else []
     env.setdefault("HOME", os.path.expanduser("~"))
     env.setdefault("PATH", "/bin:/usr/bin")
     env.update(
@@ -490,6 +493,7 @@ def qsub(argv: list[str]) -> int:
     for pair in filter(None, (opts.get("v") or "").split(",")):
         k, _, v = pair.partition("=")
         env[k] = v if _ else os.environ.get(k, "")
+        exported.append(k)
     with locked():
         seq = next_seq()
         job_id = f"{seq}.{SERVER}"
@@ -506,7 +510,7 @@ def qsub(argv: list[str]) -> int:
             "seq": seq, "id": job_id, "name": name, "owner": user(), "queue": queue,
             "state": "H" if opts.get("h") else "Q", "ctime": time.time(),
             "stdout": path_of("o", "o"), "stderr": path_of("e", "e"),
-            "resources": resources, "walltime_s": walltime_s, "env": env,
+            "resources": resources, "walltime_s": walltime_s, "env": env, "exported": exported,
             "submit_args": " ".join(argv),
         }
         save(job)

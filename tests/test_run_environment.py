@@ -1,0 +1,81 @@
+"""How a run's environment reaches its batch job: a 0600 file the script sources, never
+the script itself, the submit command's environment or the scheduler's job record."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import subprocess
+import uuid
+from types import SimpleNamespace
+
+import pytest
+
+from prefect_xm.workers.base import ScriptTemplateError, environment_file
+from prefect_xm.workers.sge import SgeJobConfiguration, SgeWorker
+from prefect_xm.workers.transport import LocalTransport, command_environment
+
+AWKWARD = {
+    "PLAIN": "value",
+    "SPACES": "a b  c",
+    "QUOTES": "it's \"quoted\"",
+    "SUBSTITUTION": "$(touch /tmp/pwned) `id` ${HOME}",
+    "NEWLINE": "line one\nline two",
+    "SEMICOLON": "x; rm -rf /",
+}
+
+
+def test_environment_file_round_trips_every_value_through_the_shell(tmp_path):
+    path = tmp_path / "job.env"
+    path.write_text(environment_file(AWKWARD))
+    probe = "import json, os; print(json.dumps({k: os.environ[k] for k in %r}))" % sorted(AWKWARD)
+    for shell in ("bash", "sh"):  # SGE's -S may be /bin/sh
+        out = subprocess.run([shell, "-c", f'. "$0" && exec python3 -c "$1"', str(path), probe],
+                             capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == AWKWARD, shell
+    assert not os.path.exists("/tmp/pwned")
+
+
+def test_environment_file_is_created_owner_only(tmp_path):
+    path = tmp_path / "run" / "job.env"
+    old = os.umask(0)  # even a permissive umask must not open it up
+    try:
+        asyncio.run(LocalTransport().write_file(str(path), "export A=1\n", 0o600))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_scheduler_commands_run_without_the_workers_credentials(monkeypatch):
+    for name in ("PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "DB_PASSWORD"):
+        monkeypatch.setenv(name, "cr3d-value-9f2")
+    monkeypatch.setenv("XM_HARMLESS", "kept")
+    env = command_environment()
+    assert "XM_HARMLESS" in env and "PATH" in env
+    assert "cr3d-value-9f2" not in env.values()
+    result = asyncio.run(LocalTransport().run(["env"]))
+    assert "XM_HARMLESS=kept" in result.stdout and "cr3d-value-9f2" not in result.stdout
+
+
+def render(**variables) -> str:
+    worker = SgeWorker(work_pool_name="render-only")
+    flow_run = SimpleNamespace(id=uuid.UUID(int=9), name="calm-owl")
+    return worker.render_script(SgeJobConfiguration(**variables), flow_run, "/runs/x")
+
+
+def test_default_template_sources_the_env_file_before_setup():
+    lines = render(setup_commands=["echo setup"]).splitlines()
+    assert lines.index(". /runs/x/job.env") < lines.index("echo setup")
+
+
+def test_custom_template_that_forgets_the_env_file_is_refused():
+    with pytest.raises(ScriptTemplateError, match="script_template: .*env_file"):
+        render(script_template="#!/bin/bash\nexec {{ command_argv | join(' ') }}\n")
+
+
+def test_invalid_environment_variable_name_is_an_error_naming_it():
+    with pytest.raises(ValueError, match=r"env: 'MY-VAR' is not a valid environment variable name"):
+        SgeJobConfiguration(env={"MY-VAR": "1"})
