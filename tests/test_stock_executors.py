@@ -197,18 +197,9 @@ def gcp_credentials() -> dict:
     return {"service_account_info": _fake_service_account()}
 
 
-def _aiplatform_available() -> bool:
-    try:
-        import google.cloud.aiplatform_v1  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 async def _vertex_job_spec(variables: dict, credentials: dict):
     """(region, the CustomJob spec dict the worker builds its request from, the CustomJob
-    proto from the worker's own _build_job_spec or None when google-cloud-aiplatform,
-    which prefect-gcp imports for it, is not installed)."""
+    proto the worker's own _build_job_spec sends to Vertex AI)."""
     import copy
 
     from prefect_gcp.workers.vertex import VertexAIWorker, VertexAIWorkerJobConfiguration
@@ -219,7 +210,7 @@ async def _vertex_job_spec(variables: dict, credentials: dict):
         template, dict(variables, credentials=credentials))
     config.prepare_for_flow_run(_flow_run())
     spec = copy.deepcopy(config.job_spec)
-    proto = VertexAIWorker(work_pool_name="vertex-ai")._build_job_spec(config) if _aiplatform_available() else None
+    proto = VertexAIWorker(work_pool_name="vertex-ai")._build_job_spec(config)
     return config.region, spec, proto
 
 
@@ -240,11 +231,12 @@ async def test_vertex_machine_accelerators_region_and_time_limit(gcp_credentials
     assert pool["container_spec"]["image_uri"] == "gcr.io/p/train:1"
     assert pool["container_spec"]["command"] == ["prefect", "flow-run", "execute"]
     assert pool["replica_count"] == 1
-    if proto is not None:
-        [wp] = proto.worker_pool_specs
-        assert (wp.machine_spec.machine_type, wp.machine_spec.accelerator_type.name,
-                wp.machine_spec.accelerator_count) == ("a2-highgpu-2g", "NVIDIA_TESLA_A100", 2)
-        assert proto.scheduling.timeout == datetime.timedelta(hours=6)
+    [wp] = proto.worker_pool_specs
+    assert (wp.machine_spec.machine_type, wp.machine_spec.accelerator_type.name,
+            wp.machine_spec.accelerator_count) == ("a2-highgpu-2g", "NVIDIA_TESLA_A100", 2)
+    assert wp.container_spec.image_uri == "gcr.io/p/train:1"
+    assert proto.scheduling.timeout == datetime.timedelta(hours=6)
+    assert proto.service_account == "trainer@xm-test.iam.gserviceaccount.com"
 
 
 @pytest.mark.parametrize("requirements, machine", [
