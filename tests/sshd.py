@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,8 +22,10 @@ def sshd_available() -> bool:
     return os.path.exists(SSHD) and shutil.which("ssh-keygen") is not None
 
 
-def keygen(path: Path, comment: str = "prefect-xm-test") -> Path:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)], check=True)
+def keygen(path: Path, comment: str = "prefect-xm-test", passphrase: str = "", *options: str) -> Path:
+    """An ed25519 key pair (OpenSSH format; `options` e.g. "-t", "ecdsa", "-m", "PEM")."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-C", comment, *options, "-f", str(path)],
+                   check=True)
     return path
 
 
@@ -102,6 +105,40 @@ class SSHServer:
     def accepted(self) -> int:
         """Connections sshd accepted (one per successful authentication)."""
         return self.log.read_text().count("Accepted publickey")
+
+    def authorize(self, public_key: Path) -> None:
+        """Accept one more user key."""
+        with self.authorized.open("a") as f:
+            f.write(public_key.read_text())
+
+    def _established(self, where: str) -> list[list[str]]:
+        """`ss` rows (Recv-Q, Send-Q, local, peer, process) of established TCP connections."""
+        out = subprocess.run(["ss", "-tnpH", "state", "established", where], capture_output=True, text=True,
+                             check=True).stdout
+        return [line.split(None, 4) for line in out.splitlines() if line.strip()]
+
+    def open_connections(self) -> int:
+        """TCP connections open to this server now (its own ends of them)."""
+        return len(self._established(f"( sport = :{self.port} )"))
+
+    def client_ports(self, pid: int | None = None) -> list[int]:
+        """Local ports of the connections open to this server from process `pid` (any)."""
+        return [int(row[2].rsplit(":", 1)[1]) for row in self._established(f"( dport = :{self.port} )")
+                if pid is None or f"pid={pid}," in row[-1]]
+
+    def drop_connection(self, client_port: int) -> list[int]:
+        """Kill the sshd processes serving the connection from `client_port` (as the OOM
+        killer or an admin would), leaving the others up. Returns their pids."""
+        pids = {int(p) for row in self._established(f"( sport = :{self.port} and dport = :{client_port} )")
+                for p in re.findall(r"pid=(\d+)", row[-1])}
+        assert pids, f"no connection from port {client_port}"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        return sorted(pids)
+
+    def session_pids(self) -> list[int]:
+        """The per-connection sshd processes (and what they run), not the listener."""
+        return descendants(self.proc.pid) if self.proc else []
 
     def commands(self) -> int:
         """Commands run (one SSH session each), over all connections."""

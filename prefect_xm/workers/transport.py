@@ -144,16 +144,23 @@ class SSHTransport:
     """Runs scheduler commands on a login node over ONE asyncssh connection, reused by
     every command (submit, poll, cancel, reading logs) and re-established with backoff
     when it drops. Each command's argv is quoted argument by argument for the remote
-    shell; environment variables travel in a 0600 file, never on a command line."""
+    shell; environment variables travel in a 0600 file, never on a command line.
+
+    Through a jump host, the connection to the jump host is kept with the one it
+    carries, and both are closed together (on close() and when reconnecting)."""
 
     def __init__(self, connection: "SSHConnection", logger: logging.Logger | None = None):
         self.connection = connection
         self.logger = logger or logging.getLogger("prefect_xm.ssh")
         self._conn: Any = None
+        self._tunnel: Any = None  # the jump host connection carrying _conn, if any
         self._lock = asyncio.Lock()
         self._home: str | None = None
         self.connects = 0  # connections opened, for tests and benchmarks
         self.connect_attempts = 3  # per command, 1 s then 2 s apart
+        #: seconds an SFTP operation (write_file, read_tail) or the $HOME lookup may
+        #: take: a peer that stopped answering (keepalives off) cannot hang the worker
+        self.command_timeout = 60.0
 
     # -- connection -------------------------------------------------------------
     def _client_keys(self):
@@ -167,9 +174,28 @@ class SSHTransport:
             if c.private_key_path:
                 return [asyncssh.read_private_key(os.path.expanduser(c.private_key_path), passphrase)]
         except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError, OSError) as exc:
-            # the exception text names the problem, never the key
-            raise SSHError(f"SSH private key for {c.describe()} cannot be used: {type(exc).__name__}: {exc}") from None
+            # the exception text names the problem, never the key or its passphrase
+            hint = ""
+            if "bcrypt" in str(exc):
+                hint = " (encrypted OpenSSH keys need the bcrypt package: pip install 'asyncssh[bcrypt]')"
+            elif isinstance(exc, asyncssh.KeyEncryptionError) or any(
+                word in str(exc) for word in ("decrypt", "Passphrase must be specified")
+            ):
+                hint = " (check the SSH Connection block's Key passphrase)"
+            raise SSHError(
+                f"SSH private key for {c.describe()} cannot be used: {type(exc).__name__}: {exc}{hint}"
+            ) from None
         return ()  # the worker user's default keys and agent
+
+    def _host_key_fix(self) -> str:
+        c = self.connection
+        where = f"[{c.host}]:{c.port}" if c.port != 22 else c.host
+        return (
+            f"Add the login node's host key (e.g. the line printed by `ssh-keyscan -p {c.port} {c.host}`, "
+            f"checked against a fingerprint you trust, for {where}"
+            + (f" and for the jump host {c.jump_host}" if c.jump_host else "")
+            + ") to ~/.ssh/known_hosts of the worker's user or to the SSH Connection block's Known hosts field."
+        )
 
     def _known_hosts(self):
         import asyncssh
@@ -181,13 +207,49 @@ class SSHTransport:
                 "the connection can be intercepted.", c.describe()
             )
             return None
-        if c.known_hosts:
-            if "\n" not in c.known_hosts.strip() and os.path.isfile(os.path.expanduser(c.known_hosts)):
-                return os.path.expanduser(c.known_hosts)
-            return asyncssh.import_known_hosts(c.known_hosts)
-        return os.path.expanduser("~/.ssh/known_hosts")
+        if c.known_hosts and c.known_hosts.strip():
+            text = c.known_hosts.strip()
+            if "\n" not in text and os.path.isfile(os.path.expanduser(text)):
+                return os.path.expanduser(text)
+            if "\n" not in text and len(text.split()) < 3:  # a path, not a "host keytype key" line
+                raise SSHError(
+                    f"SSH host key of {c.host}:{c.port} is not trusted: the known hosts file {text!r} named "
+                    f"in the SSH Connection block does not exist. Refusing to connect. {self._host_key_fix()}"
+                )
+            try:
+                return asyncssh.import_known_hosts(c.known_hosts)
+            except (ValueError, asyncssh.Error) as exc:
+                raise SSHError(
+                    f"the Known hosts of the SSH Connection block for {c.describe()} cannot be read: {exc}"
+                ) from None
+        path = os.path.expanduser("~/.ssh/known_hosts")
+        if not os.path.isfile(path):
+            # not a connection problem: retrying cannot help, so it is refused at once
+            raise SSHError(
+                f"SSH host key of {c.host}:{c.port} is not trusted: the SSH Connection block gives no "
+                f"Known hosts and {path} does not exist. Refusing to connect. {self._host_key_fix()}"
+            )
+        return path
+
+    async def _open(self, role: str, host: str, port: int, who: str, connect):
+        """One asyncssh.connect, its failures told apart: refused (SSHError, final) or
+        unreachable (SSHConnectError, retried)."""
+        import asyncssh
+
+        try:
+            return await connect()
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise SSHError(
+                f"SSH host key of {role}{host}:{port} is not trusted ({exc.reason}): it is not in the "
+                f"known hosts given, or it changed. Refusing to connect. {self._host_key_fix()}"
+            ) from None
+        except asyncssh.PermissionDenied:
+            raise SSHError(f"SSH authentication failed for {role}{who}: the key was refused") from None
+        except (OSError, asyncio.TimeoutError, asyncssh.Error) as exc:
+            raise SSHConnectError(f"cannot connect to {role}{who}: {type(exc).__name__}: {exc}") from None
 
     async def _connect(self):
+        """(connection, jump host connection or None)."""
         import asyncssh
 
         c = self.connection
@@ -203,49 +265,62 @@ class SSHTransport:
         )
         if options["agent_path"] == ():
             options.pop("agent_path")
+        tunnel = None
+        if c.jump_host:
+            user, _, hostport = c.jump_host.rpartition("@")
+            jhost, _, jport = hostport.partition(":")
+            jport_n, juser = int(jport or 22), user or c.username
+            tunnel = await self._open(
+                "jump host ", jhost, jport_n, f"{juser}@{jhost}:{jport_n}",
+                lambda: asyncssh.connect(jhost, **{**options, "port": jport_n, "username": juser}),
+            )
         try:
-            tunnel = None
-            if c.jump_host:
-                user, _, hostport = c.jump_host.rpartition("@")
-                jhost, _, jport = hostport.partition(":")
-                tunnel = await asyncssh.connect(jhost, **{**options, "port": int(jport or 22), "username": user or c.username})
-            conn = await asyncssh.connect(c.host, tunnel=tunnel, **options)
-        except asyncssh.HostKeyNotVerifiable as exc:
-            raise SSHError(
-                f"SSH host key of {c.host}:{c.port} is not trusted ({exc.reason}): it is not in the "
-                "known hosts given, or it changed. Refusing to connect."
-            ) from None
-        except asyncssh.PermissionDenied:
-            raise SSHError(f"SSH authentication failed for {c.describe()}: the key was refused") from None
-        except (OSError, asyncio.TimeoutError, asyncssh.Error) as exc:
-            raise SSHConnectError(f"cannot connect to {c.describe()}: {type(exc).__name__}: {exc}") from None
+            conn = await self._open("", c.host, c.port, c.describe(), lambda: asyncssh.connect(c.host, tunnel=tunnel, **options))
+        except BaseException:
+            if tunnel is not None:
+                tunnel.close()  # not left open behind a failed attempt
+            raise
         self.connects += 1
-        return conn
+        return conn, tunnel
 
     async def _connection(self):
         async with self._lock:
-            if self._conn is not None and not self._is_closed(self._conn):
+            if self._conn is not None and not self._is_closed(self._conn) and (
+                self._tunnel is None or not self._is_closed(self._tunnel)
+            ):
                 return self._conn
             if self._conn is not None:
                 self.logger.warning("SSH connection to %s dropped; reconnecting", self.connection.describe())
-            self._conn = None
+            self._close_current()
             for attempt in range(1, self.connect_attempts + 1):
                 try:
-                    self._conn = await self._connect()
+                    self._conn, self._tunnel = await self._connect()
                     return self._conn
                 except SSHConnectError:
                     if attempt == self.connect_attempts:
                         raise  # transient for callers: the poller comes back next interval
                     await asyncio.sleep(2 ** (attempt - 1))
 
+    def _close_current(self) -> None:
+        """Close the connection and its jump host connection, without waiting."""
+        for conn in (self._conn, self._tunnel):  # the tunneled one first, then its carrier
+            if conn is not None:
+                try:
+                    conn.close()
+                except Exception:
+                    pass
+        self._conn = self._tunnel = None
+
     @staticmethod
     def _is_closed(conn) -> bool:
+        if conn.is_closed():
+            return True
         transport = getattr(conn, "_transport", None)
         return transport is None or transport.is_closing()
 
     async def home(self) -> str:
         if self._home is None:
-            result = await self.run(["sh", "-c", 'printf "%s" "$HOME"'], timeout=30)
+            result = await self.run(["sh", "-c", 'printf "%s" "$HOME"'], timeout=self.command_timeout)
             self._home = result.stdout.strip() or "."
         return self._home
 
@@ -278,11 +353,18 @@ class SSHTransport:
             conn = await self._connection()
             try:
                 completed = await asyncio.wait_for(conn.run(command, input=stdin, check=False), timeout)
-            except asyncio.TimeoutError:
-                raise TransientSchedulerError(f"{argv[0]} did not answer within {timeout:g} s (over SSH)") from None
+            except asyncio.TimeoutError as exc:
+                if getattr(exc, "errno", None) is None:  # ours, not a TCP ETIMEDOUT
+                    raise TransientSchedulerError(f"{argv[0]} did not answer within {timeout:g} s (over SSH)") from None
+                raise TransientSchedulerError(
+                    f"SSH connection to {self.connection.describe()} lost during {argv[0]}: {exc}"
+                ) from None
             except (asyncssh.ConnectionLost, asyncssh.DisconnectError, asyncssh.ChannelOpenError, OSError) as exc:
-                self._conn = None
+                # a closed connection is replaced (with its jump host connection) by the
+                # next _connection(); one still open is kept for the other commands on it
                 if attempt == 1 and isinstance(exc, asyncssh.ChannelOpenError):
+                    if not self._is_closed(conn):
+                        await asyncio.sleep(1)  # e.g. the server's MaxSessions: wait for a free one
                     continue  # the channel never opened: the command did not run; retry once
                 raise TransientSchedulerError(
                     f"SSH connection to {self.connection.describe()} lost during {argv[0]}: {exc}"
@@ -291,44 +373,125 @@ class SSHTransport:
             return CommandResult(list(argv), returncode, _text(completed.stdout), _text(completed.stderr))
         raise TransientSchedulerError(f"cannot open an SSH channel to {self.connection.describe()}")
 
-    async def write_file(self, path: str, text: str, mode: int = 0o644) -> None:
-        conn = await self._connection()
-        try:
-            async with conn.start_sftp_client() as sftp:
-                parent = path.rsplit("/", 1)[0] if "/" in path else ""
-                if parent:
-                    await sftp.makedirs(parent, exist_ok=True)
-                # created with its final mode, so a secret is never readable by others
-                async with sftp.open(path, "w", attrs=_sftp_attrs(mode)) as f:
-                    await f.write(text)
-                await sftp.chmod(path, mode)
-        except OSError as exc:
-            raise TransientSchedulerError(f"cannot write {path} on {self.connection.describe()}: {exc}") from None
-
-    async def read_tail(self, path: str, max_bytes: int = 4000) -> str | None:
+    # -- files (SFTP) -----------------------------------------------------------
+    async def _sftp(self, action: str, path: str, operation):
+        """Run `operation(sftp)` in an SFTP session, within command_timeout. The
+        operations are idempotent, so when the connection drops they are retried on a
+        new one, with run()'s backoff; what still fails is a TransientSchedulerError
+        naming the host and the path."""
         import asyncssh
 
-        conn = await self._connection()
-        try:
-            async with conn.start_sftp_client() as sftp:
-                try:
-                    size = (await sftp.stat(path)).size or 0
-                except asyncssh.SFTPNoSuchFile:
-                    return None
-                async with sftp.open(path, "rb") as f:
-                    await f.seek(max(0, size - max_bytes))
-                    return (await f.read()).decode(errors="replace")
-        except (OSError, asyncssh.Error):
-            return None
+        where = f"{path} on {self.connection.describe()}"
+        last: BaseException | None = None
+        for attempt in range(1, self.connect_attempts + 1):
+            try:
+                conn = await self._connection()
+            except SSHConnectError as exc:
+                raise SSHConnectError(f"cannot {action} {where}: {exc}") from None
+            try:
+                return await asyncio.wait_for(_in_sftp_session(conn, operation), self.command_timeout)
+            except asyncio.TimeoutError as exc:
+                if getattr(exc, "errno", None) is None:  # ours, not a TCP ETIMEDOUT
+                    raise TransientSchedulerError(
+                        f"cannot {action} {where}: no answer within {self.command_timeout:g} s"
+                    ) from None
+                last = exc
+            except asyncssh.SFTPError as exc:
+                if not _sftp_connection_error(exc):
+                    # the server's answer (permission denied, no space...): retrying cannot help
+                    raise TransientSchedulerError(f"cannot {action} {where}: {type(exc).__name__}: {exc}") from None
+                last = exc
+            except (asyncssh.Error, OSError, EOFError) as exc:
+                last = exc  # connection lost, reset, channel not opened
+            self.logger.warning(
+                "SSH connection to %s failed during an attempt to %s %s (%s: %s)",
+                self.connection.describe(), action, path, type(last).__name__, last,
+            )
+            if attempt < self.connect_attempts:
+                await asyncio.sleep(2 ** (attempt - 1))
+        raise TransientSchedulerError(
+            f"cannot {action} {where} after {self.connect_attempts} attempts: {type(last).__name__}: {last}"
+        )
+
+    async def write_file(self, path: str, text: str, mode: int = 0o644) -> None:
+        """Write the whole file (so a retry after a dropped connection is harmless),
+        creating its directory. The file never holds a byte of `text` under another
+        mode than `mode`: it is created with it, or truncated and chmod'ed first."""
+        import asyncssh
+
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+
+        async def write(sftp) -> None:
+            if parent:
+                await sftp.makedirs(parent, exist_ok=True)
+            f = await sftp.open(path, "w", attrs=_sftp_attrs(mode))
+            # no close handshake on failure: the peer may be gone; ending the session
+            # closes the handle on the server
+            try:  # an existing file, now empty, gets the mode before the text
+                await f.chmod(mode)
+            except asyncssh.SFTPOpUnsupported:
+                await sftp.chmod(path, mode)
+            await f.write(text)
+            await f.close()
+
+        await self._sftp("write", path, write)
+
+    async def read_tail(self, path: str, max_bytes: int = 4000) -> str | None:
+        """The last max_bytes of the file; None if it is missing or unreadable."""
+        import asyncssh
+
+        async def read(sftp) -> str | None:
+            try:
+                f = await sftp.open(path, "rb")
+                size = (await f.stat()).size or 0
+                await f.seek(max(0, size - max_bytes))
+                data = await f.read(max_bytes)
+                await f.close()
+            except asyncssh.SFTPError as exc:
+                if _sftp_connection_error(exc):
+                    raise
+                if not isinstance(exc, asyncssh.SFTPNoSuchFile):
+                    self.logger.warning("cannot read %s on %s: %s", path, self.connection.describe(), exc)
+                return None
+            return data.decode(errors="replace")
+
+        return await self._sftp("read", path, read)
 
     async def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
+        async with self._lock:  # not while a reconnect is under way: its connection would stay open
+            conn, tunnel = self._conn, self._tunnel
+            self._conn = self._tunnel = None
+        for c in (conn, tunnel):  # the tunneled connection first: its goodbye travels in the tunnel
+            if c is None:
+                continue
             try:
-                await self._conn.wait_closed()
-            except Exception:
-                pass
-            self._conn = None
+                c.close()
+                await asyncio.wait_for(c.wait_closed(), 10)
+            except Exception:  # a peer that does not answer does not hold the worker
+                try:
+                    c.abort()
+                except Exception:
+                    pass
+
+
+async def _in_sftp_session(conn, operation):
+    sftp = await conn.start_sftp_client()
+    try:
+        return await operation(sftp)
+    finally:
+        # no waiting for the server's goodbye (it may never come); ending the session
+        # also closes on the server whatever file the operation left open
+        try:
+            sftp.exit()
+        except Exception:
+            pass
+
+
+def _sftp_connection_error(exc: BaseException) -> bool:
+    """An SFTPError that says the connection (not the file system) failed."""
+    import asyncssh
+
+    return isinstance(exc, (asyncssh.SFTPConnectionLost, asyncssh.SFTPNoConnection))
 
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
