@@ -148,7 +148,87 @@ def test_json_ads_all_states():
     assert s["7.0"].state == JobState.PENDING and "user's request" in s["7.0"].describe()
     assert s["8.0"].state == JobState.FAILED and "exceeded allowed execute duration" in s["8.0"].describe()
     assert s["9.0"].state == JobState.RUNNING and s["10.0"].state == JobState.RUNNING
-    assert s["11.0"].state == JobState.PENDING
+    assert s["11.0"].state == JobState.PENDING  # held by the user; no sign it ever started
+
+
+# -- holds: before or after the job started (hand-written -json ads, shaped as the other
+# -json cases here and as `condor_q ID -json -attributes ...` prints them: attributes
+# that are undefined, such as JobStartDate before a first start, are left out) -----------
+
+HELD_BY_USER = {"JobStatus": 5, "HoldReasonCode": 1, "HoldReasonSubCode": 0,
+                "HoldReason": "via condor_hold (by user alice)"}
+
+
+def held_ads(**by_id) -> str:
+    return json.dumps([{"ClusterId": int(k.split("_")[1]), "ProcId": 0, **ad} for k, ad in by_id.items()], indent=2)
+
+
+def test_user_hold_before_start_is_pending_with_its_reason():
+    s = parse_json_ads(held_ads(
+        # submitted with hold = True
+        j_1={"JobStatus": 5, "HoldReasonCode": 15, "HoldReasonSubCode": 0,
+             "HoldReason": "submitted on hold at user's request", "NumJobStarts": 0},
+        # condor_hold while idle: NumJobStarts 0, no JobStartDate
+        j_2={**HELD_BY_USER, "NumJobStarts": 0},
+        # an ad without the start attributes at all (an older schedd, a narrower query)
+        j_3=HELD_BY_USER,
+    ))
+    for job_id in ("1.0", "2.0", "3.0"):
+        assert s[job_id].state == JobState.PENDING and not s[job_id].state.is_final, job_id
+        assert s[job_id].native_state == "HELD"
+    assert s["1.0"].reason == "submitted on hold at user's request"
+    assert s["2.0"].describe() == "HELD (via condor_hold (by user alice))"
+
+
+def test_user_hold_after_start_is_final_with_its_reason():
+    s = parse_json_ads(held_ads(
+        # condor_hold of a running job: the ad keeps its start attributes
+        j_1={**HELD_BY_USER, "NumJobStarts": 1, "JobStartDate": 1700000000, "JobCurrentStartDate": 1700000000},
+        # any one of them is enough
+        j_2={**HELD_BY_USER, "NumJobStarts": 2},
+        j_3={**HELD_BY_USER, "JobCurrentStartDate": 1700000000},
+        j_4={**HELD_BY_USER, "NumJobStarts": 0, "JobStartDate": 1700000000},
+        # no HoldReasonCode: the reason's wording says it was condor_hold
+        j_5={"JobStatus": 5, "HoldReason": "via condor_hold (by user alice)", "NumJobStarts": 1},
+        # submitted on hold, released, ran, then held again by the user
+        j_6={**HELD_BY_USER, "NumJobStarts": 1, "JobStartDate": 1700000000},
+    ))
+    for job_id in ("1.0", "2.0", "3.0", "4.0", "5.0", "6.0"):
+        status = s[job_id]
+        assert status.state == JobState.FAILED and status.state.is_final, job_id
+        assert status.native_state == "HELD" and status.reason == "via condor_hold (by user alice)"
+        assert status.exit_code is None and status.signal is None
+    assert s["1.0"].describe() == "HELD (via condor_hold (by user alice))"
+
+
+def test_system_hold_is_final_whether_or_not_the_job_started():
+    s = parse_json_ads(held_ads(
+        j_1={"JobStatus": 5, "HoldReasonCode": 47, "HoldReasonSubCode": 0, "NumJobStarts": 1,
+             "JobStartDate": 1700000000, "HoldReason": "The job exceeded allowed execute duration of 1:00"},
+        j_2={"JobStatus": 5, "HoldReasonCode": 13, "HoldReasonSubCode": 2, "NumJobStarts": 0,
+             "HoldReason": "Error from slot1@ep: Failed to transfer files"},
+    ))
+    assert s["1.0"].state == JobState.FAILED and "exceeded allowed execute duration" in s["1.0"].describe()
+    assert s["2.0"].state == JobState.FAILED and s["2.0"].reason.startswith("Error from slot1@ep")
+
+
+def test_autoformat_holds_before_and_after_start():
+    # -af:j prints "undefined" for an attribute the ad lacks
+    attrs = ("JobStatus", "HoldReasonCode", "NumJobStarts", "JobCurrentStartDate", "HoldReason")
+    s = parse_autoformat(
+        "7.0 5 1 0 undefined via condor_hold (by user alice)\n"
+        "8.0 5 1 1 1700000000 via condor_hold (by user alice)\n", attrs)
+    assert s["7.0"].state == JobState.PENDING and s["7.0"].reason == "via condor_hold (by user alice)"
+    assert s["8.0"].state == JobState.FAILED and s["8.0"].reason == "via condor_hold (by user alice)"
+
+
+def test_status_and_history_queries_ask_for_the_start_attributes():
+    for argv in [S.status_argv(["1.0"]), *S.terminal_argvs(["1.0"])]:
+        asked = argv[argv.index("-attributes") + 1].split(",")
+        assert {"NumJobStarts", "JobStartDate", "JobCurrentStartDate", "HoldReason", "HoldReasonCode"} <= set(asked)
+    # and parse_status reads them from the -json answer
+    text = held_ads(j_5={**HELD_BY_USER, "NumJobStarts": 1})
+    assert S.parse_status(CommandResult(S.status_argv(["5.0"]), 0, text, ""))["5.0"].state == JobState.FAILED
 
 
 def test_empty_condor_q_json_is_no_jobs():  # hand-written

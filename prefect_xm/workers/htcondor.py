@@ -12,12 +12,17 @@ Choices (documented in the variables' descriptions too):
   execute duration of 1:00", HoldReasonCode 47) rather than removing it. Not
   `periodic_remove`: its RemoveReason only quotes the expression, and a removed job
   reads like a cancellation.
-- Holds: a job the USER held (`hold = True` at submit, HoldReasonCode 15, or
-  condor_hold, code 1) is pending, shown with its HoldReason. A job held by the SYSTEM
-  (walltime, memory over request, file transfer failures, ...) ends the run Crashed with
-  the HoldReason: nothing in the run will release it, and a run waiting forever on a hold
-  nobody sees is the failure we must avoid. The job itself stays held in the queue for
-  the user to inspect (`condor_q -hold`) and `condor_rm`.
+- Holds: a job the USER held before it ever started (`hold = True` at submit,
+  HoldReasonCode 15, or condor_hold of an idle job, code 1) is pending, shown with its
+  HoldReason: condor_release lets it run. A job held by the SYSTEM (walltime, memory over
+  request, file transfer failures, ...) ends the run Crashed with the HoldReason: nothing
+  in the run will release it, and a run waiting forever on a hold nobody sees is the
+  failure we must avoid. So does a USER hold of a job that has started (the ad's
+  NumJobStarts > 0, or JobStartDate / JobCurrentStartDate set): condor_hold hard-kills a
+  running job, so the flow process is gone and a release would start the script again
+  from scratch; and the worker, which only moves a run forward, would otherwise keep
+  following a run it already saw running. Either way the job itself stays held in the
+  queue for the user to inspect (`condor_q -hold`) and `condor_rm`.
 - Completed jobs stay in condor_q for `keep_completed` seconds (`leave_in_queue`), like
   Slurm's MinJobAge: the status query gets the exit code without a history scan, and a
   retried submit finds a job that already finished by its batch name. After that they
@@ -60,9 +65,12 @@ USER_HOLD_CODES = (1, 15, 16)
 #: JobExecuteExceeded: allowed_execute_duration reached
 EXECUTE_DURATION_HOLD_CODE = 47
 
+#: the job ad attributes that tell whether a job has ever started (see _has_started)
+START_ATTRIBUTES = ("NumJobStarts", "JobStartDate", "JobCurrentStartDate")
+
 STATUS_ATTRIBUTES = (
     "ClusterId", "ProcId", "JobStatus", "ExitCode", "ExitBySignal", "ExitSignal",
-    "HoldReason", "HoldReasonCode", "RemoveReason", "JobBatchName",
+    "HoldReason", "HoldReasonCode", "RemoveReason", "JobBatchName", *START_ATTRIBUTES,
 )
 
 _TRANSIENT_ERRORS = re.compile(
@@ -96,8 +104,9 @@ def ad_to_status(ad: Mapping[str, Any]) -> Optional[JobStatus]:
     elif code == 5:
         reason = _text(ad.get("HoldReason"))
         hold_code = _int(ad.get("HoldReasonCode"))
-        if not _user_hold(hold_code, reason):
-            state = JobState.FAILED  # held by the system: see the module docstring
+        if not _user_hold(hold_code, reason) or _has_started(ad):
+            # held by the system, or by the user after it started: see the module docstring
+            state = JobState.FAILED
     elif code == 3:
         reason = _text(ad.get("RemoveReason"))
     return JobStatus(job_id, state, native, reason, exit_code, signal)
@@ -107,6 +116,16 @@ def _user_hold(code: Optional[int], reason: str) -> bool:
     if code is not None:
         return code in USER_HOLD_CODES
     return reason.startswith(("submitted on hold", "via condor_hold"))
+
+
+def _has_started(ad: Mapping[str, Any]) -> bool:
+    """Whether the job ever began running: NumJobStarts counts executions; JobStartDate
+    (first start) and JobCurrentStartDate (latest start) are set once it has run (they
+    are undefined until then, and an ad may lack NumJobStarts)."""
+    starts = _int(ad.get("NumJobStarts"))
+    if starts is not None and starts > 0:
+        return True
+    return any(_int(ad.get(attr)) for attr in ("JobStartDate", "JobCurrentStartDate"))
 
 
 def _true(v: Any) -> bool:
@@ -430,17 +449,12 @@ class HTCondorJobConfiguration(BatchJobConfiguration):
             raise ValueError(f"{info.field_name}: {v!r} must be a positive integer")
         return v
 
-    @field_validator("working_dir")
-    @classmethod
-    def _working_dir(cls, v):
-        return check_format(_SINGLE_LINE_RE, "working_dir", v, "a path on a single line")
-
 
 class HTCondorVariables(BatchVariables):
     universe: str = Field(
         default="vanilla", title="Universe", description="The HTCondor universe (vanilla, container, docker, ...)."
     )
-    request_cpus: Optional[int] = Field(default=None, ge=1, title="CPUs", description="request_cpus")
+    request_cpus: Optional[int] = Field(default=None, ge=1, title="CPUs", description="CPU cores the job's slot must have (request_cpus).")
     request_memory: Optional[str] = Field(
         default=None, title="Memory", description="request_memory, e.g. '4GB' (a bare number is MB).",
         pattern=_MEMORY_RE.pattern,
@@ -448,11 +462,11 @@ class HTCondorVariables(BatchVariables):
     request_disk: Optional[str] = Field(
         default=None, title="Disk", description="request_disk, e.g. '10GB' (a bare number is KB)."
     )
-    request_gpus: Optional[int] = Field(default=None, ge=0, title="GPUs", description="request_gpus")
+    request_gpus: Optional[int] = Field(default=None, ge=0, title="GPUs", description="GPUs the job's slot must have (request_gpus).")
     requirements: Optional[str] = Field(
         default=None, title="Requirements", description="A ClassAd expression the execution slot must match."
     )
-    accounting_group: Optional[str] = Field(default=None, title="Accounting group", description="accounting_group")
+    accounting_group: Optional[str] = Field(default=None, title="Accounting group", description="The accounting group the job's usage is charged to (accounting_group), e.g. 'group_physics.alice'.")
     time_limit: Optional[str] = Field(
         default=None,
         title="Time limit",

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """A fake HTCondor CLI for tests: condor_submit, condor_q, condor_history, condor_rm,
-condor_release (symlinks to this file; the command is the name it is called by).
+condor_hold, condor_release (symlinks to this file; the command is the name it is called by).
 Standard library only.
 
 What it reproduces (formats from the HTCondor manual and ../shared/vectors/htcondor.json):
@@ -22,6 +22,17 @@ What it reproduces (formats from the HTCondor manual and ../shared/vectors/htcon
 - At most FAKE_CONDOR_SLOTS (2) CPUs busy; other jobs stay idle (JobStatus 1).
 - `hold = True`: JobStatus 5, HoldReason "submitted on hold at user's request",
   HoldReasonCode 15, until `condor_release`.
+- Start attributes, as the job ClassAd attributes manual describes them: NumJobStarts
+  (0 at submit, +1 each time the executable starts), JobStartDate (the first start) and
+  JobCurrentStartDate (the latest), both set when the job goes running (JobStatus 2).
+- `condor_hold N.P`: JobStatus 5, HoldReason "via condor_hold (by user <u>)",
+  HoldReasonCode 1, HoldReasonSubCode 0; "Job N.P held" (exit 0), "Job N.P already held" /
+  "Job N.P not found" on stderr (exit 1), as condor_hold prints them. An idle job is
+  held at once (event 012). A running one is killed (the manual: "sent a hard kill
+  signal"; here like condor_rm below: SIGTERM, SIGKILL FAKE_CONDOR_KILL_TIMEOUT later)
+  and, once dead, gets events 004 (evicted) and 012; it stays held and keeps its start
+  attributes, and `condor_release` makes it idle to start again from scratch (not before
+  the killed process is gone).
 - allowed_execute_duration: at the limit the job is hard-killed (SIGKILL) and held:
   JobStatus 5, HoldReason "The job exceeded allowed execute duration of 1:00",
   HoldReasonCode 47. It stays held.
@@ -39,7 +50,9 @@ What it reproduces (formats from the HTCondor manual and ../shared/vectors/htcon
   `condor_history` takes the same options (and -match/-limit N), newest first.
 
 Not reproduced: ClassAd expressions beyond `Attr == value` constraints and the
-leave_in_queue form above, periodic_* policies, queue N > 1 / multi-proc clusters,
+leave_in_queue form above, condor_hold's -reason/-subcode/-constraint/user arguments and
+holding a completed or removed job (refused here with a message of the fake's own),
+periodic_* policies, queue N > 1 / multi-proc clusters,
 file transfer, the default batch layout of condor_q (the -nobatch table is printed),
 -global/-name/-pool, DAGMan, suspend, request_memory enforcement, security.
 
@@ -74,6 +87,7 @@ HOST = socket.gethostname().split(".")[0]
 USER = os.environ.get("USER") or pwd.getpwuid(os.getuid()).pw_name
 IDLE, RUNNING, REMOVED, COMPLETED, HELD = 1, 2, 3, 4, 5
 INTERNAL = ("_env", "_argv", "_keep", "_starter_pid", "_pid", "_kill_at", "_left_at")
+STATUS_WORDS = {IDLE: "idle", RUNNING: "running", REMOVED: "removed", COMPLETED: "completed", HELD: "held"}
 
 
 @contextmanager
@@ -158,7 +172,8 @@ def schedule() -> None:
     now = time.time()
     ads = queue_ads()
     for ad in ads:
-        if ad["JobStatus"] == RUNNING and not alive(ad.get("_starter_pid")) and now - ad.get("JobStartDate", now) > 5:
+        started = ad.get("JobCurrentStartDate", ad.get("JobStartDate", now))
+        if ad["JobStatus"] == RUNNING and not alive(ad.get("_starter_pid")) and now - started > 5:
             set_status(ad, HELD)
             ad.update(HoldReason="Job lost its starter", HoldReasonCode=6, HoldReasonSubCode=0)
             save(ad)
@@ -169,11 +184,14 @@ def schedule() -> None:
     for ad in ads:
         if ad["JobStatus"] != IDLE:
             continue
+        if alive(ad.get("_starter_pid")):
+            continue  # released while its killed run is still going away (condor_hold)
         if busy + ad.get("RequestCpus", 1) > SLOTS:
             break
         busy += ad.get("RequestCpus", 1)
         set_status(ad, RUNNING)
-        ad["JobStartDate"] = int(now)
+        ad.setdefault("JobStartDate", int(now))
+        ad["JobCurrentStartDate"] = int(now)
         ad["RemoteHost"] = f"slot1@{HOST}"
         save(ad)
         proc = subprocess.Popen(
@@ -297,7 +315,7 @@ def condor_submit(argv: list[str]) -> int:
             "Requirements": commands.get("requirements"),
             "AcctGroup": commands.get("accounting_group"),
             "AllowedExecuteDuration": int(commands["allowed_execute_duration"]) if commands.get("allowed_execute_duration") else None,
-            "JobStatus": IDLE, "EnteredCurrentStatus": now,
+            "JobStatus": IDLE, "EnteredCurrentStatus": now, "NumJobStarts": 0,
             # as HTCondor: the job's whole environment (getenv's copy included) is in its
             # ad, in the "new" space-separated syntax, for anyone running condor_q -l
             "Environment": " ".join(f"{k}='{v}'" if " " in v else f"{k}={v}" for k, v in env.items()) or None,
@@ -364,6 +382,7 @@ def starter(jid: str) -> int:
             schedule()
             return 0
         ad["_pid"] = proc.pid
+        ad["NumJobStarts"] = ad.get("NumJobStarts", 0) + 1
         save(ad)
         event(ad, "001", f"Job executing on host: <127.0.0.1:9618?addrs=127.0.0.1-9618&alias={HOST}>\n")
     started = time.monotonic()
@@ -394,6 +413,13 @@ def starter(jid: str) -> int:
         elif ad["JobStatus"] == REMOVED:
             ad["_left_at"] = now
             event(ad, "009", "Job was aborted.\n", f"\t{ad.get('RemoveReason', '')}\n")
+        elif ad["JobStatus"] != RUNNING:
+            # held (and maybe released already) while it ran: condor_hold's kill
+            ad.pop("_pid", None)
+            if ad.pop("_kill_at", None) is not None:
+                reason = ad.get("HoldReason") or ad.get("LastHoldReason", "")
+                event(ad, "004", "Job was evicted.\n", "\t(0) Job was not checkpointed.\n")
+                event(ad, "012", "Job was held.\n", f"\t{reason}\n\tCode 1 Subcode 0\n")
         else:
             set_status(ad, COMPLETED)
             ad["CompletionDate"] = int(now)
@@ -406,6 +432,8 @@ def starter(jid: str) -> int:
             keep = ad.get("_keep")
             ad["_left_at"] = now + (LINGER if keep is None else min(keep, 10**9))
             event(ad, "005", "Job terminated.\n", detail)
+        if ad.get("_starter_pid") == os.getpid():
+            del ad["_starter_pid"]  # this run is over: a released job may start again
         save(ad)
         schedule()
     return 0
@@ -545,15 +573,39 @@ def act(argv: list[str], action: str) -> int:
                 was = ad["JobStatus"]
                 set_status(ad, REMOVED)
                 ad["RemoveReason"] = f"via condor_rm (by user {USER})"
-                if was == RUNNING and alive(ad.get("_pid")):
+                if (was == RUNNING or ad.get("_kill_at") is not None) and alive(ad.get("_pid")):
+                    # running, or held by condor_hold and still being killed
                     _signal(ad["_pid"], signal.SIGTERM)
-                    ad["_kill_at"] = time.time() + KILL_TIMEOUT
+                    ad["_kill_at"] = min(ad.get("_kill_at") or float("inf"), time.time() + KILL_TIMEOUT)
                 else:
                     ad["_left_at"] = time.time()
                     event(ad, "009", "Job was aborted.\n", f"\t{ad['RemoveReason']}\n")
                 save(ad)
                 schedule()
                 print(f"Job {jid} marked for removal")
+            elif action == "hold":
+                if ad["JobStatus"] == HELD:
+                    print(f"Job {jid} already held", file=sys.stderr)
+                    rc = 1
+                    continue
+                if ad["JobStatus"] not in (IDLE, RUNNING):
+                    print(f"fake condor_hold: job {jid} is {STATUS_WORDS[ad['JobStatus']]}: not modelled",
+                          file=sys.stderr)
+                    rc = 1
+                    continue
+                was = ad["JobStatus"]
+                set_status(ad, HELD)
+                ad.update(HoldReason=f"via condor_hold (by user {USER})", HoldReasonCode=1, HoldReasonSubCode=0)
+                ad["NumHolds"] = ad.get("NumHolds", 0) + 1
+                if was == RUNNING and alive(ad.get("_pid")):
+                    _signal(ad["_pid"], signal.SIGTERM)
+                    ad["_kill_at"] = time.time() + KILL_TIMEOUT
+                else:
+                    # not started yet (or its starter has not launched it): no process to kill
+                    event(ad, "012", "Job was held.\n", f"\t{ad['HoldReason']}\n\tCode 1 Subcode 0\n")
+                save(ad)
+                schedule()
+                print(f"Job {jid} held")
             else:
                 if ad["JobStatus"] != HELD:
                     print(f"Job {jid} not held to be released", file=sys.stderr)
@@ -580,6 +632,7 @@ def main() -> int:
         "condor_q": lambda: query(args, "queue"),
         "condor_history": lambda: query(args, "history"),
         "condor_rm": lambda: act(args, "rm"),
+        "condor_hold": lambda: act(args, "hold"),
         "condor_release": lambda: act(args, "release"),
     }
     if command not in handlers:
