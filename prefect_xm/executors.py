@@ -200,52 +200,33 @@ class Slurm(Executor):
 
 # ------------------------------------------------------------ schema validation
 
-_JSON_TYPES = {
-    "string": (str,),
-    "integer": (int,),
-    "number": (int, float),
-    "boolean": (bool,),
-    "array": (list, tuple),
-    "object": (dict,),
-    "null": (type(None),),
-}
 
 
-def _schema_types(prop: Mapping[str, Any]) -> list[str]:
-    types: list[str] = []
-    if "type" in prop:
-        t = prop["type"]
-        types.extend(t if isinstance(t, list) else [t])
-    for key in ("anyOf", "oneOf"):
-        for sub in prop.get(key, []) or []:
-            types.extend(_schema_types(sub))
-    return types
+def validate_job_variables(
+    pool_name: str,
+    variables: Mapping[str, Any],
+    properties: Mapping[str, Any],
+    definitions: Optional[Mapping[str, Any]] = None,
+) -> None:
+    """Raises ValueError naming the variable, its value and the pool if a variable is
+    unknown to the pool's schema or breaks it (type, pattern, minimum, enum...), as the
+    Prefect server would when the job's run is created: here, before anything is submitted."""
+    import jsonschema
 
-
-def validate_job_variables(pool_name: str, variables: Mapping[str, Any], properties: Mapping[str, Any]) -> None:
-    """Raises ValueError naming the variable and the pool if a variable is unknown to the
-    pool's schema or has the wrong JSON type."""
     unknown = [k for k in variables if k not in properties]
     if unknown:
         raise ValueError(
-            f"job variable(s) {', '.join(repr(k) for k in unknown)} are not defined by work pool "
-            f"{pool_name!r}; " + (f"it accepts: {', '.join(sorted(properties))}" if properties
-                                  else "it declares no job variables")
+            f"job variable(s) {', '.join(f'{k!r}={variables[k]!r}' for k in unknown)} are not defined "
+            f"by work pool {pool_name!r}; " + (f"it accepts: {', '.join(sorted(properties))}" if properties
+                                               else "it declares no job variables")
         )
     for key, value in variables.items():
-        types = _schema_types(properties[key] or {})
-        if not types:
-            continue
-        ok = False
-        for t in types:
-            py = _JSON_TYPES.get(t)
-            if py is None or (isinstance(value, py) and not (t in ("integer", "number") and isinstance(value, bool))):
-                ok = True
-                break
-        if not ok:
-            raise ValueError(
-                f"job variable {key!r}={value!r} for work pool {pool_name!r} must be of type {'/'.join(types)}"
-            )
+        schema = {**(properties[key] or {}), "definitions": dict(definitions or {}), "$defs": dict(definitions or {})}
+        error = jsonschema.exceptions.best_match(
+            jsonschema.Draft202012Validator(schema).iter_errors(value)
+        )
+        if error is not None:
+            raise ValueError(f"job variable {key!r}={value!r} for work pool {pool_name!r}: {error.message}")
 
 
 # ------------------------------------------------------------- any work pool

@@ -170,8 +170,9 @@ CONTAINER_POOL_TYPES = frozenset({"docker", "kubernetes", "vertex-ai", "cloud-ru
 _pool_schemas: dict[str, dict[str, Any]] = {}
 
 
-async def pool_variable_properties(pool_name: str) -> dict[str, Any]:
-    """The pool's job-variable schema properties, read from the Prefect API (cached)."""
+async def pool_variables_schema(pool_name: str) -> dict[str, Any]:
+    """The pool's whole job-variable schema (properties and definitions), read from the
+    Prefect API (cached)."""
     if pool_name in _pool_schemas:
         return _pool_schemas[pool_name]
     from prefect.exceptions import ObjectNotFound
@@ -181,9 +182,9 @@ async def pool_variable_properties(pool_name: str) -> dict[str, Any]:
         pool = await client.read_work_pool(pool_name)
     except ObjectNotFound:
         raise ValueError(f"work pool {pool_name!r} does not exist in the Prefect API ({client.api_url})") from None
-    props = ((pool.base_job_template or {}).get("variables") or {}).get("properties") or {}
-    _pool_schemas[pool_name] = props
-    return props
+    schema = (pool.base_job_template or {}).get("variables") or {}
+    _pool_schemas[pool_name] = schema
+    return schema
 
 
 def job_runner_source_dir() -> str:
@@ -411,9 +412,10 @@ class Experiment:
                     f"job {key!r} runs on work pool {pool!r}, whose workers need a Prefect server they "
                     f"can reach: set PREFECT_API_URL (the embedded server only serves the Local executor)"
                 )
-            props = await pool_variable_properties(pool)
+            schema = await pool_variables_schema(pool)
             try:
-                validate_job_variables(pool, job.executor.job_variables_for(job.executable), props)
+                validate_job_variables(pool, job.executor.job_variables_for(job.executable),
+                                       schema.get("properties") or {}, schema.get("definitions"))
             except ValueError as e:
                 raise ValueError(f"job {key!r}: {e}") from None
 
