@@ -321,6 +321,10 @@ class BatchWorkerSuite:
 
     def test_fifty_runs_in_flight_one_status_query_per_poll(self, env):
         h = env.h
+        # counted from the first submission: each submit asks for an early poll, and 50
+        # of them must not turn into 50 queries
+        before = len(env.wrappers.calls(h.status_command))
+        started = time.monotonic()
         runs = [run(start_run(env.deployments["sleeper"], {"seconds": 1}, h.hold_variables)) for _ in range(50)]
 
         def all_queued():
@@ -331,9 +335,8 @@ class BatchWorkerSuite:
             return frs if sum(1 for f in frs if f.state.name == "InfrastructurePending") == 50 else None
 
         wait_for(all_queued, 300, interval=2, what="50 runs queued")
-        before = len(env.wrappers.calls(h.status_command))
-        started = time.monotonic()
-        wait_for(lambda: len(env.wrappers.calls(h.status_command)) >= before + 10, 120, what="10 more polls")
+        queued = len(env.wrappers.calls(h.status_command))
+        wait_for(lambda: len(env.wrappers.calls(h.status_command)) >= queued + 10, 120, what="10 more polls")
         elapsed = time.monotonic() - started
         window_calls = env.wrappers.calls(h.status_command)[before:]
         # Poll interval is 1 s: per-job polling would make ~50 calls a second.
@@ -345,15 +348,50 @@ class BatchWorkerSuite:
             wait_state(r.id, StateType.CANCELLED, timeout=300)
 
     def test_worker_sigkilled_with_five_jobs_in_flight(self, env):
-        runs = [run(start_run(env.deployments["double"], {"x": i}, {})) for i in range(5)]
+        """Five jobs in flight when the worker dies. Two flows report Completed
+        themselves; the other three end in states only a worker can give them, so they
+        prove the replacement found and followed the jobs: two fail before Python starts
+        (Crashed), one is held in the queue and cancelled after the restart (its job
+        removed by the replacement)."""
+        h = env.h
+        # The failing jobs wait for a gate the test opens only once the replacement
+        # follows them, so they are certainly in flight when the worker dies.
+        gate = Path(env.run_dir).parent / f"gate-{uuid.uuid4().hex[:8]}"
+        failing = {"setup_commands": [
+            f"for i in $(seq 600); do [ -e {gate} ] && break; sleep 1; done",
+            "echo 'xm-suite: failing before python' >&2", "exit 3",
+        ]}
+        completing = [run(start_run(env.deployments["double"], {"x": i}, {})) for i in range(2)]
+        crashing = [run(start_run(env.deployments["double"], {"x": 9}, failing)) for _ in range(2)]
+        held = run(start_run(env.deployments["sleeper"], {"seconds": 1}, h.hold_variables))
+        runs = completing + crashing + [held]
         wait_for(lambda: all(run(read_run(r.id)).infrastructure_pid for r in runs), 120, what="5 jobs submitted")
         env.worker.kill()
-        replacement = WorkerProcess(env.server, env.pool, env.h.worker_type, env.worker.workdir, name=env.worker.name,
-                                    path_prefix=env.worker_path).start()
+        replacement = WorkerProcess(env.server, env.pool, h.worker_type, env.worker.workdir, name=env.worker.name,
+                                    path_prefix=env.worker_path,
+                                    XM_SUITE_WORKER_API_KEY=WORKER_CREDENTIAL,
+                                    XM_SUITE_WORKER_MARKER="xm-suite-marker").start()
         env.worker = replacement
-        for r in runs:
+        # (a quick flow may finish before the replacement looks: nothing left to follow)
+        for r in crashing + [held]:
+            wait_for(lambda: "resumes following" in logs_of(r.id), 180, what=f"the new worker to follow run {r.id}")
+        gate.touch()
+        held_job = job_id_of(run(read_run(held.id)))
+        assert h.job_state(held_job) == JobState.PENDING
+        request_cancel(held.id)
+        assert wait_state(held.id, StateType.CANCELLED).state.type == StateType.CANCELLED
+        wait_for(lambda: h.final_or_gone(held_job), 60, what=f"job {held_job} to be removed")
+        for r in completing:
             fr = wait_final(r.id, timeout=300)
             assert fr.state.type == StateType.COMPLETED, fr.state
             assert run(fr.state.aresult()) == 2 * r.parameters["x"]
-            assert len(env.h.jobs_named(f"{fr.name}-{fr.id}")) == 1
-            assert len([c for c in env.wrappers.calls(env.h.submit_command) if str(fr.id) in c]) == 1
+        for r in crashing:
+            fr = wait_final(r.id, timeout=300)
+            assert fr.state.type == StateType.CRASHED, fr.state
+            assert "xm-suite: failing before python" in fr.state.message
+        for r in runs:
+            fr = run(read_run(r.id))
+            assert len([c for c in env.wrappers.calls(h.submit_command) if str(fr.id) in c]) == 1
+            named = h.jobs_named(f"{fr.name}-{fr.id}")
+            # (a removed job may already have left the scheduler's listing)
+            assert len(named) == 1 or (r is held and not named), named

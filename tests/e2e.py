@@ -77,7 +77,10 @@ class WorkerProcess:
         env["PATH"] = os.pathsep.join(
             [str(self.path_prefix)] * bool(self.path_prefix) + [str(Path(sys.executable).parent), env["PATH"]]
         )
-        log = self.workdir / f"{self.name}-{len(self.logs)}.log"
+        # a replacement worker of the same name must not overwrite its predecessor's log
+        n = len(self.logs)
+        while (log := self.workdir / f"{self.name}-{n}.log").exists():
+            n += 1
         self.logs.append(log)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", self.pool,

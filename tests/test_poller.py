@@ -143,3 +143,44 @@ async def test_final_state_with_exit_code_in_the_live_query_needs_no_record_look
     await poll(p)
     assert (job.status.state, job.status.exit_code) == (JobState.FAILED, 2)
     assert [c[0] for c in t.calls] == ["squeue"]
+
+
+async def test_submissions_asking_for_early_polls_get_one_query_per_interval():
+    """Each submit asks for a poll soon; 50 of them inside one interval still make one
+    query in it (the first, at once, since the poller was idle) and one per interval after."""
+    import asyncio
+
+    listing = "".join(f"{i}|PENDING|Priority\n" for i in range(1, 51))
+    t = ScriptedTransport(squeue=[(0, listing, "")])
+    p = JobPoller(SlurmScheduler(), t, interval=0.5)
+    try:
+        for i in range(1, 51):
+            p.track(str(i))
+            p.poll_soon()
+            await asyncio.sleep(0.005)  # submissions trickle in over ~0.25 s
+        await asyncio.sleep(1.3)
+        # polls at ~0, 0.5, 1.0 (fewer on a stalled machine): never one per submit
+        assert 1 <= t.count("squeue") <= 4, t.count("squeue")
+    finally:
+        await p.close()
+
+
+async def test_one_job_lookups_are_bounded_per_poll_and_every_job_gets_its_turn():
+    """25 jobs gone from the queue with no record yet (accounting lags): each poll asks
+    scontrol about at most per_id_lookups of them, the least recently asked first."""
+    t = ScriptedTransport(
+        squeue=[(0, "", "")],
+        scontrol=[(1, "", "slurm_load_jobs error: Invalid job id specified")],
+        sacct=[(1, "", "Slurm accounting storage is disabled")],
+    )
+    s = SlurmScheduler()
+    p = JobPoller(s, t)
+    for i in range(1, 26):
+        p.track(str(i), initial=JobState.RUNNING)
+    asked: list[set[str]] = []
+    for _ in range(3):
+        before = len(t.calls)
+        await poll(p)
+        asked.append({c[-1] for c in t.calls[before:] if c[0] == "scontrol"})
+    assert all(len(a) <= s.per_id_lookups for a in asked)
+    assert set().union(*asked) == {str(i) for i in range(1, 26)}

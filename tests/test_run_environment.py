@@ -79,3 +79,13 @@ def test_custom_template_that_forgets_the_env_file_is_refused():
 def test_invalid_environment_variable_name_is_an_error_naming_it():
     with pytest.raises(ValueError, match=r"env: 'MY-VAR' is not a valid environment variable name"):
         SgeJobConfiguration(env={"MY-VAR": "1"})
+
+
+@pytest.mark.parametrize("field", ["working_dir", "run_dir"])
+@pytest.mark.parametrize("value", ["/scratch/my dir", "/scratch\necho injected", " "])
+def test_paths_that_go_into_directive_lines_must_be_one_word(field, value):
+    """A newline in working_dir would make the rest a shell line of the batch script;
+    a space would cut `#$ -wd` or `#SBATCH --chdir=` short."""
+    with pytest.raises(ValueError) as info:
+        SgeJobConfiguration(**{field: value})
+    assert field in str(info.value) and repr(value) in str(info.value)

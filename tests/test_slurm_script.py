@@ -124,3 +124,40 @@ def test_submit_that_times_out_is_found_by_name_not_submitted_twice(tmp_path, mo
     assert calls.read_text().count("call") == 1
     listed = subprocess.run(["squeue", "-h", "-t", "all", "--name", name, "-o", "%i"], capture_output=True, text=True).stdout.split()
     assert listed == [job_id]
+
+
+def test_free_text_run_names_make_job_names_that_keep_the_run_id():
+    worker = SlurmWorker(work_pool_name="render-only")
+    config = SlurmJobConfiguration()
+    run_id = uuid.UUID(int=7)
+    for name, expected in (
+        ("my sweep, lr=0.1/wu 3", "my-sweep-lr-0.1-wu-3"),
+        ("3x2 grid", "xm-3x2-grid"),
+        ("", "prefect"),
+        ("  ", "prefect"),
+    ):
+        job_name = worker.job_name(config, SimpleNamespace(id=run_id, name=name))
+        assert job_name == f"{expected}-{run_id}", name
+    script = render(job_name=None, command="true")
+    assert "#SBATCH --job-name=brave-fox-00000000-0000-0000-0000-000000000007" in script.splitlines()
+
+
+def test_accepted_submit_with_an_unreadable_id_is_found_by_name(tmp_path, monkeypatch):
+    """sbatch accepts the job but a site wrapper prints no id: the worker finds the job
+    by its unique name instead of crashing the run and leaving the job untracked."""
+    require_service("Slurm", slurm_up(), "bash scripts/slurm-cluster.sh start")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(
+        "#!/bin/sh\n/usr/bin/sbatch \"$@\" >/dev/null || exit $?\necho 'Your job has been submitted. Have a nice day!'\n"
+    )
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    name = f"chatty-probe-{uuid.uuid4().hex[:8]}"
+    script = tmp_path / "job.sh"
+    script.write_text(f"#!/bin/bash\n#SBATCH --job-name={name}\n#SBATCH --output=/dev/null\ntrue\n")
+    request = SubmitRequest(str(script), script.read_text(), name, str(tmp_path))
+    job_id = asyncio.run(SlurmWorker(work_pool_name="submit-only").submit_job(
+        request, LocalTransport(), SlurmJobConfiguration(), logging.getLogger("t")))
+    listed = subprocess.run(["squeue", "-h", "-t", "all", "--name", name, "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert listed == [job_id]

@@ -80,6 +80,8 @@ def check_format(pattern: "re.Pattern[str]", field: str, value: Optional[str], e
     return value
 
 
+#: what a batch job name may not hold, whatever the scheduler
+JOB_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
 #: the run's environment, beside job.sh in the run directory (mode 0600)
 ENV_FILE = "job.env"
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -135,6 +137,15 @@ class BatchJobConfiguration(BaseJobConfiguration):
                 raise ValueError(f"env: {name!r} is not a valid environment variable name")
         return v
 
+    @field_validator("working_dir", "run_dir")
+    @classmethod
+    def _directive_path(cls, v: Optional[str], info) -> Optional[str]:
+        # Both land in directive lines (-wd, --chdir, -o/-e): a newline would start a
+        # shell line of its own, a space would cut the directive short.
+        if v is not None and (not v.strip() or re.search(r"\s", v)):
+            raise ValueError(f"{info.field_name}: {v!r} must be a path without spaces or line breaks")
+        return v
+
     @field_validator("job_name")
     @classmethod
     def _job_name(cls, v: Optional[str]) -> Optional[str]:
@@ -175,10 +186,12 @@ class BatchVariables(BaseVariables):
     extra_directives: list[str] = Field(
         default_factory=list,
         title="Extra directives",
-        description="More scheduler options, one per line, without the directive prefix (e.g. '--exclusive').",
+        description="More scheduler options, one per line, written after the scheduler's directive prefix (#SBATCH, #$, #PBS, #BSUB).",
     )
     working_dir: Optional[str] = Field(
-        default=None, title="Working directory", description="Directory the job starts in."
+        default=None,
+        title="Working directory",
+        description="Directory the job starts in (a path without spaces: it goes into a directive line).",
     )
     job_name: Optional[str] = Field(
         default=None,
@@ -305,7 +318,12 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
 
     # -- the batch script ---------------------------------------------------------------
     def job_name(self, configuration: BatchJobConfiguration, flow_run: "FlowRun") -> str:
-        prefix = configuration.job_name or flow_run.name or "prefect"
+        # Run names are free text (an experiment's title, "my sweep"): a space would cut
+        # `#SBATCH --job-name=` short and a comma breaks `squeue --name`, losing the run id
+        # that finding the job by name relies on. Some schedulers want a letter first.
+        prefix = JOB_NAME_UNSAFE.sub("-", configuration.job_name or flow_run.name or "").strip("-")[:64]
+        if not prefix[:1].isalpha():
+            prefix = f"xm-{prefix}" if prefix else "prefect"
         return f"{prefix}-{flow_run.id}"
 
     async def run_directory(self, configuration: BatchJobConfiguration, flow_run_id: UUID) -> str:
@@ -402,7 +420,16 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             try:
                 result = await transport.run(argv, stdin=stdin, timeout=configuration.submit_timeout)
                 if result.ok:
-                    return scheduler.parse_submit(result.stdout)
+                    try:
+                        return scheduler.parse_submit(result.stdout)
+                    except ValueError as exc:
+                        # accepted, but the id is unreadable (a site wrapper's chatter):
+                        # the job exists, so find it rather than leave it untracked
+                        existing = await self._find_by_name(request.job_name, transport, scheduler)
+                        if existing:
+                            logger.warning(f"{exc}; found the job by its name: {existing}")
+                            return existing
+                        raise SubmissionError(f"{argv[0]} answered without a job id: {exc}") from None
                 error = scheduler.submit_error(result)
             except TransientSchedulerError as exc:
                 error = exc
@@ -454,16 +481,23 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
     async def _follow(self, flow_run: "FlowRun", followed: FollowedRun, logger) -> BatchWorkerResult:
         scheduler_name = self.scheduler.name
         pid = self.scheduler.infrastructure_pid(followed.configuration.cluster, followed.job_id)
-        pending_announced = False
+        # Prefect takes one InfrastructurePending per run (it refuses Pending -> Pending
+        # under the same name), so the state carries the first real reason: Slurm says
+        # "None" until its scheduler has looked at a new job (schedulers that give no
+        # reason at all are announced at once). Later reasons are logged.
+        announce = True
+        logged: Optional[str] = None
         try:
             status = followed.tracked.status
             while not status.state.is_final:
                 status = await followed.tracked.updates.get()
                 if status.state == JobState.PENDING:
                     message = f"{scheduler_name} job {followed.job_id} is queued: {status.describe()}"
-                    if not pending_announced:
-                        pending_announced = await self._propose_infrastructure_pending(flow_run, message)
-                    logger.info(message)
+                    if announce and status.reason not in ("None", "(null)"):
+                        announce = await self._propose_infrastructure_pending(flow_run, message) is False
+                    if message != logged:
+                        logger.info(message)
+                        logged = message
                 elif status.state == JobState.RUNNING:
                     logger.info(f"{scheduler_name} job {followed.job_id} is running ({status.native_state})")
             for argv in followed.poller.scheduler.cleanup_argvs(status):
@@ -476,10 +510,12 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             followed.poller.untrack(followed.job_id)
             self._followed.pop(flow_run.id, None)
 
-    async def _propose_infrastructure_pending(self, flow_run: "FlowRun", message: str) -> bool:
+    async def _propose_infrastructure_pending(self, flow_run: "FlowRun", message: str) -> Optional[bool]:
+        """True: the run shows the message; False: not this time (try with the next
+        reason); None: the run is no longer Pending, nothing to announce."""
         current = await self.client.read_flow_run(flow_run.id)
         if current.state is None or current.state.type != StateType.PENDING:
-            return True  # already running (or done): nothing to announce
+            return None
         try:
             result = await self.client.set_flow_run_state(
                 flow_run.id, InfrastructurePending(message=message)

@@ -92,7 +92,8 @@ TORQUE_EXEC_CODES = {
 _JOB_ID = r"\d+(?:\[\d*\])?(?:\.[A-Za-z0-9_.-]+)?"
 _JOB_ID_RE = re.compile(rf"^{_JOB_ID}$")
 _UNKNOWN_RE = re.compile(r"Unknown Job Id:?\s+(\S+)")
-_FINISHED_RE = re.compile(r"(\S+)\s+Job has finished")
+# qstat: "qstat: 12.srv Job has finished, use -x ..."; qdel: "qdel: Job has finished 12.srv"
+_FINISHED_RE = re.compile(rf"({_JOB_ID})\s+Job has finished|Job has finished\s+({_JOB_ID})")
 # Errors meaning "the server did not answer": retry later, assume nothing. The exit
 # codes are the ones ERT retries qsub on (pbs_errno & 0xff).
 _TRANSIENT_ERRORS = re.compile(
@@ -273,7 +274,7 @@ def parse_tracejob(text: str, dialect: str = "torque") -> dict[str, JobStatus]:
 def unknown_ids(stderr: str) -> list[str]:
     """Ids qstat/qdel named as unknown ('qstat: Unknown Job Id 2') or finished
     ('qstat: 12.srv Job has finished, use -x or -H ...')."""
-    return _UNKNOWN_RE.findall(stderr) + _FINISHED_RE.findall(stderr)
+    return _UNKNOWN_RE.findall(stderr) + [a or b for a, b in _FINISHED_RE.findall(stderr)]
 
 
 def only_unknown_errors(stderr: str) -> bool:
@@ -299,8 +300,6 @@ class PbsScheduler(Scheduler):
     directive_prefix: ClassVar[str] = "#PBS"
     dialect: ClassVar[str] = "pbspro"
     terminal_batch_size: ClassVar[int] = 100
-    #: at most this many one-id lookups per poll (only when a batched one did not answer)
-    per_id_lookups: ClassVar[int] = 10
 
     def submit_argv(self, request: SubmitRequest) -> list[str]:
         return ["qsub", request.script_path]

@@ -38,6 +38,8 @@ class TrackedJob:
     has_terminal_record: bool = False
     #: the worker removed it (scancel/qdel... accepted or "no such job")
     cancelled: bool = False
+    #: when its terminal record was last asked for (monotonic; 0: never)
+    last_lookup: float = 0.0
 
     @property
     def is_final(self) -> bool:
@@ -78,7 +80,8 @@ class JobPoller:
         self.jobs.pop(job_id, None)
 
     def poll_soon(self) -> None:
-        """Ask for a poll now (e.g. after a cancel) instead of at the next interval."""
+        """Ask for a poll as soon as the interval allows (e.g. after a submit or a
+        cancel): at once when the poller has been idle, never twice in one interval."""
         self._wakeup.set()
 
     async def close(self) -> None:
@@ -96,14 +99,20 @@ class JobPoller:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="xm-poller")
 
     async def _run(self) -> None:
+        last_poll: Optional[float] = None
         while True:
             try:
                 await asyncio.wait_for(self._wakeup.wait(), self.interval)
             except asyncio.TimeoutError:
                 pass
+            if last_poll is not None:
+                # one status query per interval, however many submits and cancels ask
+                # for one sooner: 50 submissions must not cost 50 queries
+                await asyncio.sleep(max(0.0, last_poll + self.interval - time.monotonic()))
             self._wakeup.clear()
             if not any(not j.is_final for j in self.jobs.values()):
                 continue
+            last_poll = time.monotonic()
             try:
                 await self.poll_once()
             except asyncio.CancelledError:
@@ -155,7 +164,15 @@ class JobPoller:
     async def _resolve_terminal(self, jobs: list[TrackedJob], live_statuses: dict[str, JobStatus]) -> None:
         records: dict[str, JobStatus] = {}
         wanted = {j.job_id for j in jobs}
-        for argv in self.scheduler.terminal_argvs_for(sorted(wanted), live_statuses):
+        # Schedulers with per-job lookups bound them per poll (SGE's qacct, PBS's
+        # tracejob): the least recently asked go first, so none waits forever.
+        by_age = [j.job_id for j in sorted(jobs, key=lambda j: (j.last_lookup, j.job_id))]
+        argvs = self.scheduler.terminal_argvs_for(by_age, live_statuses)
+        for argv in argvs:
+            named = {arg for part in argv for arg in part.split(",")} & wanted
+            if len(named) == 1:  # a one-job lookup (batched ones leave nobody out)
+                self.jobs[named.pop()].last_lookup = time.monotonic()
+        for argv in argvs:
             try:
                 result = await self.transport.run(argv, timeout=self.command_timeout)
                 found = self.scheduler.parse_terminal(result)

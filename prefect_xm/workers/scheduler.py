@@ -99,6 +99,9 @@ class Scheduler:
     template_name: ClassVar[str]
     #: the prefix of directive lines, e.g. "#SBATCH"
     directive_prefix: ClassVar[str]
+    #: at most this many one-job terminal lookups per poll (scontrol show job, qacct -j,
+    #: tracejob); the poller offers the least recently asked jobs first
+    per_id_lookups: ClassVar[int] = 10
 
     # -- submission -------------------------------------------------------------
     def submit_argv(self, request: SubmitRequest) -> list[str]:

@@ -326,8 +326,10 @@ class SgeScheduler(Scheduler):
         return statuses.get(job_id) or combine_tasks(job_id, statuses)
 
     def terminal_argvs(self, job_ids: Sequence[str]) -> list[list[str]]:
-        # qacct takes one job per call (a second -j replaces the first).
-        return [["qacct", "-j", job_id] for job_id in job_ids]
+        # qacct takes one job per call (a second -j replaces the first) and scans the
+        # accounting file each time: a bounded number per poll. The poller asks for the
+        # least recently looked-up jobs first, so every job gets its turn.
+        return [["qacct", "-j", job_id] for job_id in job_ids[: self.per_id_lookups]]
 
     def terminal_argvs_for(
         self, job_ids: Sequence[str], live: Mapping[str, JobStatus]

@@ -296,7 +296,7 @@ class SlurmScheduler(Scheduler):
     def terminal_argvs(self, job_ids: Sequence[str]) -> list[list[str]]:
         # scontrol knows finished jobs for MinJobAge (300 s by default) and gives the
         # exit code; sacct covers the rest where accounting is enabled.
-        argvs = [["scontrol", "show", "job", "-o", job_id] for job_id in job_ids]
+        argvs = [["scontrol", "show", "job", "-o", job_id] for job_id in job_ids[: self.per_id_lookups]]
         argvs += [
             ["sacct", "-X", "-n", "-P", "-j", ",".join(batch), "-o", "JobIDRaw,State,ExitCode,Reason"]
             for batch in chunked(job_ids, self.terminal_batch_size)
