@@ -64,7 +64,8 @@ def test_xmanager_readme_snippet_ports_by_changing_imports(api, tmp_path):
         print("trained with", sys.argv[1:])
     """))
     # XManager's README launch script; only the import lines and the executor (Vertex ->
-    # Local, as the binary path: this machine) changed.
+    # Local, as the binary path: this machine) changed. Local records the requirements
+    # and does not enforce them, so the T4 it asks for need not exist here.
     (tmp_path / "launch.py").write_text(textwrap.dedent("""
         import itertools
 
@@ -78,6 +79,7 @@ def test_xmanager_readme_snippet_ports_by_changing_imports(api, tmp_path):
               base_image='gcr.io/deeplearning-platform-release/pytorch-gpu',
               entrypoint=xm.ModuleName('cifar10'),
           )
+
           [executable] = experiment.package([
               xm.Packageable(
                   executable_spec=spec,
@@ -85,16 +87,19 @@ def test_xmanager_readme_snippet_ports_by_changing_imports(api, tmp_path):
                   args={'platform': 'gpu'},
               ),
           ])
+
           batch_sizes = [64, 1024]
           learning_rates = [0.1, 0.001]
           trials = list(
               dict([('batch_size', bs), ('learning_rate', lr)])
               for (bs, lr) in itertools.product(batch_sizes, learning_rates)
           )
+
+          requirements = xm.JobRequirements(T4=1)
           for hyperparameters in trials:
             experiment.add(xm.Job(
                 executable=executable,
-                executor=xm_local.Local(),
+                executor=xm_local.Local(requirements=requirements),
                 args=hyperparameters,
             ))
         print("EXPERIMENT", experiment.experiment_id)
@@ -111,6 +116,24 @@ def test_xmanager_readme_snippet_ports_by_changing_imports(api, tmp_path):
     assert len(wus) == 4 and all(r.state.is_completed() for r in wus)
     assert sorted((r.parameters["batch_size"], r.parameters["learning_rate"]) for r in wus) == sorted(
         [(64, 0.1), (64, 0.001), (1024, 0.1), (1024, 0.001)])
+
+
+def test_experiment_wait_until_complete_returns_every_work_units_status(api, tmp_path):
+    from prefect_xm import xm, xm_local
+
+    marker = tmp_path / "slow-one-finished"
+    with xm_local.create_experiment(experiment_title="wait-all") as experiment:
+        [sh] = experiment.package([xm.Packageable(xm.Binary("/bin/sh"), xm_local.Local.Spec())])
+        experiment.add(xm.Job(sh, xm_local.Local(), args=["-c", f"sleep 1 && touch {marker}"]))
+        experiment.add(xm.Job(sh, xm_local.Local(), args=["-c", "exit 4"]))
+        statuses = experiment.wait_until_complete()
+        # it returned only once the slow work unit had finished its program
+        assert marker.exists()
+    assert sorted(statuses) == [1, 2]
+    assert statuses[1].is_completed, statuses[1]
+    assert statuses[2].is_failed and "exited with code 4" in statuses[2].message, statuses[2]
+    wus = _runs("xm-kind:work-unit", f"xm-experiment:{experiment.experiment_id}")
+    assert len(wus) == 2 and all(r.state.is_final() for r in wus)
 
 
 def test_product_sweep_of_job_groups(api, tmp_path):

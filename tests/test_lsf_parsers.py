@@ -4,11 +4,16 @@ cases (marked as such) for what no recorded output shows."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from conftest import VECTORS
+from conftest import REPO, VECTORS, wait_for
 from prefect_xm.workers.lsf import (
+    STATUS_COLUMNS,
     LsfJobConfiguration,
     LsfScheduler,
     parse_bhist_summary,
@@ -64,13 +69,90 @@ def test_bjobs_delimited_with_exit_reason_and_leading_blank():
 
 def test_bjobs_unknown_id_among_known_ones_is_an_answer():
     v = VEC["lsf-007"]
-    r = result("lsf-007", ["bjobs", "-a", "-noheader", "-o", "jobid stat exec_host delimiter='^'", "1", "2"])
     statuses = parse_bjobs_delimited(v["output"], columns=("jobid", "stat", "exec_host"))
     assert {k: s.native_state for k, s in statuses.items()} == v["facts"]["states"]
     assert statuses["1"].state == JobState.COMPLETED and statuses["1"].exit_code == 0
-    # the scheduler's own query has more columns; the answer is still not an error
-    assert r.returncode == 255
-    assert "2" not in S.parse_status(r)
+
+
+def test_status_query_with_an_unknown_id_lists_the_known_job():
+    # lsf-007 asks 3 columns, so it cannot stand in for the worker's own 6-column query:
+    # every one of its lines would be skipped and an empty answer would pass. No recorded
+    # output of this -o form exists; the stdout line is built from the documented form
+    # (fields in -o order, '-' for empty, the delimiter between), while stderr and the
+    # exit code 255 are lsf-007's verbatim.
+    argv = S.status_argv(["1", "2"])
+    assert argv == ["bjobs", "-a", "-noheader", "-o",
+                    "jobid stat exit_code exec_host exit_reason pend_reason delimiter='^'", "1", "2"]
+    v = VEC["lsf-007"]
+    r = CommandResult(argv, v["returncode"], "1^DONE^-^hostA^-^-\n", v["stderr"])
+    statuses = S.parse_status(r)
+    assert list(statuses) == ["1"]
+    assert statuses["1"].native_state == "DONE" and statuses["1"].state == JobState.COMPLETED
+    assert statuses["1"].exit_code == 0
+
+
+def test_fake_bjobs_json_through_the_json_parser(tmp_path):
+    """The fake LSF's `bjobs -json` (tests/fakes/lsf) read by parse_bjobs_json: one job
+    that exits 0, one that exits 3, and an id it never had."""
+    fake = REPO / "tests" / "fakes" / "lsf"
+    env = {**os.environ, "FAKE_LSF_HOME": str(tmp_path / "lsf")}
+
+    def run(argv, stdin=None):
+        return subprocess.run(argv, input=stdin, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+
+    ids = []
+    for code in (0, 3):
+        out = run([str(fake / "bsub"), "-J", f"exit{code}", "-o", str(tmp_path / f"{code}.out")],
+                  f"#!/bin/bash\nexit {code}\n")
+        assert out.returncode == 0, out.stderr
+        ids.append(parse_bsub(out.stdout))
+    query = [str(fake / "bjobs"), "-a", "-json", "-o", " ".join(STATUS_COLUMNS), *ids, "999999"]
+    try:
+        def finished():
+            out = run(query)
+            assert out.returncode == 0, out.stderr
+            statuses = parse_bjobs_json(out.stdout, [*ids, "999999"])
+            return statuses if all(i in statuses and statuses[i].state.is_final for i in ids) else None
+
+        statuses = wait_for(finished, timeout=60, interval=0.2, what="both fake LSF jobs to end")
+        assert set(statuses) == set(ids)  # the unknown id is an ERROR record, not a job
+        done, failed = statuses[ids[0]], statuses[ids[1]]
+        assert (done.native_state, done.state, done.exit_code) == ("DONE", JobState.COMPLETED, 0)
+        assert (failed.native_state, failed.state, failed.exit_code) == ("EXIT", JobState.FAILED, 3)
+    finally:
+        _end_fake_lsf_jobs(env, ids)
+
+
+def _end_fake_lsf_jobs(env, ids):
+    """The fake runs each job as a real process under a detached shepherd: kill what is
+    left of them, then wait until all are gone, so no process outlives the test."""
+    jobs = Path(env["FAKE_LSF_HOME"]) / "jobs"
+    pids = []
+    for job_id in ids:
+        try:
+            job = json.loads((jobs / f"{job_id}.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        pids += [p for p in (job.get("pid"), job.get("shepherd_pid")) if p]
+    # each was started in its own session, so its pid is its process group's id
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    wait_for(lambda: not any(_alive(p) for p in pids), timeout=30, interval=0.1, what="the fake's processes to end")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie has ended
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_bjobs_only_unknown_ids_is_an_empty_answer():
