@@ -176,16 +176,27 @@ def test_product_sweep_of_job_groups(api, tmp_path):
         # The program's output is in the job run's logs.
         from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-        logs = c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[job.id])))
-        assert any("member eval args --lr=0.1 --bs=16" in log.message for log in logs), [l.message for l in logs]
-        # The summary artifact: one row per work unit, all Completed.
+        # Logs reach the API in batches, after the run's state: wait for them.
+        def program_output_logged():
+            logs = c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[job.id])))
+            return any("member eval args --lr=0.1 --bs=16" in log.message for log in logs)
+
+        wait_for(program_output_logged, 60, what="the program's output in the job run's logs")
+        # The summary artifact: one row per work unit, all Completed (its last update may
+        # land just after the work units' final states).
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-        arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"xm-summary-{exp_id}"])))
-        assert arts and arts[0].flow_run_id == experiment.flow_run_id
-        rows = json.loads(arts[0].data)
+        def summary_complete():
+            arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"xm-summary-{exp_id}"])))
+            if not arts:
+                return None
+            rows = json.loads(arts[0].data)
+            done = {row["state"] for row in rows} == {"Completed"} and all(row["duration"] != "-" for row in rows)
+            return (arts[0], rows) if done else None
+
+        art, rows = wait_for(summary_complete, 60, what="the summary artifact with every work unit Completed")
+        assert art.flow_run_id == experiment.flow_run_id
         assert [row["work_unit"] for row in rows] == [1, 2, 3, 4, 5, 6]
-        assert {row["state"] for row in rows} == {"Completed"} and all(row["duration"] != "-" for row in rows)
 
 
 def test_gang_member_failure_cancels_the_others(api, tmp_path):
