@@ -243,6 +243,40 @@ def test_stopping_a_work_unit_cancels_every_member(api, tmp_path):
         wait_for(lambda: not _pid_alive(pid), timeout=30, what=f"process {pid} to be gone")
 
 
+def test_job_finishing_while_its_state_is_read_is_not_taken_for_a_crash(api, monkeypatch):
+    """The work unit's watcher reads its jobs' states, then checks whether their in-process
+    engines have ended. An engine that ends while the read is in flight is absent from
+    that older snapshot: here every read is held until the jobs it saw unfinished have
+    ended, as a slow server does, and the work unit must still complete."""
+    import asyncio
+
+    from prefect_xm import xm, xm_local
+    from prefect_xm.core import experiment as core
+
+    real_read_runs = core._read_runs
+    held = []
+
+    def local_engines():
+        return [t for t in asyncio.all_tasks() if t.get_coro().__name__ == "_start_local"]
+
+    async def read_runs_delivered_late(client, *, tags, ids=None, **kw):
+        runs = await real_read_runs(client, tags=tags, ids=ids, **kw)
+        if ids is not None and any(r.state is None or not r.state.is_final() for r in runs) and local_engines():
+            held.append([r.state.type.value if r.state else None for r in runs])
+            deadline = asyncio.get_running_loop().time() + 120
+            while any(not t.done() for t in local_engines()) and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+        return runs
+
+    monkeypatch.setattr(core, "_read_runs", read_runs_delivered_late)
+    with xm_local.create_experiment(experiment_title="late-read") as experiment:
+        [true] = experiment.package([xm.Packageable(xm.Binary("/bin/true"), xm_local.Local.Spec())])
+        wu = experiment.add(xm.Job(true, xm_local.Local()))
+    assert held, "no read straddled the job's end: the test proves nothing"
+    status = wu.get_status()
+    assert status.is_completed, status
+
+
 def test_args_reach_the_program_byte_for_byte(api, tmp_path):
     from prefect_xm import xm, xm_local
 

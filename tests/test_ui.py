@@ -111,7 +111,8 @@ def test_experiment_run_page_shows_work_unit_subflows(api, browser):
                 xm_local.Local.Spec())])
             for lr in (0.1, 0.01, 0.001):
                 experiment.add(xm.Job(exe, xm_local.Local(), args={"learning_rate": lr}))
-        assert all(wu.get_status().is_completed for wu in experiment.work_units.values())
+        statuses = {wid: wu.get_status() for wid, wu in experiment.work_units.items()}
+        assert all(s.is_completed for s in statuses.values()), statuses
         return experiment
 
     # Playwright's sync API runs an event loop on this thread: launch from another one.

@@ -595,6 +595,10 @@ class Experiment:
                     m.local_task = asyncio.ensure_future(self._start_local(m))
             ids = [m.flow_run_id for m in members] + [wu.flow_run_id]
             while True:
+                # Which in-process engines had ended is noted before the read: an engine
+                # that ends while the read is in flight has its final state missing from
+                # that (older) snapshot, and must not be taken for one that never set it.
+                ended_before_read = {m.key for m in members if m.local_task is not None and m.local_task.done()}
                 runs = {r.id: r for r in await _read_runs(client, tags=[], ids=ids)}
                 wu_state = _state_type(runs.get(wu.flow_run_id))
                 for m in members:
@@ -602,7 +606,7 @@ class Experiment:
                     if r is not None:
                         m.state_type = _state_type(r)
                         m.message = (r.state.message or "") if r.state else ""
-                    if m.local_task is not None and m.local_task.done() and m.state_type not in _FINAL:
+                    if m.key in ended_before_read and m.state_type not in _FINAL:
                         # The in-process engine ended without a final state: record a crash.
                         exc = m.local_task.exception() if not m.local_task.cancelled() else None
                         m.state_type, m.message = "CRASHED", f"job runner ended without a final state: {exc!r}"
