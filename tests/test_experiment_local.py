@@ -224,6 +224,36 @@ def test_gang_member_failure_cancels_the_others(api, tmp_path):
     assert _run(experiment.flow_run_id).state.is_failed()
 
 
+def test_gang_member_whose_run_cannot_be_created_leaves_no_other_member_behind(api, monkeypatch):
+    """One member's flow run fails to be created while another's is still being created:
+    the work unit crashes with the cause, and the member created last is cancelled too."""
+    import asyncio
+
+    from prefect_xm import xm, xm_local
+    from prefect_xm.core.experiment import Experiment
+
+    real_submit = Experiment._submit
+    refused = asyncio.Event()
+
+    async def submit(self, wu, m):
+        if m.key == "refused":
+            refused.set()
+            raise RuntimeError("injected: the API refused this flow run")
+        await refused.wait()  # created only after its gang mate has failed
+        await real_submit(self, wu, m)
+
+    monkeypatch.setattr(Experiment, "_submit", submit)
+    with xm_local.create_experiment(experiment_title="gang-create") as experiment:
+        [true] = experiment.package([xm.Packageable(xm.Binary("/bin/true"), xm_local.Local.Spec())])
+        wu = experiment.add(xm.JobGroup(late=xm.Job(true, xm_local.Local()),
+                                        refused=xm.Job(true, xm_local.Local())))
+    status = wu.get_status()
+    assert status.state_type == "CRASHED" and "injected" in status.message, status
+    jobs = _runs("xm-kind:job", f"xm-experiment:{experiment.experiment_id}")
+    assert [j.tags[-1] for j in jobs] == ["xm-job:late"], jobs
+    assert jobs[0].state.is_cancelled(), jobs[0].state
+
+
 def test_stopping_a_work_unit_cancels_every_member(api, tmp_path):
     from prefect_xm import xm, xm_local
 

@@ -589,7 +589,12 @@ class Experiment:
         running_set = False
         try:
             # Gang: submit every member before starting or watching any of them.
-            await asyncio.gather(*(self._submit(wu, m) for m in members))
+            # Every creation is let finish before a failure is raised: a member created after
+            # the cancellation below would be left Pending, never started and never cancelled.
+            outcomes = await asyncio.gather(*(self._submit(wu, m) for m in members), return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
             for m in members:
                 if m.is_local:
                     m.local_task = asyncio.ensure_future(self._start_local(m))
