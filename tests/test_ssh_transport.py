@@ -53,6 +53,26 @@ async def test_argv_reaches_the_remote_program_byte_for_byte(sshd):
     await t.close()
 
 
+async def test_a_command_that_overruns_its_timeout_is_ended_on_the_login_node(sshd, tmp_path):
+    """A scheduler command stuck on the login node (a hung sbatch) does not keep running
+    there, holding a channel of the one shared connection (sshd's MaxSessions), after the
+    worker gave up on it."""
+    t = transport(sshd)
+    pidfile = tmp_path / "stuck.pid"
+    with pytest.raises(TransientSchedulerError, match="did not answer within 2 s"):
+        await t.run(["sh", "-c", 'echo $$ > "$0"; exec sleep 300', str(pidfile)], timeout=2)
+    pid = int(pidfile.read_text())
+    conn = await t._connection()
+    deadline = time.monotonic() + 30
+    while conn._channels and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not conn._channels, conn._channels
+    assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    r = await t.run(["sh", "-c", "read line; echo got $line"], stdin="x\n", timeout=30)
+    assert r.ok and r.stdout == "got x\n", r  # the connection is kept; stdin still reaches commands
+    await t.close()
+
+
 async def test_one_connection_for_many_commands_and_files(sshd, tmp_path):
     t = transport(sshd)
     for i in range(20):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import re
 import shlex
@@ -156,6 +157,7 @@ class SSHTransport:
         self._tunnel: Any = None  # the jump host connection carrying _conn, if any
         self._lock = asyncio.Lock()
         self._home: str | None = None
+        self._login_node_has_timeout: bool | None = None  # coreutils' timeout(1), probed once
         self.connects = 0  # connections opened, for tests and benchmarks
         self.connect_attempts = 3  # per command, 1 s then 2 s apart
         #: seconds an SFTP operation (write_file, read_tail) or the $HOME lookup may
@@ -352,7 +354,17 @@ class SSHTransport:
         for attempt in (1, 2):
             conn = await self._connection()
             try:
-                completed = await asyncio.wait_for(conn.run(command, input=stdin, check=False), timeout)
+                if self._login_node_has_timeout is None:
+                    probe = await asyncio.wait_for(
+                        conn.run("command -v timeout", check=False), self.command_timeout)
+                    self._login_node_has_timeout = probe.exit_status == 0
+                bounded = command
+                if self._login_node_has_timeout:
+                    # Bounded on the login node too, a second after we give up: sshd frees
+                    # a session channel only once its command has exited, and refuses to
+                    # signal commands of root sessions.
+                    bounded = f"timeout -k 5 {math.ceil(timeout) + 1} {command}"
+                completed = await asyncio.wait_for(_run_to_exit(conn, bounded, stdin), timeout)
             except asyncio.TimeoutError as exc:
                 if getattr(exc, "errno", None) is None:  # ours, not a TCP ETIMEDOUT
                     raise TransientSchedulerError(f"{argv[0]} did not answer within {timeout:g} s (over SSH)") from None
@@ -507,3 +519,20 @@ def _sftp_attrs(mode: int):
     import asyncssh
 
     return asyncssh.SFTPAttrs(permissions=mode)
+
+
+async def _run_to_exit(conn, command: str, stdin: str | None):
+    """conn.run(), but a command given up on (timeout, cancellation) does not keep its
+    channel of the shared connection open. It is also sent SIGKILL, which OpenSSH delivers
+    in a user's session (not in a root one: no privilege separation there)."""
+    process = await conn.create_process(command, input=stdin)
+    try:
+        return await process.wait(check=False)
+    except BaseException:
+        if process.exit_status is None:
+            try:
+                process.kill()
+            except Exception:  # the channel may be gone with the connection
+                pass
+        process.close()
+        raise
