@@ -184,3 +184,27 @@ async def test_one_job_lookups_are_bounded_per_poll_and_every_job_gets_its_turn(
         asked.append({c[-1] for c in t.calls[before:] if c[0] == "scontrol"})
     assert all(len(a) <= s.per_id_lookups for a in asked)
     assert set().union(*asked) == {str(i) for i in range(1, 26)}
+
+
+async def test_a_cancel_that_comes_after_the_job_ended_keeps_how_it_ended():
+    """scancel says the job is unknown (it finished and left the queue meanwhile): its
+    record says how it ended, ahead of the worker's "removed" (which stands only for jobs
+    gone without any record, e.g. SGE's deleted while pending)."""
+    from unittest.mock import MagicMock
+
+    from prefect_xm.workers.base import FollowedRun
+    from prefect_xm.workers.slurm import SlurmWorker
+
+    t = ScriptedTransport(
+        squeue=[(0, "", "")],
+        scancel=[(1, "", "scancel: error: Kill job error on job id 7: Invalid job id specified\n")],
+        scontrol=[(0, "JobId=7 JobName=x JobState=COMPLETED Reason=None ExitCode=0:0\n", "")],
+    )
+    p = JobPoller(SlurmScheduler(), t, grace_period=300)
+    job = p.track("7")
+    worker = SlurmWorker(work_pool_name="late-cancel")
+    followed = FollowedRun(flow_run_id=MagicMock(), job_id="7", poller=p, transport=t,
+                           configuration=MagicMock(), tracked=job)
+    assert await worker.cancel_job("7", t, 0, JobState.PENDING, followed) is False
+    await poll(p)
+    assert job.status.state == JobState.COMPLETED, job.status
