@@ -97,9 +97,16 @@ def test_gang_failure_on_slurm_cancels_the_sleeper(slurm_pool, tmp_path):
     status = wu.get_status()
     assert status.is_failed and "failer" in status.message, status
     tags = [f"xm-experiment:{experiment.experiment_id}", "xm-kind:job", "xm-job:sleeper"]
-    with get_client(sync_client=True) as c:
-        [run] = c.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags)))
-    assert run.state.is_cancelled(), run.state
+    # scancel's grace SIGTERM can make Prefect's engine in the job write Crashed ("aborted
+    # by Python system exit") first; the worker that cancelled the job then sets Cancelled
+    # once the job has left the queue. The final word is the worker's: wait for it.
+    def sleeper_run():
+        with get_client(sync_client=True) as c:
+            [run] = c.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags)))
+        return run
+
+    wait_for(lambda: sleeper_run().state.is_cancelled(), timeout=120,
+             what="the sleeper's run to be Cancelled (the worker's final word)")
     job_id = started.read_text()
 
     def gone():
