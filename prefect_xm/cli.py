@@ -89,15 +89,6 @@ def _progress(experiment, counts: dict[str, int]) -> None:
         f"[bold]{experiment.experiment_title}[/] ({experiment.experiment_id}): {done}/{total} work units done \u2014 {parts}")
 
 
-def _note_api() -> None:
-    from prefect.settings import get_current_settings
-
-    if not get_current_settings().api.url:
-        home = get_current_settings().home
-        _console(stderr=True).print(
-            f"[dim]PREFECT_API_URL is not set: using Prefect's embedded server (database in {home}).[/]")
-
-
 def cmd_launch(script: str, script_args: Sequence[str]) -> int:
     from prefect_xm.core import experiment as core
 
@@ -105,7 +96,6 @@ def cmd_launch(script: str, script_args: Sequence[str]) -> int:
     if not os.path.isfile(path):
         print(f"prefect-xm launch: no such file: {script}", file=sys.stderr)
         return 2
-    _note_api()
     core.PROGRESS_HOOK = _progress
     old_argv = sys.argv
     sys.argv = [path, *script_args]

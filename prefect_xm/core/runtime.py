@@ -58,6 +58,11 @@ class Runtime:
             if self._client is None:
                 from prefect.client.orchestration import get_client
 
+                from prefect_xm.core.embedded_server import ensure_api
+
+                # Before any Prefect client exists: with no PREFECT_API_URL, our own start
+                # of the embedded server replaces Prefect's (which times out on a first run).
+                await asyncio.to_thread(ensure_api)
                 client = get_client()
                 await client.__aenter__()
                 self._client = client
