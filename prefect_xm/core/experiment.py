@@ -56,9 +56,22 @@ TAG_WORK_UNIT = "xm-work-unit:"
 TAG_IDENTITY = "xm-identity:"
 TAG_JOB = "xm-job:"
 
+
+
+def print_progress(experiment: "Experiment", counts: Mapping[str, int]) -> None:
+    """One line on stderr: how many work units are in each state."""
+    import sys
+
+    total = sum(counts.values())
+    done = sum(n for state, n in counts.items() if state.upper() in _FINAL)
+    parts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items()))
+    print(f"{experiment.experiment_title} ({experiment.experiment_id}): {done}/{total} work units done: {parts}",
+          file=sys.stderr, flush=True)
+
+
 #: Called as PROGRESS_HOOK(experiment, counts) while an experiment waits for its work
-#: units, whenever the counts of work-unit states change (the CLI prints progress).
-PROGRESS_HOOK = None
+#: units, whenever the counts of work-unit states change; None prints nothing.
+PROGRESS_HOOK = None if os.environ.get("PREFECT_XM_PROGRESS", "1").lower() in ("0", "false", "no") else print_progress
 #: Experiments created or opened in this process (the CLI prints their results).
 OPENED: list = []
 
@@ -407,7 +420,9 @@ class Experiment:
                 continue
             from prefect.settings import get_current_settings
 
-            if not get_current_settings().api.url:
+            from prefect_xm.core import embedded_server
+
+            if not get_current_settings().api.url or embedded_server.in_use():
                 raise ValueError(
                     f"job {key!r} runs on work pool {pool!r}, whose workers need a Prefect server they "
                     f"can reach: set PREFECT_API_URL (the embedded server only serves the Local executor)"
@@ -526,13 +541,11 @@ class Experiment:
 
     @staticmethod
     async def _start_local(m: _Member) -> None:
-        from prefect.flow_engine import run_flow_async
+        """Runs a Local job's program here; this process writes its run's states and logs
+        (no flow engine per job: see job_runner.run_direct)."""
+        from prefect_xm.flows.job_runner import run_direct
 
-        from prefect_xm.flows.job_runner import run_job
-
-        client = await _client()
-        run = await client.read_flow_run(m.flow_run_id)
-        await run_flow_async(run_job, flow_run=run, parameters=m.params, return_type="state")
+        await run_direct(await _client(), m.flow_run_id, m.params)
 
     async def _cancel_members(self, members: Sequence[_Member], reason: str) -> None:
         """Cancels members that are not final and waits until they are (gang semantics)."""
@@ -547,8 +560,8 @@ class Experiment:
             not_started = m.state_type in _NOT_STARTED if m.is_local else m.state_type == "SCHEDULED"
             state = Cancelled(message=reason) if not_started else Cancelling(message=reason)
             await client.set_flow_run_state(m.flow_run_id, state, force=True)
-            if not_started and m.local_task is not None:
-                m.local_task.cancel()
+            if m.local_task is not None:
+                m.local_task.cancel()  # kills the program and records Cancelled
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CANCEL_DEADLINE_SECONDS
         pending = [m for m in members if m.flow_run_id is not None]
@@ -616,6 +629,9 @@ class Experiment:
                         exc = m.local_task.exception() if not m.local_task.cancelled() else None
                         m.state_type, m.message = "CRASHED", f"job runner ended without a final state: {exc!r}"
                         await client.set_flow_run_state(m.flow_run_id, Crashed(message=m.message), force=True)
+                for m in members:
+                    if m.state_type == "CANCELLING" and m.local_task is not None and not m.local_task.done():
+                        m.local_task.cancel()  # cancelled from outside (UI, API): end its program
                 if wu_state in ("CANCELLING", "CANCELLED") or self._stopped:
                     reason = f"work unit {wu.work_unit_id} was cancelled"
                     await self._cancel_members(members, reason)

@@ -212,15 +212,140 @@ async def run_job(
             pumps.cancel()
         _LIVE_GROUPS.discard(proc.pid)
     if rc != 0:
-        if rc < 0:
-            try:
-                signame = signal.Signals(-rc).name
-            except ValueError:
-                signame = str(-rc)
-            return Failed(message=f"{program} was killed by signal {signame} (exit code {rc})")
-        return Failed(message=f"{program} exited with code {rc}")
+        return Failed(message=exit_message(program, rc))
     logger.info("%s exited with code 0", program)
     return {"exit_code": 0}
+
+
+def exit_message(program: str, rc: int) -> str:
+    if rc < 0:
+        try:
+            signame = signal.Signals(-rc).name
+        except ValueError:
+            signame = str(-rc)
+        return f"{program} was killed by signal {signame} (exit code {rc})"
+    return f"{program} exited with code {rc}"
+
+
+class _RunLogShipper:
+    """A job's output as its flow run's logs: lines are batched and posted every
+    LOG_FLUSH_SECONDS (one request per batch), and completely at the end."""
+
+    def __init__(self, client, flow_run_id) -> None:
+        self.client = client
+        self.flow_run_id = flow_run_id
+        self.pending: list = []
+        self._flusher: Optional[asyncio.Task] = None
+
+    def emit(self, message: str, level: int = 20) -> None:
+        import datetime
+
+        from prefect.client.schemas.actions import LogCreate
+
+        self.pending.append(LogCreate(name="prefect.flow_runs", level=level, message=message,
+                                      timestamp=datetime.datetime.now(datetime.timezone.utc),
+                                      flow_run_id=self.flow_run_id))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(LOG_FLUSH_SECONDS)
+        await self.flush()
+
+    async def flush(self) -> None:
+        batch, self.pending = self.pending, []
+        if batch:
+            try:
+                await self.client.create_logs(batch)
+            except Exception as e:  # logs are not worth failing the job for
+                print(f"prefect-xm: could not ship {len(batch)} log line(s) of flow run {self.flow_run_id}: {e}",
+                      file=sys.stderr)
+
+    async def close(self) -> None:
+        if self._flusher is not None and not self._flusher.done():
+            self._flusher.cancel()
+        await self.flush()
+
+
+LOG_FLUSH_SECONDS = float(os.environ.get("PREFECT_XM_LOG_FLUSH_SECONDS", "0.5"))
+
+
+async def run_direct(client, flow_run_id, parameters: dict[str, Any]) -> str:
+    """Runs one job's program for a flow run of ``xm-job-runner`` without Prefect's flow
+    engine: this process writes the run's states (Running, then Completed, Failed with the
+    exit code, or Cancelled) and posts the program's stdout/stderr as the run's logs.
+    Returns the final state's type name.
+
+    The run is the same flow run as on the engine path (parameters, tags, parent); what
+    is saved is the engine's per-run start-up (context, result store, hooks, events) and
+    its thread of API calls, which made the Local jobs of a sweep start one at a time.
+    Cancelling the asyncio task that runs this (the orchestrator does, when the run is
+    being cancelled) kills the program's process group and records Cancelled.
+    """
+    from prefect.states import Cancelled, Completed, Crashed, Failed, Running
+
+    logs = _RunLogShipper(client, flow_run_id)
+    proc: Optional[asyncio.subprocess.Process] = None
+    try:
+        try:
+            argv, extra_env = build_argv(parameters["executable"], list(parameters.get("args") or []))
+        except (JobSpecError, KeyError) as e:
+            await client.set_flow_run_state(flow_run_id, Failed(message=f"bad job: {e}"), force=True)
+            return "FAILED"
+        result = await client.set_flow_run_state(flow_run_id, Running())
+        if result.state is None or not result.state.is_running():
+            return result.state.type.value if result.state is not None else "PENDING"
+        child_env = dict(os.environ)
+        child_env.update(extra_env)
+        child_env.update({str(k): str(v) for k, v in (parameters.get("env") or {}).items()})
+        logs.emit(f"starting {argv[0]} ({len(argv) - 1} args)")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, cwd=parameters.get("working_dir") or None, env=child_env,
+                start_new_session=True, limit=1 << 20,
+            )
+        except OSError as e:
+            message = f"could not start {argv[0]!r}: {e}"
+            logs.emit(message, level=40)
+            await client.set_flow_run_state(flow_run_id, Failed(message=message), force=True)
+            return "FAILED"
+        _LIVE_GROUPS.add(proc.pid)
+        program = os.path.basename(argv[0])
+        await asyncio.gather(_pump(proc.stdout, logs.emit),
+                             _pump(proc.stderr, lambda line: logs.emit(f"[stderr] {line}")))
+        rc = await proc.wait()
+        if rc != 0:
+            message = exit_message(program, rc)
+            logs.emit(message, level=40)
+            await logs.close()
+            await client.set_flow_run_state(flow_run_id, Failed(message=message), force=True)
+            return "FAILED"
+        logs.emit(f"{program} exited with code 0")
+        await logs.close()
+        await client.set_flow_run_state(flow_run_id, Completed(message=f"{program} exited with code 0"), force=True)
+        return "COMPLETED"
+    except asyncio.CancelledError:
+        if proc is not None:
+            await asyncio.shield(_terminate(proc))
+        run = await asyncio.shield(client.read_flow_run(flow_run_id))
+        reason = (run.state.message if run.state is not None and run.state.is_cancelling() else None) or "cancelled"
+        logs.emit(f"the run is being cancelled ({reason}): the program's process group was killed")
+        await asyncio.shield(logs.close())
+        await asyncio.shield(client.set_flow_run_state(
+            flow_run_id, Cancelled(message=f"cancelled: {reason}; the program was killed"), force=True))
+        raise
+    except Exception as e:
+        if proc is not None:
+            await _terminate(proc)
+        await logs.close()
+        await client.set_flow_run_state(flow_run_id, Crashed(message=f"{type(e).__name__}: {e}"), force=True)
+        raise
+    finally:
+        if proc is not None:
+            if proc.returncode is None:
+                await asyncio.shield(_terminate(proc))
+            _LIVE_GROUPS.discard(proc.pid)
 
 
 def _main() -> None:  # python -m prefect_xm.flows.job_runner <flow-run-id>: run a precreated run
