@@ -19,7 +19,8 @@ QMASTER_SPOOL=/var/spool/gridengine/qmaster
 EXECD_SPOOL=/var/spool/gridengine/execd
 QUEUE=all.q
 PE=smp
-SLOTS=${SGE_SLOTS:-2}
+# The test suite's classes run side by side and their jobs mostly sleep: 4 slots per CPU.
+SLOTS=${SGE_SLOTS:-$(($(nproc) * 4))}
 READY_TIMEOUT=${SGE_READY_TIMEOUT:-60}
 SMOKE_TIMEOUT=${SGE_SMOKE_TIMEOUT:-60}
 NODE=$(hostname)
@@ -96,8 +97,10 @@ queue_up() {
     case "$QUEUE_STATE" in
         *[auEdsSCD]*) return 1 ;;
     esac
-    # The config this script applies (the scheduler interval is its cheapest marker).
-    timeout 10 qconf -ssconf 2>/dev/null | grep -Eq '^schedule_interval +0:0:1$'
+    # The config this script applies (the scheduler interval is its cheapest marker,
+    # and the queue's slots, which changed since).
+    timeout 10 qconf -ssconf 2>/dev/null | grep -Eq '^schedule_interval +0:0:1$' || return 1
+    timeout 10 qconf -sq "$QUEUE" 2>/dev/null | grep -Eq "^slots +$SLOTS\$"
 }
 
 wait_gone() {

@@ -94,7 +94,8 @@ class PrefectServer:
 
 @pytest.fixture(scope="session")
 def prefect_server() -> PrefectServer:
-    """A real `prefect server start` (SQLite) on a free port, for the whole session.
+    """A real `prefect server start` on a free port, for the whole session: on a database of
+    its own on PREFECT_XM_TEST_POSTGRES when set (scripts/test.sh), else on SQLite.
 
     The test process itself is pointed at it through PREFECT_API_URL (set above), and
     `.env()` gives subprocesses (workers, CLIs, launch scripts) the same address.
@@ -105,6 +106,9 @@ def prefect_server() -> PrefectServer:
     port = _SERVER_PORT
     env = dict(os.environ)
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    database = _create_postgres_database()
+    if database is not None:
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database[1]
     # The UI asks the server where its API is; without this it says 127.0.0.1:4200.
     env["PREFECT_SERVER_UI_API_URL"] = f"http://127.0.0.1:{port}/api"
     env.pop("PREFECT_API_URL", None)
@@ -135,4 +139,74 @@ def prefect_server() -> PrefectServer:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+        if database is not None:
+            _drop_postgres_database(database[0])
         shutil.rmtree(home, ignore_errors=True)
+
+
+#: The SQLAlchemy URL of a PostgreSQL server (no database) for the test servers
+#: (scripts/postgres-cluster.sh; scripts/test.sh sets it). Unset: SQLite in PREFECT_HOME.
+TEST_POSTGRES = os.environ.get("PREFECT_XM_TEST_POSTGRES", "")
+
+
+def _postgres_dsn(database: str) -> str:
+    return TEST_POSTGRES.replace("postgresql+asyncpg://", "postgresql://", 1).rstrip("/") + "/" + database
+
+
+def _create_postgres_database() -> tuple[str, str] | None:
+    """A new database for this process's test server: (name, SQLAlchemy URL)."""
+    if not TEST_POSTGRES:
+        return None
+    import asyncio
+    import uuid
+
+    import asyncpg
+
+    name = f"pxm_test_{uuid.uuid4().hex[:12]}"
+
+    async def create():
+        try:
+            conn = await asyncpg.connect(_postgres_dsn("postgres"), timeout=30)
+        except (OSError, asyncpg.PostgresError) as e:
+            raise AssertionError(f"PREFECT_XM_TEST_POSTGRES={TEST_POSTGRES} does not answer ({e}): "
+                                 "start it with `bash scripts/postgres-cluster.sh start`") from None
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    return name, TEST_POSTGRES.rstrip("/") + "/" + name
+
+
+def _drop_postgres_database(name: str) -> None:
+    import asyncio
+
+    import asyncpg
+
+    async def drop():
+        conn = await asyncpg.connect(_postgres_dsn("postgres"), timeout=30)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(drop())
+    except Exception as e:  # a leftover test database is not a test failure
+        print(f"could not drop test database {name}: {e}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------ side by side
+# The suite runs under pytest-xdist (`-n`, `--dist loadgroup`: scripts/test.sh): each
+# xdist process has its own Prefect server (above: port and PREFECT_HOME per process),
+# and they share the one Slurm, SGE and sshd, as users of a cluster do. Tests that share
+# an expensive fixture stay on one process: each BatchWorkerSuite class (its pool, worker
+# and scheduler scenarios), and modules marked with an xdist_group of their own.
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        cls = getattr(item, "cls", None)
+        if cls is not None and hasattr(cls, "harness") and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 2)[0] + "::" + cls.__name__))

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, require_service
 
-pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
+pytestmark = [pytest.mark.slurm, pytest.mark.e2e, pytest.mark.xdist_group("test_experiment_slurm")]  # one pool and worker
 
 
 def _slurm_is_up() -> bool:

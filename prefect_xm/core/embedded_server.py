@@ -64,6 +64,19 @@ def _sqlite_path(connection_url: Optional[str], home: Path) -> Optional[Path]:
     return None
 
 
+def _block_registry_key(db: Optional[Path]) -> str:
+    """What decides which block types the server registers: Prefect's version and the
+    installed collections (read from package metadata, nothing imported), and the
+    database they were registered in."""
+    from importlib.metadata import entry_points
+
+    import prefect
+
+    collections = sorted(f"{ep.name}={ep.value}@{ep.dist.version if ep.dist else ''}"
+                         for ep in entry_points(group="prefect.collections"))
+    return "\n".join([f"prefect={prefect.__version__}", f"database={db}", *collections]) + "\n"
+
+
 class EmbeddedServer:
     """One `uvicorn prefect.server.api.server:create_app` subprocess, as Prefect's own
     ephemeral server runs (no UI, ephemeral services), on a free port of 127.0.0.1."""
@@ -79,7 +92,7 @@ class EmbeddedServer:
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"
 
-    def _spawn(self) -> None:
+    def _spawn(self, register_blocks: bool) -> None:
         from prefect.settings import get_current_settings
 
         import prefect
@@ -92,6 +105,10 @@ class EmbeddedServer:
             "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT__SERVER_FINAL": "1",
         }
+        if not register_blocks:
+            # Both: Prefect's memo check imports every collection before it looks.
+            env["PREFECT_API_BLOCKS_REGISTER_ON_START"] = "false"
+            env["PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION"] = "false"
         env.pop("PREFECT_API_URL", None)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
@@ -133,12 +150,17 @@ class EmbeddedServer:
                          f"(this takes a minute once)...")
             else:
                 self.say("starting Prefect's embedded server (no PREFECT_API_URL set)...")
-            self._spawn()
+            # Registering block types imports every installed Prefect collection (the
+            # cloud ones take seconds); the types are in the database once registered.
+            registry = _block_registry_key(db)
+            stamp = self.home / "prefect-xm-block-types.registered"
+            register_blocks = fresh or not stamp.exists() or stamp.read_text() != registry
+            self._spawn(register_blocks)
             deadline = started + STARTUP_DEADLINE_SECONDS
             while not self._healthy():
                 code = self.process.poll()
                 if code == 3:  # uvicorn: the port was taken between our check and its bind
-                    self._spawn()
+                    self._spawn(register_blocks)
                 elif code is not None:
                     raise RuntimeError(f"Prefect's embedded server exited with code {code} while starting "
                                        f"(database in {self.home}):\n{self._output()}")
@@ -148,6 +170,8 @@ class EmbeddedServer:
                         f"Prefect's embedded server did not answer within {STARTUP_DEADLINE_SECONDS:g}s "
                         f"(PREFECT_XM_EMBEDDED_SERVER_DEADLINE; database in {self.home}):\n{self._output()}")
                 time.sleep(0.1)
+            if register_blocks:
+                stamp.write_text(registry)
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
             lock_file.close()
