@@ -11,10 +11,12 @@ bash scripts/torque-wrappers.sh >/dev/null  # Slurm's Torque qsub/qstat/qdel, un
 bash scripts/sge-cluster.sh start
 bash scripts/sshd-package.sh
 bash scripts/chromium.sh
-# Not yet on by default: with PREFECT_XM_TEST_POSTGRES set (scripts/postgres-cluster.sh url),
-# each test process's Prefect server gets a PostgreSQL database of its own (tests/conftest.py);
-# that set-up at -n 6 showed class-setup errors not yet diagnosed.
+bash scripts/postgres-cluster.sh start
+# Each test process's Prefect server gets a PostgreSQL database of its own (a copy of a
+# migrated template: tests/conftest.py). On SQLite, servers whose workers submit while
+# tests create runs answer `database is locked` and clients back off for seconds.
+export PREFECT_XM_TEST_POSTGRES=${PREFECT_XM_TEST_POSTGRES-$(bash scripts/postgres-cluster.sh url)}
 # Side by side: most of the suite waits on polls and process starts, not on the CPU.
 # Each pytest-xdist process has its own Prefect server; they share Slurm, SGE and sshd.
 # A class or module runs on one process (loadscope): its pool, worker or browser is shared.
-exec .venv/bin/python -m pytest -ra -n "${PREFECT_XM_TEST_PROCESSES:-4}" --dist loadscope --durations=25 "$@"
+exec .venv/bin/python -m pytest -ra -n "${PREFECT_XM_TEST_PROCESSES:-6}" --dist loadscope --durations=25 "$@"

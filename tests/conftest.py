@@ -92,6 +92,20 @@ class PrefectServer:
         return env
 
 
+def _wait_healthy(proc: subprocess.Popen, api_url: str, log: Path) -> None:
+    import httpx
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"prefect server exited: {log.read_text()[-3000:]}")
+        try:
+            return httpx.get(f"{api_url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(healthy, timeout=300, what="prefect server health")
+
+
 @pytest.fixture(scope="session")
 def prefect_server() -> PrefectServer:
     """A real `prefect server start` on a free port, for the whole session: on a database of
@@ -100,8 +114,6 @@ def prefect_server() -> PrefectServer:
     The test process itself is pointed at it through PREFECT_API_URL (set above), and
     `.env()` gives subprocesses (workers, CLIs, launch scripts) the same address.
     """
-    import httpx
-
     home = _SERVER_HOME
     port = _SERVER_PORT
     env = dict(os.environ)
@@ -109,6 +121,8 @@ def prefect_server() -> PrefectServer:
     database = _create_postgres_database()
     if database is not None:
         env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database[1]
+        # The template has them (and our code's are the same: it names the template).
+        env["PREFECT_API_BLOCKS_REGISTER_ON_START"] = "false"
     # The UI asks the server where its API is; without this it says 127.0.0.1:4200.
     env["PREFECT_SERVER_UI_API_URL"] = f"http://127.0.0.1:{port}/api"
     env.pop("PREFECT_API_URL", None)
@@ -122,15 +136,7 @@ def prefect_server() -> PrefectServer:
     )
     server = PrefectServer(home, port, proc)
 
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"prefect server exited: {(home / 'server.log').read_text()[-3000:]}")
-        try:
-            return httpx.get(f"{server.api_url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(healthy, timeout=120, what="prefect server health")
+    _wait_healthy(proc, server.api_url, home / "server.log")
     try:
         yield server
     finally:
@@ -153,6 +159,81 @@ def _postgres_dsn(database: str) -> str:
     return TEST_POSTGRES.replace("postgresql+asyncpg://", "postgresql://", 1).rstrip("/") + "/" + database
 
 
+def _template_key() -> str:
+    """Names the migrated template database: a new Prefect, or a change to our code
+    (its block types are registered in the template), makes a new one."""
+    import hashlib
+
+    import prefect
+
+    digest = hashlib.sha256(prefect.__version__.encode())
+    for path in sorted((REPO / "prefect_xm").rglob("*.py")):
+        digest.update(path.read_bytes())
+    return f"pxm_template_{digest.hexdigest()[:12]}"
+
+
+async def _connect_postgres():
+    import asyncpg
+
+    try:
+        return await asyncpg.connect(_postgres_dsn("postgres"), timeout=30)
+    except (OSError, asyncpg.PostgresError) as e:
+        raise AssertionError(f"PREFECT_XM_TEST_POSTGRES={TEST_POSTGRES} does not answer ({e}): "
+                             "start it with `bash scripts/postgres-cluster.sh start`") from None
+
+
+def _ensure_postgres_template() -> str:
+    """A database Prefect's server has migrated and registered its block types in, made
+    once per machine (under a lock: the xdist processes start together). Test servers'
+    databases are copies of it, so each start skips 20-30 s of migrations and imports."""
+    import asyncio
+    import fcntl
+
+    template = _template_key()
+
+    async def exists() -> bool:
+        conn = await _connect_postgres()
+        try:
+            return bool(await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", template))
+        finally:
+            await conn.close()
+
+    with open(Path(tempfile.gettempdir()) / "prefect-xm-test-template.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if asyncio.run(exists()):
+            return template
+        building = f"{template}_building"
+
+        async def create(sql: str) -> None:
+            conn = await _connect_postgres()
+            try:
+                for statement in sql.split(";"):
+                    await conn.execute(statement)
+            finally:
+                await conn.close()
+
+        asyncio.run(create(f'DROP DATABASE IF EXISTS "{building}" WITH (FORCE); CREATE DATABASE "{building}"'))
+        home = Path(tempfile.mkdtemp(prefix="pxm-template-home-"))
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+        env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   PREFECT_SERVER_DATABASE_CONNECTION_URL=TEST_POSTGRES.rstrip("/") + "/" + building)
+        # A server start does what every test server would: migrations, then block types.
+        port = free_port()
+        log = open(home / "server.log", "w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_healthy(proc, f"http://127.0.0.1:{port}/api", home / "server.log")
+        finally:
+            proc.terminate()
+            proc.wait(60)
+            shutil.rmtree(home, ignore_errors=True)
+        # Renamed only once complete: an interrupted build never passes for a template.
+        asyncio.run(create(f'ALTER DATABASE "{building}" RENAME TO "{template}"'))
+        return template
+
+
 def _create_postgres_database() -> tuple[str, str] | None:
     """A new database for this process's test server: (name, SQLAlchemy URL)."""
     if not TEST_POSTGRES:
@@ -160,18 +241,13 @@ def _create_postgres_database() -> tuple[str, str] | None:
     import asyncio
     import uuid
 
-    import asyncpg
-
+    template = _ensure_postgres_template()
     name = f"pxm_test_{uuid.uuid4().hex[:12]}"
 
     async def create():
+        conn = await _connect_postgres()
         try:
-            conn = await asyncpg.connect(_postgres_dsn("postgres"), timeout=30)
-        except (OSError, asyncpg.PostgresError) as e:
-            raise AssertionError(f"PREFECT_XM_TEST_POSTGRES={TEST_POSTGRES} does not answer ({e}): "
-                                 "start it with `bash scripts/postgres-cluster.sh start`") from None
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
+            await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
         finally:
             await conn.close()
 
@@ -182,10 +258,8 @@ def _create_postgres_database() -> tuple[str, str] | None:
 def _drop_postgres_database(name: str) -> None:
     import asyncio
 
-    import asyncpg
-
     async def drop():
-        conn = await asyncpg.connect(_postgres_dsn("postgres"), timeout=30)
+        conn = await _connect_postgres()
         try:
             await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
@@ -198,15 +272,9 @@ def _drop_postgres_database(name: str) -> None:
 
 
 # ------------------------------------------------------------------ side by side
-# The suite runs under pytest-xdist (`-n`, `--dist loadgroup`: scripts/test.sh): each
-# xdist process has its own Prefect server (above: port and PREFECT_HOME per process),
-# and they share the one Slurm, SGE and sshd, as users of a cluster do. Tests that share
-# an expensive fixture stay on one process: each BatchWorkerSuite class (its pool, worker
-# and scheduler scenarios), and modules marked with an xdist_group of their own.
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        cls = getattr(item, "cls", None)
-        if cls is not None and hasattr(cls, "harness") and not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 2)[0] + "::" + cls.__name__))
+# The suite runs under pytest-xdist (`-n`, `--dist loadscope`: scripts/test.sh): each
+# xdist process has its own Prefect server (above: port and PREFECT_HOME per process,
+# a PostgreSQL database per server), and they share the one Slurm, SGE and sshd, as users
+# of a cluster do. loadscope keeps a module's tests, and a class's, on one process: each
+# BatchWorkerSuite class shares its pool, worker and scheduler scenarios, and modules
+# share their module-scoped fixtures (a pool, a browser, one `prefect deploy --all`).

@@ -113,13 +113,33 @@ class WorkerProcess:
                 self.kill()
 
 
-def create_pool(server: PrefectServer, name: str, worker_type: str) -> None:
-    """Through the CLI, as a user would."""
-    out = subprocess.run(
-        [sys.executable, "-m", "prefect", "work-pool", "create", name, "--type", worker_type],
-        env=server.env(), capture_output=True, text=True, timeout=120,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+def create_pool(server: PrefectServer, name: str, worker_type: str, *, cli: bool = False) -> None:
+    """A pool of `worker_type` with the worker's default base job template.
+
+    With cli=True through `prefect work-pool create`, as a user would; else through the
+    API with the template from the function that command calls (test_worker_schemas proves
+    the CLI finds our types): the CLI imports every installed collection, 10+ s of CPU."""
+    if cli:
+        out = subprocess.run(
+            [sys.executable, "-m", "prefect", "work-pool", "create", name, "--type", worker_type],
+            env=server.env(), capture_output=True, text=True, timeout=300,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        return
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.workers.base import BaseWorker
+
+    import prefect_xm.workers  # noqa: F401  (registers the xm-* types)
+
+    worker_class = BaseWorker.get_worker_class_from_type(worker_type)
+    assert worker_class is not None, worker_type
+
+    async def create():
+        async with get_client() as client:
+            await client.create_work_pool(WorkPoolCreate(
+                name=name, type=worker_type, base_job_template=worker_class.get_default_base_job_template()))
+
+    asyncio.run(create())
 
 
 async def deploy(entrypoint: str, pool: str, name: str, job_variables: dict | None = None):
@@ -137,6 +157,24 @@ async def start_run(deployment_id, parameters: dict | None = None, job_variables
         return await client.create_flow_run_from_deployment(
             deployment_id, parameters=parameters or {}, job_variables=job_variables or {}
         )
+
+
+async def start_runs(deployment_id, count: int, parameters: dict | None = None,
+                     job_variables: dict | None = None) -> list[FlowRun]:
+    """`count` runs of one deployment, created side by side through one client, as a
+    launcher adding a sweep does."""
+    async with get_client() as client:
+        return list(await asyncio.gather(*(
+            client.create_flow_run_from_deployment(
+                deployment_id, parameters=parameters or {}, job_variables=job_variables or {})
+            for _ in range(count))))
+
+
+async def read_runs(run_ids) -> list[FlowRun]:
+    from prefect.client.schemas.filters import FlowRunFilter
+
+    async with get_client() as client:
+        return await client.read_flow_runs(flow_run_filter=FlowRunFilter(id={"any_": list(run_ids)}))
 
 
 async def read_run(run_id) -> FlowRun:

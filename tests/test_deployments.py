@@ -16,7 +16,7 @@ import yaml
 
 from conftest import REPO, wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("test_deployments")]  # one `prefect deploy --all`
+pytestmark = pytest.mark.e2e
 
 DEPLOYMENTS = REPO / "deployments"
 POOLS = {  # name: type, as deployments/prefect.yaml declares them

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, require_service
 
-pytestmark = [pytest.mark.slurm, pytest.mark.e2e, pytest.mark.xdist_group("test_experiment_slurm")]  # one pool and worker
+pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
 
 def _slurm_is_up() -> bool:
@@ -29,7 +29,7 @@ def slurm_pool(prefect_server, tmp_path_factory):
     refresh_global_settings_context()
     root = tmp_path_factory.mktemp("xm-slurm-sweep")
     pool = f"xm-slurm-{uuid.uuid4().hex[:6]}"
-    create_pool(prefect_server, pool, "xm-slurm")
+    create_pool(prefect_server, pool, "xm-slurm", cli=True)  # as a user would
     worker = WorkerProcess(prefect_server, pool, "xm-slurm", root).start()
     try:
         yield pool, root

@@ -52,9 +52,10 @@ class TestLsfWorker(BatchWorkerSuite):
 def test_cleaned_job_is_read_from_bhist(tmp_path):
     """A finished job leaves `bjobs -a` after CLEAN_PERIOD: the status query no longer
     lists it ("is not found" on stderr), and the terminal lookup (bhist -l) gives the exit
-    code. Through the fake with a 1 s clean period."""
+    code. Through the fake with a 15 s clean period: long enough that a poll slowed by a
+    busy machine still sees the ended job listed before it is cleaned."""
     env = {**os.environ, "PATH": f"{FAKE_LSF}{os.pathsep}{os.environ['PATH']}",
-           "FAKE_LSF_HOME": str(tmp_path / "lsf"), "FAKE_LSF_CLEAN_PERIOD": "1"}
+           "FAKE_LSF_HOME": str(tmp_path / "lsf"), "FAKE_LSF_CLEAN_PERIOD": "15"}
     s = LsfScheduler()
 
     def sh(argv, stdin=None) -> CommandResult:

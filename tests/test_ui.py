@@ -24,7 +24,7 @@ import pytest
 
 from conftest import REPO, require_service
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("test_ui")]  # one browser
+pytestmark = pytest.mark.e2e
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

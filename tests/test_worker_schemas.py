@@ -11,8 +11,6 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.xdist_group("test_worker_schemas")  # one subprocess loads every worker type
-
 TYPES = ["xm-slurm", "xm-sge", "xm-pbs", "xm-lsf", "xm-htcondor"]
 
 # Run in a fresh interpreter that never imports prefect_xm itself: only Prefect's entry

@@ -486,15 +486,26 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         # "None" until its scheduler has looked at a new job (schedulers that give no
         # reason at all are announced at once). Later reasons are logged.
         announce = True
+        retry_announce = False
+        announce_attempts = 0
         logged: Optional[str] = None
         try:
             status = followed.tracked.status
             while not status.state.is_final:
-                status = await followed.tracked.updates.get()
+                try:
+                    # A job held in the queue sends no further update: an announcement that
+                    # failed (the API busy) is retried on the poll's rhythm instead.
+                    status = await asyncio.wait_for(
+                        followed.tracked.updates.get(), timeout=max(self.poll_interval, 1.0) if retry_announce else None)
+                except asyncio.TimeoutError:
+                    status = followed.tracked.status
+                retry_announce = False
                 if status.state == JobState.PENDING:
                     message = f"{scheduler_name} job {followed.job_id} is queued: {status.describe()}"
                     if announce and status.reason not in ("None", "(null)"):
-                        announce = await self._propose_infrastructure_pending(flow_run, message) is False
+                        announce = await self._propose_infrastructure_pending(flow_run, message, logger) is False
+                        announce_attempts += 1
+                        retry_announce = announce and announce_attempts < 10
                     if message != logged:
                         logger.info(message)
                         logged = message
@@ -510,17 +521,18 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             followed.poller.untrack(followed.job_id)
             self._followed.pop(flow_run.id, None)
 
-    async def _propose_infrastructure_pending(self, flow_run: "FlowRun", message: str) -> Optional[bool]:
-        """True: the run shows the message; False: not this time (try with the next
-        reason); None: the run is no longer Pending, nothing to announce."""
-        current = await self.client.read_flow_run(flow_run.id)
-        if current.state is None or current.state.type != StateType.PENDING:
-            return None
+    async def _propose_infrastructure_pending(self, flow_run: "FlowRun", message: str, logger) -> Optional[bool]:
+        """True: the run shows the message; False: not this time (try again); None: the
+        run is no longer Pending, nothing to announce."""
         try:
+            current = await self.client.read_flow_run(flow_run.id)
+            if current.state is None or current.state.type != StateType.PENDING:
+                return None
             result = await self.client.set_flow_run_state(
                 flow_run.id, InfrastructurePending(message=message)
             )
-        except Exception:
+        except Exception as e:
+            logger.warning(f"could not mark the run InfrastructurePending yet ({type(e).__name__}: {e}); will retry")
             return False
         return result.status.value == "ACCEPT" if hasattr(result, "status") else True
 
