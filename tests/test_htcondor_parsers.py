@@ -1,4 +1,4 @@
-"""HTCondor parsers on verbatim outputs (../shared/vectors/htcondor.json), plus
+"""HTCondor parsers on verbatim outputs (tests/data/vectors/htcondor.json), plus
 hand-written cases (marked as such) for the -json form no recorded output shows, and the
 generated submit description."""
 

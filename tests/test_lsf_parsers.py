@@ -1,4 +1,4 @@
-"""LSF parsers on verbatim outputs (../shared/vectors/lsf.json), plus a few hand-written
+"""LSF parsers on verbatim outputs (tests/data/vectors/lsf.json), plus a few hand-written
 cases (marked as such) for what no recorded output shows."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""PBS Pro and Torque parsers on verbatim outputs (../shared/vectors/pbspro.json and
+"""PBS Pro and Torque parsers on verbatim outputs (tests/data/vectors/pbspro.json and
 torque.json), plus hand-written cases (marked) for what no vector shows: PBS Pro's
 finished-job JSON record, Slurm's Torque wrappers' qstat -f, the template."""
 

@@ -1,4 +1,4 @@
-"""SGE parsers on verbatim outputs (../shared/vectors/sge.json, every vector) and on
+"""SGE parsers on verbatim outputs (tests/data/vectors/sge.json, every vector) and on
 outputs recorded from the real SGE 8.1.9 here (tests/data/sge/, see its README)."""
 
 from __future__ import annotations

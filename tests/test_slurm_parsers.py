@@ -1,4 +1,4 @@
-"""Slurm parsers on verbatim outputs (../shared/vectors/slurm.json) and on outputs
+"""Slurm parsers on verbatim outputs (tests/data/vectors/slurm.json) and on outputs
 recorded from the real Slurm 22.05 on these machines."""
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 condor_hold, condor_release (symlinks to this file; the command is the name it is called by).
 Standard library only.
 
-What it reproduces (formats from the HTCondor manual and ../shared/vectors/htcondor.json):
+What it reproduces (formats from the HTCondor manual and tests/data/vectors/htcondor.json):
 - `condor_submit [-terse] [-batch-name name] [file]` reads a submit description (from stdin without a
   file): `key = value` commands, `+Attr = value` custom attributes, `queue [1]`.
   Known: universe, executable, arguments, output, error, log, initialdir, batch_name,

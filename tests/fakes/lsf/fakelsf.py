@@ -3,7 +3,7 @@
 to this file; the command is the name it is called by). Standard library only.
 
 What it reproduces (byte-for-byte where the recorded outputs in
-../shared/vectors/lsf.json show the format):
+tests/data/vectors/lsf.json show the format):
 - `bsub [options]` reads the job script on stdin, takes the `#BSUB` directives from it
   (-J -o -e -q -P -W -n -M -R -gpu -cwd -H; %J in paths; command-line options win), prints
   "Job <N> is submitted to [default ]queue <q>.", refuses an unknown queue with
