@@ -55,7 +55,9 @@ class SchedulerHarness:
     #: job variables that keep a job queued however idle the cluster is, and the reason shown
     hold_variables: dict
     hold_reason: str
-    #: job variables for a 1-minute wall-clock limit, and the word the crash message must carry
+    #: job variables for a 3-minute wall-clock limit, and the word the crash message must carry
+    #: (long enough that the flow engine has started, however busy the machine, before the
+    #: kill: an engine still starting when its job is killed can report after the worker)
     time_limit_variables: dict
     time_limit_word: str
     #: job variables naming a queue/partition the scheduler refuses, and the refusal's text
@@ -299,7 +301,7 @@ class BatchWorkerSuite:
         assert any(job_id in c for c in env.wrappers.calls(env.h.cancel_command))
 
     def test_time_limit_crashes_with_timeout(self, env):
-        fr = wait_final(env.timeout_run.id, timeout=400)
+        fr = wait_final(env.timeout_run.id, timeout=540)
         assert fr.state.type == StateType.CRASHED, fr.state
         assert env.h.time_limit_word in fr.state.message, state_history(fr.id)
 

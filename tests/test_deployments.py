@@ -133,6 +133,8 @@ def test_deploy_all_declares_job_runners_and_experiments(deployed):
             assert d.work_pool_name == pool
             assert d.entrypoint == "prefect_xm.flows.job_runner:run_job"
             assert not d.pull_steps
+            # batch pools run the program itself on the node; the stock workers run the engine
+            assert d.job_variables.get("execution") == ("direct" if pool.startswith("xm-") else None), d.job_variables
         k8s = client.read_work_pool("kubernetes")
         assert "gpu_count" in k8s.base_job_template["variables"]["properties"]
         sweep = client.read_deployment_by_name("xm-experiment/sweep")

@@ -31,7 +31,7 @@ HTCONDOR = SchedulerHarness(
     cancel_command="condor_rm",
     hold_variables={"hold": True},
     hold_reason="submitted on hold at user's request",
-    time_limit_variables={"time_limit": "1"},
+    time_limit_variables={"time_limit": "3"},
     time_limit_word="exceeded allowed execute duration",
     # HTCondor has no queues to name: the closest refusal is condor_submit's own
     bad_queue_variables={"universe": "nosuchuniverse"},

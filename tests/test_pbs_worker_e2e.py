@@ -43,7 +43,7 @@ PBSPRO = PbsHarness(
     cancel_command="qdel",
     hold_variables={"hold": True},
     hold_reason="Hold_Types=u",
-    time_limit_variables={"time_limit": "00:01:00"},
+    time_limit_variables={"time_limit": "00:03:00"},
     time_limit_word="walltime",
     bad_queue_variables={"queue": "nosuchqueue"},
     bad_queue_error="qsub: Unknown queue",
@@ -79,7 +79,7 @@ TORQUE = PbsHarness(
     # Slurm's qstat prints held jobs as plain Q (no H, no Hold_Types, no comment): the
     # only hold evidence the run can carry is that it is queued.
     hold_reason="is queued: Q",
-    time_limit_variables={"time_limit": "00:01:00"},
+    time_limit_variables={"time_limit": "00:03:00"},
     # no exit_status through the wrappers: the reason is slurmstepd's line in the stderr tail
     time_limit_word="DUE TO TIME LIMIT",
     bad_queue_variables={"queue": "nosuchqueue"},

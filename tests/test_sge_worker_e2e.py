@@ -32,7 +32,7 @@ SGE = SchedulerHarness(
     # a user hold: the job waits as hqw however idle the queue is
     hold_variables={"extra_directives": ["-h"]},
     hold_reason="hqw",
-    time_limit_variables={"time_limit": "0:1:0"},
+    time_limit_variables={"time_limit": "0:3:0"},
     time_limit_word="h_rt",
     bad_queue_variables={"queue": "nosuchqueue"},
     bad_queue_error='job requests unknown queue "nosuchqueue"',

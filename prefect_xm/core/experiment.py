@@ -232,6 +232,10 @@ async def ensure_job_runner_deployment(pool_name: str) -> UUID:
     else:
         where = dict(entrypoint="prefect_xm/flows/job_runner.py:run_job", path=source,
                      pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": source}}])
+    if "execution" in ((pool.base_job_template or {}).get("variables") or {}).get("properties", {}):
+        # Batch pools run the job's program itself on the node: no Prefect, no API route
+        # there (a run's own job variables may still choose the engine).
+        where["job_variables"] = {"execution": "direct"}
     deployment_id = await client.create_deployment(
         flow_id=flow_id,
         name=pool_name,

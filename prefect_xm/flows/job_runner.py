@@ -64,8 +64,12 @@ def _container_runtime() -> Optional[str]:
     return None
 
 
-def build_argv(executable: dict[str, Any], args: list[str]) -> tuple[list[str], dict[str, str]]:
-    """The program's argv and extra env for an executable spec. Pure but for PATH lookups."""
+def build_argv(executable: dict[str, Any], args: list[str], *, on_node: bool = False) -> tuple[list[str], dict[str, str]]:
+    """The program's argv and extra env for an executable spec. Pure but for PATH lookups.
+
+    on_node: the argv is for a batch script on a compute node (direct execution), not for
+    this process: programs are named for the node's PATH (python3, apptainer) and
+    nothing is taken from this machine's environment."""
     kind = executable.get("kind", "command")
     extra_env: dict[str, str] = {}
     image = executable.get("image")
@@ -76,7 +80,7 @@ def build_argv(executable: dict[str, Any], args: list[str]) -> tuple[list[str], 
         if not command or isinstance(command, str):
             raise JobSpecError(f"executable.command must be a non-empty argv list, got {command!r}")
         return [str(c) for c in command] + args, extra_env
-    runtime = _container_runtime() if image else None
+    runtime = ("apptainer" if on_node else _container_runtime()) if image else None
     if kind == "container":
         if not image:
             raise JobSpecError("executable.image is required for kind 'container'")
@@ -85,12 +89,13 @@ def build_argv(executable: dict[str, Any], args: list[str]) -> tuple[list[str], 
         return [runtime, "run", image] + args, extra_env
     if kind in ("module", "commands"):
         if path:
-            extra_env["PYTHONPATH"] = path + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+            inherited = "" if on_node else os.environ.get("PYTHONPATH", "")
+            extra_env["PYTHONPATH"] = path + (os.pathsep + inherited if inherited else "")
         if kind == "module":
             module = executable.get("module")
             if not module:
                 raise JobSpecError("executable.module is required for kind 'module'")
-            inner = ["python3" if runtime else sys.executable, "-m", module]
+            inner = ["python3" if runtime or on_node else sys.executable, "-m", module]
         else:
             commands = executable.get("commands")
             if not commands:

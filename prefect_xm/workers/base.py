@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional, TypeVar
 from uuid import UUID
 
 import jinja2
@@ -37,7 +37,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 from prefect.exceptions import InfrastructureNotAvailable, InfrastructureNotFound
-from prefect.states import Cancelled, Crashed, InfrastructurePending
+from prefect.states import Cancelled, Completed, Crashed, Failed, InfrastructurePending, Running
 from prefect.workers.base import (
     BaseJobConfiguration,
     BaseVariables,
@@ -84,12 +84,91 @@ def check_format(pattern: "re.Pattern[str]", field: str, value: Optional[str], e
 JOB_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
 #: the run's environment, beside job.sh in the run directory (mode 0600)
 ENV_FILE = "job.env"
+#: `execution` job variable: Prefect's flow engine on the node, or the job's program itself
+ENGINE, DIRECT = "engine", "direct"
+#: how much of a direct job's stdout/stderr one poll ships to the run's logs, per stream
+LOG_CHUNK_BYTES = 256 * 1024
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def environment_file(env: dict[str, str]) -> str:
     """The run's environment as a file the batch script sources (`. job.env`)."""
     return "".join(f"export {name}={shlex.quote(str(value))}\n" for name, value in env.items())
+
+
+def direct_program(flow_run: "FlowRun", pool_env: dict[str, Any]) -> tuple[list[str], dict[str, str], Optional[str]]:
+    """(argv, environment, working directory) of a job-runner run's program, for a batch
+    script that runs it directly: the argv the job runner would build on the node, the
+    job's env over the pool's, and none of Prefect's variables (no API URL, no key: the
+    node needs neither, and the key must not travel)."""
+    from prefect_xm.flows.job_runner import JobSpecError, build_argv
+
+    parameters = flow_run.parameters or {}
+    if not isinstance(parameters.get("executable"), dict):
+        raise SubmissionError(
+            f"execution: 'direct' runs the program of a prefect-xm job-runner run; flow run {flow_run.id} has "
+            f"no 'executable' parameter (a flow of its own: set the job variable execution to 'engine')")
+    try:
+        argv, extra_env = build_argv(parameters["executable"], list(parameters.get("args") or []), on_node=True)
+    except JobSpecError as e:
+        raise SubmissionError(f"executable: {e}") from None
+    env = {k: str(v) for k, v in pool_env.items() if not k.startswith("PREFECT_")}
+    env.update(extra_env)
+    env.update({str(k): str(v) for k, v in (parameters.get("env") or {}).items()})
+    for name in env:
+        if not ENV_NAME.fullmatch(name):
+            raise SubmissionError(f"env: {name!r} is not a valid environment variable name")
+    working_dir = parameters.get("working_dir") or None
+    if working_dir is not None and (not str(working_dir).strip() or re.search(r"\s", str(working_dir))):
+        raise SubmissionError(f"working_dir: {working_dir!r} must be a path without spaces or line breaks")
+    return argv, env, working_dir
+
+
+class DirectOutput:
+    """Ships a direct job's job.out/job.err to its run's logs: new complete lines once
+    per poll while it runs, and the rest at its end (the worker's logger batches them
+    to the API)."""
+
+    def __init__(self, worker: "BatchWorker", flow_run: "FlowRun", followed: "FollowedRun", logger) -> None:
+        self.worker, self.flow_run, self.followed, self.logger = worker, flow_run, followed, logger
+        self.offsets = {"job.out": 0, "job.err": 0}
+        self.partial = {"job.out": b"", "job.err": b""}
+        self._lock = asyncio.Lock()
+
+    async def follow(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.ship()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a missed read is read again at the next poll
+                self.logger.debug(f"could not read the job's output yet: {e}")
+
+    async def ship(self, final: bool = False) -> None:
+        async with self._lock:
+            run_dir = await self.worker.run_directory(self.followed.configuration, self.followed.flow_run_id)
+            for name in ("job.out", "job.err"):
+                while True:
+                    data = await self.followed.transport.read_from(f"{run_dir}/{name}", self.offsets[name],
+                                                                   LOG_CHUNK_BYTES)
+                    if not data:
+                        break
+                    self.offsets[name] += len(data)
+                    text = self.partial[name] + data
+                    lines = text.split(b"\n")
+                    self.partial[name] = lines.pop()
+                    self._emit(name, lines)
+                    if len(data) < LOG_CHUNK_BYTES:
+                        break
+                if final and self.partial[name]:
+                    self._emit(name, [self.partial[name]])
+                    self.partial[name] = b""
+
+    def _emit(self, name: str, lines: list[bytes]) -> None:
+        prefix = "[stderr] " if name == "job.err" else ""
+        for line in lines:
+            self.logger.info(prefix + line.decode("utf-8", errors="replace").rstrip("\r"))
 
 
 class ScriptTemplateError(ValueError):
@@ -113,6 +192,14 @@ class BatchJobConfiguration(BaseJobConfiguration):
     cluster: str = Field(default="local")
     ssh_block: Optional[str] = Field(default=None)
     submit_timeout: float = Field(default=60.0)
+    execution: str = Field(default=ENGINE)
+
+    @field_validator("execution")
+    @classmethod
+    def _execution(cls, v: str) -> str:
+        if v not in (ENGINE, DIRECT):
+            raise ValueError(f"execution: {v!r} must be {ENGINE!r} or {DIRECT!r}")
+        return v
 
     @model_validator(mode="after")
     def _cluster_of_ssh_block(self):
@@ -222,6 +309,17 @@ class BatchVariables(BaseVariables):
         default=60.0,
         title="Submit timeout (s)",
         description="How long a submission may take before it is checked and retried.",
+    )
+    execution: Literal["engine", "direct"] = Field(
+        default="engine",
+        title="Execution",
+        description=(
+            "'engine': the batch script starts Prefect's flow engine (`python -m prefect flow-run execute`), "
+            "which needs Prefect installed and a route to the Prefect API on the compute node. 'direct' (for "
+            "prefect-xm job-runner runs, the default of their deployments): the script runs the job's program "
+            "itself; the worker writes the run's states from the scheduler's and ships the program's output "
+            "as the run's logs, so nothing of Prefect runs on the node."
+        ),
     )
 
 
@@ -339,7 +437,8 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         return (TEMPLATES / self.scheduler.template_name).read_text()
 
     def render_script(
-        self, configuration: BatchJobConfiguration, flow_run: "FlowRun", run_dir: str
+        self, configuration: BatchJobConfiguration, flow_run: "FlowRun", run_dir: str,
+        command_argv: Optional[list[str]] = None,
     ) -> str:
         env = jinja2.sandbox.SandboxedEnvironment(
             undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
@@ -351,7 +450,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             run_dir=run_dir,
             stdout_path=f"{run_dir}/job.out",
             stderr_path=f"{run_dir}/job.err",
-            command_argv=shlex.split(configuration.command or ""),
+            command_argv=command_argv if command_argv is not None else shlex.split(configuration.command or ""),
             flow_run_id=str(flow_run.id),
             directive=self.scheduler.directive_prefix,
             env_file=f"{run_dir}/{ENV_FILE}",
@@ -382,10 +481,15 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         task_status: Any = None,
     ) -> BatchWorkerResult:
         logger = self.get_flow_run_logger(flow_run)
+        command_argv = None
+        run_env = {k: v for k, v in configuration.env.items() if v is not None}
+        if configuration.execution == DIRECT:
+            command_argv, run_env, working_dir = direct_program(flow_run, run_env)
+            if working_dir and not configuration.working_dir:
+                configuration = configuration.model_copy(update={"working_dir": working_dir})
         transport = await self.transport_for(configuration)
         run_dir = await self.run_directory(configuration, flow_run.id)
-        script = self.render_script(configuration, flow_run, run_dir)
-        run_env = {k: v for k, v in configuration.env.items() if v is not None}
+        script = self.render_script(configuration, flow_run, run_dir, command_argv)
         # The run's environment (API URL, flow run id, the API key) travels in a file only
         # its owner can read, never in the script, the submit command or the job's record.
         await transport.write_file(f"{run_dir}/{ENV_FILE}", environment_file(run_env), 0o600)
@@ -489,6 +593,9 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         retry_announce = False
         announce_attempts = 0
         logged: Optional[str] = None
+        direct = followed.configuration.execution == DIRECT
+        output = DirectOutput(self, flow_run, followed, logger) if direct else None
+        pump = self._spawn(output.follow(self.poll_interval)) if output else None
         try:
             status = followed.tracked.status
             while not status.state.is_final:
@@ -511,13 +618,20 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                         logged = message
                 elif status.state == JobState.RUNNING:
                     logger.info(f"{scheduler_name} job {followed.job_id} is running ({status.native_state})")
+                    if direct:
+                        await self._mark_running(flow_run, f"{scheduler_name} job {followed.job_id} is running")
             for argv in followed.poller.scheduler.cleanup_argvs(status):
                 # e.g. SGE's Eqw: final for us, but the scheduler would keep it forever
                 result = await followed.transport.run(argv, timeout=60)
                 logger.info(f"Removed {scheduler_name} job {followed.job_id} ({' '.join(argv)}: rc {result.returncode})")
+            if output is not None:
+                pump.cancel()
+                await output.ship(final=True)  # everything the program wrote, before its final state
             await self._finish(flow_run, followed, status, logger)
             return BatchWorkerResult(identifier=pid, status_code=0)
         finally:
+            if pump is not None:
+                pump.cancel()
             followed.poller.untrack(followed.job_id)
             self._followed.pop(flow_run.id, None)
 
@@ -551,6 +665,9 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                 )
             logger.info(f"{job} ended {status.describe()}; flow run cancelled")
             return
+        if followed.configuration.execution == DIRECT:
+            await self._finish_direct(flow_run, followed, status, current, logger)
+            return
         if status.state == JobState.COMPLETED and current.is_final():
             return
         if current.is_final() and current.type != StateType.CRASHED:
@@ -572,6 +689,39 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             flow_run.id, Crashed(message=message), force=current.type == StateType.CRASHED
         )
         logger.error(message)
+
+    async def _finish_direct(self, flow_run: "FlowRun", followed: FollowedRun, status: JobStatus, current,
+                             logger) -> None:
+        """A direct job's end is the run's end: nothing else will report it."""
+        job = f"{self.scheduler.name} job {followed.job_id}"
+        if current.is_final():
+            return
+        if status.state == JobState.COMPLETED:
+            await self._mark_running(flow_run, f"{job} started")  # a job too quick to be seen running
+            await self.client.set_flow_run_state(
+                flow_run.id, Completed(message=f"{job} exited with code 0"), force=True)
+            logger.info(f"{job} exited with code 0")
+            return
+        if status.state == JobState.CANCELLED:
+            state = Cancelled(message=f"{job} was cancelled outside Prefect ({status.describe()}).")
+            await self.client.set_flow_run_state(flow_run.id, state, force=True)
+            logger.warning(state.message)
+            return
+        tail = await self._stderr_tail(followed)
+        stderr = f"\nLast lines of the job's stderr ({followed.extra.get('stderr_path')}):\n{tail}" if tail else ""
+        if self.scheduler_for(followed.configuration).ended_by_program(status):
+            state = Failed(message=f"{job}: the program exited with code {status.exit_code} "
+                                   f"({status.describe()}).{stderr}")
+        else:
+            state = Crashed(message=f"{job} ended {status.describe()}.{stderr}")
+        await self.client.set_flow_run_state(flow_run.id, state, force=True)
+        logger.error(state.message)
+
+    async def _mark_running(self, flow_run: "FlowRun", message: str) -> None:
+        """Running, once, for a run still Pending (a direct job has no engine to say so)."""
+        current = (await self.client.read_flow_run(flow_run.id)).state
+        if current is not None and current.type == StateType.PENDING:
+            await self.client.set_flow_run_state(flow_run.id, Running(message=message), force=True)
 
     async def _stderr_tail(self, followed: FollowedRun, lines: int = 20) -> str:
         path = f"{await self.run_directory(followed.configuration, followed.flow_run_id)}/job.err"

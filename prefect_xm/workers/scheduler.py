@@ -169,6 +169,19 @@ class Scheduler:
     def parse_terminal(self, result: CommandResult) -> dict[str, JobStatus]:
         raise NotImplementedError
 
+    #: words in a final status that mean the scheduler (not the program) ended the job
+    KILLED_BY_SCHEDULER = ("timeout", "limit", "memory", "oom", "kill", "preempt", "node_fail", "boot_fail",
+                           "deadline", "walltime", "evict")
+
+    def ended_by_program(self, status: JobStatus) -> bool:
+        """A failed job whose program exited non-zero by itself, rather than one the
+        scheduler killed (time, memory, node failure, preemption): a signal or a
+        scheduler's reason of that kind means the latter. Overridable per scheduler."""
+        if status.exit_code in (None, 0) or status.signal:
+            return False
+        words = f"{status.native_state} {status.reason}".lower()
+        return not any(word in words for word in self.KILLED_BY_SCHEDULER)
+
     def cleanup_argvs(self, status: JobStatus) -> list[list[str]]:
         """Commands to run once a job is final, for jobs the scheduler would keep in its
         queue although they can never run (SGE's Eqw waits forever). Usually none."""

@@ -38,6 +38,10 @@ class Transport(Protocol):
 
     async def read_tail(self, path: str, max_bytes: int = 4000) -> str | None: ...
 
+    async def read_from(self, path: str, offset: int, max_bytes: int = 1 << 20) -> bytes | None:
+        """Up to max_bytes of the file from offset (b"" at its end); None if missing."""
+        ...
+
     async def expand_path(self, path: str) -> str: ...
 
     async def close(self) -> None: ...
@@ -119,6 +123,17 @@ class LocalTransport:
                     size = f.tell()
                     f.seek(max(0, size - max_bytes))
                     return f.read().decode(errors="replace")
+            except FileNotFoundError:
+                return None
+
+        return await asyncio.to_thread(_read)
+
+    async def read_from(self, path: str, offset: int, max_bytes: int = 1 << 20) -> bytes | None:
+        def _read() -> bytes | None:
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    return f.read(max_bytes)
             except FileNotFoundError:
                 return None
 
@@ -466,6 +481,25 @@ class SSHTransport:
                     self.logger.warning("cannot read %s on %s: %s", path, self.connection.describe(), exc)
                 return None
             return data.decode(errors="replace")
+
+        return await self._sftp("read", path, read)
+
+    async def read_from(self, path: str, offset: int, max_bytes: int = 1 << 20) -> bytes | None:
+        import asyncssh
+
+        async def read(sftp) -> bytes | None:
+            try:
+                f = await sftp.open(path, "rb")
+                await f.seek(offset)
+                data = await f.read(max_bytes)
+                await f.close()
+            except asyncssh.SFTPError as exc:
+                if _sftp_connection_error(exc):
+                    raise
+                if not isinstance(exc, (asyncssh.SFTPNoSuchFile, asyncssh.SFTPEOFError)):
+                    self.logger.warning("cannot read %s on %s: %s", path, self.connection.describe(), exc)
+                return b"" if isinstance(exc, asyncssh.SFTPEOFError) else None
+            return data or b""
 
         return await self._sftp("read", path, read)
 
