@@ -34,6 +34,8 @@ from e2e import (
     run,
     start_run,
     start_runs,
+    start_runs_together,
+    state_of,
     wait_final,
 )
 from prefect_xm.workers.scheduler import CommandResult, JobState, Scheduler
@@ -73,6 +75,8 @@ class SchedulerHarness:
     #: whether that record lists the environment qsub -V / getenv copied into the job
     job_record_argv: Optional[Callable[[str], list[str]]] = None
     job_record_shows_environment: bool = False
+    #: job variables a direct (job-runner) run needs here, e.g. a memory request
+    direct_variables: dict = field(default_factory=dict)
 
     def env_path(self) -> str:
         return os.pathsep.join([*self.path_prefix, os.environ["PATH"]])
@@ -140,6 +144,20 @@ def wait_state(run_id, *types: StateType, timeout: float = 180, name: str | None
     return wait_for(reached, timeout, interval=1, what=f"run {run_id} to reach {types} {name or ''}")
 
 
+def _job_runner_deployment(pool: str):
+    """Created on prefect-xm's runtime loop, where its client lives (asyncio.run's loop
+    would leave that client bound to a closed loop)."""
+    from prefect_xm.core.experiment import ensure_job_runner_deployment
+    from prefect_xm.core.runtime import Runtime
+
+    return Runtime.get().run(ensure_job_runner_deployment(pool))
+
+
+def trial(command: list[str], env: dict | None = None) -> dict:
+    """A job-runner run's parameters: a command, as a sweep's trial is."""
+    return {"executable": {"kind": "command", "command": command}, "args": [], "env": env or {}}
+
+
 class BatchWorkerSuite:
     """Subclass with `harness = SchedulerHarness(...)`."""
 
@@ -176,6 +194,7 @@ class BatchWorkerSuite:
             name: run(deploy(f"slurm_flows.py:{name}", pool, f"e2e-{name}", {"run_dir": run_dir, **extra_variables}))
             for name in ("double", "boom", "sleeper", "environ")
         }
+        deployments["job"] = _job_runner_deployment(pool)
 
         class Env:
             pass
@@ -183,6 +202,8 @@ class BatchWorkerSuite:
         e = Env()
         e.pool, e.worker, e.wrappers, e.deployments, e.server, e.run_dir, e.h = (
             pool, worker, wrappers, deployments, prefect_server, run_dir, h)
+        #: job variables of a direct job-runner run on this pool (its deployment has none)
+        e.job_variables = {"run_dir": run_dir, **extra_variables, **h.direct_variables}
         # Slow scenarios start first and are checked later, so their waits overlap.
         e.timeout_run = run(start_run(deployments["sleeper"], {"seconds": 600}, h.time_limit_variables))
         e.worker_path = worker_path
@@ -373,8 +394,11 @@ class BatchWorkerSuite:
             f"for i in $(seq 600); do [ -e {gate} ] && break; sleep 1; done",
             "echo 'xm-suite: failing before python' >&2", "exit 3",
         ]}
-        completing = [run(start_run(env.deployments["double"], {"x": i}, {})) for i in range(2)]
-        crashing = [run(start_run(env.deployments["double"], {"x": 9}, failing)) for _ in range(2)]
+        submits_before = len(env.wrappers.calls(h.submit_command))
+        # picked up together: the completing pair and the crashing pair are arrays where
+        # the scheduler has them, and the replacement must re-attach to their tasks
+        completing = run(start_runs_together(env.deployments["double"], [{"x": i} for i in range(2)]))
+        crashing = run(start_runs_together(env.deployments["double"], [{"x": 9}] * 2, failing))
         held = run(start_run(env.deployments["sleeper"], {"seconds": 1}, h.hold_variables))
         runs = completing + crashing + [held]
         wait_for(lambda: all(run(read_run(r.id)).infrastructure_pid for r in runs), 120, what="5 jobs submitted")
@@ -401,9 +425,65 @@ class BatchWorkerSuite:
             fr = wait_final(r.id, timeout=300)
             assert fr.state.type == StateType.CRASHED, fr.state
             assert "xm-suite: failing before python" in fr.state.message
-        for r in runs:
-            fr = run(read_run(r.id))
-            assert len([c for c in env.wrappers.calls(h.submit_command) if str(fr.id) in c]) == 1
+        # nothing submitted twice: one submit per job or array, whatever the restart did
+        frs = [run(read_run(r.id)) for r in runs]
+        jobs = {h.scheduler.array_of(job_id_of(fr)) or job_id_of(fr) for fr in frs}
+        assert len(env.wrappers.calls(h.submit_command)[submits_before:]) == len(jobs), jobs
+        for fr in frs:
+            if h.scheduler.array_of(job_id_of(fr)):
+                continue
             named = h.jobs_named(f"{fr.name}-{fr.id}")
             # (a removed job may already have left the scheduler's listing)
-            assert len(named) == 1 or (r is held and not named), named
+            assert len(named) == 1 or (fr.id == held.id and not named), named
+
+    # -- sweeps as arrays --------------------------------------------------------------
+    def test_sweep_goes_as_one_array_each_task_its_own_run(self, env):
+        h = env.h
+        before = len(env.wrappers.calls(h.submit_command))
+        command = ["sh", "-c", 'echo "trial [$0] seed=$SEED"; echo "trial $0 err" >&2; exit "$1"']
+        args = [("a b", 0), ("$(touch /tmp/xm-array-pwned)", 0), ("c", 5), ("d;e", 0)]
+        runs = run(start_runs_together(env.deployments["job"], [
+            trial([*command, arg, str(code)], {"SEED": str(i)}) for i, (arg, code) in enumerate(args)],
+            env.job_variables))
+        frs = [wait_final(r.id, timeout=300) for r in runs]
+        for fr, (arg, code) in zip(frs, args):
+            expected = StateType.FAILED if code else StateType.COMPLETED
+            assert fr.state.type == expected, (fr.state, state_history(fr.id))
+        assert "exited with code 5" in frs[2].state.message and "trial c err" in frs[2].state.message
+        jobs = [job_id_of(fr) for fr in frs]
+        arrays = {h.scheduler.array_of(j) for j in jobs}
+        assert len(arrays) == 1 and None not in arrays and len(set(jobs)) == 4, jobs
+        # one submit for the four (another scenario's submit may land in this window)
+        submits = env.wrappers.calls(h.submit_command)[before:]
+        assert len([c for c in submits if "-array-" in c]) == 1, submits
+        assert not any(str(r.id) in c for c in submits for r in runs), submits
+        for i, (fr, (arg, _)) in enumerate(zip(frs, args)):
+            logs = wait_for(lambda: (lambda t: t if "seed=" in t else None)(logs_of(fr.id)), 60, what="task output")
+            assert f"trial [{arg}] seed={i}" in logs and f"[stderr] trial {arg} err" in logs, logs
+        assert not os.path.exists("/tmp/xm-array-pwned")
+
+    def test_cancelling_one_task_leaves_the_others_and_a_stopped_array_goes_in_one_command(self, env):
+        h = env.h
+        runs = run(start_runs_together(env.deployments["job"], [trial(["sleep", "600"])] * 3,
+                                       {**env.job_variables, **h.hold_variables}))
+        frs = [wait_state(r.id, StateType.PENDING, name="InfrastructurePending", timeout=240) for r in runs]
+        jobs = [job_id_of(fr) for fr in frs]
+        array = h.scheduler.array_of(jobs[0])
+        assert array and all(h.scheduler.array_of(j) == array for j in jobs), jobs
+        cancels = len(env.wrappers.calls(h.cancel_command))
+        request_cancel(frs[0].id)
+        wait_state(frs[0].id, StateType.CANCELLED)
+        wait_for(lambda: h.final_or_gone(jobs[0]), 60, what=f"task {jobs[0]} to be removed")
+        assert all(h.job_state(j) == JobState.PENDING for j in jobs[1:])
+        assert all(state_of(fr.id) == StateType.PENDING for fr in frs[1:])
+        one_task = env.wrappers.calls(h.cancel_command)[cancels:]
+        task_cancel = " ".join(h.scheduler.cancel_argvs(jobs[0], 30)[-1])
+        assert task_cancel in one_task, one_task
+        cancels = len(env.wrappers.calls(h.cancel_command))
+        request_cancel(*(fr.id for fr in frs[1:]))
+        for fr in frs[1:]:
+            wait_state(fr.id, StateType.CANCELLED)
+        for job in jobs[1:]:
+            wait_for(lambda: h.final_or_gone(job), 60, what=f"task {job} to be removed")
+        whole = env.wrappers.calls(h.cancel_command)[cancels:]
+        assert whole == [" ".join(h.scheduler.cancel_argvs(array, 30)[-1])], whole

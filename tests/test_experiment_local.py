@@ -254,6 +254,70 @@ def test_gang_member_whose_run_cannot_be_created_leaves_no_other_member_behind(a
     assert jobs[0].state.is_cancelled(), jobs[0].state
 
 
+def test_add_returns_before_the_server_is_asked_and_the_runs_follow(api, monkeypatch):
+    """add() checks its input and returns; the work unit's runs are created in the
+    background. Here creation is held until every add() has returned."""
+    import asyncio
+
+    from prefect_xm import xm, xm_local
+    from prefect_xm.core import experiment as core
+
+    real_link = core._link_task_run
+    released = asyncio.Event()
+    seen_before_release = []
+
+    async def held_link(client, parent_flow_run_id, name, key, dynamic_key):
+        if key == "xm.work_unit":
+            seen_before_release.append(name)
+            await released.wait()
+        return await real_link(client, parent_flow_run_id, name, key, dynamic_key)
+
+    monkeypatch.setattr(core, "_link_task_run", held_link)
+    with xm_local.create_experiment(experiment_title="quick-adds") as experiment:
+        [true] = experiment.package([xm.Packageable(xm.Binary("/bin/true"), xm_local.Local.Spec())])
+        wus = [experiment.add(xm.Job(true, xm_local.Local(), args={"seed": i})) for i in range(12)]
+        assert [wu.work_unit_id for wu in wus] == list(range(1, 13))
+        assert all(wu.flow_run_id is None for wu in wus)  # nothing created yet: add() did not wait
+        with pytest.raises(ValueError, match="args"):
+            experiment.add(xm.Job(true, xm_local.Local()), args=["not", "a", "dict"])  # bad input still raises
+        from prefect_xm.core.runtime import Runtime
+
+        wait_for(lambda: len(seen_before_release) >= core.CREATION_CONCURRENCY, 60, what="creations to start")
+        at_release = len(seen_before_release)
+        Runtime.get().run(_set(released))
+    assert at_release == core.CREATION_CONCURRENCY  # created side by side, bounded
+    assert all(wu.get_status().is_completed for wu in wus)
+    assert len(_runs("xm-kind:work-unit", f"xm-experiment:{experiment.experiment_id}")) == 12
+
+
+async def _set(event):
+    event.set()
+
+
+def test_a_work_unit_that_cannot_be_created_surfaces_on_it_and_at_the_end(api, monkeypatch):
+    from prefect_xm import xm, xm_local
+    from prefect_xm.core import experiment as core
+
+    real_link = core._link_task_run
+
+    async def refusing_link(client, parent_flow_run_id, name, key, dynamic_key):
+        if name == "work-unit-2":
+            raise RuntimeError("injected: the API refused work unit 2")
+        return await real_link(client, parent_flow_run_id, name, key, dynamic_key)
+
+    monkeypatch.setattr(core, "_link_task_run", refusing_link)
+    experiment = xm_local.create_experiment(experiment_title="creation-error")
+    with pytest.raises(RuntimeError, match="work unit 2: RuntimeError: injected"):
+        with experiment:
+            [true] = experiment.package([xm.Packageable(xm.Binary("/bin/true"), xm_local.Local.Spec())])
+            wus = [experiment.add(xm.Job(true, xm_local.Local())) for _ in range(3)]
+    with pytest.raises(RuntimeError, match="work unit 2 could not be created: injected"):
+        wus[1].get_status()
+    assert wus[0].get_status().is_completed and wus[2].get_status().is_completed
+    run = _run(experiment.flow_run_id)
+    assert run.state.type.value == "FAILED" and "could not be created" in run.state.message, run.state
+
+
 def test_stopping_a_work_unit_cancels_every_member(api, tmp_path):
     from prefect_xm import xm, xm_local
 

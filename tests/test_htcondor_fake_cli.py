@@ -156,3 +156,129 @@ def test_condor_hold_of_a_job_that_never_started_stays_pending(condor, monkeypat
     assert status.native_state == "HELD" and "condor_hold" in status.reason
     ad = condor.ad(waiting)
     assert ad["HoldReasonCode"] == 1 and ad["NumJobStarts"] == 0 and "JobStartDate" not in ad
+
+
+# -- arrays: clusters of many procs (queue N), as the worker submits a sweep ----------------
+
+
+def submit_array(condor: FakeCondor, name: str, body: str, size: int, throttle=None, **variables):
+    """An array the way the worker submits it (array_submit_argv, the description on
+    stdin); the condor_submit result and the array's directory."""
+    array_dir = condor.tmp / name
+    array_dir.mkdir()
+    script = array_dir / "job.sh"
+    script.write_text("#!/bin/bash\n" + body + "\n")
+    script.chmod(0o755)
+    request = SubmitRequest(str(script), script.read_text(), name, str(array_dir),
+                            HTCondorJobConfiguration(**variables).model_dump(exclude={"env"}),
+                            array_size=size, array_throttle=throttle)
+    argv = condor.scheduler.array_submit_argv(request, size, throttle)
+    return condor.run(argv, condor.scheduler.submit_stdin(request)), array_dir
+
+
+def statuses(condor: FakeCondor, job_ids):
+    return condor.scheduler.parse_status(condor.run(condor.scheduler.status_argv(job_ids)))
+
+
+def test_an_array_is_one_cluster_each_proc_its_own_job(condor):
+    # each task exits with its index: 0 completes, 1 and 2 fail with their own codes
+    result, array_dir = submit_array(
+        condor, "sweep", 'echo "task $XM_ARRAY_INDEX of $(basename "$PWD")"; exit "$XM_ARRAY_INDEX"', 3,
+        extra_directives=['+XmTag = "t-$(Cluster)-$(Process)"', 'environment = "SEED=7"'])
+    assert result.ok and result.stderr == "", result
+    cluster = condor.scheduler.parse_array_submit(result.stdout)
+    assert result.stdout == f"{cluster}.0 - {cluster}.2\n"
+    tasks = [condor.scheduler.array_task_id(cluster, condor.scheduler.array_first_index + i) for i in range(3)]
+    assert tasks == [f"{cluster}.{i}" for i in range(3)]
+    assert {condor.scheduler.array_of(t) for t in tasks} == {cluster}
+    ad = condor.ad(tasks[1])
+    assert ad["XmTag"] == f"t-{cluster}-1" and ad["JobBatchName"] == "sweep"
+    assert "SEED=7" in ad["Environment"] and "XM_ARRAY_INDEX=1" in ad["Environment"]
+
+    def final():
+        found = statuses(condor, tasks)
+        return found if all(t in found and found[t].state.is_final for t in tasks) else None
+
+    done = wait_for(final, DEADLINE, what="every task to end")
+    assert [(done[t].state, done[t].exit_code) for t in tasks] == [
+        (JobState.COMPLETED, 0), (JobState.FAILED, 1), (JobState.FAILED, 2)]
+    for i in range(3):
+        assert (array_dir / f"task-{i}.out").read_text() == f"task {i} of sweep\n"
+    log = (array_dir / "job.log").read_text()  # one event log for the cluster
+    assert all(f"({int(cluster):03d}.{i:03d}.000)" in log for i in range(3))
+
+
+def test_removing_one_task_leaves_the_others_and_the_cluster_goes_in_one_command(condor):
+    result, _ = submit_array(condor, "held-sweep", "sleep 300", 3, hold=True)
+    cluster = condor.scheduler.parse_array_submit(result.stdout)
+    tasks = [f"{cluster}.{i}" for i in range(3)]
+    assert all(s.state == JobState.PENDING and s.native_state == "HELD" for s in statuses(condor, tasks).values())
+
+    one = condor.run(condor.scheduler.cancel_argvs(tasks[0], 30)[-1])
+    assert one.stdout == f"Job {tasks[0]} marked for removal\n" and condor.scheduler.parse_cancel(one) is True
+    left = statuses(condor, tasks)
+    assert left.get(tasks[0]) is None or left[tasks[0]].state == JobState.CANCELLED
+    assert all(left[t].state == JobState.PENDING for t in tasks[1:])
+
+    whole = condor.run(condor.scheduler.cancel_argvs(cluster, 30)[-1])
+    assert whole.ok and whole.stdout == f"All jobs in cluster {cluster} have been marked for removal\n", whole
+    assert condor.scheduler.parse_cancel(whole) is True
+    wait_for(lambda: not statuses(condor, tasks), DEADLINE, what="the cluster to leave the queue")
+    again = condor.run(["condor_rm", cluster])
+    assert again.returncode == 1 and again.stderr == f"Couldn't find/remove all jobs in cluster {cluster}.\n"
+    assert condor.scheduler.parse_cancel(again) is False
+    history = condor.scheduler.parse_terminal(condor.run(condor.scheduler.terminal_argvs(tasks)[0]))
+    assert {t: s.state for t, s in history.items()} == {t: JobState.CANCELLED for t in tasks}
+
+
+def test_a_throttled_array_materializes_its_tasks_as_others_leave(condor):
+    gate = condor.tmp / "gate"
+    body = f'while [ ! -e {gate}-$XM_ARRAY_INDEX ]; do sleep 0.2; done; exit 0'
+    result, _ = submit_array(condor, "throttled", body, 3, throttle=1)
+    cluster = condor.scheduler.parse_array_submit(result.stdout)
+    assert result.stdout == f"{cluster}.0 - {cluster}.2\n"
+    tasks = [f"{cluster}.{i}" for i in range(3)]
+    found = statuses(condor, tasks)
+    assert list(found) == [tasks[0]]  # one job in the queue at a time
+    for task in tasks[1:]:
+        waiting = condor.scheduler.lookup(task, found)
+        assert waiting.state == JobState.PENDING and "not materialized yet" in waiting.reason
+    # a task that is not materialized yet cannot be removed alone
+    alone = condor.run(["condor_rm", tasks[2]])
+    assert alone.returncode == 1 and alone.stderr == f"Job {tasks[2]} not found\n"
+    for i, task in enumerate(tasks):
+        wait_for(lambda: (s := condor.scheduler.lookup(task, statuses(condor, tasks))) and s.state == JobState.RUNNING,
+                 DEADLINE, what=f"task {task} to run")
+        assert len(statuses(condor, tasks)) == 1
+        (condor.tmp / f"gate-{i}").touch()
+    # no leave_in_queue: completed tasks are read from condor_history
+    wait_for(lambda: not statuses(condor, tasks), DEADLINE, what="the array to leave the queue")
+    history = condor.scheduler.parse_terminal(condor.run(condor.scheduler.terminal_argvs(tasks)[0]))
+    assert {t: (s.state, s.exit_code) for t, s in history.items()} == {t: (JobState.COMPLETED, 0) for t in tasks}
+
+
+def test_removing_a_throttled_array_ends_its_materialization(condor):
+    result, _ = submit_array(condor, "stopped", "sleep 300", 4, throttle=2)
+    cluster = condor.scheduler.parse_array_submit(result.stdout)
+    tasks = [f"{cluster}.{i}" for i in range(4)]
+    assert sorted(statuses(condor, tasks)) == tasks[:2]
+    whole = condor.run(["condor_rm", cluster])
+    assert whole.ok and condor.scheduler.parse_cancel(whole) is True
+    wait_for(lambda: not condor.run(["condor_q", cluster, "-af:j", "JobStatus"]).stdout.strip(), DEADLINE,
+             what="the cluster to leave the queue")
+    found = statuses(condor, tasks)
+    assert all(condor.scheduler.lookup(t, found) is None for t in tasks)  # nothing left to materialize
+    history = condor.scheduler.parse_terminal(condor.run(condor.scheduler.terminal_argvs(tasks)[0]))
+    assert sorted(history) == tasks[:2]
+
+
+def test_an_array_over_max_jobs_per_submission_is_refused_whole(condor, monkeypatch):
+    monkeypatch.setenv("FAKE_CONDOR_MAX_JOBS_PER_SUBMISSION", "2")
+    result, _ = submit_array(condor, "too-big", "exit 0", 3)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == "\nERROR: Failed to create proc\nNumber of submitted jobs would exceed MAX_JOBS_PER_SUBMISSION\n"
+    error = condor.scheduler.submit_error(result)
+    assert condor.scheduler.array_too_large(error)
+    assert condor.run(["condor_q", "-af:j", "JobStatus"]).stdout == ""  # nothing queued
+    fits, _ = submit_array(condor, "fits", "exit 0", 2)
+    assert fits.ok, fits

@@ -280,3 +280,29 @@ def test_malformed_variables_name_the_field(field, value):
     with pytest.raises(ValueError) as info:
         HTCondorJobConfiguration(**{field: value})
     assert field in str(info.value)
+
+
+# -- arrays: verbatim listings of clusters with several procs -------------------------------
+
+
+def test_procs_of_a_cluster_in_a_listing_are_the_tasks_of_one_array():
+    v = VEC["htcondor-007"]  # condor_q -nobatch: clusters 592, 593, 595, 596 of two procs
+    states = parse_condor_q_table(v["output"])
+    clusters = {S.array_of(job_id) for job_id in states}
+    assert {"592", "593", "595", "596"} <= clusters
+    assert S.array_task_id("592", S.array_first_index + 1) == "592.1" and "592.1" in states
+    assert [j for j in states if S.array_of(j) == "596"] == ["596.0", "596.1"]
+
+
+def test_each_proc_of_a_cluster_has_its_own_status():
+    v = VEC["htcondor-014"]  # -af:j of two procs of cluster 123: one held, one removed
+    statuses = parse_autoformat(v["output"], ("JobStatus", "HoldReasonCode", "HoldReasonSubCode", "HoldReason"))
+    assert S.lookup("123.2", statuses).state == JobState.FAILED
+    assert S.lookup("123.1", statuses).state == JobState.CANCELLED
+    assert S.lookup("123.0", statuses) is None  # not listed: its terminal record is asked for
+    assert {S.array_of(j) for j in statuses} == {"123"}
+
+
+@pytest.mark.parametrize("vid,cluster", [("htcondor-001", "6"), ("htcondor-002", "452"), ("htcondor-004", "15")])
+def test_array_submit_gives_the_cluster(vid, cluster):
+    assert S.parse_array_submit(VEC[vid]["output"]) == cluster

@@ -75,16 +75,17 @@ def test_bjobs_unknown_id_among_known_ones_is_an_answer():
 
 
 def test_status_query_with_an_unknown_id_lists_the_known_job():
-    # lsf-007 asks 3 columns, so it cannot stand in for the worker's own 6-column query:
+    # lsf-007 asks 3 columns, so it cannot stand in for the worker's own 7-column query:
     # every one of its lines would be skipped and an empty answer would pass. No recorded
     # output of this -o form exists; the stdout line is built from the documented form
     # (fields in -o order, '-' for empty, the delimiter between), while stderr and the
-    # exit code 255 are lsf-007's verbatim.
+    # exit code 255 are lsf-007's verbatim. (job_name tells an array's elements apart:
+    # tests/test_arrays_lsf.py.)
     argv = S.status_argv(["1", "2"])
     assert argv == ["bjobs", "-a", "-noheader", "-o",
-                    "jobid stat exit_code exec_host exit_reason pend_reason delimiter='^'", "1", "2"]
+                    "jobid stat exit_code exec_host job_name exit_reason pend_reason delimiter='^'", "1", "2"]
     v = VEC["lsf-007"]
-    r = CommandResult(argv, v["returncode"], "1^DONE^-^hostA^-^-\n", v["stderr"])
+    r = CommandResult(argv, v["returncode"], "1^DONE^-^hostA^job-1^-^-\n", v["stderr"])
     statuses = S.parse_status(r)
     assert list(statuses) == ["1"]
     assert statuses["1"].native_state == "DONE" and statuses["1"].state == JobState.COMPLETED

@@ -1,6 +1,7 @@
 """PBS Pro and Torque parsers on verbatim outputs (tests/data/vectors/pbspro.json and
 torque.json), plus hand-written cases (marked) for what no vector shows: PBS Pro's
-finished-job JSON record, Slurm's Torque wrappers' qstat -f, the template."""
+finished-job JSON record, an array and its subjobs (the vectors hold no array output),
+Slurm's Torque wrappers' qstat -f, the template."""
 
 from __future__ import annotations
 
@@ -247,6 +248,49 @@ def test_pbspro_partial_json_rc153_and_whole_failure():  # hand-written
     assert PRO.parse_status(finished) == {} and unknown_ids(finished.stderr) == ["10.srv"]
 
 
+# PBS Pro arrays: no verbatim vector holds an array's subjobs; the shapes below follow
+# OpenPBS (stat_job.c status_subjob, array_func.c) and its job-array tests: the array
+# `40[].srv` (B while subjobs run, "array":"True" as a string, array_state_count with
+# its trailing space), subjobs `40[N].srv` with array_id/array_index; a queued subjob
+# is shown from the array's record; an ended subjob whose record is gone says only
+# "Subjob finished/failed/terminated", with no Exit_status.
+PBSPRO_ARRAY_JSON = """{
+    "timestamp":1700000000,
+    "pbs_version":"22.05.11",
+    "pbs_server":"srv",
+    "Jobs":{
+        "40[].srv":{"Job_Name":"sweep","job_state":"B","comment":"Job Array Began at Tue Nov 14 10:00:00 2023",
+            "array":"True","array_state_count":"Queued:1 Running:1 Exiting:0 Expired:5 ",
+            "array_indices_submitted":"1-7","array_indices_remaining":"7"},
+        "40[1].srv":{"Job_Name":"sweep","job_state":"X","Exit_status":0,"array_id":"40[].srv","array_index":"1",
+            "comment":"Job run at Tue Nov 14 at 10:00 on (n1:ncpus=1) and finished"},
+        "40[2].srv":{"Job_Name":"sweep","job_state":"X","Exit_status":5,"array_id":"40[].srv","array_index":"2",
+            "comment":"Job run at Tue Nov 14 at 10:00 on (n1:ncpus=1) and failed"},
+        "40[3].srv":{"Job_Name":"sweep","job_state":"X","comment":"Subjob terminated","substate":91},
+        "40[4].srv":{"Job_Name":"sweep","job_state":"X","comment":"Subjob finished","substate":92},
+        "40[5].srv":{"Job_Name":"sweep","job_state":"X","comment":"Subjob failed","substate":93},
+        "40[6].srv":{"Job_Name":"sweep","job_state":"R","array_id":"40[].srv","array_index":"6"},
+        "40[7].srv":{"Job_Name":"sweep","job_state":"Q","comment":"Job Array Began at Tue Nov 14 10:00:00 2023"}
+    }
+}
+"""
+
+
+def test_pbspro_array_json_each_subjob_its_own_status():  # hand-written (see above)
+    statuses = PRO.parse_status(CommandResult(["qstat", "-x", "-f", "-F", "json", "-t", "40[].srv"], 0,
+                                              PBSPRO_ARRAY_JSON, ""))
+    assert statuses["40[].srv"].state == JobState.RUNNING  # B: begun
+    found = {i: PRO.lookup(f"40[{i}].srv", statuses) for i in range(1, 8)}
+    assert (found[1].state, found[1].exit_code) == (JobState.COMPLETED, 0)
+    assert (found[2].state, found[2].exit_code) == (JobState.FAILED, 5)
+    assert PRO.ended_by_program(found[2])
+    assert (found[3].state, found[3].reason) == (JobState.CANCELLED, "Subjob terminated")
+    assert found[4].state == JobState.COMPLETED and found[4].exit_code is None
+    assert (found[5].state, found[5].reason) == (JobState.FAILED, "Subjob failed")
+    assert found[6].state == JobState.RUNNING and found[7].state == JobState.PENDING
+    assert PRO.lookup("40[8].srv", statuses) is None
+
+
 def test_exit_status_meanings():
     assert exit_status_meaning(-11, "torque")[1].startswith("JOB_EXEC_OVERLIMIT_WT")
     assert exit_status_meaning(-29, "pbspro")[1].startswith("JOB_EXEC_KILL_WALLTIME")
@@ -285,6 +329,8 @@ def test_submit_argvs():
     assert PRO.submit_argv(req) == ["qsub", "/r/x/job.sh"]
     assert TORQUE.submit_argv(req) == ["qsub", "-o", "/r/x/job.out", "-e", "/r/x/job.err", "/r/x/job.sh"]
     assert PRO.status_argv(["1.s", "2.s"]) == ["qstat", "-x", "-f", "-F", "json", "1.s", "2.s"]
+    # subjobs by their array, once, with -t
+    assert PRO.status_argv(["3[1].s", "1.s", "3[2].s"]) == ["qstat", "-x", "-f", "-F", "json", "-t", "3[].s", "1.s"]
     assert TORQUE.status_argv(["1", "2"]) == ["qstat", "-f", "1", "2"]
     assert len(PRO.terminal_argvs([f"{i}.s" for i in range(500)])) <= 5 + 2 * PRO.per_id_lookups
 

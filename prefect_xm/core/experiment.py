@@ -27,7 +27,7 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Optional, Sequence, Union
 from uuid import UUID
 
 from prefect_xm.core.args import SequentialArgs, jsonable
@@ -77,6 +77,8 @@ OPENED: list = []
 
 POLL_SECONDS = float(os.environ.get("PREFECT_XM_POLL_SECONDS", "1.0"))
 CANCEL_DEADLINE_SECONDS = float(os.environ.get("PREFECT_XM_CANCEL_DEADLINE_SECONDS", "60"))
+#: work units whose runs are created at once in the background (experiment.add returns at once)
+CREATION_CONCURRENCY = int(os.environ.get("PREFECT_XM_CREATION_CONCURRENCY", "8"))
 
 _FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 _NOT_STARTED = {"SCHEDULED", "PENDING", "PAUSED"}
@@ -178,6 +180,7 @@ async def _finish_task_run(client, task_run_id: Optional[UUID], state_type: str,
 # ----------------------------------------------------------------------- deployments
 
 _deployment_ids: dict[str, UUID] = {}
+_deployment_locks: dict[str, asyncio.Lock] = {}
 #: Pool types whose jobs run in a container image (the stock workers prefect-xm maps onto).
 CONTAINER_POOL_TYPES = frozenset({"docker", "kubernetes", "vertex-ai", "cloud-run", "cloud-run-v2", "ecs"})
 _pool_schemas: dict[str, dict[str, Any]] = {}
@@ -216,6 +219,16 @@ async def ensure_job_runner_deployment(pool_name: str) -> UUID:
     """
     if pool_name in _deployment_ids:
         return _deployment_ids[pool_name]
+    # Work units are created side by side: one creation per pool, the others wait for it
+    # (concurrent creations of one deployment make the server answer 500).
+    lock = _deployment_locks.setdefault(pool_name, asyncio.Lock())
+    async with lock:
+        if pool_name not in _deployment_ids:
+            _deployment_ids[pool_name] = await _create_job_runner_deployment(pool_name)
+    return _deployment_ids[pool_name]
+
+
+async def _create_job_runner_deployment(pool_name: str) -> UUID:
     from prefect.client.schemas.actions import DeploymentCreate  # noqa: F401  (import check)
     from prefect.utilities.callables import parameter_schema
 
@@ -245,7 +258,6 @@ async def ensure_job_runner_deployment(pool_name: str) -> UUID:
         description="prefect-xm job runner (created automatically by prefect_xm experiments)",
         tags=[TAG_XM],
     )
-    _deployment_ids[pool_name] = deployment_id
     return deployment_id
 
 
@@ -255,15 +267,29 @@ async def ensure_job_runner_deployment(pool_name: str) -> UUID:
 class WorkUnit:
     """One trial of an experiment (a Job or a gang-scheduled JobGroup)."""
 
-    def __init__(self, experiment: "Experiment", work_unit_id: int, args: Any, flow_run_id: UUID,
+    def __init__(self, experiment: "Experiment", work_unit_id: int, args: Any, flow_run_id: Optional[UUID],
                  identity: Optional[str] = None) -> None:
         self.experiment = experiment
         self.work_unit_id = work_unit_id
         self.args = args
+        #: None while its run is being created in the background (see Experiment._add)
         self.flow_run_id = flow_run_id
         self.identity = identity
         self._task: Optional[asyncio.Task] = None  # the orchestration, when launched here
         self._link_task_run_id: Optional[UUID] = None
+        #: set once its flow run exists (or its creation failed: the error)
+        self._created: Optional[asyncio.Future] = None
+        self.creation_error: Optional[BaseException] = None
+
+    async def _run_id(self) -> UUID:
+        """Its flow run's id, once the background creation has made it; the creation's
+        error if it failed."""
+        if self.flow_run_id is None and self._created is not None:
+            await asyncio.shield(self._created)
+        if self.creation_error is not None:
+            raise RuntimeError(f"work unit {self.work_unit_id} could not be created: {self.creation_error}")
+        assert self.flow_run_id is not None
+        return self.flow_run_id
 
     # XManager names
     @property
@@ -284,7 +310,7 @@ class WorkUnit:
 
     async def _read_run(self):
         client = await _client()
-        return await client.read_flow_run(self.flow_run_id)
+        return await client.read_flow_run(await self._run_id())
 
     async def _status(self) -> ExperimentUnitStatus:
         return ExperimentUnitStatus.from_state((await self._read_run()).state)
@@ -313,9 +339,10 @@ class WorkUnit:
         from prefect.states import Cancelling
 
         client = await _client()
-        run = await client.read_flow_run(self.flow_run_id)
+        run_id = await self._run_id()
+        run = await client.read_flow_run(run_id)
         if _state_type(run) not in _FINAL:
-            await client.set_flow_run_state(self.flow_run_id, Cancelling(message=reason), force=True)
+            await client.set_flow_run_state(run_id, Cancelling(message=reason), force=True)
 
     def stop(self) -> Any:
         """Cancels the work unit (every member job)."""
@@ -370,6 +397,7 @@ class Experiment:
         self._summary_lock: Optional[asyncio.Lock] = None
         self._summary_dirty = False
         self._stopped = False
+        self._creating: Optional[asyncio.Semaphore] = None
 
     def __repr__(self) -> str:
         return f"Experiment(experiment_id={self.experiment_id!r}, title={self.experiment_title!r})"
@@ -496,27 +524,42 @@ class Experiment:
         params = {key: job.executor.runner_parameters(job.executable.runner_parameters(job.args, job.env_vars))
                   for key, job in members.items()}
 
-        client = await _client()
+        # Everything above checked the input; what follows talks to the server and runs in
+        # the background, so a sweep's adds run at Python speed (as in XManager).
         wid = self._next_id
         self._next_id += 1
         tags = [TAG_XM, TAG_KIND + KIND_WORK_UNIT, TAG_EXPERIMENT + self.experiment_id, TAG_WORK_UNIT + str(wid)]
         if ident_tag:
             tags.append(ident_tag)
-        link = await _link_task_run(client, self.flow_run_id, f"work-unit-{wid}", "xm.work_unit", str(wid))
         parameters = display_args if isinstance(display_args, dict) else {"args": display_args}
-        run = await client.create_flow_run(
-            xm_work_unit, name=f"{self.experiment_title}-wu{wid}", parameters=parameters, tags=tags,
-            parent_task_run_id=link.id, state=Pending(),
-        )
-        wu = WorkUnit(self, wid, parameters, run.id, identity=identity)
-        wu._link_task_run_id = link.id
+        wu = WorkUnit(self, wid, parameters, None, identity=identity)
+        wu._created = asyncio.get_running_loop().create_future()
         self._work_units[wid] = wu
         if ident_tag:
             self._by_identity[ident_tag] = wu
         ms = [_Member(key, job, params[key]) for key, job in members.items()]
-        wu._task = asyncio.ensure_future(self._run_work_unit(wu, ms))
-        self._mark_summary_dirty()
+
+        async def create() -> None:
+            client = await _client()
+            link = await _link_task_run(client, self.flow_run_id, f"work-unit-{wid}", "xm.work_unit", str(wid))
+            run = await client.create_flow_run(
+                xm_work_unit, name=f"{self.experiment_title}-wu{wid}", parameters=parameters, tags=tags,
+                parent_task_run_id=link.id, state=Pending(),
+            )
+            wu.flow_run_id, wu._link_task_run_id = run.id, link.id
+
+        wu._task = asyncio.ensure_future(self._run_work_unit(wu, ms, create))
         return wu
+
+    def _creation_slots(self) -> asyncio.Semaphore:
+        """How many work units are being created at once (their runs, links and jobs):
+        enough to keep the server busy, few enough not to flood it."""
+        if self._creating is None:
+            self._creating = asyncio.Semaphore(CREATION_CONCURRENCY)
+        return self._creating
+
+    def creation_errors(self) -> dict[int, BaseException]:
+        return {wid: wu.creation_error for wid, wu in self._work_units.items() if wu.creation_error is not None}
 
     # ---------------------------------------------------------------- orchestration
 
@@ -598,17 +641,32 @@ class Experiment:
                 except (asyncio.TimeoutError, asyncio.CancelledError, Exception):
                     m.local_task.cancel()
 
-    async def _run_work_unit(self, wu: WorkUnit, members: list[_Member]) -> None:
+    async def _run_work_unit(self, wu: WorkUnit, members: list[_Member],
+                             create: Optional[Callable[[], Awaitable[None]]] = None) -> None:
         from prefect.states import Cancelled, Completed, Crashed, Failed, Running
 
         client = await _client()
         final_type, message = "FAILED", ""
         running_set = False
-        try:
+        async with self._creation_slots():
+            if create is not None:
+                try:
+                    await create()
+                except BaseException as e:
+                    # No run to put the error on: the work unit and the experiment's end say it.
+                    wu.creation_error = e
+                    log.error("work unit %s could not be created: %s: %s", wu.work_unit_id, type(e).__name__, e)
+                    raise
+                finally:
+                    if wu._created is not None and not wu._created.done():
+                        wu._created.set_result(None)
+                self._mark_summary_dirty()
             # Gang: submit every member before starting or watching any of them.
             # Every creation is let finish before a failure is raised: a member created after
             # the cancellation below would be left Pending, never started and never cancelled.
-            outcomes = await asyncio.gather(*(self._submit(wu, m) for m in members), return_exceptions=True)
+            outcomes = [] if self._stopped else await asyncio.gather(
+                *(self._submit(wu, m) for m in members), return_exceptions=True)
+        try:
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     raise outcome
@@ -767,6 +825,10 @@ class Experiment:
                         log.debug("progress: %s", e)
                     if done:
                         break
+        failed = self.creation_errors()
+        if failed:
+            raise RuntimeError(f"{len(failed)} work unit(s) could not be created: " + "; ".join(
+                f"work unit {wid}: {type(e).__name__}: {e}" for wid, e in sorted(failed.items())))
         statuses = {}
         for wid, wu in sorted(self._work_units.items()):
             statuses[wid] = await wu._wait()
@@ -851,7 +913,10 @@ class Experiment:
         for r in wus:
             counts[_state_type(r)] = counts.get(_state_type(r), 0) + 1
         summary = ", ".join(f"{n} {t.lower()}" for t, n in sorted(counts.items())) or "no work units"
-        if counts.get("FAILED", 0) + counts.get("CRASHED", 0):
+        failed = self.creation_errors()
+        if failed:
+            summary += f"; {len(failed)} could not be created (work unit {min(failed)}: {failed[min(failed)]})"
+        if counts.get("FAILED", 0) + counts.get("CRASHED", 0) or failed:
             state = Failed(message=f"work units: {summary}")
         elif self._stopped or counts.get("CANCELLED", 0):
             state = Cancelled(message=f"{stop_reason or 'work units were cancelled'}: {summary}")
@@ -864,8 +929,10 @@ class Experiment:
             await self._stop(f"the launch script raised {type(exc).__name__}: {exc}")
             return
         if not self._stopped:
-            await self._wait_all()
-            await self._finish_run()
+            try:
+                await self._wait_all()
+            finally:  # work units that could not be created end the run Failed, saying so
+                await self._finish_run()
 
     async def _reopen(self) -> None:
         from prefect.states import Running

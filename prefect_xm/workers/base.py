@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import json
 import os
 import re
 import shlex
@@ -22,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Optional, TypeVar
 from uuid import UUID
 
 import jinja2
@@ -46,6 +47,19 @@ from prefect.workers.base import (
 )
 from pydantic import Field, field_validator, model_validator
 
+from prefect_xm.workers.arrays import (
+    GROUPING_DIR,
+    ARGV_FILE,
+    TASK_EXEC,
+    ArraySubmitter,
+    ArrayTask,
+    ArrayTooLarge,
+    argv_file,
+    array_directory,
+    array_name,
+    key_digest,
+    task_env,
+)
 from prefect_xm.workers.poller import JobPoller, TrackedJob
 from prefect_xm.workers.scheduler import (
     JobState,
@@ -193,6 +207,15 @@ class BatchJobConfiguration(BaseJobConfiguration):
     ssh_block: Optional[str] = Field(default=None)
     submit_timeout: float = Field(default=60.0)
     execution: str = Field(default=ENGINE)
+    array_size_limit: int = Field(default=1000)
+    array_throttle: Optional[int] = Field(default=None)
+
+    @field_validator("array_size_limit", "array_throttle")
+    @classmethod
+    def _at_least_one(cls, v: Optional[int], info) -> Optional[int]:
+        if v is not None and v < 1:
+            raise ValueError(f"{info.field_name}: {v!r} must be at least 1")
+        return v
 
     @field_validator("execution")
     @classmethod
@@ -323,6 +346,28 @@ class BatchVariables(BaseVariables):
     )
 
 
+    array_size_limit: int = Field(
+        default=1000,
+        ge=1,
+        title="Array size limit",
+        description=(
+            "Runs of one deployment picked up together whose batch scripts differ only in their program's "
+            "arguments and environment (a sweep's trials) go to the scheduler as one array of at most this "
+            "many tasks, each task still its own flow run. 1: every run is its own job. Keep it at or below "
+            "the site's limit (Slurm MaxArraySize, SGE max_aj_tasks); a refused array is split."
+        ),
+    )
+    array_throttle: Optional[int] = Field(
+        default=None,
+        ge=1,
+        title="Array throttle",
+        description=(
+            "At most this many tasks of one array run at once (Slurm --array=...%N, SGE -tc, Torque -t ...%N, "
+            "LSF [1-N]%M, HTCondor max_materialize). Empty: as many as the scheduler allows."
+        ),
+    )
+
+
 class BatchWorkerResult(BaseWorkerResult):
     """The job's identifier (infrastructure pid) and 0, or the code of a failed submit."""
 
@@ -361,6 +406,11 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         self._followed: dict[UUID, FollowedRun] = {}
         self._supervisor: Optional[asyncio.Task] = None
         self._background: set[asyncio.Task] = set()
+        #: runs between entering run() and their job id (see runs_on_their_way)
+        self._in_run: set[UUID] = set()
+        #: arrays being cancelled as a whole, by (cluster, array id)
+        self._array_cancels: dict[tuple[str, str], asyncio.Task] = {}
+        self._arrays = ArraySubmitter(self, settle=_env_float("PREFECT_XM_ARRAY_SETTLE", 1.0))
 
     # -- lifecycle ------------------------------------------------------------------
     async def setup(self) -> None:
@@ -438,8 +488,10 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
 
     def render_script(
         self, configuration: BatchJobConfiguration, flow_run: "FlowRun", run_dir: str,
-        command_argv: Optional[list[str]] = None,
+        command_argv: Optional[list[str]] = None, names: Optional[dict[str, str]] = None,
     ) -> str:
+        """The batch script of one run; `names` replaces the run's own names (job name,
+        paths, env file) with an array's."""
         env = jinja2.sandbox.SandboxedEnvironment(
             undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
         )
@@ -455,6 +507,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             directive=self.scheduler.directive_prefix,
             env_file=f"{run_dir}/{ENV_FILE}",
         )
+        context.update(names or {})
         try:
             script = env.from_string(self.load_template(configuration)).render(context)
         except jinja2.UndefinedError as exc:
@@ -481,14 +534,35 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         task_status: Any = None,
     ) -> BatchWorkerResult:
         logger = self.get_flow_run_logger(flow_run)
-        command_argv = None
-        run_env = {k: v for k, v in configuration.env.items() if v is not None}
-        if configuration.execution == DIRECT:
-            command_argv, run_env, working_dir = direct_program(flow_run, run_env)
-            if working_dir and not configuration.working_dir:
-                configuration = configuration.model_copy(update={"working_dir": working_dir})
+        self._in_run.add(flow_run.id)
+        try:
+            run_env = {k: v for k, v in configuration.env.items() if v is not None}
+            if configuration.execution == DIRECT:
+                command_argv, run_env, working_dir = direct_program(flow_run, run_env)
+                if working_dir and not configuration.working_dir:
+                    configuration = configuration.model_copy(update={"working_dir": working_dir})
+            else:
+                command_argv = shlex.split(configuration.command or "")
+            run_dir = await self.run_directory(configuration, flow_run.id)
+            if self.may_join_array(configuration):
+                job_id = await self._arrays.submit(
+                    ArrayTask(flow_run, configuration, run_dir, command_argv, run_env, logger))
+            else:
+                job_id = await self.submit_single(flow_run, configuration, run_dir, command_argv, run_env, logger)
+        finally:
+            self._in_run.discard(flow_run.id)
+        pid = self.scheduler.infrastructure_pid(configuration.cluster, job_id)
+        followed = await self._start_following(flow_run.id, job_id, configuration)
+        if task_status is not None:
+            task_status.started(pid)
+        return await self._follow(flow_run, followed, logger)
+
+    async def submit_single(
+        self, flow_run: "FlowRun", configuration: C, run_dir: str, command_argv: list[str],
+        run_env: dict[str, str], logger,
+    ) -> str:
+        """One run as one job: its own script, its own submit."""
         transport = await self.transport_for(configuration)
-        run_dir = await self.run_directory(configuration, flow_run.id)
         script = self.render_script(configuration, flow_run, run_dir, command_argv)
         # The run's environment (API URL, flow run id, the API key) travels in a file only
         # its owner can read, never in the script, the submit command or the job's record.
@@ -504,20 +578,93 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             variables=configuration.model_dump(exclude={"env"}),
         )
         job_id = await self.submit_job(request, transport, configuration, logger)
-        pid = self.scheduler.infrastructure_pid(configuration.cluster, job_id)
-        followed = await self._start_following(flow_run.id, job_id, configuration)
-        if task_status is not None:
-            task_status.started(pid)
         logger.info(f"Submitted {self.scheduler.name} job {job_id} ({request.job_name})")
-        return await self._follow(flow_run, followed, logger)
+        return job_id
+
+    # -- arrays -----------------------------------------------------------------------------
+    def may_join_array(self, configuration: BatchJobConfiguration) -> bool:
+        scheduler = self.scheduler_for(configuration)
+        return bool(scheduler.array_index_variable) and configuration.array_size_limit > 1
+
+    def runs_on_their_way(self) -> bool:
+        """Runs Prefect is submitting through this worker that have not reached run() yet
+        (they may join the array being collected)."""
+        return bool(self._submitting_flow_run_ids - self._in_run)
+
+    def _array_names(self, configuration: BatchJobConfiguration, array_dir: str, name: str) -> dict[str, str]:
+        index = self.scheduler_for(configuration).array_output_index
+        return dict(
+            job_name=name,
+            run_dir=array_dir,
+            stdout_path=f"{array_dir}/task-{index}.out",
+            stderr_path=f"{array_dir}/task-{index}.err",
+            flow_run_id=name,
+            env_file=f"{array_dir}/task.env",
+        )
+
+    def array_key(self, configuration: BatchJobConfiguration, flow_run: "FlowRun") -> tuple:
+        """Runs with equal keys may share an array: same scheduler, cluster and limits,
+        and the same batch script once each run's own names are taken out."""
+        scheduler = self.scheduler_for(configuration)
+        names = self._array_names(configuration, GROUPING_DIR, "prefect-xm-array")
+        script = self.render_script(configuration, flow_run, GROUPING_DIR, [f"{GROUPING_DIR}/task-exec"], names)
+        # The job variables too (without what Prefect sets per run): a scheduler may submit
+        # some of them beside the script (HTCondor's description, LSF's stdin options).
+        variables = configuration.model_dump(mode="json", exclude={"env", "labels", "name"})
+        return (id(scheduler), configuration.cluster, configuration.ssh_block, configuration.array_size_limit,
+                configuration.array_throttle, key_digest(script), key_digest(json.dumps(variables, sort_keys=True)))
+
+    async def submit_array(self, tasks: list[ArrayTask]) -> list[str]:
+        """The tasks as one array; their task ids, in order."""
+        first = tasks[0]
+        configuration = first.configuration
+        scheduler = self.scheduler_for(configuration)
+        transport = await self.transport_for(configuration)
+        base = await transport.expand_path(configuration.run_dir)
+        prefix = JOB_NAME_UNSAFE.sub("-", configuration.job_name or "").strip("-")[:64] or "xm"
+        if not prefix[:1].isalpha():
+            prefix = f"xm-{prefix}"
+        name = array_name(prefix)
+        array_dir = array_directory(base, name)
+        for task in tasks:
+            await transport.write_file(f"{task.run_dir}/{ENV_FILE}", environment_file(task.env), 0o600)
+            await transport.write_file(f"{task.run_dir}/{ARGV_FILE}", argv_file(task.argv), 0o600)
+        await transport.write_file(f"{array_dir}/tasks", "".join(f"{t.run_dir}\n" for t in tasks), 0o600)
+        await transport.write_file(
+            f"{array_dir}/task.env",
+            task_env(array_dir, scheduler.array_index_variable, scheduler.array_first_index), 0o600)
+        await transport.write_file(f"{array_dir}/task-exec", TASK_EXEC, 0o700)
+        names = self._array_names(configuration, array_dir, name)
+        script = self.render_script(configuration, first.flow_run, array_dir, [f"{array_dir}/task-exec"], names)
+        script_path = f"{array_dir}/job.sh"
+        await transport.write_file(script_path, script, 0o700)
+        throttle = configuration.array_throttle
+        if throttle and not scheduler.array_throttles:
+            first.log.warning(f"array_throttle: {scheduler.name} arrays cannot be throttled; ignored")
+            throttle = None
+        request = SubmitRequest(script_path=script_path, script=script, job_name=name, run_dir=array_dir,
+                                variables=configuration.model_dump(exclude={"env"}),
+                                array_size=len(tasks), array_throttle=throttle)
+        array_id = await self.submit_job(request, transport, configuration, first.log,
+                                         argv=scheduler.array_submit_argv(request, len(tasks), throttle),
+                                         parse=scheduler.parse_array_submit)
+        ids = [scheduler.array_task_id(array_id, scheduler.array_first_index + i) for i in range(len(tasks))]
+        for i, (task, job_id) in enumerate(zip(tasks, ids)):
+            task.log.info(f"Submitted as task {scheduler.array_first_index + i} of {scheduler.name} array "
+                          f"{array_id} ({len(tasks)} tasks, {name}): job {job_id}")
+        return ids
 
     async def submit_job(
-        self, request: SubmitRequest, transport: Transport, configuration: C, logger
+        self, request: SubmitRequest, transport: Transport, configuration: C, logger,
+        argv: Optional[list[str]] = None, parse: Optional[Callable[[str], str]] = None,
     ) -> str:
         """Submit once. If the submit command fails transiently or times out, the job
-        may still have been accepted: look it up by its unique name before retrying."""
+        may still have been accepted: look it up by its unique name before retrying.
+        `argv` and `parse` replace the scheduler's single-job ones (arrays)."""
         scheduler = self.scheduler_for(configuration)
-        argv = scheduler.submit_argv(request)
+        is_array = argv is not None
+        argv = argv or scheduler.submit_argv(request)
+        parse = parse or scheduler.parse_submit
         stdin = scheduler.submit_stdin(request)
         attempts = 3
         for attempt in range(1, attempts + 1):
@@ -525,11 +672,11 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                 result = await transport.run(argv, stdin=stdin, timeout=configuration.submit_timeout)
                 if result.ok:
                     try:
-                        return scheduler.parse_submit(result.stdout)
+                        return parse(result.stdout)
                     except ValueError as exc:
                         # accepted, but the id is unreadable (a site wrapper's chatter):
                         # the job exists, so find it rather than leave it untracked
-                        existing = await self._find_by_name(request.job_name, transport, scheduler)
+                        existing = await self._find_by_name(request.job_name, transport, scheduler, is_array)
                         if existing:
                             logger.warning(f"{exc}; found the job by its name: {existing}")
                             return existing
@@ -538,10 +685,12 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             except TransientSchedulerError as exc:
                 error = exc
             if not isinstance(error, TransientSchedulerError):
+                if is_array and scheduler.array_too_large(error):
+                    raise ArrayTooLarge(scheduler.name, str(error))
                 raise SubmissionError(f"{argv[0]} refused the job: {error}")
             logger.warning(f"Submission attempt {attempt} did not complete: {error}")
             if getattr(error, "command_ran", True):
-                existing = await self._find_by_name(request.job_name, transport, scheduler)
+                existing = await self._find_by_name(request.job_name, transport, scheduler, is_array)
                 if existing:
                     logger.info(f"Job {existing} with this run's name exists already; not submitting again")
                     return existing
@@ -550,8 +699,9 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         raise SubmissionError(f"{argv[0]} failed {attempts} times: {error}")
 
     async def _find_by_name(
-        self, job_name: str, transport: Transport, scheduler: Optional[Scheduler] = None
+        self, job_name: str, transport: Transport, scheduler: Optional[Scheduler] = None, array: bool = False,
     ) -> Optional[str]:
+        """The id of the live job by this name; of an array, the array's id."""
         scheduler = scheduler or self.scheduler
         for _ in range(3):
             try:
@@ -561,7 +711,9 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                 continue
             if scheduler.find_by_name_answered(result):
                 ids = scheduler.jobs_named(job_name, result.stdout)
-                return ids[0] if ids else None
+                if not ids:
+                    return None
+                return (scheduler.array_of(ids[0]) or ids[0]) if array else ids[0]
             await asyncio.sleep(2)
         raise SubmissionError(
             f"could not check whether job {job_name!r} was submitted; not retrying, to avoid a duplicate"
@@ -744,6 +896,12 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                 f"{infrastructure_pid!r} is not a {self.scheduler.name} job on cluster {configuration.cluster!r}"
             )
         followed = next((f for f in self._followed.values() if f.job_id == job_id and f.configuration.cluster == cluster), None)
+        array = self.scheduler_for(configuration).array_of(job_id)
+        if followed and array:
+            whole = await self._cancel_array_if_all_cancelling(cluster, array)
+            if whole is not None:
+                await asyncio.shield(whole)
+                return
         if followed:
             followed.cancel_requested = True
         last = followed.tracked.status.state if followed else JobState.PENDING
@@ -813,6 +971,12 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING])),
             )
         )
+        # An array whose live tasks are all cancelling (the experiment was stopped) goes
+        # in one command; otherwise each task is removed on its own.
+        for key in {(f.configuration.cluster, f.poller.scheduler.array_of(f.job_id))
+                    for f in map(self._followed.get, (r.id for r in runs)) if f is not None}:
+            if key[1]:
+                await self._cancel_array_if_all_cancelling(*key)
         for run in runs:
             followed = self._followed.get(run.id)
             if followed is None or followed.cancel_requested:
@@ -824,6 +988,54 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             followed.cancel_task = self._spawn(
                 self.cancel_job(followed.job_id, followed.transport, 30, followed.tracked.status.state, followed)
             )
+
+    async def _cancel_array_if_all_cancelling(self, cluster: str, array: str) -> Optional[asyncio.Task]:
+        """One cancel of the whole array when every live task of it is cancelling (a
+        stopped experiment); None when some task is to go on (cancel tasks one by one)."""
+        key = (cluster, array)
+        if key in self._array_cancels:
+            return self._array_cancels[key]
+        members = [f for f in self._followed.values()
+                   if f.configuration.cluster == cluster and f.poller.scheduler.array_of(f.job_id) == array
+                   and not f.tracked.is_final]
+        if len(members) < 2:
+            return None
+        runs = await self.client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[m.flow_run_id for m in members]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.CANCELLING, StateType.CANCELLED]))))
+        if {r.id for r in runs} != {m.flow_run_id for m in members}:
+            return None
+        if key in self._array_cancels:  # asked for meanwhile
+            return self._array_cancels[key]
+        for run in runs:
+            self.get_flow_run_logger(run).info(
+                f"Flow run is cancelling with the rest of its array: cancelling {self.scheduler.name} "
+                f"array {array} ({len(members)} tasks)")
+        task = self._spawn(self.cancel_array(array, members))
+        self._array_cancels[key] = task
+        for member in members:
+            member.cancel_requested = True
+            member.cancel_task = task
+        return task
+
+    async def cancel_array(self, array_id: str, members: list[FollowedRun], grace_seconds: float = 30) -> None:
+        """Every live task of an array, with one command per step (grace signal, kill)."""
+        scheduler = members[0].poller.scheduler
+        transport = members[0].transport
+        argvs = scheduler.cancel_argvs(array_id, int(grace_seconds))
+        if len(argvs) > 1 and any(m.tracked.status.state == JobState.RUNNING for m in members):
+            for argv in argvs[:-1]:
+                await transport.run(argv, timeout=60)
+            deadline = time.monotonic() + grace_seconds
+            while not all(m.tracked.is_final for m in members) and time.monotonic() < deadline:
+                members[0].poller.poll_soon()
+                await asyncio.sleep(min(1.0, self.poll_interval))
+        if not all(m.tracked.is_final for m in members):
+            scheduler.parse_cancel(await transport.run(argvs[-1], timeout=60))
+        for member in members:
+            member.tracked.cancelled = True
+        members[0].poller.poll_soon()
 
     async def recover_runs(self) -> list[UUID]:
         """Find this pool's runs whose jobs nobody follows (their worker died or was

@@ -31,12 +31,36 @@ Choices (documented in the variables' descriptions too):
   worker's without its credentials (transport.command_environment), into the job ad,
   which anyone can read with condor_q -l. The run's own environment (API URL, flow run
   id, API key) is in the run directory's 0600 job.env, sourced by the script.
+
+Arrays (a sweep's runs, see arrays.py): one cluster of N procs, the same submit
+description ending `queue N` instead of `queue 1`. Task k is job `<cluster>.<k>` (proc ids
+from 0), tracked, looked up and removed (`condor_rm <cluster>.<k>`) like a single job;
+`condor_rm <cluster>` removes the whole array. HTCondor gives a job no index variable:
+the description adds XM_ARRAY_INDEX=$(Process) to the job's `environment` (new syntax,
+merged into an `environment` line of extra_directives), and writes the array's own
+output to task-$(Process).out/.err in the array directory (each task's program writes
+to its run's job.out/job.err).
+- Throttle (array_throttle): `max_materialize = M`, late materialization: the schedd keeps
+  at most M jobs of the cluster in the queue and materializes the next when one leaves.
+  Not `max_idle`: it bounds the idle jobs only, so nothing bounds the running ones. A
+  job still in the queue counts, so a throttled array gets no `leave_in_queue` (its
+  completed tasks leave at once and are read from condor_history), and a task held by
+  the system (which ends its run Crashed and stays held for the user to inspect, see
+  above) keeps its place until someone condor_rm's it. Tasks not yet materialized are
+  in no query: the status query asks for the cluster ad's JobMaterializeNextProcId
+  (chained into every job ad) and a proc at or above it is pending. Removing one of them
+  alone is not possible (condor_rm knows no such job yet); removing the array is.
+- Size: a submission of more procs than MAX_JOBS_PER_SUBMISSION (default 20000),
+  MAX_JOBS_SUBMITTED, MAX_JOBS_PER_OWNER or SUBMIT_MAX_PROCS_IN_CLUSTER allow is refused
+  as a whole ("Number of submitted jobs would exceed MAX_JOBS_PER_SUBMISSION"); the worker
+  splits the array and submits the halves.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 from pydantic import Field, field_validator
@@ -68,9 +92,21 @@ EXECUTE_DURATION_HOLD_CODE = 47
 #: the job ad attributes that tell whether a job has ever started (see _has_started)
 START_ATTRIBUTES = ("NumJobStarts", "JobStartDate", "JobCurrentStartDate")
 
+#: the cluster ad's next proc to materialize (late materialization), seen in job ads
+NEXT_PROC_ATTRIBUTE = "JobMaterializeNextProcId"
+
 STATUS_ATTRIBUTES = (
     "ClusterId", "ProcId", "JobStatus", "ExitCode", "ExitBySignal", "ExitSignal",
     "HoldReason", "HoldReasonCode", "RemoveReason", "JobBatchName", *START_ATTRIBUTES,
+    NEXT_PROC_ATTRIBUTE,
+)
+
+#: the environment variable an array task reads its proc id from (HTCondor sets none)
+ARRAY_INDEX_VARIABLE = "XM_ARRAY_INDEX"
+#: condor_submit's refusals of a submission for its number of jobs (submit.cpp)
+_TOO_MANY_JOBS = re.compile(
+    r"Number of submitted jobs would exceed (?:MAX_JOBS_PER_SUBMISSION|MAX_JOBS_SUBMITTED|MAX_JOBS_PER_OWNER)"
+    r"|number of procs exceeds SUBMIT_MAX_PROCS_IN_CLUSTER"
 )
 
 _TRANSIENT_ERRORS = re.compile(
@@ -79,6 +115,7 @@ _TRANSIENT_ERRORS = re.compile(
     re.IGNORECASE,
 )
 _JOB_ID_RE = re.compile(r"^\d+\.\d+$")
+_CLUSTER_RE = re.compile(r"^\d+$")
 
 
 def ad_to_status(ad: Mapping[str, Any]) -> Optional[JobStatus]:
@@ -158,6 +195,52 @@ def parse_condor_submit(stdout: str) -> str:
     raise ValueError(f"no job id in condor_submit output: {stdout.strip()[-500:]!r}")
 
 
+def parse_condor_submit_cluster(stdout: str) -> str:
+    """The cluster of a submission: '-terse' prints '123.0 - 123.4' for a cluster of 5,
+    the plain form '5 job(s) submitted to cluster 123.'."""
+    m = re.search(r"^\s*(\d+)\.\d+ - (\d+)\.\d+\s*$", stdout, re.M)
+    if m and m.group(1) == m.group(2):
+        return m.group(1)
+    m = re.search(r"job\(s\) submitted to cluster (\d+)\.", stdout)
+    if m:
+        return m.group(1)
+    raise ValueError(f"no cluster id in condor_submit output: {stdout.strip()[-500:]!r}")
+
+
+class LiveStatuses(dict):
+    """condor_q's statuses, and per cluster submitted with max_materialize the next proc
+    it will materialize: procs at or above it are not in the queue yet."""
+
+    def __init__(self, *args, next_proc: Optional[dict[str, int]] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.next_proc: dict[str, int] = next_proc or {}
+
+
+def parse_live_ads(output: str) -> LiveStatuses:
+    """parse_json_ads, keeping the clusters' JobMaterializeNextProcId."""
+    text = output.strip()
+    if not text:
+        return LiveStatuses()
+    ads = json.loads(text)
+    ads = ads if isinstance(ads, list) else [ads]
+    next_proc: dict[str, int] = {}
+    for ad in ads:
+        nxt = _int(ad.get(NEXT_PROC_ATTRIBUTE))
+        cluster = _int(ad.get("ClusterId"))
+        if nxt is not None and cluster is not None:
+            next_proc[str(cluster)] = max(nxt, next_proc.get(str(cluster), 0))
+    return LiveStatuses(_statuses(ads), next_proc=next_proc)
+
+
+def _statuses(ads: Sequence[Mapping[str, Any]]) -> dict[str, JobStatus]:
+    statuses: dict[str, JobStatus] = {}
+    for ad in ads:
+        status = ad_to_status(ad)
+        if status:
+            statuses[status.job_id] = status
+    return statuses
+
+
 def parse_json_ads(output: str) -> dict[str, JobStatus]:
     """condor_q / condor_history -json: a JSON array of job ads (nothing at all when no
     job matched)."""
@@ -165,12 +248,7 @@ def parse_json_ads(output: str) -> dict[str, JobStatus]:
     if not text:
         return {}
     ads = json.loads(text)
-    statuses: dict[str, JobStatus] = {}
-    for ad in ads if isinstance(ads, list) else [ads]:
-        status = ad_to_status(ad)
-        if status:
-            statuses[status.job_id] = status
-    return statuses
+    return _statuses(ads if isinstance(ads, list) else [ads])
 
 
 def parse_autoformat(output: str, attributes: Sequence[str]) -> dict[str, JobStatus]:
@@ -263,6 +341,13 @@ def parse_condor_rm(stdout: str, stderr: str) -> dict[str, str]:
         outcome[m.group(1)] = "not_found"
     for m in re.finditer(r"Job (\d+\.\d+) already marked for removal", text):
         outcome[m.group(1)] = "already_removed"
+    # a whole cluster: 'All jobs in cluster 12 have been marked for removal' (older
+    # releases: 'Cluster 12 has been marked for removal.'), or on stderr
+    # "Couldn't find/remove all jobs in cluster 12."
+    for m in re.finditer(r"(?:All jobs in cluster (\d+) have been|Cluster (\d+) has been) marked for removal", text):
+        outcome[m.group(1) or m.group(2)] = "removed"
+    for m in re.finditer(r"Couldn't find/remove all jobs in cluster (\d+)", text):
+        outcome.setdefault(m.group(1), "not_found")
     return outcome
 
 
@@ -284,15 +369,26 @@ def duration_seconds(value: str) -> int:
     return int(value) * 60
 
 
-def submit_description(request: SubmitRequest, keep_completed: int) -> str:
-    """The submit description for one job, from the request and its job variables. Every
-    value was validated single-line by HTCondorJobConfiguration."""
+@dataclass(frozen=True)
+class ArrayShape:
+    """An array submission: `size` procs, at most `throttle` of them in the queue."""
+
+    size: int
+    throttle: Optional[int] = None
+
+
+def submit_description(request: SubmitRequest, keep_completed: int, array: Optional[ArrayShape] = None) -> str:
+    """The submit description for one job, or for an array of `array.size` (which differs
+    only in its queue count, its index variable, output paths and throttle), from the
+    request and its job variables. Every value was validated single-line by
+    HTCondorJobConfiguration."""
     v = request.variables
+    outputs = f"{request.run_dir}/task-$(Process)" if array else f"{request.run_dir}/job"
     lines = [
         f"universe = {v.get('universe') or 'vanilla'}",
         f"executable = {request.script_path}",
-        f"output = {request.run_dir}/job.out",
-        f"error = {request.run_dir}/job.err",
+        f"output = {outputs}.out",
+        f"error = {outputs}.err",
         f"log = {request.run_dir}/job.log",
         f"batch_name = {request.job_name}",
         "getenv = True",
@@ -305,13 +401,45 @@ def submit_description(request: SubmitRequest, keep_completed: int) -> str:
         lines.append(f"allowed_execute_duration = {duration_seconds(str(v['time_limit']))}")
     if v.get("hold"):
         lines.append("hold = True")
-    if keep_completed > 0:
+    throttle = array.throttle if array else None
+    if keep_completed > 0 and not throttle:
+        # (a throttled array's completed tasks must leave: max_materialize counts them)
         lines.append(
             f"leave_in_queue = JobStatus == 4 && (time() - EnteredCurrentStatus) < {keep_completed}"
         )
-    lines += list(v.get("extra_directives") or [])
-    lines.append("queue 1")
+    if throttle:
+        lines.append(f"max_materialize = {throttle}")
+    extra = list(v.get("extra_directives") or [])
+    if array:
+        extra = with_environment(extra, ARRAY_INDEX_VARIABLE, "$(Process)")
+    lines += extra
+    lines.append(f"queue {array.size if array else 1}")
     return "\n".join(lines) + "\n"
+
+
+_ENVIRONMENT_RE = re.compile(r"^\s*environment\s*=\s*(.*?)\s*$", re.IGNORECASE)
+
+
+def with_environment(lines: list[str], name: str, value: str) -> list[str]:
+    """Submit commands with `name=value` in the job's environment: added to the last
+    `environment` command (the one HTCondor uses) in its syntax, the new one ("..."
+    around space-separated pairs) or the old one (pairs separated by ';'), or as a new
+    `environment = "name=value"` after them. The value must need no quoting."""
+    pair = f"{name}={value}"
+    for i in range(len(lines) - 1, -1, -1):
+        m = _ENVIRONMENT_RE.match(lines[i])
+        if not m:
+            continue
+        current = m.group(1)
+        if len(current) >= 2 and current[0] == current[-1] == '"':
+            inner = current[1:-1].strip()
+            merged = f'"{inner} {pair}"' if inner else f'"{pair}"'
+        elif current:
+            merged = f"{current.rstrip(';')};{pair}"
+        else:
+            merged = f'"{pair}"'
+        return [*lines[:i], f"environment = {merged}", *lines[i + 1:]]
+    return [*lines, f'environment = "{pair}"']
 
 
 # -- the Scheduler --------------------------------------------------------------
@@ -332,7 +460,11 @@ class HTCondorScheduler(Scheduler):
         return ["condor_submit", "-terse", "-batch-name", request.job_name]
 
     def submit_stdin(self, request: SubmitRequest) -> Optional[str]:
-        return submit_description(request, self.keep_completed)
+        return submit_description(request, self.keep_completed, self.array_shape(request))
+
+    def array_shape(self, request: SubmitRequest) -> Optional[ArrayShape]:
+        """The array a request submits (its description ends `queue N`), None for a single job."""
+        return ArrayShape(request.array_size, request.array_throttle) if request.array_size else None
 
     def parse_submit(self, stdout: str) -> str:
         return parse_condor_submit(stdout)
@@ -359,9 +491,21 @@ class HTCondorScheduler(Scheduler):
         if not result.ok:
             raise classify_error(result)
         try:
-            return parse_json_ads(result.stdout)
+            return parse_live_ads(result.stdout)
         except json.JSONDecodeError as exc:
             raise TransientSchedulerError(f"condor_q printed no JSON: {exc}", result) from None
+
+    def lookup(self, job_id: str, statuses: dict[str, JobStatus]) -> Optional[JobStatus]:
+        """A job's status; a task of a throttled array (max_materialize) that the schedd
+        has not materialized yet is in no query, and pending."""
+        found = statuses.get(job_id)
+        if found is not None:
+            return found
+        cluster, _, proc = job_id.partition(".")
+        nxt = getattr(statuses, "next_proc", {}).get(cluster)
+        if nxt is not None and proc.isdigit() and int(proc) >= nxt:
+            return JobStatus(job_id, JobState.PENDING, "IDLE", "not materialized yet (max_materialize)")
+        return None
 
     def terminal_argvs(self, job_ids: Sequence[str]) -> list[list[str]]:
         return [
@@ -375,16 +519,49 @@ class HTCondorScheduler(Scheduler):
         return parse_json_ads(result.stdout)
 
     def cancel_argvs(self, job_id: str, grace_seconds: int) -> list[list[str]]:
-        # condor_rm is graceful by itself: the job's kill_sig (SIGTERM), SIGKILL later
+        # condor_rm is graceful by itself: the job's kill_sig (SIGTERM), SIGKILL later;
+        # a job id '12.3' is one job (an array's task), a cluster id '12' the whole array
         return [["condor_rm", job_id]]
 
     def parse_cancel(self, result: CommandResult) -> bool:
-        outcome = parse_condor_rm(result.stdout, result.stderr).get(result.argv[-1])
+        target = result.argv[-1]
+        outcome = parse_condor_rm(result.stdout, result.stderr).get(target)
+        if outcome == "not_found" and _CLUSTER_RE.match(target):
+            # "Couldn't find/remove all jobs in cluster N." follows any other error of the
+            # schedd's (permission...): only on its own does it mean the cluster is gone
+            others = [line for line in f"{result.stdout}\n{result.stderr}".splitlines()
+                      if line.strip() and "Couldn't find/remove all jobs in cluster" not in line]
+            if others:
+                raise classify_error(result)
         if outcome in ("not_found", "already_removed"):
             return False
         if outcome == "removed" or result.ok:
             return True
         raise classify_error(result)
+
+    # -- arrays: a cluster of procs `queue N`, task k is `<cluster>.<k>` ----------------
+    array_index_variable: ClassVar[Optional[str]] = ARRAY_INDEX_VARIABLE
+    array_first_index: ClassVar[int] = 0
+    array_output_index: ClassVar[str] = "$(Process)"
+    array_throttles: ClassVar[bool] = True
+
+    def array_submit_argv(self, request: SubmitRequest, size: int, throttle: Optional[int]) -> list[str]:
+        """The same command as a single job's: the array is in the description on stdin
+        (`queue N`, see array_shape)."""
+        return self.submit_argv(request)
+
+    def parse_array_submit(self, stdout: str) -> str:
+        return parse_condor_submit_cluster(stdout)
+
+    def array_task_id(self, array_id: str, index: int) -> str:
+        return f"{array_id}.{index}"
+
+    def array_of(self, job_id: str) -> Optional[str]:
+        """The cluster of a job id ('12.3' -> '12'); a single job is a cluster of one."""
+        return job_id.split(".", 1)[0] if _JOB_ID_RE.match(job_id) else None
+
+    def array_too_large(self, error: SchedulerError) -> bool:
+        return bool(_TOO_MANY_JOBS.search(str(error)))
 
 
 # -- job variables and the worker ------------------------------------------------
@@ -482,7 +659,11 @@ class HTCondorVariables(BatchVariables):
     extra_directives: list[str] = Field(
         default_factory=list,
         title="Extra submit commands",
-        description="More submit-description lines, before the worker's 'queue 1' (e.g. 'rank = Memory', '+ProjectName = \"x\"').",
+        description=(
+            "More submit-description lines, before the worker's 'queue 1' ('queue N' for an array) "
+            "(e.g. 'rank = Memory', '+ProjectName = \"x\"'). An 'environment' line here gets the "
+            "array index variable XM_ARRAY_INDEX added."
+        ),
     )
 
 
@@ -494,6 +675,7 @@ class HTCondorWorker(BatchWorker):
     _description = (
         "Runs each flow run as an HTCondor job (condor_submit with a generated submit "
         "description), tracks it with one condor_q per poll for all jobs (condor_history "
-        "once they leave the queue), and cancels it with condor_rm."
+        "once they leave the queue), and cancels it with condor_rm. A sweep's runs go as one "
+        "cluster of procs (queue N, max_materialize as throttle)."
     )
     _display_name = "HTCondor (prefect-xm)"

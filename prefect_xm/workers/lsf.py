@@ -14,6 +14,14 @@ and bkill, and the `xm-lsf` worker type.
   `bhist -l` knows them ("Done successfully" / "Exited with exit code N").
 - Cancel: `bkill ID` (SIGINT, SIGTERM, then SIGKILL, JOB_TERMINATE_INTERVAL apart);
   "Job has already finished" and "No matching job found" mean there is nothing to kill.
+- Arrays (a sweep's runs): `bsub -J "name[1-N]%M"` (script on stdin as for one job; at
+  most M elements running), one job id for the array; an element is `ID[i]` to bjobs,
+  bhist and bkill (`bkill ID` removes the whole array), LSB_JOBINDEX in its environment,
+  %I in its -o/-e paths. bjobs' JOBID column is the array's id for every element (unless
+  LSB_BJOBS_DISPLAY_ENH=Y, then `ID[i]`): the element's index is read from its
+  JOB_NAME, `name[i]` (the `jobindex` field would do, but is not in every -o version).
+  A size above MAX_JOB_ARRAY_SIZE (1000 by default) is refused with
+  "Job array index too large. Job not submitted." (exit 255).
 
 Parsers are pure functions over command output (tests/test_lsf_parsers.py).
 """
@@ -55,8 +63,9 @@ CANCEL_REASONS = ("TERM_OWNER", "TERM_ADMIN", "TERM_FORCE_OWNER", "TERM_FORCE_AD
 #: bkill's first signal is SIGINT: 128 + 2, when no exit reason is known
 BKILL_EXIT_CODE = 130
 
-#: the columns of the status query, in order; the last may hold the delimiter
-STATUS_COLUMNS = ("jobid", "stat", "exit_code", "exec_host", "exit_reason", "pend_reason")
+#: the columns of the status query, in order; the last may hold the delimiter. job_name
+#: carries an array element's index (`name[4]`), which the jobid column does not show.
+STATUS_COLUMNS = ("jobid", "stat", "exit_code", "exec_host", "job_name", "exit_reason", "pend_reason")
 DELIMITER = "^"
 
 _TRANSIENT_ERRORS = re.compile(
@@ -67,6 +76,49 @@ _TRANSIENT_ERRORS = re.compile(
 )
 _JOB_ID_RE = re.compile(r"^\d+(?:\[\d+\])?$")
 _NOT_FOUND_RE = re.compile(r"Job <([^>]+)> is not found")
+#: an array element's id, `123[4]`
+_ELEMENT_RE = re.compile(r"^(\d+)\[(\d+)\]$")
+#: an element's job name ends with its index: `name[4]`
+_ELEMENT_NAME_RE = re.compile(r"\[(\d+)\]$")
+#: the names arrays.array_name gives arrays (`<prefix>-array-<uuid4>`)
+_ARRAY_NAME_RE = re.compile(r"-array-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+#: LSF refuses an array larger than MAX_JOB_ARRAY_SIZE (LSBE_BIG_IDX)
+ARRAY_TOO_LARGE = "Job array index too large"
+
+
+def element_id(job_id: str, job_name: str = "", job_index: str = "") -> str:
+    """The id a bjobs row stands for: `123[4]` for an array element, whose JOBID column
+    shows only `123` (unless LSB_BJOBS_DISPLAY_ENH=Y); the index comes from the jobindex
+    column when asked for, else from the element's job name `name[4]`."""
+    if "[" in job_id:
+        return job_id
+    index = job_index.strip() if job_index and job_index.strip().isdigit() else ""
+    if not index or index == "0":
+        m = _ELEMENT_NAME_RE.search(job_name or "")
+        index = m.group(1) if m else ""
+    return f"{job_id}[{index}]" if index and index != "0" else job_id
+
+
+def array_spec_name(job_name: str) -> str:
+    """An array's name as LSF accepts it (letters, digits, '.', '-', '_')."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", job_name)
+
+
+def compact_ids(job_ids: Sequence[str]) -> list[str]:
+    """Ids for one query: an array of which two or more elements are asked for is named
+    once by its id (bjobs/bhist then list each of its elements); others as they are."""
+    per_array: dict[str, int] = {}
+    for job_id in job_ids:
+        m = _ELEMENT_RE.match(job_id)
+        if m:
+            per_array[m.group(1)] = per_array.get(m.group(1), 0) + 1
+    out: list[str] = []
+    for job_id in job_ids:
+        m = _ELEMENT_RE.match(job_id)
+        name = m.group(1) if m and per_array[m.group(1)] > 1 else job_id
+        if name not in out:
+            out.append(name)
+    return out
 
 
 def to_status(
@@ -123,6 +175,7 @@ def parse_bjobs_delimited(
         job_id = row.get("jobid", "")
         if not _JOB_ID_RE.match(job_id):
             continue
+        job_id = element_id(job_id, row.get("job_name", row.get("name", "")), row.get("jobindex", ""))
         statuses[job_id] = to_status(
             job_id, row.get("stat", ""), row.get("exit_code", ""),
             row.get("exit_reason", ""), row.get("pend_reason", ""),
@@ -141,6 +194,7 @@ def parse_bjobs_json(output: str, job_ids: Sequence[str] = ()) -> dict[str, JobS
         job_id = record.get("JOBID") or (job_ids[0] if len(job_ids) == 1 else "")
         if not job_id:
             continue
+        job_id = element_id(job_id, record.get("JOB_NAME", record.get("NAME", "")), record.get("JOBINDEX", ""))
         statuses[job_id] = to_status(
             job_id, record.get("STAT", ""), record.get("EXIT_CODE", ""),
             record.get("EXIT_REASON", ""), record.get("PEND_REASON", ""),
@@ -233,10 +287,13 @@ def parse_bhist_summary(output: str) -> dict[str, dict[str, int]]:
 
 
 def parse_bkill(stdout: str, stderr: str) -> dict[str, str]:
-    """Per job id: 'terminated', 'signaled', 'already_finished' or 'not_found'."""
+    """Per job id: 'terminated', 'signaled', 'in_progress' (a large array's bkill goes on
+    in mbatchd), 'already_finished' or 'not_found'."""
     outcome: dict[str, str] = {}
     for m in re.finditer(r"Job <([^>]+)> is being (terminated|signaled)", stdout or ""):
         outcome[m.group(1)] = m.group(2)
+    for m in re.finditer(r"Job <([^>]+)>: Operation is in progress", f"{stdout or ''}\n{stderr or ''}"):
+        outcome[m.group(1)] = "in_progress"
     for m in re.finditer(r"Job <([^>]+)>: (Job has already finished|No matching job found)", stderr or ""):
         outcome[m.group(1)] = "already_finished" if "finished" in m.group(2) else "not_found"
     return outcome
@@ -278,6 +335,9 @@ class LsfScheduler(Scheduler):
         return classify_error(result)
 
     def find_by_name_argv(self, job_name: str) -> list[str]:
+        # an array's name, as array_submit_argv gave it to bsub (`-J name` lists its elements)
+        if _ARRAY_NAME_RE.search(job_name):
+            job_name = array_spec_name(job_name)
         return ["bjobs", "-a", "-noheader", "-o", f"jobid delimiter='{DELIMITER}'", "-J", job_name]
 
     def find_by_name_answered(self, result: CommandResult) -> bool:
@@ -288,7 +348,8 @@ class LsfScheduler(Scheduler):
         return [ln.strip() for ln in stdout.splitlines() if _JOB_ID_RE.match(ln.strip())]
 
     def status_argv(self, job_ids: Sequence[str]) -> list[str]:
-        return ["bjobs", "-a", "-noheader", "-o", self.status_format(), *job_ids]
+        # an array's tracked elements by the array's id: one argument, every element listed
+        return ["bjobs", "-a", "-noheader", "-o", self.status_format(), *compact_ids(job_ids)]
 
     def parse_status(self, result: CommandResult) -> dict[str, JobStatus]:
         statuses = parse_bjobs_delimited(result.stdout)
@@ -304,7 +365,8 @@ class LsfScheduler(Scheduler):
     def terminal_argvs(self, job_ids: Sequence[str]) -> list[list[str]]:
         # While in CLEAN_PERIOD the status query itself carries the exit code and exit
         # reason; after that only the event log knows the job.
-        return [["bhist", "-l", *batch] for batch in chunked(job_ids, self.terminal_batch_size)]
+        # An array's elements in one `bhist -l ARRAY` (a record per element).
+        return [["bhist", "-l", *batch] for batch in chunked(compact_ids(job_ids), self.terminal_batch_size)]
 
     def parse_terminal(self, result: CommandResult) -> dict[str, JobStatus]:
         found = parse_long_records(result.stdout)
@@ -318,12 +380,44 @@ class LsfScheduler(Scheduler):
         return [["bkill", job_id]]
 
     def parse_cancel(self, result: CommandResult) -> bool:
-        outcome = parse_bkill(result.stdout, result.stderr).get(result.argv[-1])
+        job_id = result.argv[-1]
+        outcomes = parse_bkill(result.stdout, result.stderr)
+        outcome = outcomes.get(job_id)
+        if outcome is None:
+            # a whole array (`bkill ARRAY`) may answer element by element
+            of_array = {o for k, o in outcomes.items() if k.startswith(f"{job_id}[")}
+            if of_array & {"terminated", "signaled", "in_progress"}:
+                outcome = "terminated"
+            elif of_array:
+                outcome = "already_finished"
         if outcome in ("already_finished", "not_found"):
             return False
-        if outcome in ("terminated", "signaled") or result.ok:
+        if outcome in ("terminated", "signaled", "in_progress") or result.ok:
             return True
         raise classify_error(result)
+
+    # -- arrays: one element is `<array>[<index>]` in bjobs, bhist and bkill
+    array_index_variable: ClassVar[Optional[str]] = "LSB_JOBINDEX"
+    array_output_index: ClassVar[str] = "%I"
+
+    def array_submit_argv(self, request: SubmitRequest, size: int, throttle: Optional[int]) -> list[str]:
+        # the script on stdin as for one job; the index range (and the limit of running
+        # elements) goes with the name, which wins over the script's own #BSUB -J
+        spec = f"{array_spec_name(request.job_name)}[{self.array_first_index}-{self.array_first_index + size - 1}]"
+        if throttle:
+            spec += f"%{throttle}"
+        return ["bsub", "-J", spec]
+
+    def array_task_id(self, array_id: str, index: int) -> str:
+        return f"{array_id}[{index}]"
+
+    def array_of(self, job_id: str) -> Optional[str]:
+        m = _ELEMENT_RE.match(job_id)
+        return m.group(1) if m else None
+
+    def array_too_large(self, error: SchedulerError) -> bool:
+        # MAX_JOB_ARRAY_SIZE (lsb.params): "Job array index too large. Job not submitted."
+        return ARRAY_TOO_LARGE.lower() in str(error).lower()
 
 
 # -- job variables and the worker ------------------------------------------------
@@ -441,6 +535,8 @@ class LsfWorker(BatchWorker):
     scheduler: ClassVar[Scheduler] = LsfScheduler()
     _description = (
         "Runs each flow run as an IBM Spectrum LSF batch job (bsub), tracks it with one "
-        "bjobs per poll for all jobs (bhist once they are cleaned), and cancels it with bkill."
+        "bjobs per poll for all jobs (bhist once they are cleaned), and cancels it with bkill. "
+        "Runs picked up together whose scripts differ only in their program (a sweep's trials) "
+        "go as one job array (bsub -J \"name[1-N]%M\"), each element its own flow run."
     )
     _display_name = "LSF (prefect-xm)"

@@ -20,6 +20,31 @@ whole call instead, every job looks absent for that poll and is looked up by the
 terminal queries: first batched, then one id at a time for a bounded number of ids
 per poll (PER_ID_LOOKUPS), never per job for all of them.
 
+Arrays (sweeps, see arrays.py):
+- **PBS Pro**: `qsub -J 1-N[%M]` prints the array's id `123[].server`; its subjobs are
+  `123[4].server` (PBS_ARRAY_INDEX=4 in the subjob; `^array_index^` in -o/-e is
+  replaced by the index). A range needs at least two indices (`-J 1-1` is "qsub:
+  illegal -J value"): a lone run is always submitted on its own. `%M` caps the subjobs
+  running at once (max_run_subjobs; PBS Pro 2020.1 / OpenPBS 20.0 and later). The
+  poll names each tracked array once, `qstat -x -f -F json -t 123[].server`, which
+  lists the array (B while subjobs run, F in the history once all have ended) and every
+  subjob (X once ended, with its own Exit_status while it is in the history; a subjob
+  deleted before it ran says "Subjob terminated" and has none). `qdel 123[4].server`
+  removes one subjob ("Request invalid for finished array subjob" once it has ended),
+  `qdel 123[].server` the whole array. More indices than the server's or queue's
+  max_array_size (default 10000): "qsub: Array job exceeds server or queue size limit"
+  (PBSE_MaxArraySize, rc 3), and the worker splits the array.
+- **Torque: no arrays; every run is its own job** (array_index_variable None). Real
+  Torque has them (`qsub -t 1-N%M`, `123[].server`, PBS_ARRAYID, `qstat -t`), but the
+  Torque dialect is only tested through Slurm's Torque wrappers, which cannot follow
+  one: their qsub passes -t to `sbatch --array` and prints the bare Slurm id (`1880`,
+  not `1880[]`), the task never sees PBS_ARRAYID (only SLURM_ARRAY_TASK_ID), their
+  qstat lists each task under its own raw Slurm job id (1881, 1882, and 1880 for the
+  last one) with no array index and the same name for all, and does not know `1880_1`
+  (rc 153); their qdel takes numeric ids only, so a task that has not started cannot
+  be removed alone (qdel 1880 removes every pending task). A task's status, or its
+  cancel, cannot be told from its neighbours'.
+
 Parsers are pure functions over command output (tests/test_pbs_parsers.py runs them on
 verbatim outputs from other projects' fixtures and documentation).
 """
@@ -62,6 +87,14 @@ TORQUE_STATES: dict[str, JobState] = {
 }
 TORQUE_FINAL = {"C"}
 
+# The comment PBS Pro shows for an ended subjob it describes from its array's record
+# (stat_job.c status_subjob): no Exit_status then, only how it ended.
+SUBJOB_ENDINGS = {
+    "Subjob finished": JobState.COMPLETED,
+    "Subjob failed": JobState.FAILED,
+    "Subjob terminated": JobState.CANCELLED,
+}
+
 HOLD_TYPES = {"u": "user hold", "o": "operator hold", "s": "system hold", "p": "password hold", "n": "no hold"}
 
 # Negative exit statuses are the server's or MoM's verdict, not the job's.
@@ -91,6 +124,11 @@ TORQUE_EXEC_CODES = {
 
 _JOB_ID = r"\d+(?:\[\d*\])?(?:\.[A-Za-z0-9_.-]+)?"
 _JOB_ID_RE = re.compile(rf"^{_JOB_ID}$")
+# PBS Pro arrays: the array `123[].server`, its subjob `123[4].server`
+_SUBJOB_RE = re.compile(r"^(\d+)\[(\d+)\](.*)$")
+_ARRAY_RE = re.compile(r"^(\d+)(?:\[\])?(.*)$")
+# PBSE_MaxArraySize (the server's or the queue's max_array_size)
+_ARRAY_TOO_LARGE = re.compile(r"Array job exceeds server or queue size limit|max_array_size", re.IGNORECASE)
 _UNKNOWN_RE = re.compile(r"Unknown Job Id:?\s+(\S+)")
 # qstat: "qstat: 12.srv Job has finished, use -x ..."; qdel: "qdel: Job has finished 12.srv"
 _FINISHED_RE = re.compile(rf"({_JOB_ID})\s+Job has finished|Job has finished\s+({_JOB_ID})")
@@ -130,6 +168,9 @@ def job_status(job_id: str, attrs: dict, dialect: str = "pbspro") -> JobStatus:
     raw_exit = attrs.get("Exit_status", attrs.get("exit_status"))
     if native in final:
         if raw_exit is None or str(raw_exit).strip() == "":
+            if dialect == "pbspro" and comment in SUBJOB_ENDINGS:
+                # a subjob whose own record is gone, shown from its array's
+                return JobStatus(job_id, SUBJOB_ENDINGS[comment], native, comment)
             if dialect == "pbspro":
                 # PBS Pro records no exit status for a job deleted before it ran.
                 return JobStatus(job_id, JobState.CANCELLED, native, comment or "ended without running")
@@ -317,7 +358,10 @@ class PbsScheduler(Scheduler):
         return [ln.strip() for ln in stdout.splitlines() if _JOB_ID_RE.match(ln.strip())]
 
     def status_argv(self, job_ids: Sequence[str]) -> list[str]:
-        return ["qstat", "-x", "-f", "-F", "json", *job_ids]
+        # Subjobs are asked for by their array, once, with -t (every subjob of it)
+        names = list(dict.fromkeys(self.array_of(job_id) or job_id for job_id in job_ids))
+        subjobs = ["-t"] if any(self.array_of(job_id) for job_id in job_ids) else []
+        return ["qstat", "-x", "-f", "-F", "json", *subjobs, *names]
 
     def parse_status(self, result: CommandResult) -> dict[str, JobStatus]:
         if "{" in result.stdout:
@@ -327,10 +371,16 @@ class PbsScheduler(Scheduler):
         raise classify_error(result)
 
     def terminal_argvs(self, job_ids: Sequence[str]) -> list[list[str]]:
-        argvs = [self.status_argv(batch) for batch in chunked(job_ids, self.terminal_batch_size)]
-        if len(job_ids) > 1:
-            argvs += [self.status_argv([job_id]) for job_id in job_ids[: self.per_id_lookups]]
-        # history disabled or expired: the server's logs, where readable
+        # Batches of jobs and arrays (an array's subjobs all in one -t); then one job
+        # or one array per call, should the server fail a whole batch for one id.
+        names = list(dict.fromkeys(self.array_of(job_id) or job_id for job_id in job_ids))
+        argvs = []
+        for batch in chunked(names, self.terminal_batch_size):
+            argvs.append(self.status_argv([j for j in job_ids if (self.array_of(j) or j) in batch]))
+        if len(names) > 1:
+            argvs += [self.status_argv([j for j in job_ids if (self.array_of(j) or j) == name])
+                      for name in names[: self.per_id_lookups]]
+        # history disabled or expired: the server's logs, where readable (per job or subjob)
         argvs += [["tracejob", "-n", "3", job_id] for job_id in job_ids[: self.per_id_lookups]]
         return argvs
 
@@ -350,16 +400,55 @@ class PbsScheduler(Scheduler):
         if (
             unknown_ids(text)
             or "Job has finished" in text
-            or re.search(r"invalid state for job|Request invalid for state of job", text, re.IGNORECASE)
+            or re.search(r"invalid state for job|Request invalid for state of job|"
+                         r"Request invalid for finished array subjob", text, re.IGNORECASE)
         ):
             return False
         if not text.strip():
             return False  # Slurm's Torque qdel: silent rc 1 for finished or unknown ids
         raise classify_error(result)
 
+    # -- arrays: `qsub -J`; the array is `123[].server`, a subjob `123[4].server` in
+    # qstat (-t), qdel and tracejob
+    array_index_variable: ClassVar[Optional[str]] = "PBS_ARRAY_INDEX"
+    array_output_index: ClassVar[str] = "^array_index^"
+    #: `-J 1-N%M` (max_run_subjobs): PBS Pro 2020.1 / OpenPBS 20.0 and later; an older
+    #: server refuses the submission ("qsub: illegal -J value") if a throttle is set
+    array_throttles: ClassVar[bool] = True
+
+    def array_submit_argv(self, request: SubmitRequest, size: int, throttle: Optional[int]) -> list[str]:
+        if size < 2:
+            raise ValueError("a PBS Pro array has at least two subjobs (-J X-Y needs Y > X)")
+        spec = f"{self.array_first_index}-{self.array_first_index + size - 1}"
+        if throttle:
+            spec += f"%{throttle}"
+        return ["qsub", "-J", spec, request.script_path]
+
+    def parse_array_submit(self, stdout: str) -> str:
+        job_id = parse_qsub(stdout)
+        m = _ARRAY_RE.match(job_id)
+        if not m:
+            raise ValueError(f"no array id in qsub output: {stdout.strip()[-500:]!r}")
+        return f"{m.group(1)}[]{m.group(2)}"  # as printed: `123[].server`
+
+    def array_task_id(self, array_id: str, index: int) -> str:
+        m = _ARRAY_RE.match(array_id)
+        if not m:
+            raise ValueError(f"not a PBS array id: {array_id!r}")
+        return f"{m.group(1)}[{index}]{m.group(2)}"
+
+    def array_of(self, job_id: str) -> Optional[str]:
+        m = _SUBJOB_RE.match(job_id)
+        return f"{m.group(1)}[]{m.group(3)}" if m else None
+
+    def array_too_large(self, error: SchedulerError) -> bool:
+        return bool(_ARRAY_TOO_LARGE.search(str(error)))
+
 
 class TorqueScheduler(PbsScheduler):
     dialect: ClassVar[str] = "torque"
+    # No arrays: see the module docstring (Slurm's Torque wrappers cannot follow a task).
+    array_index_variable: ClassVar[Optional[str]] = None
 
     def submit_argv(self, request: SubmitRequest) -> list[str]:
         # The script's #PBS -o/-e would do for Torque itself, but Slurm's Torque qsub

@@ -169,9 +169,12 @@ class JobPoller:
         by_age = [j.job_id for j in sorted(jobs, key=lambda j: (j.last_lookup, j.job_id))]
         argvs = self.scheduler.terminal_argvs_for(by_age, live_statuses)
         for argv in argvs:
-            named = {arg for part in argv for arg in part.split(",")} & wanted
-            if len(named) == 1:  # a one-job lookup (batched ones leave nobody out)
-                self.jobs[named.pop()].last_lookup = time.monotonic()
+            args = {arg for part in argv for arg in part.split(",")}
+            named = {j for j in wanted if j in args or self.scheduler.array_of(j) in args}
+            if len({self.scheduler.array_of(j) or j for j in named}) == 1:
+                # a one-job (or one-array) lookup; batched ones leave nobody out
+                for job_id in named:
+                    self.jobs[job_id].last_lookup = time.monotonic()
         for argv in argvs:
             try:
                 result = await self.transport.run(argv, timeout=self.command_timeout)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence
 
 
 class JobState(enum.IntEnum):
@@ -86,6 +86,9 @@ class SubmitRequest:
     #: the run's job variables (the configuration, without env), for schedulers whose
     #: submission is more than the script (HTCondor's submit description)
     variables: Mapping[str, Any] = field(default_factory=dict)
+    #: for an array: its number of tasks and how many may run at once (0 / None: one job)
+    array_size: int = 0
+    array_throttle: Optional[int] = None
 
 
 class Scheduler:
@@ -198,6 +201,38 @@ class Scheduler:
         if result.ok:
             return True
         raise SchedulerError(result.stderr.strip() or f"{result.argv[0]} exited {result.returncode}", result)
+
+    # -- arrays -------------------------------------------------------------------
+    #: the environment variable holding a running array task's index; None: this
+    #: scheduler's runs are always submitted one by one
+    array_index_variable: ClassVar[Optional[str]] = None
+    #: the index of an array's first task
+    array_first_index: ClassVar[int] = 1
+    #: what the scheduler replaces with the task index in the -o/-e paths of an array
+    array_output_index: ClassVar[str] = ""
+    #: whether the scheduler can limit how many of an array's tasks run at once
+    array_throttles: ClassVar[bool] = True
+
+    def array_submit_argv(self, request: SubmitRequest, size: int, throttle: Optional[int]) -> list[str]:
+        """Submit the script as an array of `size` tasks (indices from array_first_index),
+        at most `throttle` of them running at once."""
+        raise NotImplementedError
+
+    def parse_array_submit(self, stdout: str) -> str:
+        """The array's id in a successful array submission's stdout."""
+        return self.parse_submit(stdout)
+
+    def array_task_id(self, array_id: str, index: int) -> str:
+        """The id by which the scheduler's queries and cancel name one task."""
+        raise NotImplementedError
+
+    def array_of(self, job_id: str) -> Optional[str]:
+        """The array a task id belongs to (None: not an array task)."""
+        return None
+
+    def array_too_large(self, error: SchedulerError) -> bool:
+        """Whether a refused array submission was refused for its number of tasks."""
+        return False
 
     # -- pids -------------------------------------------------------------------
     def infrastructure_pid(self, cluster: str, job_id: str) -> str:

@@ -323,13 +323,25 @@ class SgeScheduler(Scheduler):
             raise TransientSchedulerError(f"qstat -xml printed invalid XML ({exc})", result) from None
 
     def lookup(self, job_id: str, statuses: dict[str, JobStatus]) -> Optional[JobStatus]:
-        return statuses.get(job_id) or combine_tasks(job_id, statuses)
+        found = statuses.get(job_id) or combine_tasks(job_id, statuses)
+        array = self.array_of(job_id)
+        if found is None and array and array in statuses and in_error_state(statuses[array].native_state):
+            # `qstat -j ARRAY` gives one error reason for all of its tasks
+            whole = statuses[array]
+            found = JobStatus(job_id, whole.state, whole.native_state, whole.reason)
+        return found
 
     def terminal_argvs(self, job_ids: Sequence[str]) -> list[list[str]]:
         # qacct takes one job per call (a second -j replaces the first) and scans the
         # accounting file each time: a bounded number per poll. The poller asks for the
         # least recently looked-up jobs first, so every job gets its turn.
-        return [["qacct", "-j", job_id] for job_id in job_ids[: self.per_id_lookups]]
+        # An array's tasks are all in one `qacct -j ARRAY`.
+        wanted: list[str] = []
+        for job_id in job_ids:
+            number = self.array_of(job_id) or job_id
+            if number not in wanted:
+                wanted.append(number)
+        return [["qacct", "-j", number] for number in wanted[: self.per_id_lookups]]
 
     def terminal_argvs_for(
         self, job_ids: Sequence[str], live: Mapping[str, JobStatus]
@@ -338,7 +350,8 @@ class SgeScheduler(Scheduler):
         their reason is in `qstat -j`, asked only for them."""
         in_error = [j for j in job_ids if (s := self.lookup(j, dict(live))) and in_error_state(s.native_state)]
         others = [j for j in job_ids if j not in in_error]
-        argvs = [["qstat", "-j", ",".join(batch)] for batch in chunked(in_error, self.error_batch_size)]
+        numbers = list(dict.fromkeys(self.array_of(j) or j for j in in_error))
+        argvs = [["qstat", "-j", ",".join(batch)] for batch in chunked(numbers, self.error_batch_size)]
         return argvs + self.terminal_argvs(others)
 
     def parse_terminal(self, result: CommandResult) -> dict[str, JobStatus]:
@@ -357,10 +370,35 @@ class SgeScheduler(Scheduler):
     def cleanup_argvs(self, status: JobStatus) -> list[list[str]]:
         # An Eqw job would wait in the queue forever.
         if in_error_state(status.native_state):
-            return [["qdel", status.job_id]]
+            return self.cancel_argvs(status.job_id, 0)[-1:]
         return []
 
+    # -- arrays: one task is `<array>.<index>` in qstat and qacct, `<array> -t <index>` to qdel
+    array_index_variable: ClassVar[Optional[str]] = "SGE_TASK_ID"
+    array_output_index: ClassVar[str] = "$TASK_ID"
+
+    def array_submit_argv(self, request: SubmitRequest, size: int, throttle: Optional[int]) -> list[str]:
+        argv = ["qsub", "-terse", "-V", "-t", f"{self.array_first_index}-{self.array_first_index + size - 1}"]
+        if throttle:
+            argv += ["-tc", str(throttle)]
+        return [*argv, request.script_path]
+
+    def array_task_id(self, array_id: str, index: int) -> str:
+        return f"{array_id}.{index}"
+
+    def array_of(self, job_id: str) -> Optional[str]:
+        m = re.match(r"^(\d+)\.\d+$", job_id)
+        return m.group(1) if m else None
+
+    def array_too_large(self, error: SchedulerError) -> bool:
+        # "job rejected: N tasks exceeds the maximum of M" (max_aj_tasks), or max_u_jobs/max_jobs
+        return bool(re.search(r"max_aj_tasks|tasks? exceeds|exceeds the maximum|too many tasks",
+                              str(error), re.IGNORECASE))
+
     def cancel_argvs(self, job_id: str, grace_seconds: int) -> list[list[str]]:
+        array = self.array_of(job_id)
+        if array:
+            return [["qdel", array, "-t", job_id.split(".", 1)[1]]]
         # qdel has no grace signal to choose (a queue's terminate_method or -notify
         # decide); it kills the job.
         return [["qdel", job_id]]

@@ -298,7 +298,8 @@ class SlurmScheduler(Scheduler):
         # exit code; sacct covers the rest where accounting is enabled.
         argvs = [["scontrol", "show", "job", "-o", job_id] for job_id in job_ids[: self.per_id_lookups]]
         argvs += [
-            ["sacct", "-X", "-n", "-P", "-j", ",".join(batch), "-o", "JobIDRaw,State,ExitCode,Reason"]
+            # JobID, not JobIDRaw: an array task's raw id is a number of its own
+            ["sacct", "-X", "-n", "-P", "-j", ",".join(batch), "-o", "JobID,State,ExitCode,Reason"]
             for batch in chunked(job_ids, self.terminal_batch_size)
         ]
         return argvs
@@ -312,7 +313,30 @@ class SlurmScheduler(Scheduler):
             raise classify_error(result)
         if result.argv[0] == "scontrol":
             return parse_scontrol_show_job(text)
-        return parse_sacct(text)
+        columns = result.argv[result.argv.index("-o") + 1].split(",") if "-o" in result.argv else None
+        return parse_sacct(text, columns=columns) if columns else parse_sacct(text)
+
+    # -- arrays: one task is `<array>_<index>` in squeue, sacct, scontrol and scancel
+    array_index_variable: ClassVar[Optional[str]] = "SLURM_ARRAY_TASK_ID"
+    array_output_index: ClassVar[str] = "%a"
+
+    def array_submit_argv(self, request: SubmitRequest, size: int, throttle: Optional[int]) -> list[str]:
+        spec = f"{self.array_first_index}-{self.array_first_index + size - 1}"
+        if throttle:
+            spec += f"%{throttle}"
+        return ["sbatch", "--parsable", f"--array={spec}", request.script_path]
+
+    def array_task_id(self, array_id: str, index: int) -> str:
+        return f"{array_id}_{index}"
+
+    def array_of(self, job_id: str) -> Optional[str]:
+        m = re.match(r"^(\d+)_(?:\d+|\[[^\]]*\])$", job_id)
+        return m.group(1) if m else None
+
+    def array_too_large(self, error: SchedulerError) -> bool:
+        # MaxArraySize: "Invalid job array specification"; a QOS's MaxSubmitJobs counts tasks
+        return bool(re.search(r"Invalid job array specification|MaxArraySize|QOSMaxSubmitJob|"
+                              r"job submit limit", str(error), re.IGNORECASE))
 
     def cancel_argvs(self, job_id: str, grace_seconds: int) -> list[list[str]]:
         return [

@@ -5,14 +5,28 @@ Standard library only.
 
 What it reproduces (formats from the HTCondor manual and tests/data/vectors/htcondor.json):
 - `condor_submit [-terse] [-batch-name name] [file]` reads a submit description (from stdin without a
-  file): `key = value` commands, `+Attr = value` custom attributes, `queue [1]`.
+  file): `key = value` commands, `+Attr = value` custom attributes, one `queue [N]`.
   Known: universe, executable, arguments, output, error, log, initialdir, batch_name,
-  getenv, environment, request_cpus/memory/disk/gpus, requirements, accounting_group,
-  allowed_execute_duration, hold, leave_in_queue. `-terse` prints "15.0 - 15.0", the
-  plain form "Submitting job(s).\\n1 job(s) submitted to cluster 15.". Refusals (exit
-  1): "ERROR: I don't know about the 'x' universe.", "ERROR: Executable file x does not
-  exist", "ERROR: Can't open \"x\"  with flags 01101 (Permission denied)" style checks
-  are limited to these two.
+  getenv, environment (new syntax "a=1 b='x y'" or old a=1;b=2), request_cpus/memory/
+  disk/gpus, requirements, accounting_group, allowed_execute_duration, hold,
+  leave_in_queue, max_materialize. `-terse` prints "15.0 - 15.0" ("15.0 - 15.4" for
+  `queue 5`), the plain form "Submitting job(s).\\n1 job(s) submitted to cluster 15." (one
+  dot per job). Refusals (exit 1): "ERROR: I don't know about the 'x' universe.",
+  "ERROR: Executable file x does not exist", "ERROR: Can't open \"x\"  with flags 01101
+  (Permission denied)" style checks are limited to these two.
+- Clusters of many procs (`queue N`): N job ads ClusterId.0 ... ClusterId.N-1, each its
+  own job (states, holds, removal, history); `$(Cluster)`/`$(ClusterId)` and
+  `$(Process)`/`$(ProcId)`/`$(Step)` are expanded per proc in every command (other
+  macros are not). More than FAKE_CONDOR_MAX_JOBS_PER_SUBMISSION (HTCondor's
+  MAX_JOBS_PER_SUBMISSION, default 20000) procs: nothing is queued, exit 1, and on stderr
+  "\\nERROR: Failed to create proc\\nNumber of submitted jobs would exceed
+  MAX_JOBS_PER_SUBMISSION" (condor_submit's words, submit.cpp).
+- Late materialization (`max_materialize = M`, the manual's "Submitting Lots of Jobs"):
+  at most M jobs of the cluster are in the queue, in any state (a completed job kept by
+  leave_in_queue or a held one counts); the next proc materializes when one leaves. The
+  procs not materialized yet are in no listing; job ads of the cluster show the cluster
+  ad's JobMaterializeNextProcId and JobMaterializeLimit. The limit on such a cluster is
+  not refused: it applies to M. No factory ad (`condor_q -factory`) is listed.
 - Jobs run as REAL processes (the executable, argv from `arguments`), detached in their
   own session through a per-job "starter": stdout/stderr to output/error (relative to
   initialdir), cwd = initialdir, the environment of condor_submit when getenv = True
@@ -40,7 +54,12 @@ What it reproduces (formats from the HTCondor manual and tests/data/vectors/htco
   "via condor_rm (by user <u>)"); running ones get SIGTERM, SIGKILL
   FAKE_CONDOR_KILL_TIMEOUT (2 s) later, and leave once dead. "Job N.P marked for
   removal" (exit 0); "Job N.P not found" / "Job N.P already marked for removal" on
-  stderr (exit 1).
+  stderr (exit 1). A proc not materialized yet is "not found" (assumed: only the
+  cluster's removal stops its materialization). `condor_rm N` (a cluster) removes every
+  job of it and ends its materialization: "All jobs in cluster N have been marked for
+  removal" (exit 0), or "Couldn't find/remove all jobs in cluster N." on stderr (exit 1)
+  when it removed nothing; condor_hold/condor_release N likewise ("have been held",
+  "have been released").
 - Completed jobs (JobStatus 4, ExitCode or ExitBySignal/ExitSignal) leave the queue
   FAKE_CONDOR_LINGER (2 s) after they end, or, with `leave_in_queue = JobStatus == 4 &&
   (time() - EnteredCurrentStatus) < N`, N seconds after ("True": never); then only
@@ -52,12 +71,15 @@ What it reproduces (formats from the HTCondor manual and tests/data/vectors/htco
 Not reproduced: ClassAd expressions beyond `Attr == value` constraints and the
 leave_in_queue form above, condor_hold's -reason/-subcode/-constraint/user arguments and
 holding a completed or removed job (refused here with a message of the fake's own),
-periodic_* policies, queue N > 1 / multi-proc clusters,
-file transfer, the default batch layout of condor_q (the -nobatch table is printed),
--global/-name/-pool, DAGMan, suspend, request_memory enforcement, security.
+periodic_* policies, `queue ... from/in/matching` and several queue statements, other
+submit macros ($(Item), $(Row), $(Node), $RANDOM_*...), the max_idle factory limit,
+MAX_JOBS_SUBMITTED/MAX_JOBS_PER_OWNER, file transfer, the default batch layout of condor_q
+(the -nobatch table is printed), -global/-name/-pool, DAGMan, suspend, request_memory
+enforcement, security.
 
 State lives in FAKE_CONDOR_HOME (default /tmp/fake-condor-<uid>): one JSON job ad per
-job in queue/, history.jsonl, a counter, and a lock taken around every change.
+job in queue/, a factory per late-materializing cluster in factories/, history.jsonl, a
+counter, and a lock taken around every change.
 """
 
 from __future__ import annotations
@@ -82,6 +104,8 @@ HISTORY = HOME / "history.jsonl"
 SLOTS = int(os.environ.get("FAKE_CONDOR_SLOTS", "2"))
 LINGER = float(os.environ.get("FAKE_CONDOR_LINGER", "2"))
 KILL_TIMEOUT = float(os.environ.get("FAKE_CONDOR_KILL_TIMEOUT", "2"))
+#: the schedd's MAX_JOBS_PER_SUBMISSION (HTCondor's default: 20000)
+MAX_JOBS_PER_SUBMISSION = int(os.environ.get("FAKE_CONDOR_MAX_JOBS_PER_SUBMISSION", "20000"))
 UNIVERSES = ("vanilla", "scheduler", "local", "grid", "java", "vm", "parallel", "docker", "container")
 HOST = socket.gethostname().split(".")[0]
 USER = os.environ.get("USER") or pwd.getpwuid(os.getuid()).pw_name
@@ -179,6 +203,7 @@ def schedule() -> None:
             save(ad)
         if ad["JobStatus"] in (COMPLETED, REMOVED) and ad.get("_left_at") is not None and now >= ad["_left_at"]:
             to_history(ad)
+    materialize()
     ads = queue_ads()
     busy = sum(a.get("RequestCpus", 1) for a in ads if a["JobStatus"] == RUNNING)
     for ad in ads:
@@ -206,17 +231,20 @@ def schedule() -> None:
 # -- condor_submit ---------------------------------------------------------------------
 
 
-def parse_description(text: str) -> tuple[dict, dict, int]:
+def parse_description(text: str) -> tuple[dict, dict, list[int]]:
+    """Commands, custom attributes, and the count of each `queue [N]` statement."""
     commands: dict[str, str] = {}
     custom: dict[str, str] = {}
-    count = 0
+    queues: list[int] = []
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        m = re.match(r"^queue(?:\s+(\d+))?\s*$", line, re.I)
+        m = re.match(r"^queue(?:\s+(\S+))?\s*$", line, re.I)
         if m:
-            count += int(m.group(1) or 1)
+            if m.group(1) is not None and not m.group(1).isdigit():
+                raise ValueError(f"fake condor_submit: 'queue {m.group(1)}': only 'queue [N]' is modelled")
+            queues.append(int(m.group(1) or 1))
             continue
         key, sep, value = line.partition("=")
         if not sep:
@@ -226,7 +254,7 @@ def parse_description(text: str) -> tuple[dict, dict, int]:
             custom[key.lstrip("+").removeprefix("MY.")] = value
         else:
             commands[key.lower()] = value
-    return commands, custom, count
+    return commands, custom, queues
 
 
 def classad_value(text: str):
@@ -247,6 +275,135 @@ def memory_mb(value: str) -> int:
     return {"K": n // 1024, "M": n, "G": n * 1024, "T": n * 1024 * 1024}[unit]
 
 
+_MACRO_RE = re.compile(r"\$\((Process|ProcId|Cluster|ClusterId|Step)\)", re.I)
+
+
+def expand(value: str, cluster: int, proc: int) -> str:
+    """The submit macros a `queue N` cluster varies by: $(Cluster)/$(ClusterId) and
+    $(Process)/$(ProcId)/$(Step) (the step of `queue N` is the proc id)."""
+    return _MACRO_RE.sub(lambda m: str(cluster if m.group(1).lower().startswith("cluster") else proc), value)
+
+
+def environment_pairs(text: str) -> dict[str, str]:
+    """`environment`: the new syntax ("a=1 b='x y'"; its '' and "" escapes are not
+    modelled) or the old one (a=1;b=2)."""
+    text = text.strip()
+    env: dict[str, str] = {}
+    if text.startswith('"') and text.endswith('"') and len(text) >= 2:
+        pairs = shlex.split(text[1:-1])
+    else:
+        pairs = text.split(";")
+    for pair in pairs:
+        k, _, v = pair.partition("=")
+        if k.strip():
+            env[k.strip()] = v
+    return env
+
+
+def job_ad(template: dict, cluster: int, proc: int, now: int) -> dict:
+    """One proc's job ad, from the submission's commands with its macros expanded."""
+    commands = {k: expand(v, cluster, proc) for k, v in template["commands"].items()}
+    custom = {k: expand(v, cluster, proc) for k, v in template["custom"].items()}
+    iwd = commands.get("initialdir") or template["cwd"]
+    resolve = lambda p: p if not p or os.path.isabs(p) else os.path.join(iwd, p)  # noqa: E731
+    env = dict(template["getenv"])
+    env.update(environment_pairs(commands.get("environment", "")))
+    exe = commands["executable"]
+    ad = {
+        "ClusterId": cluster, "ProcId": proc, "Owner": USER, "QDate": now,
+        "JobUniverse": commands.get("universe", "vanilla"),
+        "Cmd": exe if os.path.isabs(exe) else os.path.join(iwd, exe), "Args": commands.get("arguments", ""),
+        "Iwd": iwd,
+        "Out": resolve(commands.get("output", "/dev/null")), "Err": resolve(commands.get("error", "/dev/null")),
+        "UserLog": resolve(commands.get("log", "")) or None,
+        "JobBatchName": template["batch_name"] or commands.get("batch_name") or None,
+        "RequestCpus": int(commands.get("request_cpus", "1")),
+        "RequestMemory": memory_mb(commands.get("request_memory", "128")),
+        "RequestGPUs": int(commands.get("request_gpus", "0")),
+        "Requirements": commands.get("requirements"),
+        "AcctGroup": commands.get("accounting_group"),
+        "AllowedExecuteDuration": int(commands["allowed_execute_duration"]) if commands.get("allowed_execute_duration") else None,
+        "JobStatus": IDLE, "EnteredCurrentStatus": now, "NumJobStarts": 0,
+        # as HTCondor: the job's whole environment (getenv's copy included) is in its
+        # ad, in the "new" space-separated syntax, for anyone running condor_q -l
+        "Environment": " ".join(f"{k}='{v}'" if " " in v else f"{k}={v}" for k, v in env.items()) or None,
+        "_env": env, "_argv": shlex.split(commands.get("arguments", "").strip('"')), "_keep": template["keep"],
+    }
+    ad.update({k: classad_value(v) for k, v in custom.items()})
+    if template.get("factory"):
+        ad["JobMaterializeLimit"] = template["factory"]["limit"]
+    ad = {k: v for k, v in ad.items() if v is not None or k == "_keep"}
+    if ad["RequestCpus"] > SLOTS:
+        ad["RequestCpus"] = SLOTS  # never matches in a real pool; here: run it anyway
+    if template["hold"]:
+        set_status(ad, HELD)
+        ad.update(HoldReason="submitted on hold at user's request", HoldReasonCode=15, HoldReasonSubCode=0)
+    return ad
+
+
+def queue_job(ad: dict) -> None:
+    """A new job in the queue (the lock held): saved, with its submit event."""
+    save(ad)
+    event(ad, "000", f"Job submitted from host: <127.0.0.1:9618?addrs=127.0.0.1-9618&alias={HOST}>\n")
+    if ad["JobStatus"] == HELD:
+        event(ad, "012", "Job was held.\n", "\tsubmitted on hold at user's request\n\tCode 15 Subcode 0\n")
+
+
+# -- late materialization (max_materialize): a factory per cluster ------------------------
+
+
+def factory_path(cluster: int) -> Path:
+    return HOME / "factories" / f"{cluster}.json"
+
+
+def load_factory(cluster: int) -> dict | None:
+    try:
+        return json.loads(factory_path(cluster).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def save_factory(template: dict) -> None:
+    path = factory_path(template["cluster"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(template))
+    tmp.replace(path)
+
+
+def factories() -> list[dict]:
+    found = []
+    for path in sorted((HOME / "factories").glob("*.json")) if (HOME / "factories").exists() else []:
+        template = load_factory(int(path.stem))
+        if template:
+            found.append(template)
+    return found
+
+
+def materialize() -> None:
+    """The schedd's part of late materialization (the lock held): while a factory cluster
+    has fewer jobs in the queue (in any state) than its max_materialize, its next proc is
+    made; a factory that made them all, or whose cluster was removed, is gone."""
+    ads = queue_ads()
+    for template in factories():
+        factory = template["factory"]
+        present = sum(1 for a in ads if a["ClusterId"] == template["cluster"])
+        while not factory["removed"] and factory["next"] < factory["total"] and present < factory["limit"]:
+            queue_job(job_ad(template, template["cluster"], factory["next"], int(time.time())))
+            factory["next"] += 1
+            present += 1
+        if factory["removed"] or factory["next"] >= factory["total"]:
+            factory_path(template["cluster"]).unlink(missing_ok=True)
+        else:
+            save_factory(template)
+
+
+def next_proc_of(cluster: int) -> int | None:
+    """The cluster ad's JobMaterializeNextProcId, while its factory lasts."""
+    template = load_factory(cluster)
+    return template["factory"]["next"] if template else None
+
+
 def condor_submit(argv: list[str]) -> int:
     terse = "-terse" in argv
     batch_name = None
@@ -257,7 +414,7 @@ def condor_submit(argv: list[str]) -> int:
     files = [a for a in argv if not a.startswith("-")]
     text = Path(files[0]).read_text() if files else sys.stdin.read()
     try:
-        commands, custom, count = parse_description(text)
+        commands, custom, queues = parse_description(text)
     except ValueError as exc:
         print(str(exc), file=sys.stderr)
         return 1
@@ -274,21 +431,22 @@ def condor_submit(argv: list[str]) -> int:
     if not os.path.exists(exe_path):
         print(f"\nERROR: Executable file {exe_path} does not exist", file=sys.stderr)
         return 1
-    if count != 1:
-        print("fake condor_submit: exactly one 'queue 1' is supported", file=sys.stderr)
+    if len(queues) != 1 or queues[0] < 1:
+        print("fake condor_submit: exactly one 'queue [N]' statement (N >= 1) is modelled", file=sys.stderr)
         return 1
-    resolve = lambda p: p if not p or os.path.isabs(p) else os.path.join(iwd, p)  # noqa: E731
-    env = dict(os.environ) if str(commands.get("getenv", "false")).lower() == "true" else {}
-    env_text = commands.get("environment", "").strip()
-    if env_text:
-        if env_text.startswith('"'):
-            pairs = shlex.split(env_text.strip('"'))
-        else:
-            pairs = env_text.split(";")
-        for pair in pairs:
-            k, _, v = pair.partition("=")
-            if k:
-                env[k] = v
+    count = queues[0]
+    limit = commands.get("max_materialize", "").strip()
+    if limit and not limit.isdigit():
+        print(f"fake condor_submit: max_materialize = {limit}: only a number is modelled", file=sys.stderr)
+        return 1
+    max_materialize = int(limit) if limit and int(limit) > 0 else None
+    if max_materialize is None and count > MAX_JOBS_PER_SUBMISSION:
+        # submit.cpp: the schedd refuses the proc beyond the limit; the whole submission
+        # is aborted (a late-materialized cluster is not refused: the limit applies to
+        # its max_materialize instead)
+        print("\nERROR: Failed to create proc\nNumber of submitted jobs would exceed MAX_JOBS_PER_SUBMISSION",
+              file=sys.stderr)
+        return 1
     keep = None
     leave = commands.get("leave_in_queue", "").strip()
     if leave.lower() == "true":
@@ -297,46 +455,31 @@ def condor_submit(argv: list[str]) -> int:
         m = re.search(r"EnteredCurrentStatus\s*\)\s*<\s*(\d+)\s*$", leave)
         if m:
             keep = float(m.group(1))
-    hold = str(commands.get("hold", "false")).lower() == "true"
+    template = {
+        "commands": commands, "custom": custom, "cwd": os.getcwd(), "batch_name": batch_name,
+        "getenv": dict(os.environ) if str(commands.get("getenv", "false")).lower() == "true" else {},
+        "keep": keep, "hold": str(commands.get("hold", "false")).lower() == "true",
+    }
     with locked():
         counter = HOME / "counter"
         cluster = int(counter.read_text()) + 1 if counter.exists() else 1
         counter.write_text(str(cluster))
-        now = int(time.time())
-        ad = {
-            "ClusterId": cluster, "ProcId": 0, "Owner": USER, "QDate": now, "JobUniverse": universe,
-            "Cmd": exe_path, "Args": commands.get("arguments", ""), "Iwd": iwd,
-            "Out": resolve(commands.get("output", "/dev/null")), "Err": resolve(commands.get("error", "/dev/null")),
-            "UserLog": resolve(commands.get("log", "")) or None,
-            "JobBatchName": batch_name or commands.get("batch_name") or None,
-            "RequestCpus": int(commands.get("request_cpus", "1")),
-            "RequestMemory": memory_mb(commands.get("request_memory", "128")),
-            "RequestGPUs": int(commands.get("request_gpus", "0")),
-            "Requirements": commands.get("requirements"),
-            "AcctGroup": commands.get("accounting_group"),
-            "AllowedExecuteDuration": int(commands["allowed_execute_duration"]) if commands.get("allowed_execute_duration") else None,
-            "JobStatus": IDLE, "EnteredCurrentStatus": now, "NumJobStarts": 0,
-            # as HTCondor: the job's whole environment (getenv's copy included) is in its
-            # ad, in the "new" space-separated syntax, for anyone running condor_q -l
-            "Environment": " ".join(f"{k}='{v}'" if " " in v else f"{k}={v}" for k, v in env.items()) or None,
-            "_env": env, "_argv": shlex.split(commands.get("arguments", "").strip('"')), "_keep": keep,
-        }
-        ad.update({k: classad_value(v) for k, v in custom.items()})
-        ad = {k: v for k, v in ad.items() if v is not None or k == "_keep"}
-        if ad["RequestCpus"] > SLOTS:
-            ad["RequestCpus"] = SLOTS  # never matches in a real pool; here: run it anyway
-        if hold:
-            set_status(ad, HELD)
-            ad.update(HoldReason="submitted on hold at user's request", HoldReasonCode=15, HoldReasonSubCode=0)
-        save(ad)
-        event(ad, "000", f"Job submitted from host: <127.0.0.1:9618?addrs=127.0.0.1-9618&alias={HOST}>\n")
-        if hold:
-            event(ad, "012", "Job was held.\n", "\tsubmitted on hold at user's request\n\tCode 15 Subcode 0\n")
+        template["cluster"] = cluster
+        if max_materialize is not None:
+            template["factory"] = {"total": count, "next": 0, "removed": False,
+                                   "limit": min(max_materialize, MAX_JOBS_PER_SUBMISSION)}
+            save_factory(template)
+            materialize()
+        else:
+            now = int(time.time())
+            for proc in range(count):
+                queue_job(job_ad(template, cluster, proc, now))
         schedule()
     if terse:
-        print(f"{cluster}.0 - {cluster}.0")
+        print(f"{cluster}.0 - {cluster}.{count - 1}")
     else:
-        print(f"Submitting job(s).\n1 job(s) submitted to cluster {cluster}.")
+        dots = "" if max_materialize is not None else "." * count
+        print(f"Submitting job(s){dots}\n{count} job(s) submitted to cluster {cluster}.")
     return 0
 
 
@@ -542,6 +685,11 @@ def query(argv: list[str], listing: str) -> int:
         with locked():
             schedule()
             ads = queue_ads() if listing == "queue" else history_ads()
+            if listing == "queue":
+                for ad in ads:  # the cluster ad's attribute, as a job ad chained to it shows it
+                    nxt = next_proc_of(ad["ClusterId"])
+                    if nxt is not None:
+                        ad["JobMaterializeNextProcId"] = nxt
         found = [a for a in ads if matches(a, q)]
     except ValueError as exc:
         print(str(exc), file=sys.stderr)
@@ -555,71 +703,108 @@ def query(argv: list[str], listing: str) -> int:
 # -- condor_rm, condor_release ---------------------------------------------------------------
 
 
+ACTION_WORDS = {"rm": ("remove", "have been marked for removal"), "hold": ("hold", "have been held"),
+                "release": ("release", "have been released")}
+
+
 def act(argv: list[str], action: str) -> int:
+    """condor_rm / condor_hold / condor_release of job ids (N.P) and clusters (N)."""
     ids = [a for a in argv if not a.startswith("-")]
     rc = 0
     for jid in ids:
         with locked():
-            ad = load(jid if "." in jid else f"{jid}.0")
+            if "." not in jid:
+                rc |= act_on_cluster(int(jid), action)
+                continue
+            ad = load(jid)
             if ad is None:
+                # (a proc of a late-materialized cluster that is not materialized yet too)
                 print(f"Job {jid} not found", file=sys.stderr)
                 rc = 1
                 continue
-            if action == "rm":
-                if ad["JobStatus"] == REMOVED:
-                    print(f"Job {jid} already marked for removal", file=sys.stderr)
-                    rc = 1
-                    continue
-                was = ad["JobStatus"]
-                set_status(ad, REMOVED)
-                ad["RemoveReason"] = f"via condor_rm (by user {USER})"
-                if (was == RUNNING or ad.get("_kill_at") is not None) and alive(ad.get("_pid")):
-                    # running, or held by condor_hold and still being killed
-                    _signal(ad["_pid"], signal.SIGTERM)
-                    ad["_kill_at"] = min(ad.get("_kill_at") or float("inf"), time.time() + KILL_TIMEOUT)
-                else:
-                    ad["_left_at"] = time.time()
-                    event(ad, "009", "Job was aborted.\n", f"\t{ad['RemoveReason']}\n")
-                save(ad)
-                schedule()
-                print(f"Job {jid} marked for removal")
-            elif action == "hold":
-                if ad["JobStatus"] == HELD:
-                    print(f"Job {jid} already held", file=sys.stderr)
-                    rc = 1
-                    continue
-                if ad["JobStatus"] not in (IDLE, RUNNING):
-                    print(f"fake condor_hold: job {jid} is {STATUS_WORDS[ad['JobStatus']]}: not modelled",
-                          file=sys.stderr)
-                    rc = 1
-                    continue
-                was = ad["JobStatus"]
-                set_status(ad, HELD)
-                ad.update(HoldReason=f"via condor_hold (by user {USER})", HoldReasonCode=1, HoldReasonSubCode=0)
-                ad["NumHolds"] = ad.get("NumHolds", 0) + 1
-                if was == RUNNING and alive(ad.get("_pid")):
-                    _signal(ad["_pid"], signal.SIGTERM)
-                    ad["_kill_at"] = time.time() + KILL_TIMEOUT
-                else:
-                    # not started yet (or its starter has not launched it): no process to kill
-                    event(ad, "012", "Job was held.\n", f"\t{ad['HoldReason']}\n\tCode 1 Subcode 0\n")
-                save(ad)
-                schedule()
-                print(f"Job {jid} held")
-            else:
-                if ad["JobStatus"] != HELD:
-                    print(f"Job {jid} not held to be released", file=sys.stderr)
-                    rc = 1
-                    continue
-                ad["LastHoldReason"] = ad.pop("HoldReason", "")
-                ad.pop("HoldReasonCode", None)
-                ad.pop("HoldReasonSubCode", None)
-                set_status(ad, IDLE)
-                save(ad)
-                event(ad, "013", "Job was released.\n", f"\tvia condor_release (by user {USER})\n")
-                schedule()
-                print(f"Job {jid} released")
+            error = act_on(ad, action)
+            if error:
+                print(error, file=sys.stderr)
+                rc = 1
+                continue
+            print(f"Job {jid} {'marked for removal' if action == 'rm' else 'held' if action == 'hold' else 'released'}")
     return rc
+
+
+def act_on_cluster(cluster: int, action: str) -> int:
+    """Every job of the cluster, as `condor_rm N` does it (by the constraint ClusterId ==
+    N): 'All jobs in cluster N have been marked for removal', or on stderr "Couldn't
+    find/remove all jobs in cluster N." when none was. Removing a cluster also ends its
+    late materialization."""
+    done = False
+    if action == "rm":
+        template = load_factory(cluster)
+        if template and not template["factory"]["removed"]:
+            template["factory"]["removed"] = True
+            save_factory(template)
+            done = True
+    for jid in [job_id(a) for a in queue_ads() if a["ClusterId"] == cluster]:
+        ad = load(jid)  # as it is now: acting on one job may have started another
+        if ad is not None and act_on(ad, action, reschedule=False) is None:
+            done = True
+    schedule()
+    verb, past = ACTION_WORDS[action]
+    if not done:
+        print(f"Couldn't find/{verb} all jobs in cluster {cluster}.", file=sys.stderr)
+        return 1
+    print(f"All jobs in cluster {cluster} {past}")
+    return 0
+
+
+def act_on(ad: dict, action: str, reschedule: bool = True) -> str | None:
+    """One job (the lock held); the refusal's message, None when done."""
+    jid = job_id(ad)
+    if action == "rm":
+        if ad["JobStatus"] == REMOVED:
+            return f"Job {jid} already marked for removal"
+        was = ad["JobStatus"]
+        set_status(ad, REMOVED)
+        ad["RemoveReason"] = f"via condor_rm (by user {USER})"
+        if (was == RUNNING or ad.get("_kill_at") is not None) and alive(ad.get("_pid")):
+            # running, or held by condor_hold and still being killed
+            _signal(ad["_pid"], signal.SIGTERM)
+            ad["_kill_at"] = min(ad.get("_kill_at") or float("inf"), time.time() + KILL_TIMEOUT)
+        else:
+            ad["_left_at"] = time.time()
+            event(ad, "009", "Job was aborted.\n", f"\t{ad['RemoveReason']}\n")
+        save(ad)
+        if reschedule:
+            schedule()
+    elif action == "hold":
+        if ad["JobStatus"] == HELD:
+            return f"Job {jid} already held"
+        if ad["JobStatus"] not in (IDLE, RUNNING):
+            return f"fake condor_hold: job {jid} is {STATUS_WORDS[ad['JobStatus']]}: not modelled"
+        was = ad["JobStatus"]
+        set_status(ad, HELD)
+        ad.update(HoldReason=f"via condor_hold (by user {USER})", HoldReasonCode=1, HoldReasonSubCode=0)
+        ad["NumHolds"] = ad.get("NumHolds", 0) + 1
+        if was == RUNNING and alive(ad.get("_pid")):
+            _signal(ad["_pid"], signal.SIGTERM)
+            ad["_kill_at"] = time.time() + KILL_TIMEOUT
+        else:
+            # not started yet (or its starter has not launched it): no process to kill
+            event(ad, "012", "Job was held.\n", f"\t{ad['HoldReason']}\n\tCode 1 Subcode 0\n")
+        save(ad)
+        if reschedule:
+            schedule()
+    else:
+        if ad["JobStatus"] != HELD:
+            return f"Job {jid} not held to be released"
+        ad["LastHoldReason"] = ad.pop("HoldReason", "")
+        ad.pop("HoldReasonCode", None)
+        ad.pop("HoldReasonSubCode", None)
+        set_status(ad, IDLE)
+        save(ad)
+        event(ad, "013", "Job was released.\n", f"\tvia condor_release (by user {USER})\n")
+        if reschedule:
+            schedule()
+    return None
 
 
 def main() -> int:

@@ -9,6 +9,20 @@ tests/data/vectors/lsf.json show the format):
   "Job <N> is submitted to [default ]queue <q>.", refuses an unknown queue with
   "<q>: No such queue. Job not submitted." (exit 255), a malformed -W with
   "<v>: Bad RUNLIMIT specification. Job not submitted." (exit 255).
+- Job arrays, as LSF documents them: `-J "name[index_list]%M"` (index_list: comma-
+  separated `start[-end[:step]]`; %M: at most M elements running at once) makes one job
+  id N whose elements are `N[i]`, each a job of its own (state, process, exit code,
+  record) named `name[i]`, with LSB_JOBINDEX=i and LSB_JOBID=N in its environment and %I
+  (the index) and %J (N) substituted in its -o/-e paths. More elements, or an index
+  larger, than MAX_JOB_ARRAY_SIZE (FAKE_LSF_MAX_JOB_ARRAY_SIZE, 1000 as LSF's default):
+  "Job array index too large. Job not submitted." (exit 255); a malformed index list:
+  "Job array index error. Job not submitted." (exit 255). bjobs/bhist/bkill/bresume take
+  `N[i]` for one element and `N` for all of them (`bkill N`: "Job <N> is being
+  terminated" once for the array); bjobs lists each element, its JOBID column showing N
+  (`N[i]` when FAKE_LSF_BJOBS_DISPLAY_ENH=Y, as lsf.conf's LSB_BJOBS_DISPLAY_ENH does),
+  fields jobindex and job_name (`name[i]`) telling them apart; `bjobs -A` prints the
+  per-array summary table (JOBID ARRAY_SPEC OWNER NJOBS PEND DONE RUN EXIT SSUSP USUSP
+  PSUSP); `-J name` matches an array's name and an element's.
 - Jobs run as REAL processes, detached in their own session, through a per-job
   "shepherd" (the fake's sbatchd): stdout/stderr to the -o/-e files (stderr to -o when
   no -e), cwd from -cwd or the submission directory, the submission environment plus
@@ -25,7 +39,7 @@ tests/data/vectors/lsf.json show the format):
   (exit 0), "Job <N>: Job has already finished" / "Job <N>: No matching job found" on
   stderr (exit 255).
 - `bjobs [-a] [-noheader] -o "fields delimiter='c'" [-json] [-J name] [ids]`: fields
-  jobid id stat exit_code exec_host exit_reason pend_reason job_name queue user
+  jobid id jobindex stat exit_code exec_host exit_reason pend_reason job_name queue user
   (empty -> '-'). Finished jobs are listed for FAKE_LSF_CLEAN_PERIOD seconds (LSF's
   CLEAN_PERIOD, 3600 by default), then "Job <N> is not found" on stderr. Unknown ids:
   those lines on stderr while the others are listed, exit 255; when no id is known,
@@ -36,13 +50,14 @@ tests/data/vectors/lsf.json show the format):
   "Completed <exit>; TERM_...", continuation lines indented by 21 blanks);
   "No matching job found" for none.
 
-Not reproduced: the default `bjobs` table and `bjobs -l`, arrays, job dependencies,
+Not reproduced: the default `bjobs` table and `bjobs -l`, index ranges in ids
+(`N[1-3]`), the pending reason of an element held back by %M, job dependencies,
 queues' own limits, hosts other than this one, the job report LSF appends to the -o
 file, bstop/bmod/brequeue, user/admin distinctions, LSF_UNIT_FOR_LIMITS (-M is
 recorded, not enforced), memory or GPU enforcement.
 
-State lives in FAKE_LSF_HOME (default /tmp/fake-lsf-<uid>): one JSON file per job,
-a counter, and a lock taken around every change.
+State lives in FAKE_LSF_HOME (default /tmp/fake-lsf-<uid>): one JSON file per job (per
+element for an array: `N[i].json`), a counter, and a lock taken around every change.
 """
 
 from __future__ import annotations
@@ -67,6 +82,10 @@ SLOTS = int(os.environ.get("FAKE_LSF_SLOTS", "2"))
 CLEAN_PERIOD = float(os.environ.get("FAKE_LSF_CLEAN_PERIOD", "3600"))
 TERMINATE_INTERVAL = float(os.environ.get("FAKE_LSF_TERMINATE_INTERVAL", "2"))
 QUEUES = os.environ.get("FAKE_LSF_QUEUES", "normal,short,gpu").split(",")
+#: lsb.params MAX_JOB_ARRAY_SIZE: the most elements of an array, and its largest index
+MAX_JOB_ARRAY_SIZE = int(os.environ.get("FAKE_LSF_MAX_JOB_ARRAY_SIZE", "1000"))
+#: lsf.conf LSB_BJOBS_DISPLAY_ENH: bjobs shows an element's JOBID as N[i]
+DISPLAY_ENH = os.environ.get("FAKE_LSF_BJOBS_DISPLAY_ENH", "N").lower() == "y"
 DEFAULT_QUEUE = QUEUES[0]
 HOST = socket.gethostname().split(".")[0]
 USER = os.environ.get("USER") or pwd.getpwuid(os.getuid()).pw_name
@@ -111,7 +130,14 @@ def all_jobs() -> list[dict]:
         job = load(p.stem)
         if job:
             jobs.append(job)
-    return sorted(jobs, key=lambda j: int(j["id"]))
+    return sorted(jobs, key=lambda j: (int(j.get("array") or j["id"]), j.get("index", 0)))
+
+
+def select(job_id: str, jobs: dict[str, dict]) -> list[dict]:
+    """The jobs an id names: the job or element itself, or every element of an array."""
+    if job_id in jobs:
+        return [jobs[job_id]]
+    return [j for j in jobs.values() if j.get("array") == job_id]
 
 
 def next_id() -> str:
@@ -146,12 +172,21 @@ def schedule() -> None:
             job.update(stat="EXIT", exit_code=None, exit_reason="TERM_UNKNOWN: shepherd lost", finished_at=time.time())
             save(job)
     busy = sum(j["slots"] for j in jobs if j["stat"] == "RUN")
+    running: dict[str, int] = {}
+    for j in jobs:
+        if j.get("array") and j["stat"] == "RUN":
+            running[j["array"]] = running.get(j["array"], 0) + 1
     for job in jobs:
         if job["stat"] != "PEND":
             continue
+        limit = job.get("element_limit")
+        if limit and running.get(job["array"], 0) >= limit:
+            continue  # the array's %M: its other elements wait, other jobs may start
         if busy + job["slots"] > SLOTS:
             break  # first come, first served
         busy += job["slots"]
+        if job.get("array"):
+            running[job["array"]] = running.get(job["array"], 0) + 1
         job.update(stat="RUN", started_at=time.time(), exec_host=HOST, pend_reason="")
         save(job)
         proc = subprocess.Popen(
@@ -217,40 +252,85 @@ def bsub(argv: list[str]) -> int:
     if slots > SLOTS:
         print("Too many processors requested. Job not submitted.", file=sys.stderr)
         return 255
+    name = opts.get("-J", [None])[-1] or "bsub"
+    array = ARRAY_SPEC.fullmatch(name)
+    indices, element_limit = [0], None
+    if array:
+        name = array.group("name")
+        indices = array_indices(array.group("list"))
+        if indices is None:
+            print("Job array index error. Job not submitted.", file=sys.stderr)
+            return 255
+        if len(indices) > MAX_JOB_ARRAY_SIZE or max(indices) > MAX_JOB_ARRAY_SIZE:
+            print("Job array index too large. Job not submitted.", file=sys.stderr)
+            return 255
+        element_limit = int(array.group("limit")) if array.group("limit") else None
     with locked():
         job_id = next_id()
         spool = JOBS / f"{job_id}.sh"
         spool.write_text(script)
         spool.chmod(0o700)
-        sub = lambda p: p.replace("%J", job_id).replace("%I", "0")  # noqa: E731
-        out = opts.get("-oo", opts.get("-o", [None]))[-1]
-        err = opts.get("-eo", opts.get("-e", [None]))[-1]
-        job = {
-            "id": job_id,
-            "name": opts.get("-J", [None])[-1] or "bsub",
-            "queue": queue or DEFAULT_QUEUE,
-            "project": opts.get("-P", ["default"])[-1],
-            "stat": "PSUSP" if opts["hold"] else "PEND",
-            "pend_reason": PEND_HELD if opts["hold"] else PEND_SLOTS,
-            "slots": slots,
-            "runlimit": runlimit,
-            "stdout": sub(out) if out else None,
-            "stderr": sub(err) if err else None,
-            "cwd": opts.get("-cwd", [os.getcwd()])[-1],
-            "sub_cwd": os.getcwd(),
-            "env": dict(os.environ),
-            "script": str(spool),
-            "submitted_at": time.time(),
-            "exit_code": None,
-            "exit_reason": "",
-            "exec_host": "",
-            "events": [],
-        }
-        save(job)
+        for index in indices:
+            save(new_job(job_id, index if array else None, name, element_limit, opts, queue, slots, runlimit, spool))
         schedule()
     where = f"queue <{queue}>" if queue else f"default queue <{DEFAULT_QUEUE}>"
     print(f"Job <{job_id}> is submitted to {where}.")
     return 0
+
+
+#: -J "name[index_list]%M"
+ARRAY_SPEC = re.compile(r"(?P<name>[^\[\]]*)\[(?P<list>[^\]]*)\](?:%(?P<limit>\d+))?")
+
+
+def array_indices(index_list: str) -> list[int] | None:
+    """`start[-end[:step]]`, comma-separated, positive and unique; None if malformed."""
+    indices: list[int] = []
+    for part in index_list.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:-(\d+)(?::(\d+))?)?\s*", part)
+        if not m:
+            return None
+        start = int(m.group(1))
+        end = int(m.group(2)) if m.group(2) else start
+        step = int(m.group(3)) if m.group(3) else 1
+        if start < 1 or end < start or step < 1:
+            return None
+        indices.extend(range(start, end + 1, step))
+    if len(set(indices)) != len(indices):
+        return None
+    return indices
+
+
+def new_job(job_id: str, index: int | None, name: str, element_limit: int | None, opts: dict, queue,
+            slots: int, runlimit, spool: Path) -> dict:
+    """One job's record, or one array element's (`N[i]`, named `name[i]`)."""
+    sub = lambda p: p.replace("%J", job_id).replace("%I", str(index or 0))  # noqa: E731
+    out = opts.get("-oo", opts.get("-o", [None]))[-1]
+    err = opts.get("-eo", opts.get("-e", [None]))[-1]
+    return {
+        "id": job_id if index is None else f"{job_id}[{index}]",
+        "array": None if index is None else job_id,
+        "index": index or 0,
+        "array_name": name if index is not None else None,
+        "element_limit": element_limit,
+        "name": name if index is None else f"{name}[{index}]",
+        "queue": queue or DEFAULT_QUEUE,
+        "project": opts.get("-P", ["default"])[-1],
+        "stat": "PSUSP" if opts["hold"] else "PEND",
+        "pend_reason": PEND_HELD if opts["hold"] else PEND_SLOTS,
+        "slots": slots,
+        "runlimit": runlimit,
+        "stdout": sub(out) if out else None,
+        "stderr": sub(err) if err else None,
+        "cwd": opts.get("-cwd", [os.getcwd()])[-1],
+        "sub_cwd": os.getcwd(),
+        "env": dict(os.environ),
+        "script": str(spool),
+        "submitted_at": time.time(),
+        "exit_code": None,
+        "exit_reason": "",
+        "exec_host": "",
+        "events": [],
+    }
 
 
 # -- the shepherd: runs one job ------------------------------------------------------
@@ -263,9 +343,9 @@ def shepherd(job_id: str) -> int:
             return 0
         env = dict(job["env"])
         env.update(
-            LSB_JOBID=job_id, LSB_JOBNAME=job["name"], LSB_QUEUE=job["queue"], LSB_HOSTS=HOST,
+            LSB_JOBID=job.get("array") or job_id, LSB_JOBNAME=job["name"], LSB_QUEUE=job["queue"], LSB_HOSTS=HOST,
             LSB_MCPU_HOSTS=f"{HOST} {job['slots']}", LSB_DJOB_NUMPROC=str(job["slots"]),
-            LSB_JOBINDEX="0", LS_SUBCWD=job["sub_cwd"], LSB_JOBFILENAME=job["script"],
+            LSB_JOBINDEX=str(job.get("index", 0)), LS_SUBCWD=job["sub_cwd"], LSB_JOBFILENAME=job["script"],
         )
         if job["stdout"]:
             env["LSB_OUTPUTFILE"] = job["stdout"]
@@ -339,8 +419,9 @@ def visible(job: dict) -> bool:
 
 def field_value(job: dict, name: str) -> str:
     name = name.lower()
+    shown_id = job["id"] if DISPLAY_ENH or not job.get("array") else job["array"]
     value = {
-        "jobid": job["id"], "id": job["id"], "stat": job["stat"],
+        "jobid": shown_id, "id": shown_id, "jobindex": str(job.get("index", 0)), "stat": job["stat"],
         "exit_code": "" if job["exit_code"] is None else str(job["exit_code"]),
         "exec_host": job.get("exec_host", ""), "exit_reason": job.get("exit_reason", ""),
         "pend_reason": job.get("pend_reason", "") if job["stat"] in ("PEND", "PSUSP") else "",
@@ -353,7 +434,7 @@ def field_value(job: dict, name: str) -> str:
 
 
 def bjobs(argv: list[str]) -> int:
-    show_all = noheader = as_json = False
+    show_all = noheader = as_json = arrays = False
     fmt = None
     name = None
     ids: list[str] = []
@@ -368,6 +449,8 @@ def bjobs(argv: list[str]) -> int:
             as_json = True
         elif a == "-w":
             pass
+        elif a == "-A":
+            arrays = True
         elif a in ("-o", "-J", "-u"):
             if i + 1 >= len(argv):
                 print(f"{a}: option requires an argument", file=sys.stderr)
@@ -383,8 +466,10 @@ def bjobs(argv: list[str]) -> int:
         else:
             ids.append(a)
         i += 1
+    if arrays:
+        return bjobs_arrays(ids, show_all)
     if fmt is None:
-        print("fake bjobs: only the -o form is supported", file=sys.stderr)
+        print("fake bjobs: only the -o and -A forms are supported", file=sys.stderr)
         return 255
     m = re.search(r"\s*delimiter='(.)'\s*$", fmt)
     delimiter = m.group(1) if m else " "
@@ -396,14 +481,15 @@ def bjobs(argv: list[str]) -> int:
     if ids:
         selected = []
         for job_id in ids:
-            if job_id in jobs:
-                selected.append(jobs[job_id])
+            found = select(job_id, jobs)
+            if found:
+                selected.extend(j for j in found if j not in selected)
             else:
                 missing.append(job_id)
     else:
         selected = [j for j in jobs.values() if show_all or j["stat"] not in FINAL]
     if name is not None:
-        selected = [j for j in selected if j["name"] == name]
+        selected = [j for j in selected if name in (j["name"], j.get("array_name"))]
     try:
         rows = [[field_value(j, f) for f in fields] for j in selected]
     except KeyError as exc:
@@ -431,6 +517,38 @@ def bjobs(argv: list[str]) -> int:
     return 0
 
 
+def bjobs_arrays(ids: list[str], show_all: bool) -> int:
+    """`bjobs -A`: one summary line per array (with ids: those arrays)."""
+    with locked():
+        schedule()
+        elements = [j for j in all_jobs() if j.get("array") and visible(j)]
+    per_array: dict[str, list[dict]] = {}
+    for j in elements:
+        per_array.setdefault(j["array"], []).append(j)
+    wanted = ids or [a for a, js in per_array.items() if show_all or any(j["stat"] not in FINAL for j in js)]
+    rows, rc = [], 0
+    for array_id in wanted:
+        js = per_array.get(array_id)
+        if not js:
+            print(f"Job <{array_id}> is not found", file=sys.stderr)
+            rc = 255
+            continue
+        indices = [j["index"] for j in js]
+        spec = f"{js[0]['array_name']}[{min(indices)}-{max(indices)}]"
+        count = lambda *stats: str(sum(j["stat"] in stats for j in js))  # noqa: E731
+        rows.append([array_id, spec, USER, str(len(js)), count("PEND"), count("DONE"), count("RUN"),
+                     count("EXIT"), count("SSUSP"), count("USUSP"), count("PSUSP")])
+    if rows:
+        header = ["JOBID", "ARRAY_SPEC", "OWNER", "NJOBS", "PEND", "DONE", "RUN", "EXIT", "SSUSP", "USUSP", "PSUSP"]
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            print(" ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    elif not ids:
+        print("No job found" if show_all else "No unfinished job found", file=sys.stderr)
+        return 255
+    return rc if rows else 255
+
+
 # -- bkill, bresume ----------------------------------------------------------------
 
 
@@ -439,20 +557,22 @@ def bkill(argv: list[str]) -> int:
     rc = 0
     for job_id in ids:
         with locked():
-            job = load(job_id)
-            if job is None or not visible(job):
+            jobs = select(job_id, {j["id"]: j for j in all_jobs() if visible(j)})
+            if not jobs:
                 print(f"Job <{job_id}>: No matching job found", file=sys.stderr)
                 rc = 255
                 continue
-            if job["stat"] in FINAL:
+            live = [j for j in jobs if j["stat"] not in FINAL]
+            if not live:
                 print(f"Job <{job_id}>: Job has already finished", file=sys.stderr)
                 rc = 255
                 continue
-            if job["stat"] in ("PEND", "PSUSP"):
-                job.update(stat="EXIT", exit_code=None, exit_reason=OWNER_REASON, finished_at=time.time())
-            else:
-                job["kill_requested"] = True
-            save(job)
+            for job in live:  # one job, one element, or every element of an array
+                if job["stat"] in ("PEND", "PSUSP"):
+                    job.update(stat="EXIT", exit_code=None, exit_reason=OWNER_REASON, finished_at=time.time())
+                else:
+                    job["kill_requested"] = True
+                save(job)
             schedule()
         print(f"Job <{job_id}> is being terminated")
     return rc
@@ -462,13 +582,15 @@ def bresume(argv: list[str]) -> int:
     rc = 0
     for job_id in [a for a in argv if not a.startswith("-")]:
         with locked():
-            job = load(job_id)
-            if job is None or job["stat"] != "PSUSP":
-                print(f"Job <{job_id}>: No matching job found" if job is None else f"Job <{job_id}>: Job is not suspended", file=sys.stderr)
+            jobs = select(job_id, {j["id"]: j for j in all_jobs()})
+            held = [j for j in jobs if j["stat"] == "PSUSP"]
+            if not held:
+                print(f"Job <{job_id}>: No matching job found" if not jobs else f"Job <{job_id}>: Job is not suspended", file=sys.stderr)
                 rc = 255
                 continue
-            job.update(stat="PEND", pend_reason=PEND_SLOTS)
-            save(job)
+            for job in held:
+                job.update(stat="PEND", pend_reason=PEND_SLOTS)
+                save(job)
             schedule()
         print(f"Job <{job_id}> is being resumed")
     return rc
@@ -519,7 +641,7 @@ def bhist(argv: list[str]) -> int:
     with locked():
         schedule()
         jobs = {j["id"]: j for j in all_jobs()}
-    found = [jobs[i] for i in ids if i in jobs] if ids else list(jobs.values())
+    found = [j for i in ids for j in select(i, jobs)] if ids else list(jobs.values())
     if not found:
         print("No matching job found", file=sys.stderr)
         return 0

@@ -1,0 +1,166 @@
+"""Sweeps on the real local Slurm, side by side in one run: raw sbatch of the same trivial
+jobs (the scheduler's own limit), prefect-xm with direct execution (arrays), and the
+engine path. Prints figures; asserts nothing.
+
+    .venv/bin/python bench/sweep_bench.py [--trials 20 200] [--engine-trials 20] [--interval 5]
+
+Needs `bash scripts/slurm-cluster.sh start` and `bash scripts/postgres-cluster.sh start`
+(the Prefect server runs on a PostgreSQL database of its own, as in production; without
+PostgreSQL it runs on SQLite).
+
+For each mode and size: seconds from the first `experiment.add()` to the end of the add
+loop, to every job queued (every job run has its scheduler id) and to every run final;
+sbatch calls; squeue calls per poll interval; the worker's CPU seconds. The worker polls
+Prefect and Slurm every --interval seconds (PREFECT_WORKER_QUERY_SECONDS and
+PREFECT_XM_POLL_INTERVAL), as the issue's first measurement did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+if "PREFECT_XM_TEST_POSTGRES" not in os.environ:
+    url = subprocess.run(["bash", str(REPO / "scripts" / "postgres-cluster.sh"), "url"],
+                         capture_output=True, text=True)
+    os.environ["PREFECT_XM_TEST_POSTGRES"] = url.stdout.strip() if url.returncode == 0 else ""
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MEMORY = "100M"
+
+
+def start_server(root: Path):
+    import conftest
+
+    database = conftest._create_postgres_database()
+    port = conftest.free_port()
+    env = dict(os.environ, PREFECT_HOME=str(root / "server"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    if database:
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database[1]
+        env["PREFECT_API_BLOCKS_REGISTER_ON_START"] = "false"
+    (root / "server").mkdir()
+    log = root / "server.log"
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    server = conftest.PrefectServer(root / "server", port, proc)
+    conftest._wait_healthy(proc, server.api_url, log)
+    return server, database, "PostgreSQL" if database else "SQLite"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def my_jobs() -> set[str]:
+    out = subprocess.run(["squeue", "--me", "-h", "-o", "%i"], capture_output=True, text=True)
+    return {line.strip() for line in out.stdout.splitlines() if line.strip()}
+
+
+def raw_sbatch(n: int, root: Path) -> dict:
+    """The same trivial jobs straight to sbatch, one call each: the scheduler's limit."""
+    started = time.monotonic()
+    ids = []
+    for _ in range(n):
+        out = subprocess.run(["sbatch", "--parsable", f"--mem={MEMORY}", "-o", "/dev/null", "--wrap", "true"],
+                             capture_output=True, text=True, check=True)
+        ids.append(out.stdout.strip().split(";")[0])
+    queued = time.monotonic() - started
+    while set(ids) & my_jobs():
+        time.sleep(0.2)
+    return dict(queued=queued, final=time.monotonic() - started, submits=n)
+
+
+def sweep(n: int, pool: str, execution: str, worker, wrappers) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    from prefect_xm import xm, xm_local
+
+    sbatch_before = len(wrappers.calls("sbatch"))
+    squeue_before = len(wrappers.calls("squeue"))
+    cpu_before = cpu_seconds(worker.proc.pid)
+    executor = xm_local.Slurm(work_pool=pool, job_variables={"execution": execution, "memory": MEMORY})
+    with xm_local.create_experiment(experiment_title=f"bench-{execution}-{n}") as experiment:
+        [true] = experiment.package([xm.Packageable(xm.Command(["true"]), xm_local.Slurm.Spec())])
+        started = time.monotonic()
+        for i in range(n):
+            experiment.add(xm.Job(true, executor, args={"trial": i}))
+        added = time.monotonic() - started
+        tags = ["xm-kind:job", f"xm-experiment:{experiment.experiment_id}"]
+        with get_client(sync_client=True) as client:
+            while True:
+                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags)))
+                if len(runs) == n and all(r.infrastructure_pid for r in runs):
+                    break
+                time.sleep(0.25)
+        queued = time.monotonic() - started
+        statuses = experiment.wait_until_complete()
+        final = time.monotonic() - started
+    bad = [s for s in statuses.values() if not s.is_completed]
+    return dict(added=added, queued=queued, final=final, submits=len(wrappers.calls("sbatch")) - sbatch_before,
+                squeues=len(wrappers.calls("squeue")) - squeue_before,
+                cpu=cpu_seconds(worker.proc.pid) - cpu_before, not_completed=len(bad))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, nargs="+", default=[20, 200])
+    parser.add_argument("--engine-trials", type=int, nargs="*", default=[20],
+                        help="sizes also run on the engine path (seconds of CPU per job: keep them small)")
+    parser.add_argument("--interval", type=float, default=5.0)
+    args = parser.parse_args()
+
+    from e2e import CountingWrappers, WorkerProcess, create_pool
+
+    root = Path(tempfile.mkdtemp(prefix="xm-sweep-bench-"))
+    server, database, backend = start_server(root)
+    os.environ.update(PREFECT_API_URL=server.api_url, PREFECT_HOME=str(server.home))
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()
+    pool = "bench-slurm"
+    create_pool(server, pool, "xm-slurm")
+    wrappers = CountingWrappers(root, ["sbatch", "squeue"])
+    worker = WorkerProcess(server, pool, "xm-slurm", root, path_prefix=wrappers.dir,
+                           PREFECT_XM_POLL_INTERVAL=str(args.interval),
+                           PREFECT_WORKER_QUERY_SECONDS=str(args.interval)).start()
+    print(f"Prefect server on {backend}; Slurm poll and worker query every {args.interval:g} s; "
+          f"{os.cpu_count()} cores")
+    print(f"{'mode':<8} {'trials':>6} {'adds s':>7} {'queued s':>9} {'final s':>8} {'x raw':>6} "
+          f"{'sbatch':>7} {'squeue/poll':>11} {'worker CPU s':>12}")
+    try:
+        for n in args.trials:
+            raw = raw_sbatch(n, root)
+            print(f"{'raw':<8} {n:>6} {'':>7} {raw['queued']:>9.1f} {raw['final']:>8.1f} {1.0:>6.2f} "
+                  f"{raw['submits']:>7} {'':>11} {'':>12}")
+            modes = ["direct"] + (["engine"] if n in args.engine_trials else [])
+            for mode in modes:
+                r = sweep(n, pool, mode, worker, wrappers)
+                polls = max(1.0, r["final"] / args.interval)
+                note = f"  ({r['not_completed']} not completed)" if r["not_completed"] else ""
+                print(f"{mode:<8} {n:>6} {r['added']:>7.2f} {r['queued']:>9.1f} {r['final']:>8.1f} "
+                      f"{r['final'] / raw['final']:>6.2f} {r['submits']:>7} {r['squeues'] / polls:>11.2f} "
+                      f"{r['cpu']:>12.1f}{note}", flush=True)
+    finally:
+        worker.stop()
+        server.proc.terminate()
+        server.proc.wait(30)
+        if database:
+            import conftest
+
+            conftest._drop_postgres_database(database[0])
+
+
+if __name__ == "__main__":
+    main()
