@@ -9,7 +9,7 @@ Needs `bash scripts/slurm-cluster.sh start` and `bash scripts/postgres-cluster.s
 PostgreSQL it runs on SQLite).
 
 For each mode and size: seconds from the first `experiment.add()` to the end of the add
-loop, to every job queued (every job run has its scheduler id) and to every run final;
+loop, to every job run created, to every job queued (every job run has its scheduler id) and to every run final;
 sbatch calls; squeue calls per poll interval; the worker's CPU seconds. The worker polls
 Prefect and Slurm every --interval seconds (PREFECT_WORKER_QUERY_SECONDS and
 PREFECT_XM_POLL_INTERVAL), as the issue's first measurement did.
@@ -98,9 +98,13 @@ def sweep(n: int, pool: str, execution: str, worker, wrappers) -> dict:
             experiment.add(xm.Job(true, executor, args={"trial": i}))
         added = time.monotonic() - started
         tags = ["xm-kind:job", f"xm-experiment:{experiment.experiment_id}"]
+        created = None
         with get_client(sync_client=True) as client:
             while True:
+                # (one page: the server's default limit is 200 runs)
                 runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags)))
+                if created is None and len(runs) == n:
+                    created = time.monotonic() - started
                 if len(runs) == n and all(r.infrastructure_pid for r in runs):
                     break
                 time.sleep(0.25)
@@ -108,7 +112,7 @@ def sweep(n: int, pool: str, execution: str, worker, wrappers) -> dict:
         statuses = experiment.wait_until_complete()
         final = time.monotonic() - started
     bad = [s for s in statuses.values() if not s.is_completed]
-    return dict(added=added, queued=queued, final=final, submits=len(wrappers.calls("sbatch")) - sbatch_before,
+    return dict(added=added, created=created, queued=queued, final=final, submits=len(wrappers.calls("sbatch")) - sbatch_before,
                 squeues=len(wrappers.calls("squeue")) - squeue_before,
                 cpu=cpu_seconds(worker.proc.pid) - cpu_before, not_completed=len(bad))
 
@@ -137,19 +141,19 @@ def main() -> None:
                            PREFECT_WORKER_QUERY_SECONDS=str(args.interval)).start()
     print(f"Prefect server on {backend}; Slurm poll and worker query every {args.interval:g} s; "
           f"{os.cpu_count()} cores")
-    print(f"{'mode':<8} {'trials':>6} {'adds s':>7} {'queued s':>9} {'final s':>8} {'x raw':>6} "
+    print(f"{'mode':<8} {'trials':>6} {'adds s':>7} {'created s':>9} {'queued s':>9} {'final s':>8} {'x raw':>6} "
           f"{'sbatch':>7} {'squeue/poll':>11} {'worker CPU s':>12}")
     try:
         for n in args.trials:
             raw = raw_sbatch(n, root)
-            print(f"{'raw':<8} {n:>6} {'':>7} {raw['queued']:>9.1f} {raw['final']:>8.1f} {1.0:>6.2f} "
+            print(f"{'raw':<8} {n:>6} {'':>7} {'':>9} {raw['queued']:>9.1f} {raw['final']:>8.1f} {1.0:>6.2f} "
                   f"{raw['submits']:>7} {'':>11} {'':>12}")
             modes = ["direct"] + (["engine"] if n in args.engine_trials else [])
             for mode in modes:
                 r = sweep(n, pool, mode, worker, wrappers)
                 polls = max(1.0, r["final"] / args.interval)
                 note = f"  ({r['not_completed']} not completed)" if r["not_completed"] else ""
-                print(f"{mode:<8} {n:>6} {r['added']:>7.2f} {r['queued']:>9.1f} {r['final']:>8.1f} "
+                print(f"{mode:<8} {n:>6} {r['added']:>7.2f} {r['created']:>9.1f} {r['queued']:>9.1f} {r['final']:>8.1f} "
                       f"{r['final'] / raw['final']:>6.2f} {r['submits']:>7} {r['squeues'] / polls:>11.2f} "
                       f"{r['cpu']:>12.1f}{note}", flush=True)
     finally:

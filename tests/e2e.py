@@ -66,14 +66,14 @@ class WorkerProcess:
         self.logs: list[Path] = []
 
     def start(self) -> "WorkerProcess":
-        env = self.server.env(
-            PREFECT_XM_POLL_INTERVAL="1",
-            PREFECT_XM_RECOVERY_INTERVAL="5",
-            PREFECT_WORKER_QUERY_SECONDS="1",
-            PREFECT_WORKER_PREFETCH_SECONDS="0",
-            PREFECT_WORKER_ENABLE_CANCELLATION="true",
-            **self.extra_env,
-        )
+        env = self.server.env(**{
+            "PREFECT_XM_POLL_INTERVAL": "1",
+            "PREFECT_XM_RECOVERY_INTERVAL": "5",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_WORKER_PREFETCH_SECONDS": "0",
+            "PREFECT_WORKER_ENABLE_CANCELLATION": "true",
+            **self.extra_env,  # a test's (or a benchmark's) own settings win
+        })
         env["PATH"] = os.pathsep.join(
             [str(self.path_prefix)] * bool(self.path_prefix) + [str(Path(sys.executable).parent), env["PATH"]]
         )

@@ -398,6 +398,10 @@ class Experiment:
         self._summary_dirty = False
         self._stopped = False
         self._creating: Optional[asyncio.Semaphore] = None
+        #: flow runs the work units watched here wait on, and the last read of them
+        self._watched: set[UUID] = set()
+        self._snapshot: Optional[tuple[float, set[UUID], dict[UUID, Any]]] = None
+        self._snapshot_task: Optional[asyncio.Future] = None
 
     def __repr__(self) -> str:
         return f"Experiment(experiment_id={self.experiment_id!r}, title={self.experiment_title!r})"
@@ -551,6 +555,25 @@ class Experiment:
         wu._task = asyncio.ensure_future(self._run_work_unit(wu, ms, create))
         return wu
 
+    async def _read_watched(self, ids: Sequence[UUID], fresh_from: float) -> dict[UUID, Any]:
+        """The runs of `ids` from one read shared by every work unit this launcher watches
+        (one request per poll, not one per work unit), begun no earlier than `fresh_from`
+        (loop time)."""
+        self._watched.update(ids)
+        while (self._snapshot is None or self._snapshot[0] < fresh_from
+               or not self._snapshot[1].issuperset(ids)):
+            if self._snapshot_task is None or self._snapshot_task.done():
+                self._snapshot_task = asyncio.ensure_future(self._take_snapshot())
+            await asyncio.shield(self._snapshot_task)
+        runs = self._snapshot[2]
+        return {i: runs[i] for i in ids if i in runs}
+
+    async def _take_snapshot(self) -> None:
+        started = asyncio.get_running_loop().time()
+        watched = set(self._watched)
+        runs = await _read_runs(await _client(), tags=[], ids=list(watched))
+        self._snapshot = (started, watched, {r.id: r for r in runs})
+
     def _creation_slots(self) -> asyncio.Semaphore:
         """How many work units are being created at once (their runs, links and jobs):
         enough to keep the server busy, few enough not to flood it."""
@@ -660,7 +683,6 @@ class Experiment:
                 finally:
                     if wu._created is not None and not wu._created.done():
                         wu._created.set_result(None)
-                self._mark_summary_dirty()
             # Gang: submit every member before starting or watching any of them.
             # Every creation is let finish before a failure is raised: a member created after
             # the cancellation below would be left Pending, never started and never cancelled.
@@ -678,8 +700,12 @@ class Experiment:
                 # Which in-process engines had ended is noted before the read: an engine
                 # that ends while the read is in flight has its final state missing from
                 # that (older) snapshot, and must not be taken for one that never set it.
+                noted = asyncio.get_running_loop().time()
                 ended_before_read = {m.key for m in members if m.local_task is not None and m.local_task.done()}
-                runs = {r.id: r for r in await _read_runs(client, tags=[], ids=ids)}
+                # A read begun after that note for in-process engines; any read of the last
+                # poll otherwise (one read serves every work unit watched here).
+                fresh_from = noted if any(m.is_local for m in members) else noted - POLL_SECONDS
+                runs = await self._read_watched(ids, fresh_from)
                 wu_state = _state_type(runs.get(wu.flow_run_id))
                 for m in members:
                     r = runs.get(m.flow_run_id)
@@ -733,6 +759,7 @@ class Experiment:
                 await self._cancel_members(members, f"work unit {wu.work_unit_id} crashed")
             except Exception:
                 pass
+        self._watched.difference_update([m.flow_run_id for m in members] + [wu.flow_run_id])
         # Final states, mirrored on the link task runs.
         for m in members:
             await _finish_task_run(client, m.link_id, m.state_type, m.message)
