@@ -5,8 +5,7 @@
 - TestTorqueWorker: the Torque dialect through Slurm's own Torque wrappers (Debian
   slurm-wlm-torque, unpacked by scripts/torque-wrappers.sh) over the real Slurm. The
   Torque dialect has no arrays (the wrappers cannot follow an array's tasks: see
-  prefect_xm/workers/pbs.py), so its two sweep tests check that a sweep goes as one job
-  per run instead.
+  prefect_xm/workers/pbs.py): the suite's sweep tests check one job per run there.
 """
 
 from __future__ import annotations
@@ -17,21 +16,9 @@ import tempfile
 
 import pytest
 
-from prefect.client.schemas.objects import StateType
-
-from batch_suite import (
-    BatchWorkerSuite,
-    SchedulerHarness,
-    job_id_of,
-    logs_of,
-    request_cancel,
-    trial,
-    wait_state,
-)
-from conftest import REPO, wait_for
-from e2e import run, start_runs_together, state_of, wait_final
+from batch_suite import BatchWorkerSuite, SchedulerHarness
+from conftest import REPO
 from prefect_xm.workers.pbs import DIALECTS
-from prefect_xm.workers.scheduler import JobState
 
 pytestmark = [pytest.mark.e2e]
 
@@ -101,6 +88,7 @@ TORQUE = PbsHarness(
     bad_queue_error="invalid partition specified: nosuchqueue",
     malformed_variables=[({"time_limit": "ten minutes"}, "time_limit"), ({"memory": "16 gigs"}, "memory")],
     path_prefix=[TORQUE_WRAPPERS],
+    reports_exit_codes=False,  # NO_EXIT_STATUS
     status_call_is_batched=lambda call: call.startswith("qstat -f "),
     # the job is a Slurm job: its record is scontrol's
     job_record_argv=lambda job_id: ["scontrol", "show", "job", "-dd", job_id.split(".")[0]],
@@ -128,58 +116,3 @@ class TestTorqueWorker(BatchWorkerSuite):
     @pytest.mark.xfail(strict=True, reason=NO_EXIT_STATUS)
     def test_missing_python_on_the_node_crashes_with_its_stderr(self, env):
         super().test_missing_python_on_the_node_crashes_with_its_stderr(env)
-
-    # -- sweeps: no arrays in the Torque dialect, one job per run ---------------------
-    def test_sweep_goes_as_one_array_each_task_its_own_run(self, env):
-        """Torque: the sweep's runs go as one job each (no array), each with its own
-        output. No exit code comes back through the wrappers (NO_EXIT_STATUS): a direct
-        run that ended is Crashed "no exit_status reported" with its own stderr, whatever
-        its program's exit code (real Torque reports it while the job is C)."""
-        h = env.h
-        before = len(env.wrappers.calls(h.submit_command))
-        command = ["sh", "-c", 'echo "trial [$0] seed=$SEED"; echo "trial $0 err" >&2; exit "$1"']
-        args = [("a b", 0), ("$(touch /tmp/xm-array-pwned)", 0), ("c", 5), ("d;e", 0)]
-        runs = run(start_runs_together(env.deployments["job"], [
-            trial([*command, arg, str(code)], {"SEED": str(i)}) for i, (arg, code) in enumerate(args)],
-            env.job_variables))
-        frs = [wait_final(r.id, timeout=300) for r in runs]
-        for fr, (arg, _) in zip(frs, args):
-            if fr.state.type != StateType.COMPLETED:
-                assert fr.state.type == StateType.CRASHED, fr.state
-                assert "no exit_status reported" in fr.state.message, fr.state.message
-                assert f"trial {arg} err" in fr.state.message, fr.state.message
-        jobs = [job_id_of(fr) for fr in frs]
-        assert len(set(jobs)) == 4 and not any(h.scheduler.array_of(j) for j in jobs), jobs
-        # one submit per run (its run directory is in the Torque qsub's -o/-e); other
-        # scenarios of the session may submit meanwhile
-        calls = env.wrappers.calls(h.submit_command)[before:]
-        assert all(len([c for c in calls if str(fr.id) in c]) == 1 for fr in frs), calls
-        for i, (fr, (arg, _)) in enumerate(zip(frs, args)):
-            logs = wait_for(lambda: (lambda t: t if "seed=" in t else None)(logs_of(fr.id)), 60, what="run output")
-            assert f"trial [{arg}] seed={i}" in logs and f"trial {arg} err" in logs, logs
-        assert not os.path.exists("/tmp/xm-array-pwned")
-
-    def test_cancelling_one_task_leaves_the_others_and_a_stopped_array_goes_in_one_command(self, env):
-        """Torque: three held runs are three jobs; cancelling one removes its job only,
-        and stopping the other two removes each with its own qdel."""
-        h = env.h
-        runs = run(start_runs_together(env.deployments["job"], [trial(["sleep", "600"])] * 3,
-                                       {**env.job_variables, **h.hold_variables}))
-        frs = [wait_state(r.id, StateType.PENDING, name="InfrastructurePending", timeout=240) for r in runs]
-        jobs = [job_id_of(fr) for fr in frs]
-        assert len(set(jobs)) == 3 and not any(h.scheduler.array_of(j) for j in jobs), jobs
-        cancels = len(env.wrappers.calls(h.cancel_command))
-        request_cancel(frs[0].id)
-        wait_state(frs[0].id, StateType.CANCELLED)
-        wait_for(lambda: h.final_or_gone(jobs[0]), 60, what=f"job {jobs[0]} to be removed")
-        assert all(h.job_state(j) == JobState.PENDING for j in jobs[1:])
-        assert all(state_of(fr.id) == StateType.PENDING for fr in frs[1:])
-        assert " ".join(h.scheduler.cancel_argvs(jobs[0], 30)[-1]) in env.wrappers.calls(h.cancel_command)[cancels:]
-        request_cancel(*(fr.id for fr in frs[1:]))
-        for fr in frs[1:]:
-            wait_state(fr.id, StateType.CANCELLED)
-        for job in jobs[1:]:
-            wait_for(lambda: h.final_or_gone(job), 60, what=f"job {job} to be removed")
-        calls = env.wrappers.calls(h.cancel_command)[cancels:]
-        for job in jobs[1:]:
-            assert " ".join(h.scheduler.cancel_argvs(job, 30)[-1]) in calls, calls

@@ -560,8 +560,7 @@ class HTCondorScheduler(Scheduler):
         """The cluster of a job id ('12.3' -> '12'); a single job is a cluster of one."""
         return job_id.split(".", 1)[0] if _JOB_ID_RE.match(job_id) else None
 
-    def array_too_large(self, error: SchedulerError) -> bool:
-        return bool(_TOO_MANY_JOBS.search(str(error)))
+    array_refusal = _TOO_MANY_JOBS
 
 
 # -- job variables and the worker ------------------------------------------------

@@ -415,9 +415,8 @@ class LsfScheduler(Scheduler):
         m = _ELEMENT_RE.match(job_id)
         return m.group(1) if m else None
 
-    def array_too_large(self, error: SchedulerError) -> bool:
-        # MAX_JOB_ARRAY_SIZE (lsb.params): "Job array index too large. Job not submitted."
-        return ARRAY_TOO_LARGE.lower() in str(error).lower()
+    # MAX_JOB_ARRAY_SIZE (lsb.params): "Job array index too large. Job not submitted."
+    array_refusal = re.compile(re.escape(ARRAY_TOO_LARGE), re.IGNORECASE)
 
 
 # -- job variables and the worker ------------------------------------------------

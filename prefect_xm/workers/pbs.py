@@ -441,8 +441,7 @@ class PbsScheduler(Scheduler):
         m = _SUBJOB_RE.match(job_id)
         return f"{m.group(1)}[]{m.group(3)}" if m else None
 
-    def array_too_large(self, error: SchedulerError) -> bool:
-        return bool(_ARRAY_TOO_LARGE.search(str(error)))
+    array_refusal = _ARRAY_TOO_LARGE
 
 
 class TorqueScheduler(PbsScheduler):

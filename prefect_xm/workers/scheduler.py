@@ -9,6 +9,7 @@ so adding a scheduler means writing one Scheduler and one template, nothing else
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence
 
@@ -230,9 +231,12 @@ class Scheduler:
         """The array a task id belongs to (None: not an array task)."""
         return None
 
+    #: what the scheduler says when it refuses an array for its number of tasks
+    array_refusal: ClassVar[Optional["re.Pattern[str]"]] = None
+
     def array_too_large(self, error: SchedulerError) -> bool:
         """Whether a refused array submission was refused for its number of tasks."""
-        return False
+        return bool(self.array_refusal and self.array_refusal.search(str(error)))
 
     # -- pids -------------------------------------------------------------------
     def infrastructure_pid(self, cluster: str, job_id: str) -> str:

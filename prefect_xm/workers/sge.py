@@ -390,10 +390,8 @@ class SgeScheduler(Scheduler):
         m = re.match(r"^(\d+)\.\d+$", job_id)
         return m.group(1) if m else None
 
-    def array_too_large(self, error: SchedulerError) -> bool:
-        # "job rejected: N tasks exceeds the maximum of M" (max_aj_tasks), or max_u_jobs/max_jobs
-        return bool(re.search(r"max_aj_tasks|tasks? exceeds|exceeds the maximum|too many tasks",
-                              str(error), re.IGNORECASE))
+    # "job rejected: N tasks exceeds the maximum of M" (max_aj_tasks), or max_u_jobs/max_jobs
+    array_refusal = re.compile(r"max_aj_tasks|tasks? exceeds|exceeds the maximum|too many tasks", re.IGNORECASE)
 
     def cancel_argvs(self, job_id: str, grace_seconds: int) -> list[list[str]]:
         array = self.array_of(job_id)

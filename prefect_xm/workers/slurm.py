@@ -333,10 +333,9 @@ class SlurmScheduler(Scheduler):
         m = re.match(r"^(\d+)_(?:\d+|\[[^\]]*\])$", job_id)
         return m.group(1) if m else None
 
-    def array_too_large(self, error: SchedulerError) -> bool:
-        # MaxArraySize: "Invalid job array specification"; a QOS's MaxSubmitJobs counts tasks
-        return bool(re.search(r"Invalid job array specification|MaxArraySize|QOSMaxSubmitJob|"
-                              r"job submit limit", str(error), re.IGNORECASE))
+    # MaxArraySize: "Invalid job array specification"; a QOS's MaxSubmitJobs counts tasks
+    array_refusal = re.compile(r"Invalid job array specification|MaxArraySize|QOSMaxSubmitJob|job submit limit",
+                               re.IGNORECASE)
 
     def cancel_argvs(self, job_id: str, grace_seconds: int) -> list[list[str]]:
         return [
