@@ -171,9 +171,9 @@ async def start_runs(deployment_id, count: int, parameters: dict | None = None,
 
 
 async def start_runs_together(deployment_id, parameters: list[dict], job_variables: dict | None = None,
-                              delay: float = 4.0) -> list[FlowRun]:
-    """Runs of one deployment, one per parameter set, scheduled for the same moment a few
-    seconds ahead: the worker picks them all up in one query, as it does the trials of a
+                              delay: float = 10.0) -> list[FlowRun]:
+    """Runs of one deployment, one per parameter set, scheduled for the same moment some
+    seconds ahead (creating them may take seconds on a loaded machine): the worker picks them all up in one query, as it does the trials of a
     sweep added together (runs created one by one may straddle two of its queries)."""
     import datetime
 

@@ -902,6 +902,10 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             if whole is not None:
                 await asyncio.shield(whole)
                 return
+        if followed and followed.cancel_task is not None:
+            # our supervisor is cancelling it already (Prefect asks too): one removal, not two
+            await asyncio.shield(followed.cancel_task)
+            return
         if followed:
             followed.cancel_requested = True
         last = followed.tracked.status.state if followed else JobState.PENDING
