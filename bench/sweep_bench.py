@@ -8,6 +8,10 @@ Needs `bash scripts/slurm-cluster.sh start` and `bash scripts/postgres-cluster.s
 (the Prefect server runs on a PostgreSQL database of its own, as in production; without
 PostgreSQL it runs on SQLite).
 
+Before each size, `floor`: the seconds a bare client takes to create the same runs (the
+four writes per trial that prefect-xm makes too) on this server, with no worker: the
+server's own limit, as raw sbatch is the scheduler's.
+
 For each mode and size: seconds from the first `experiment.add()` to the end of the add
 loop, to every job run created, to every job queued (every job run has its scheduler id) and to every run final;
 sbatch calls; squeue calls per poll interval; the worker's CPU seconds. The worker polls
@@ -81,6 +85,52 @@ def raw_sbatch(n: int, root: Path) -> dict:
     return dict(queued=queued, final=time.monotonic() - started, submits=n)
 
 
+def server_floor(n: int, pool: str) -> dict:
+    """The writes that create n trials (per trial: a link task run and the work unit's
+    run, a link and the job's run from the job runner's deployment), by a bare client,
+    8 trials at a time, on a pool no worker serves: what this Prefect server allows
+    before any of prefect-xm's own work."""
+    import asyncio
+
+    from prefect import Task, flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Pending, Running
+
+    from prefect_xm.core.experiment import CREATION_CONCURRENCY, ensure_job_runner_deployment
+    from prefect_xm.core.runtime import Runtime
+
+    @flow(name="bench-floor")
+    def floor_flow():
+        pass
+
+    deployment_id = Runtime.get().run(ensure_job_runner_deployment(pool))
+
+    async def main() -> float:
+        async with get_client() as client:
+            parent = await client.create_flow_run(floor_flow, name="floor")
+            slots = asyncio.Semaphore(CREATION_CONCURRENCY)
+            link = Task(name="link", fn=lambda: None)
+
+            async def trial(i: int) -> None:
+                async with slots:
+                    wu_link = await client.create_task_run(task=link, flow_run_id=parent.id, dynamic_key=str(i),
+                                                           state=Running())
+                    wu = await client.create_flow_run(floor_flow, name=f"floor-wu{i}", parameters={},
+                                                      parent_task_run_id=wu_link.id, state=Pending())
+                    job_link = await client.create_task_run(task=link, flow_run_id=wu.id, dynamic_key="job",
+                                                            state=Running())
+                    await client.create_flow_run_from_deployment(
+                        deployment_id, parameters={"executable": {"kind": "command", "command": ["true"]},
+                                                   "args": [], "env": {}},
+                        parent_task_run_id=job_link.id, job_variables={"execution": "direct", "memory": MEMORY})
+
+            started = time.monotonic()
+            await asyncio.gather(*(trial(i) for i in range(n)))
+            return time.monotonic() - started
+
+    return dict(created=asyncio.run(main()))
+
+
 def sweep(n: int, pool: str, execution: str, worker, wrappers) -> dict:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
@@ -135,6 +185,8 @@ def main() -> None:
     refresh_global_settings_context()
     pool = "bench-slurm"
     create_pool(server, pool, "xm-slurm")
+    idle_pool = "bench-slurm-no-worker"
+    create_pool(server, idle_pool, "xm-slurm")
     wrappers = CountingWrappers(root, ["sbatch", "squeue"])
     worker = WorkerProcess(server, pool, "xm-slurm", root, path_prefix=wrappers.dir,
                            PREFECT_XM_POLL_INTERVAL=str(args.interval),
@@ -148,6 +200,9 @@ def main() -> None:
             raw = raw_sbatch(n, root)
             print(f"{'raw':<8} {n:>6} {'':>7} {'':>9} {raw['queued']:>9.1f} {raw['final']:>8.1f} {1.0:>6.2f} "
                   f"{raw['submits']:>7} {'':>11} {'':>12}")
+            floor = server_floor(n, idle_pool)
+            print(f"{'floor':<8} {n:>6} {'':>7} {floor['created']:>9.1f} {'':>9} {'':>8} {'':>6} "
+                  f"{'':>7} {'':>11} {'':>12}", flush=True)
             modes = ["direct"] + (["engine"] if n in args.engine_trials else [])
             for mode in modes:
                 r = sweep(n, pool, mode, worker, wrappers)

@@ -443,6 +443,54 @@ class BatchWorkerSuite:
             # (a removed job may already have left the scheduler's listing)
             assert len(named) == 1 or (fr.id == held.id and not named), named
 
+    def test_worker_killed_between_submit_and_recording_the_job_ids(self, env):
+        """The worker dies as its submit command answers, before it records any job id.
+        Its replacement finds the jobs (an array's tasks through their run directories,
+        a single job by its name) and follows them to the end; a run the dead worker had
+        not begun submitting goes back to the queue, and one it was submitting that got
+        no job is Crashed, saying so. Nothing is submitted twice."""
+        h = env.h
+        # (the class's long run, submitted as the class starts, must not take the kill)
+        wait_for(lambda: run(read_run(env.timeout_run.id)).infrastructure_pid, 120, what="the long run submitted")
+        submits_before = len(env.wrappers.calls(h.submit_command))
+        env.wrappers.kill_after(h.submit_command, env.worker.proc.pid)
+        command = ["sh", "-c", 'echo "trial $0 ran"']
+        runs = run(start_runs_together(env.deployments["job"], [trial([*command, str(i)]) for i in range(3)],
+                                       env.job_variables))
+        wait_for(lambda: env.worker.proc.poll() is not None, 180, what="the worker to die after its submit")
+        if h.has_arrays:  # every run reached its submit, none has its job id
+            frs = [run(read_run(r.id)) for r in runs]
+            assert all(fr.state.name == "Submitting" and not fr.infrastructure_pid for fr in frs), frs
+        submitted = len(env.wrappers.calls(h.submit_command)) - submits_before
+        replacement = WorkerProcess(env.server, env.pool, h.worker_type, env.worker.workdir, name=env.worker.name,
+                                    path_prefix=env.worker_path,
+                                    XM_SUITE_WORKER_API_KEY=WORKER_CREDENTIAL,
+                                    XM_SUITE_WORKER_MARKER="xm-suite-marker",
+                                    PREFECT_XM_PENDING_GRACE="10").start()
+        env.worker = replacement
+        frs = [wait_final(r.id, timeout=300) for r in runs]
+        found, rescheduled = [], []
+        for i, fr in enumerate(frs):
+            if "knows no job of it" in (fr.state.message or ""):
+                assert fr.state.type == StateType.CRASHED, fr.state
+                continue
+
+            def told(fr=fr, i=i):
+                text = logs_of(fr.id)
+                return f"trial {i} ran" in text and (
+                    "submitted by a worker that died" in text or "scheduled again" in text) and text
+
+            text = wait_for(told, 60, what=f"run {i}'s logs")
+            (rescheduled if "scheduled again" in text else found).append(fr.id)
+            assert fr.state.type == StateType.COMPLETED or (
+                not h.reports_exit_codes and "no exit_status reported" in fr.state.message), fr.state
+        if h.has_arrays:
+            assert len(found) == 3 and submitted == 1, [fr.state for fr in frs]
+        else:  # the submits in flight when the worker died may or may not have gone through
+            assert found
+        # the replacement submitted only the runs that went back to the queue
+        assert len(env.wrappers.calls(h.submit_command)) - submits_before == submitted + len(rescheduled)
+
     # -- sweeps as arrays --------------------------------------------------------------
     def test_sweep_goes_as_one_array_each_task_its_own_run(self, env):
         """Where the scheduler has arrays: one submit for the sweep. Where not (Torque

@@ -39,12 +39,26 @@ class CountingWrappers:
             real = shutil.which(command)
             assert real, f"{command} not on PATH"
             wrapper = self.dir / command
+            kill = root / f"kill-after-{command}"
             wrapper.write_text(
                 "#!/bin/sh\n"
                 f'printf "%s\\n" "{command} $*" >> {self.log}\n'
+                # kill_after(): the command runs, then its caller's process group dies
+                # before the answer reaches it (one call claims the request)
+                f'if [ -e {kill} ] && mv {kill} {kill}.claimed 2>/dev/null; then\n'
+                f'  out=$({real} "$@"); rc=$?\n'
+                f'  kill -9 "-$(cat {kill}.claimed)"\n'
+                f'  printf "%s\\n" "$out"; exit $rc\n'
+                'fi\n'
                 f'exec {real} "$@"\n'
             )
             wrapper.chmod(0o755)
+        self.root = root
+
+    def kill_after(self, command: str, process_group: int) -> None:
+        """The next call of `command` completes, then SIGKILLs `process_group` (a
+        worker dying between a submit and reading its answer)."""
+        (self.root / f"kill-after-{command}").write_text(str(process_group))
 
     def calls(self, command: str) -> list[str]:
         return [ln for ln in self.log.read_text().splitlines() if ln.split(" ", 1)[0] == command]

@@ -36,7 +36,7 @@ def descendants(pid: int) -> list[int]:
 
 
 class SSHServer:
-    def __init__(self, root: Path, session_path: str | None = None):
+    def __init__(self, root: Path, session_path: str | None = None, max_sessions: int = 50):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -60,7 +60,7 @@ class SSHServer:
             "StrictModes no",
             "LogLevel VERBOSE",
             "Subsystem sftp internal-sftp",
-            "MaxSessions 50",
+            f"MaxSessions {max_sessions}",
             "MaxStartups 50",
         ]
         if session_path:
@@ -105,6 +105,10 @@ class SSHServer:
     def accepted(self) -> int:
         """Connections sshd accepted (one per successful authentication)."""
         return self.log.read_text().count("Accepted publickey")
+
+    def sftp_sessions(self) -> int:
+        """SFTP sessions sshd started."""
+        return self.log.read_text().count("subsystem 'sftp'")
 
     def authorize(self, public_key: Path) -> None:
         """Accept one more user key."""

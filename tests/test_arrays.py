@@ -5,6 +5,7 @@ commands; end to end on each scheduler in batch_suite.py (TestArrays*)."""
 from __future__ import annotations
 
 import asyncio
+import time
 import os
 import subprocess
 from types import SimpleNamespace
@@ -147,7 +148,7 @@ def _task(i: int, partition: str = "debug", limit: int = 1000) -> ArrayTask:
 def test_runs_picked_up_together_form_one_array_per_script():
     async def main():
         worker = _StandInWorker(max_array=1000)
-        submitter = ArraySubmitter(worker, settle=0.2)
+        submitter = ArraySubmitter(worker)
         tasks = [_task(i) for i in range(6)] + [_task(10, "gpu")] + [_task(11, "long"), _task(12, "long")]
         ids = await asyncio.gather(*(submitter.submit(t) for t in tasks))
         return worker, submitter, ids
@@ -160,7 +161,7 @@ def test_runs_picked_up_together_form_one_array_per_script():
 def test_a_refused_array_is_split_in_halves_and_the_logs_say_so():
     async def main():
         worker = _StandInWorker(max_array=3)
-        submitter = ArraySubmitter(worker, settle=0.1)
+        submitter = ArraySubmitter(worker)
         tasks = [_task(i) for i in range(10)]
         ids = await asyncio.gather(*(submitter.submit(t) for t in tasks))
         return worker, tasks, ids
@@ -173,7 +174,7 @@ def test_a_refused_array_is_split_in_halves_and_the_logs_say_so():
 def test_array_size_limit_splits_before_submitting():
     async def main():
         worker = _StandInWorker(max_array=1000)
-        submitter = ArraySubmitter(worker, settle=0.1)
+        submitter = ArraySubmitter(worker)
         await asyncio.gather(*(submitter.submit(_task(i, limit=4)) for i in range(10)))
         return worker
 
@@ -183,7 +184,7 @@ def test_array_size_limit_splits_before_submitting():
 def test_a_batch_waits_for_runs_still_on_their_way():
     async def main():
         worker = _StandInWorker(max_array=1000, arriving=1)
-        submitter = ArraySubmitter(worker, settle=5.0)
+        submitter = ArraySubmitter(worker)
         first = asyncio.ensure_future(submitter.submit(_task(1)))
         await asyncio.sleep(0.3)
         assert not first.done()  # a run is still on its way: the batch stays open
@@ -196,13 +197,25 @@ def test_a_batch_waits_for_runs_still_on_their_way():
     assert worker.arrays == [2] and ids == ["1_1", "1_2"]
 
 
+def test_a_run_that_never_arrives_holds_the_batch_no_longer_than_max_wait():
+    async def main():
+        worker = _StandInWorker(max_array=1000, arriving=1)  # forever on its way
+        submitter = ArraySubmitter(worker, max_wait=0.5)
+        started = time.monotonic()
+        ids = await asyncio.gather(submitter.submit(_task(1)), submitter.submit(_task(2)))
+        return ids, time.monotonic() - started, worker
+
+    ids, waited, worker = asyncio.run(main())
+    assert worker.arrays == [2] and ids == ["1_1", "1_2"] and waited >= 0.5
+
+
 def test_a_failed_array_submission_reaches_every_task():
     class Refusing(_StandInWorker):
         async def submit_array(self, tasks):
             raise SchedulerError("sbatch: error: invalid partition specified: nope")
 
     async def main():
-        submitter = ArraySubmitter(Refusing(1000), settle=0.1)
+        submitter = ArraySubmitter(Refusing(1000))
         return await asyncio.gather(*(submitter.submit(_task(i)) for i in range(3)), return_exceptions=True)
 
     results = asyncio.run(main())

@@ -87,6 +87,29 @@ async def test_one_connection_for_many_commands_and_files(sshd, tmp_path):
     await t.close()
 
 
+async def test_a_burst_of_commands_and_files_fits_sshds_default_session_limit(tmp_path):
+    """A sweep's worth of work at once (an array's files, every running job's output,
+    status and cancel commands) on one connection to an sshd with OpenSSH's default
+    MaxSessions (10): every file operation is a request on one SFTP session, commands
+    wait for a free channel, nothing fails."""
+    require_service("sshd", sshd_available(), "apt-get install openssh-server (scripts/test.sh does)")
+    server = SSHServer(tmp_path / "sshd", max_sessions=10).start()
+    try:
+        t = transport(server)
+        remote = tmp_path / "remote"
+        writes = [t.write_file(str(remote / f"run-{i}" / "job.argv"), f"trial {i}\n", 0o600) for i in range(100)]
+        commands = [t.run(["sh", "-c", "sleep 0.2; echo $0", str(i)]) for i in range(30)]
+        results = await asyncio.gather(*writes, *commands)
+        assert [r.stdout for r in results[100:]] == [f"{i}\n" for i in range(30)]
+        reads = await asyncio.gather(*(t.read_from(str(remote / f"run-{i}" / "job.argv"), 0) for i in range(100)))
+        assert reads == [f"trial {i}\n".encode() for i in range(100)]
+        assert t.connects == 1 and server.accepted() == 1
+        assert server.sftp_sessions() == 1, server.sftp_sessions()
+        await t.close()
+    finally:
+        server.stop()
+
+
 def _text_or_empty(path: Path) -> str:
     try:
         return path.read_text()

@@ -101,37 +101,30 @@ class ArraySubmitter:
     """Collects the runs a worker submits together and submits them as arrays.
 
     A batch closes when every run the worker is submitting has arrived here or gone its
-    own way (Prefect starts all runs of one pick-up side by side), or when no new run
-    arrived for `settle` seconds, or `max_wait` after the first: a sweep of 200 runs is
-    one batch, a lone run waits at most `settle`."""
+    own way (Prefect starts all runs of one pick-up side by side, each after a few API
+    calls of its own: on a busy server, seconds), or `max_wait` after the first, should
+    one never arrive: a sweep of 200 runs is one batch, a lone run does not wait."""
 
-    def __init__(self, worker: "BatchWorker", *, settle: float = 1.0, max_wait: float = 10.0):
+    def __init__(self, worker: "BatchWorker", *, max_wait: float = 10.0):
         self.worker = worker
-        self.settle = settle
         self.max_wait = max_wait
         self.waiting: list[ArrayTask] = []
         self._first = 0.0
-        self._last = 0.0
         self._flusher: Optional[asyncio.Task] = None
         self.submit_calls = 0
 
     async def submit(self, task: ArrayTask) -> str:
         """The task's job id once its array (or its own single job) is submitted."""
         task.key = self.worker.array_key(task.configuration, task.flow_run)
-        now = time.monotonic()
         if not self.waiting:
-            self._first = now
-        self._last = now
+            self._first = time.monotonic()
         self.waiting.append(task)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_when_settled(), name="xm-arrays")
         return await asyncio.shield(task.job_id)
 
     def _settled(self) -> bool:
-        now = time.monotonic()
-        if now - self._first >= self.max_wait or now - self._last >= self.settle:
-            return True
-        return not self.worker.runs_on_their_way()
+        return time.monotonic() - self._first >= self.max_wait or not self.worker.runs_on_their_way()
 
     async def _flush_when_settled(self) -> None:
         while not self._settled():

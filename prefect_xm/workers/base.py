@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import datetime
 import json
 import os
 import re
@@ -38,7 +39,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 from prefect.exceptions import InfrastructureNotAvailable, InfrastructureNotFound
-from prefect.states import Cancelled, Completed, Crashed, Failed, InfrastructurePending, Running
+from prefect.states import Cancelled, Completed, Crashed, Failed, InfrastructurePending, Running, Scheduled
 from prefect.workers.base import (
     BaseJobConfiguration,
     BaseVariables,
@@ -98,11 +99,23 @@ def check_format(pattern: "re.Pattern[str]", field: str, value: Optional[str], e
 JOB_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
 #: the run's environment, beside job.sh in the run directory (mode 0600)
 ENV_FILE = "job.env"
+#: in an array task's run directory: "<array job name> <task index>"
+ARRAY_TASK_FILE = "array-task"
+#: files written at once when an array is prepared (SFTP requests in flight, over SSH)
+FILE_WRITES_AT_ONCE = 16
 #: `execution` job variable: Prefect's flow engine on the node, or the job's program itself
 ENGINE, DIRECT = "engine", "direct"
 #: how much of a direct job's stdout/stderr one poll ships to the run's logs, per stream
 LOG_CHUNK_BYTES = 256 * 1024
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def job_name_prefix(text: str, empty: str) -> str:
+    """`text` made safe to lead a job name: no spaces or commas, a letter first."""
+    prefix = JOB_NAME_UNSAFE.sub("-", text).strip("-")[:64]
+    if not prefix:
+        return empty
+    return prefix if prefix[:1].isalpha() else f"xm-{prefix}"
 
 
 def environment_file(env: dict[str, str]) -> str:
@@ -401,16 +414,19 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         self.poll_interval = _env_float("PREFECT_XM_POLL_INTERVAL", 10.0)
         self.grace_period = _env_float("PREFECT_XM_QUERY_GRACE", 300.0)
         self.recovery_interval = _env_float("PREFECT_XM_RECOVERY_INTERVAL", 60.0)
+        #: how long a run may stay Pending (picked up, not yet Submitting) before a run
+        #: nobody is submitting is scheduled again: a live worker takes a second or two
+        self.pending_grace = _env_float("PREFECT_XM_PENDING_GRACE", 60.0)
         self._transports: dict[str, Transport] = {}
         self._pollers: dict[str, JobPoller] = {}
         self._followed: dict[UUID, FollowedRun] = {}
         self._supervisor: Optional[asyncio.Task] = None
         self._background: set[asyncio.Task] = set()
-        #: runs between entering run() and their job id (see runs_on_their_way)
-        self._in_run: set[UUID] = set()
+        #: runs Prefect is submitting that have entered run() (see runs_on_their_way)
+        self._entered_run: set[UUID] = set()
         #: arrays being cancelled as a whole, by (cluster, array id)
         self._array_cancels: dict[tuple[str, str], asyncio.Task] = {}
-        self._arrays = ArraySubmitter(self, settle=_env_float("PREFECT_XM_ARRAY_SETTLE", 1.0))
+        self._arrays = ArraySubmitter(self, max_wait=_env_float("PREFECT_XM_ARRAY_MAX_WAIT", 10.0))
 
     # -- lifecycle ------------------------------------------------------------------
     async def setup(self) -> None:
@@ -469,10 +485,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         # Run names are free text (an experiment's title, "my sweep"): a space would cut
         # `#SBATCH --job-name=` short and a comma breaks `squeue --name`, losing the run id
         # that finding the job by name relies on. Some schedulers want a letter first.
-        prefix = JOB_NAME_UNSAFE.sub("-", configuration.job_name or flow_run.name or "").strip("-")[:64]
-        if not prefix[:1].isalpha():
-            prefix = f"xm-{prefix}" if prefix else "prefect"
-        return f"{prefix}-{flow_run.id}"
+        return f"{job_name_prefix(configuration.job_name or flow_run.name or '', 'prefect')}-{flow_run.id}"
 
     async def run_directory(self, configuration: BatchJobConfiguration, flow_run_id: UUID) -> str:
         base = await (await self.transport_for(configuration)).expand_path(configuration.run_dir)
@@ -534,23 +547,22 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         task_status: Any = None,
     ) -> BatchWorkerResult:
         logger = self.get_flow_run_logger(flow_run)
-        self._in_run.add(flow_run.id)
-        try:
-            run_env = {k: v for k, v in configuration.env.items() if v is not None}
-            if configuration.execution == DIRECT:
-                command_argv, run_env, working_dir = direct_program(flow_run, run_env)
-                if working_dir and not configuration.working_dir:
-                    configuration = configuration.model_copy(update={"working_dir": working_dir})
-            else:
-                command_argv = shlex.split(configuration.command or "")
-            run_dir = await self.run_directory(configuration, flow_run.id)
-            if self.may_join_array(configuration):
-                job_id = await self._arrays.submit(
-                    ArrayTask(flow_run, configuration, run_dir, command_argv, run_env, logger))
-            else:
-                job_id = await self.submit_single(flow_run, configuration, run_dir, command_argv, run_env, logger)
-        finally:
-            self._in_run.discard(flow_run.id)
+        # kept until Prefect is done submitting the run (it records the job id after run()
+        # hands it over): until then the run still counts as submitting
+        self._entered_run.add(flow_run.id)
+        run_env = {k: v for k, v in configuration.env.items() if v is not None}
+        if configuration.execution == DIRECT:
+            command_argv, run_env, working_dir = direct_program(flow_run, run_env)
+            if working_dir and not configuration.working_dir:
+                configuration = configuration.model_copy(update={"working_dir": working_dir})
+        else:
+            command_argv = shlex.split(configuration.command or "")
+        run_dir = await self.run_directory(configuration, flow_run.id)
+        if self.may_join_array(configuration):
+            job_id = await self._arrays.submit(
+                ArrayTask(flow_run, configuration, run_dir, command_argv, run_env, logger))
+        else:
+            job_id = await self.submit_single(flow_run, configuration, run_dir, command_argv, run_env, logger)
         pid = self.scheduler.infrastructure_pid(configuration.cluster, job_id)
         followed = await self._start_following(flow_run.id, job_id, configuration)
         if task_status is not None:
@@ -589,7 +601,8 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
     def runs_on_their_way(self) -> bool:
         """Runs Prefect is submitting through this worker that have not reached run() yet
         (they may join the array being collected)."""
-        return bool(self._submitting_flow_run_ids - self._in_run)
+        self._entered_run &= self._submitting_flow_run_ids
+        return bool(self._submitting_flow_run_ids - self._entered_run)
 
     def _array_names(self, configuration: BatchJobConfiguration, array_dir: str, name: str) -> dict[str, str]:
         index = self.scheduler_for(configuration).array_output_index
@@ -621,14 +634,22 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         scheduler = self.scheduler_for(configuration)
         transport = await self.transport_for(configuration)
         base = await transport.expand_path(configuration.run_dir)
-        prefix = JOB_NAME_UNSAFE.sub("-", configuration.job_name or "").strip("-")[:64] or "xm"
-        if not prefix[:1].isalpha():
-            prefix = f"xm-{prefix}"
-        name = array_name(prefix)
+        name = array_name(job_name_prefix(configuration.job_name or "", "xm"))
         array_dir = array_directory(base, name)
-        for task in tasks:
-            await transport.write_file(f"{task.run_dir}/{ENV_FILE}", environment_file(task.env), 0o600)
-            await transport.write_file(f"{task.run_dir}/{ARGV_FILE}", argv_file(task.argv), 0o600)
+        writes = asyncio.Semaphore(FILE_WRITES_AT_ONCE)
+
+        async def write(path: str, text: str) -> None:
+            async with writes:
+                await transport.write_file(path, text, 0o600)
+
+        # Each run's directory also says which array task it is: a worker that dies
+        # between this submit and recording the task ids leaves runs its replacement
+        # can only find through it (see _adopt_unrecorded_submission).
+        await asyncio.gather(*(
+            write(f"{task.run_dir}/{name_}", text)
+            for i, task in enumerate(tasks)
+            for name_, text in ((ENV_FILE, environment_file(task.env)), (ARGV_FILE, argv_file(task.argv)),
+                                (ARRAY_TASK_FILE, f"{name} {scheduler.array_first_index + i}\n"))))
         await transport.write_file(f"{array_dir}/tasks", "".join(f"{t.run_dir}\n" for t in tasks), 0o600)
         await transport.write_file(
             f"{array_dir}/task.env",
@@ -1096,29 +1117,66 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
 
     async def _adopt_unrecorded_submission(self, run: "FlowRun") -> None:
         """A worker that died between the submit and recording the job id leaves a
-        Pending run without a pid; its job (if any) is found by its unique name."""
-        if run.state is None or run.state.type != StateType.PENDING or run.state.name == "Pending":
-            return  # only runs that reached Submitting can have a job
+        Submitting run without a pid; its job (if any) is found by its unique name, or
+        its array task through its run directory. A run with no job is Crashed: left
+        Submitting, nothing would ever end it. One that died before Submitting leaves a
+        Pending run that certainly has no job: it is scheduled again."""
+        if run.state is None or run.state.type != StateType.PENDING:
+            return
+        if run.state.name == "Pending":
+            await self._reschedule_abandoned(run)
+            return
         try:
+            run = await self.client.read_flow_run(run.id)  # the listing may predate its pid
+            if run.infrastructure_pid or run.state is None or run.state.name != "Submitting":
+                return
             configuration = await self.job_configuration.resolve_for_flow_run(
                 run, client=self.client, work_pool=self._work_pool,
                 worker_name=self.name, worker_id=self.backend_id,
             )
-            job_id = await self._find_by_name(
-                self.job_name(configuration, run), await self.transport_for(configuration),
-                self.scheduler_for(configuration),
-            )
+            job_id = await self._find_unrecorded_job(configuration, run)
         except Exception as exc:
             self._logger.warning("Cannot check flow run %s for an unrecorded job: %s", run.id, exc)
             return
+        logger = self.get_flow_run_logger(run)
         if job_id is None:
+            message = (f"The worker stopped while submitting this run, and {self.scheduler.name} knows no job of "
+                       f"it: it was never submitted, or its job ended long ago. Nothing was resubmitted.")
+            await self.client.set_flow_run_state(run.id, Crashed(message=message))
+            logger.error(message)
             return
         pid = self.scheduler.infrastructure_pid(configuration.cluster, job_id)
         await self.client.update_flow_run(run.id, infrastructure_pid=pid)
-        logger = self.get_flow_run_logger(run)
         logger.info(f"Found {self.scheduler.name} job {job_id} submitted by a worker that died; following it")
         followed = await self._start_following(run.id, job_id, configuration)
         self._spawn(self._follow(run, followed, logger))
+
+    async def _reschedule_abandoned(self, run: "FlowRun") -> None:
+        """A run Pending for longer than any live worker takes to reach Submitting:
+        Prefect's worker submits nothing before Submitting, so it goes back to the queue."""
+        since = run.state.timestamp
+        if since is None or (datetime.datetime.now(datetime.timezone.utc) - since).total_seconds() < self.pending_grace:
+            return
+        message = "Its worker stopped before submitting it; scheduled again (nothing had been submitted)."
+        result = await self.client.set_flow_run_state(run.id, Scheduled(message=message))
+        if getattr(getattr(result, "status", None), "value", "ACCEPT") == "ACCEPT":
+            self.get_flow_run_logger(run).warning(message)
+
+    async def _find_unrecorded_job(self, configuration: C, run: "FlowRun") -> Optional[str]:
+        """The job of a run submitted without its id recorded: its array task, if its run
+        directory names one, else the job by the run's unique name."""
+        transport = await self.transport_for(configuration)
+        scheduler = self.scheduler_for(configuration)
+        marker = await transport.read_tail(f"{await self.run_directory(configuration, run.id)}/{ARRAY_TASK_FILE}")
+        if marker:
+            try:
+                array_name, index = marker.split()
+                index_number = int(index)
+            except ValueError:
+                raise SubmissionError(f"unreadable {ARRAY_TASK_FILE} file: {marker!r}") from None
+            array_id = await self._find_by_name(array_name, transport, scheduler, array=True)
+            return scheduler.array_task_id(array_id, index_number) if array_id else None
+        return await self._find_by_name(self.job_name(configuration, run), transport, scheduler)
 
     async def _online_worker_names(self) -> set[str]:
         assert self._work_pool is not None

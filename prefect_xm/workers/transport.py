@@ -8,6 +8,7 @@ reported as a TransientSchedulerError, so a hung controller never hangs the work
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -51,6 +52,9 @@ class Transport(Protocol):
 #: commands run without them: qsub -V, HTCondor's getenv and bsub copy the submitting
 #: environment into the job's record, where other users can read it (qstat -j, qstat -f,
 #: condor_q -l). A run's own credentials reach its job through a 0600 file instead.
+#: commands run at once on one SSH connection (sshd's MaxSessions is 10 by default,
+#: and the shared SFTP session takes one)
+COMMANDS_AT_ONCE = 8
 CREDENTIAL_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|PASSPHRASE|AUTH|CREDENTIAL", re.IGNORECASE)
 
 
@@ -171,6 +175,14 @@ class SSHTransport:
         self._conn: Any = None
         self._tunnel: Any = None  # the jump host connection carrying _conn, if any
         self._lock = asyncio.Lock()
+        # The connection's one SFTP session: every file operation (an array's files,
+        # each running job's output) is a request on it, pipelined with the others,
+        # not a channel and subsystem start of its own.
+        self._sftp_session: tuple[Any, Any] | None = None  # (connection, SFTP client)
+        self._sftp_lock = asyncio.Lock()
+        # Commands in flight on the connection: sshd refuses sessions past MaxSessions
+        # (10 by default; the SFTP session takes one).
+        self._command_slots = asyncio.Semaphore(COMMANDS_AT_ONCE)
         self._home: str | None = None
         self._login_node_has_timeout: bool | None = None  # coreutils' timeout(1), probed once
         self.connects = 0  # connections opened, for tests and benchmarks
@@ -369,17 +381,18 @@ class SSHTransport:
         for attempt in (1, 2):
             conn = await self._connection()
             try:
-                if self._login_node_has_timeout is None:
-                    probe = await asyncio.wait_for(
-                        conn.run("command -v timeout", check=False), self.command_timeout)
-                    self._login_node_has_timeout = probe.exit_status == 0
-                bounded = command
-                if self._login_node_has_timeout:
-                    # Bounded on the login node too, a second after we give up: sshd frees
-                    # a session channel only once its command has exited, and refuses to
-                    # signal commands of root sessions.
-                    bounded = f"timeout -k 5 {math.ceil(timeout) + 1} {command}"
-                completed = await asyncio.wait_for(_run_to_exit(conn, bounded, stdin), timeout)
+                async with self._command_slots:
+                    if self._login_node_has_timeout is None:
+                        probe = await asyncio.wait_for(
+                            conn.run("command -v timeout", check=False), self.command_timeout)
+                        self._login_node_has_timeout = probe.exit_status == 0
+                    bounded = command
+                    if self._login_node_has_timeout:
+                        # Bounded on the login node too, a second after we give up: sshd frees
+                        # a session channel only once its command has exited, and refuses to
+                        # signal commands of root sessions.
+                        bounded = f"timeout -k 5 {math.ceil(timeout) + 1} {command}"
+                    completed = await asyncio.wait_for(_run_to_exit(conn, bounded, stdin), timeout)
             except asyncio.TimeoutError as exc:
                 if getattr(exc, "errno", None) is None:  # ours, not a TCP ETIMEDOUT
                     raise TransientSchedulerError(f"{argv[0]} did not answer within {timeout:g} s (over SSH)") from None
@@ -415,9 +428,12 @@ class SSHTransport:
                 conn = await self._connection()
             except SSHConnectError as exc:
                 raise SSHConnectError(f"cannot {action} {where}: {exc}") from None
+            sftp = None
             try:
-                return await asyncio.wait_for(_in_sftp_session(conn, operation), self.command_timeout)
+                sftp = await asyncio.wait_for(self._sftp_client(conn), self.command_timeout)
+                return await asyncio.wait_for(operation(sftp), self.command_timeout)
             except asyncio.TimeoutError as exc:
+                self._drop_sftp(sftp)  # a session that stopped answering is not asked again
                 if getattr(exc, "errno", None) is None:  # ours, not a TCP ETIMEDOUT
                     raise TransientSchedulerError(
                         f"cannot {action} {where}: no answer within {self.command_timeout:g} s"
@@ -427,8 +443,10 @@ class SSHTransport:
                 if not _sftp_connection_error(exc):
                     # the server's answer (permission denied, no space...): retrying cannot help
                     raise TransientSchedulerError(f"cannot {action} {where}: {type(exc).__name__}: {exc}") from None
+                self._drop_sftp(sftp)
                 last = exc
             except (asyncssh.Error, OSError, EOFError) as exc:
+                self._drop_sftp(sftp)
                 last = exc  # connection lost, reset, channel not opened
             self.logger.warning(
                 "SSH connection to %s failed during an attempt to %s %s (%s: %s)",
@@ -439,6 +457,30 @@ class SSHTransport:
         raise TransientSchedulerError(
             f"cannot {action} {where} after {self.connect_attempts} attempts: {type(last).__name__}: {last}"
         )
+
+    async def _sftp_client(self, conn):
+        """The SFTP session on `conn`, opened on first use."""
+        async with self._sftp_lock:
+            if self._sftp_session is not None:
+                if self._sftp_session[0] is conn:
+                    return self._sftp_session[1]
+                self._drop_sftp()  # it belonged to a connection since replaced
+            sftp = await conn.start_sftp_client()
+            self._sftp_session = (conn, sftp)
+            return sftp
+
+    def _drop_sftp(self, sftp: Any = None) -> None:
+        """End the shared SFTP session (only if it is still `sftp`, when given); the next
+        operation opens a new one. Ending it also closes on the server any file an
+        interrupted operation left open."""
+        if self._sftp_session is None or (sftp is not None and self._sftp_session[1] is not sftp):
+            return
+        _, client = self._sftp_session
+        self._sftp_session = None
+        try:
+            client.exit()
+        except Exception:
+            pass
 
     async def write_file(self, path: str, text: str, mode: int = 0o644) -> None:
         """Write the whole file (so a retry after a dropped connection is harmless),
@@ -451,15 +493,12 @@ class SSHTransport:
         async def write(sftp) -> None:
             if parent:
                 await sftp.makedirs(parent, exist_ok=True)
-            f = await sftp.open(path, "w", attrs=_sftp_attrs(mode))
-            # no close handshake on failure: the peer may be gone; ending the session
-            # closes the handle on the server
-            try:  # an existing file, now empty, gets the mode before the text
-                await f.chmod(mode)
-            except asyncssh.SFTPOpUnsupported:
-                await sftp.chmod(path, mode)
-            await f.write(text)
-            await f.close()
+            async with _open(sftp, path, "w", attrs=_sftp_attrs(mode)) as f:
+                try:  # an existing file, now empty, gets the mode before the text
+                    await f.chmod(mode)
+                except asyncssh.SFTPOpUnsupported:
+                    await sftp.chmod(path, mode)
+                await f.write(text)
 
         await self._sftp("write", path, write)
 
@@ -469,11 +508,10 @@ class SSHTransport:
 
         async def read(sftp) -> str | None:
             try:
-                f = await sftp.open(path, "rb")
-                size = (await f.stat()).size or 0
-                await f.seek(max(0, size - max_bytes))
-                data = await f.read(max_bytes)
-                await f.close()
+                async with _open(sftp, path, "rb") as f:
+                    size = (await f.stat()).size or 0
+                    await f.seek(max(0, size - max_bytes))
+                    data = await f.read(max_bytes)
             except asyncssh.SFTPError as exc:
                 if _sftp_connection_error(exc):
                     raise
@@ -489,10 +527,9 @@ class SSHTransport:
 
         async def read(sftp) -> bytes | None:
             try:
-                f = await sftp.open(path, "rb")
-                await f.seek(offset)
-                data = await f.read(max_bytes)
-                await f.close()
+                async with _open(sftp, path, "rb") as f:
+                    await f.seek(offset)
+                    data = await f.read(max_bytes)
             except asyncssh.SFTPError as exc:
                 if _sftp_connection_error(exc):
                     raise
@@ -504,6 +541,7 @@ class SSHTransport:
         return await self._sftp("read", path, read)
 
     async def close(self) -> None:
+        self._drop_sftp()
         async with self._lock:  # not while a reconnect is under way: its connection would stay open
             conn, tunnel = self._conn, self._tunnel
             self._conn = self._tunnel = None
@@ -520,24 +558,31 @@ class SSHTransport:
                     pass
 
 
-async def _in_sftp_session(conn, operation):
-    sftp = await conn.start_sftp_client()
-    try:
-        return await operation(sftp)
-    finally:
-        # no waiting for the server's goodbye (it may never come); ending the session
-        # also closes on the server whatever file the operation left open
-        try:
-            sftp.exit()
-        except Exception:
-            pass
-
-
 def _sftp_connection_error(exc: BaseException) -> bool:
     """An SFTPError that says the connection (not the file system) failed."""
     import asyncssh
 
     return isinstance(exc, (asyncssh.SFTPConnectionLost, asyncssh.SFTPNoConnection))
+
+
+@contextlib.asynccontextmanager
+async def _open(sftp, path: str, mode: str, **kwargs):
+    """A file on the shared SFTP session. The session outlives the operation, so a file
+    error (no such file, EOF) closes the handle; a timeout or a lost connection does not
+    wait for the peer: the caller drops the session, which closes it on the server."""
+    import asyncssh
+
+    f = await sftp.open(path, mode, **kwargs)
+    try:
+        yield f
+    except asyncssh.SFTPError as exc:
+        if not _sftp_connection_error(exc):
+            try:
+                await f.close()
+            except Exception:
+                pass
+        raise
+    await f.close()
 
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
