@@ -85,6 +85,24 @@ def test_output_is_shipped_in_whole_lines_and_the_rest_at_the_end(tmp_path):
     assert lines == ["one", "two", "three", "[stderr] caf\u00e9"]
 
 
+@pytest.mark.parametrize("chunk", [4, 7, 1 << 18])
+def test_a_successor_skips_the_lines_already_in_the_logs(tmp_path, monkeypatch, chunk):
+    """A worker following a job its predecessor was shipping starts after the lines the
+    run's logs hold, whatever the read size (a line may straddle reads)."""
+    import prefect_xm.workers.base as base
+
+    monkeypatch.setattr(base, "LOG_CHUNK_BYTES", chunk)
+    lines: list[str] = []
+    worker = SimpleNamespace(run_directory=lambda configuration, run_id: _value(str(tmp_path)))
+    followed = SimpleNamespace(configuration=None, flow_run_id=None, transport=LocalTransport())
+    output = DirectOutput(worker, None, followed, SimpleNamespace(info=lines.append))
+    (tmp_path / "job.out").write_bytes(b"one\ntwo\nthree is longer\nfour\nfi")
+    (tmp_path / "job.err").write_bytes(b"e1\ne2\n")
+    asyncio.run(output.skip_shipped({"job.out": 3, "job.err": 1}))
+    asyncio.run(output.ship(final=True))
+    assert lines == ["four", "fi", "[stderr] e2"]
+
+
 async def _value(v):
     return v
 
@@ -120,10 +138,12 @@ class TestDirectOnSlurm:
 
             return await Runtime.get().arun(ensure_job_runner_deployment(pool))
 
+        env = SimpleNamespace(deployment=run(deployment()), run_dir=str(root / "runs"), worker=worker, root=root,
+                              pool=pool, server=prefect_server)
         try:
-            yield SimpleNamespace(deployment=run(deployment()), run_dir=str(root / "runs"), worker=worker)
+            yield env
         finally:
-            worker.stop()
+            env.worker.stop()  # (a test may have replaced it)
 
     def start(self, env, command: list[str], **job_env: str):
         from e2e import run, start_run
@@ -165,3 +185,26 @@ class TestDirectOnSlurm:
         job_id = fr.infrastructure_pid.rsplit(":", 1)[1]
         squeue = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
         assert squeue.stdout.strip() in ("", "CANCELLED", "COMPLETING"), squeue.stdout
+
+    def test_a_restarted_worker_ships_each_output_line_once(self, env):
+        """The worker dies while a direct job writes; its replacement ships the rest of
+        the output, and no line twice."""
+        from batch_suite import logs_of
+        from e2e import WorkerProcess, wait_final
+
+        gate = env.root / f"gate-{uuid.uuid4().hex[:8]}"
+        script = (f"for i in 1 2 3; do echo before-$i; echo err-$i >&2; done; "
+                  f"while [ ! -e {gate} ]; do sleep 0.2; done; for i in 4 5 6; do echo after-$i; done")
+        fr = self.start(env, ["sh", "-c", script])
+        wait_for(lambda: "before-3" in logs_of(fr.id) and "err-3" in logs_of(fr.id), 240,
+                 what="the first lines in the logs")
+        env.worker.kill()
+        env.worker = WorkerProcess(env.server, env.pool, "xm-slurm", env.root, name=env.worker.name).start()
+        wait_for(lambda: "resumes following" in logs_of(fr.id), 120, what="the new worker to follow the job")
+        gate.touch()
+        fr = wait_final(fr.id)
+        assert fr.state.type.value == "COMPLETED", fr.state
+        logs = wait_for(lambda: (lambda t: t if "after-6" in t else None)(logs_of(fr.id)), 60, what="the last lines")
+        for line in [f"before-{i}" for i in (1, 2, 3)] + [f"[stderr] err-{i}" for i in (1, 2, 3)] + [
+                f"after-{i}" for i in (4, 5, 6)]:
+            assert logs.count(line) == 1, (line, logs)

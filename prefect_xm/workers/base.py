@@ -151,16 +151,45 @@ def direct_program(flow_run: "FlowRun", pool_env: dict[str, Any]) -> tuple[list[
     return argv, env, working_dir
 
 
+#: the logger (a child of the run's) under which a direct job's output lines reach its logs
+JOB_OUTPUT_LOGGER = "job"
+STDERR_PREFIX = "[stderr] "
+
+
 class DirectOutput:
     """Ships a direct job's job.out/job.err to its run's logs: new complete lines once
     per poll while it runs, and the rest at its end (the worker's logger batches them
-    to the API)."""
+    to the API), each line one record of the JOB_OUTPUT_LOGGER logger."""
 
     def __init__(self, worker: "BatchWorker", flow_run: "FlowRun", followed: "FollowedRun", logger) -> None:
         self.worker, self.flow_run, self.followed, self.logger = worker, flow_run, followed, logger
         self.offsets = {"job.out": 0, "job.err": 0}
         self.partial = {"job.out": b"", "job.err": b""}
         self._lock = asyncio.Lock()
+
+    async def skip_shipped(self, shipped: dict[str, int]) -> None:
+        """Start after the first `shipped[name]` lines of each file: a worker that
+        follows a job its predecessor was shipping does not ship them twice. The run's
+        logs on the server say how many arrived (a line its predecessor had not yet
+        sent is not among them, and is shipped)."""
+        async with self._lock:
+            run_dir = await self.worker.run_directory(self.followed.configuration, self.followed.flow_run_id)
+            for name, lines in shipped.items():
+                offset = 0
+                while lines > 0:
+                    data = await self.followed.transport.read_from(f"{run_dir}/{name}", offset, LOG_CHUNK_BYTES)
+                    if not data:
+                        break
+                    if data.count(b"\n") >= lines:
+                        end = -1
+                        for _ in range(lines):
+                            end = data.index(b"\n", end + 1)
+                        offset += end + 1
+                        break
+                    # the chunk's lines, and the start of one its newline (further on) counts
+                    lines -= data.count(b"\n")
+                    offset += len(data)
+                self.offsets[name] = offset
 
     async def follow(self, interval: float) -> None:
         while True:
@@ -193,7 +222,7 @@ class DirectOutput:
                     self.partial[name] = b""
 
     def _emit(self, name: str, lines: list[bytes]) -> None:
-        prefix = "[stderr] " if name == "job.err" else ""
+        prefix = STDERR_PREFIX if name == "job.err" else ""
         for line in lines:
             self.logger.info(prefix + line.decode("utf-8", errors="replace").rstrip("\r"))
 
@@ -767,7 +796,11 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         announce_attempts = 0
         logged: Optional[str] = None
         direct = followed.configuration.execution == DIRECT
-        output = DirectOutput(self, flow_run, followed, logger) if direct else None
+        output = None
+        if direct:
+            output = DirectOutput(self, flow_run, followed, self.job_output_logger(flow_run))
+            if followed.extra.get("resumed"):
+                await output.skip_shipped(await self._output_lines_shipped(flow_run.id))
         pump = self._spawn(output.follow(self.poll_interval)) if output else None
         try:
             status = followed.tracked.status
@@ -807,6 +840,30 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                 pump.cancel()
             followed.poller.untrack(followed.job_id)
             self._followed.pop(flow_run.id, None)
+
+    def job_output_logger(self, flow_run: "FlowRun"):
+        """The run's logger for its direct job's output lines (named apart from the
+        worker's own messages, so a successor can count what reached the logs)."""
+        from prefect.logging.loggers import flow_run_logger
+
+        return flow_run_logger(flow_run=flow_run).getChild(
+            JOB_OUTPUT_LOGGER, extra=dict(self.get_flow_run_logger(flow_run).extra))
+
+    async def _output_lines_shipped(self, flow_run_id: UUID) -> dict[str, int]:
+        """How many lines of job.out and job.err the run's logs hold."""
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        shipped = {"job.out": 0, "job.err": 0}
+        offset = 0
+        while True:
+            logs = await self.client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200, offset=offset)
+            for log in logs:
+                if log.name.rsplit(".", 1)[-1] == JOB_OUTPUT_LOGGER:
+                    shipped["job.err" if log.message.startswith(STDERR_PREFIX) else "job.out"] += 1
+            if len(logs) < 200:
+                return shipped
+            offset += len(logs)
 
     async def _propose_infrastructure_pending(self, flow_run: "FlowRun", message: str, logger) -> Optional[bool]:
         """True: the run shows the message; False: not this time (try again); None: the
@@ -1106,6 +1163,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             logger = self.get_flow_run_logger(run)
             logger.info(f"Worker {self.name!r} resumes following {scheduler_name} job {job_id}")
             followed = await self._start_following(run.id, job_id, configuration)
+            followed.extra["resumed"] = True  # its output may be partly in the logs already
             if run.state and run.state.type == StateType.CANCELLING:
                 followed.cancel_requested = True
                 followed.cancel_task = self._spawn(
