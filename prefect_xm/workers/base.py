@@ -578,6 +578,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         logger = self.get_flow_run_logger(flow_run)
         # kept until Prefect is done submitting the run (it records the job id after run()
         # hands it over): until then the run still counts as submitting
+        self._entered_run &= self._submitting_flow_run_ids
         self._entered_run.add(flow_run.id)
         run_env = {k: v for k, v in configuration.env.items() if v is not None}
         if configuration.execution == DIRECT:
@@ -800,7 +801,11 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         if direct:
             output = DirectOutput(self, flow_run, followed, self.job_output_logger(flow_run))
             if followed.extra.get("resumed"):
-                await output.skip_shipped(await self._output_lines_shipped(flow_run.id))
+                try:
+                    await output.skip_shipped(await self._output_lines_shipped(flow_run.id))
+                except Exception as e:  # following the job matters more than a repeated line
+                    logger.warning(f"could not tell which output lines are in the logs already "
+                                   f"({type(e).__name__}: {e}); shipping the output from its start")
         pump = self._spawn(output.follow(self.poll_interval)) if output else None
         try:
             status = followed.tracked.status
