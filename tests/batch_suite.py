@@ -387,12 +387,18 @@ class BatchWorkerSuite:
         request_cancel(*ids)
         wait_for(lambda: all_in("Cancelled"), 300, interval=2, what=f"{many} runs cancelled")
 
-    def test_worker_sigkilled_with_five_jobs_in_flight(self, env):
-        """Five jobs in flight when the worker dies. Two flows report Completed
-        themselves; the other three end in states only a worker can give them, so they
-        prove the replacement found and followed the jobs: two fail before Python starts
-        (Crashed), one is held in the queue and cancelled after the restart (its job
-        removed by the replacement)."""
+    def test_worker_killed_as_a_submit_answers_with_five_jobs_in_flight(self, env):
+        """The worker dies as its submit of a 3-trial sweep answers, before it records any
+        of the sweep's job ids, with five jobs in flight.
+
+        The five: two flows report Completed themselves; the other three end in states
+        only a worker can give them, so they prove the replacement found and followed the
+        jobs: two fail before Python starts (Crashed), one is held in the queue and
+        cancelled after the restart (its job removed by the replacement).
+        The sweep: the replacement finds its jobs (an array's tasks through their run
+        directories, a single job by its name) and follows them to the end; a run the dead
+        worker had not begun submitting goes back to the queue, and one it was submitting
+        that got no job is Crashed, saying so. Nothing is submitted twice."""
         h = env.h
         # The failing jobs wait for a gate the test opens only once the replacement
         # follows them, so they are certainly in flight when the worker dies.
@@ -401,6 +407,8 @@ class BatchWorkerSuite:
             f"for i in $(seq 600); do [ -e {gate} ] && break; sleep 1; done",
             "echo 'xm-suite: failing before python' >&2", "exit 3",
         ]}
+        # (the class's long run, submitted as the class starts, must not take the kill)
+        wait_for(lambda: run(read_run(env.timeout_run.id)).infrastructure_pid, 120, what="the long run submitted")
         submits_before = len(env.wrappers.calls(h.submit_command))
         # picked up together: the completing pair and the crashing pair are arrays where
         # the scheduler has them, and the replacement must re-attach to their tasks
@@ -409,11 +417,21 @@ class BatchWorkerSuite:
         held = run(start_run(env.deployments["sleeper"], {"seconds": 1}, h.hold_variables))
         runs = completing + crashing + [held]
         wait_for(lambda: all(run(read_run(r.id)).infrastructure_pid for r in runs), 120, what="5 jobs submitted")
-        env.worker.kill()
+        in_flight_submits = len(env.wrappers.calls(h.submit_command)) - submits_before
+        env.wrappers.kill_after(h.submit_command, env.worker.proc.pid)
+        command = ["sh", "-c", 'echo "trial $0 ran"']
+        sweep = run(start_runs_together(env.deployments["job"], [trial([*command, str(i)]) for i in range(3)],
+                                        env.job_variables))
+        wait_for(lambda: env.worker.proc.poll() is not None, 180, what="the worker to die after its submit")
+        if h.has_arrays:  # every trial reached its submit, none has its job id
+            frs = [run(read_run(r.id)) for r in sweep]
+            assert all(fr.state.name == "Submitting" and not fr.infrastructure_pid for fr in frs), frs
+        sweep_submits = len(env.wrappers.calls(h.submit_command)) - submits_before - in_flight_submits
         replacement = WorkerProcess(env.server, env.pool, h.worker_type, env.worker.workdir, name=env.worker.name,
                                     path_prefix=env.worker_path,
                                     XM_SUITE_WORKER_API_KEY=WORKER_CREDENTIAL,
-                                    XM_SUITE_WORKER_MARKER="xm-suite-marker").start()
+                                    XM_SUITE_WORKER_MARKER="xm-suite-marker",
+                                    PREFECT_XM_PENDING_GRACE="10").start()
         env.worker = replacement
         # (a quick flow may finish before the replacement looks: nothing left to follow)
         for r in crashing + [held]:
@@ -432,45 +450,9 @@ class BatchWorkerSuite:
             fr = wait_final(r.id, timeout=300)
             assert fr.state.type == StateType.CRASHED, fr.state
             assert "xm-suite: failing before python" in fr.state.message
-        # nothing submitted twice: one submit per job or array, whatever the restart did
-        frs = [run(read_run(r.id)) for r in runs]
-        jobs = {h.scheduler.array_of(job_id_of(fr)) or job_id_of(fr) for fr in frs}
-        assert len(env.wrappers.calls(h.submit_command)[submits_before:]) == len(jobs), jobs
-        for fr in frs:
-            if h.scheduler.array_of(job_id_of(fr)):
-                continue
-            named = h.jobs_named(f"{fr.name}-{fr.id}")
-            # (a removed job may already have left the scheduler's listing)
-            assert len(named) == 1 or (fr.id == held.id and not named), named
 
-    def test_worker_killed_between_submit_and_recording_the_job_ids(self, env):
-        """The worker dies as its submit command answers, before it records any job id.
-        Its replacement finds the jobs (an array's tasks through their run directories,
-        a single job by its name) and follows them to the end; a run the dead worker had
-        not begun submitting goes back to the queue, and one it was submitting that got
-        no job is Crashed, saying so. Nothing is submitted twice."""
-        h = env.h
-        # (the class's long run, submitted as the class starts, must not take the kill)
-        wait_for(lambda: run(read_run(env.timeout_run.id)).infrastructure_pid, 120, what="the long run submitted")
-        submits_before = len(env.wrappers.calls(h.submit_command))
-        env.wrappers.kill_after(h.submit_command, env.worker.proc.pid)
-        command = ["sh", "-c", 'echo "trial $0 ran"']
-        runs = run(start_runs_together(env.deployments["job"], [trial([*command, str(i)]) for i in range(3)],
-                                       env.job_variables))
-        wait_for(lambda: env.worker.proc.poll() is not None, 180, what="the worker to die after its submit")
-        if h.has_arrays:  # every run reached its submit, none has its job id
-            frs = [run(read_run(r.id)) for r in runs]
-            assert all(fr.state.name == "Submitting" and not fr.infrastructure_pid for fr in frs), frs
-        submitted = len(env.wrappers.calls(h.submit_command)) - submits_before
-        replacement = WorkerProcess(env.server, env.pool, h.worker_type, env.worker.workdir, name=env.worker.name,
-                                    path_prefix=env.worker_path,
-                                    XM_SUITE_WORKER_API_KEY=WORKER_CREDENTIAL,
-                                    XM_SUITE_WORKER_MARKER="xm-suite-marker",
-                                    PREFECT_XM_PENDING_GRACE="10").start()
-        env.worker = replacement
-        frs = [wait_final(r.id, timeout=300) for r in runs]
         found, rescheduled = [], []
-        for i, fr in enumerate(frs):
+        for i, fr in enumerate([wait_final(r.id, timeout=300) for r in sweep]):
             if "knows no job of it" in (fr.state.message or ""):
                 assert fr.state.type == StateType.CRASHED, fr.state
                 continue
@@ -480,16 +462,28 @@ class BatchWorkerSuite:
                 return f"trial {i} ran" in text and (
                     "submitted by a worker that died" in text or "scheduled again" in text) and text
 
-            text = wait_for(told, 60, what=f"run {i}'s logs")
+            text = wait_for(told, 60, what=f"trial {i}'s logs")
             (rescheduled if "scheduled again" in text else found).append(fr.id)
             assert fr.state.type == StateType.COMPLETED or (
                 not h.reports_exit_codes and "no exit_status reported" in fr.state.message), fr.state
         if h.has_arrays:
-            assert len(found) == 3 and submitted == 1, [fr.state for fr in frs]
+            assert len(found) == 3 and sweep_submits == 1, (found, rescheduled, sweep_submits)
         else:  # the submits in flight when the worker died may or may not have gone through
             assert found
-        # the replacement submitted only the runs that went back to the queue
-        assert len(env.wrappers.calls(h.submit_command)) - submits_before == submitted + len(rescheduled)
+
+        # nothing submitted twice: one submit per job or array, whatever the restart did;
+        # the replacement submitted only the trials that went back to the queue
+        frs = [run(read_run(r.id)) for r in runs]
+        jobs = {h.scheduler.array_of(job_id_of(fr)) or job_id_of(fr) for fr in frs}
+        assert in_flight_submits == len(jobs), jobs
+        assert len(env.wrappers.calls(h.submit_command)[submits_before:]) == (
+            in_flight_submits + sweep_submits + len(rescheduled))
+        for fr in frs:
+            if h.scheduler.array_of(job_id_of(fr)):
+                continue
+            named = h.jobs_named(f"{fr.name}-{fr.id}")
+            # (a removed job may already have left the scheduler's listing)
+            assert len(named) == 1 or (fr.id == held.id and not named), named
 
     # -- sweeps as arrays --------------------------------------------------------------
     def test_sweep_goes_as_one_array_each_task_its_own_run(self, env):
