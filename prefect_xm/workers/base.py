@@ -980,6 +980,11 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             )
         followed = next((f for f in self._followed.values() if f.job_id == job_id and f.configuration.cluster == cluster), None)
         array = self.scheduler_for(configuration).array_of(job_id)
+        if array and (cluster, array) in self._array_cancels:
+            # its whole array is being (or was) removed in one command; the task may
+            # already be unfollowed, having ended by it: no command of its own
+            await asyncio.shield(self._array_cancels[(cluster, array)])
+            return
         if followed and array:
             whole = await self._cancel_array_if_all_cancelling(cluster, array)
             if whole is not None:
