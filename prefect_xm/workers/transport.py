@@ -48,13 +48,14 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
+#: commands run at once on one SSH connection (sshd's MaxSessions is 10 by default,
+#: and the shared SFTP session takes one)
+COMMANDS_AT_ONCE = 8
+
 #: Names of the worker's own credentials (its Prefect API key, cloud tokens...). Scheduler
 #: commands run without them: qsub -V, HTCondor's getenv and bsub copy the submitting
 #: environment into the job's record, where other users can read it (qstat -j, qstat -f,
 #: condor_q -l). A run's own credentials reach its job through a 0600 file instead.
-#: commands run at once on one SSH connection (sshd's MaxSessions is 10 by default,
-#: and the shared SFTP session takes one)
-COMMANDS_AT_ONCE = 8
 CREDENTIAL_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|PASSPHRASE|AUTH|CREDENTIAL", re.IGNORECASE)
 
 
