@@ -103,6 +103,8 @@ ENV_FILE = "job.env"
 ARRAY_TASK_FILE = "array-task"
 #: files written at once when an array is prepared (SFTP requests in flight, over SSH)
 FILE_WRITES_AT_ONCE = 16
+#: states of a run whose job may still be live, that a worker may have to take over
+RECOVERABLE_STATES = frozenset({StateType.PENDING, StateType.RUNNING, StateType.CANCELLING})
 #: `execution` job variable: Prefect's flow engine on the node, or the job's program itself
 ENGINE, DIRECT = "engine", "direct"
 #: how much of a direct job's stdout/stderr one poll ships to the run's logs, per stream
@@ -1137,9 +1139,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self._work_pool.name])),
             flow_run_filter=FlowRunFilter(
                 state=FlowRunFilterState(
-                    type=FlowRunFilterStateType(
-                        any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
-                    )
+                    type=FlowRunFilterStateType(any_=list(RECOVERABLE_STATES))
                 )
             ),
         )
@@ -1151,6 +1151,18 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             owner = (run.labels or {}).get("prefect.worker.name")
             if owner and owner != self.name and owner in online:
                 continue  # a live worker follows it
+            # The list is a snapshot: a run we followed may have ended and been let go
+            # since (a Cancelling one would get a second removal of its own). Its state
+            # now, then our own books with no await between, tell whether it is orphaned.
+            try:
+                run = await self.client.read_flow_run(run.id)
+            except Exception as exc:
+                self._logger.warning("Cannot recover flow run %s: %s", run.id, exc)
+                continue
+            if run.state is None or run.state.type not in RECOVERABLE_STATES:
+                continue
+            if run.id in self._followed or run.id in self._submitting_flow_run_ids:
+                continue
             if not run.infrastructure_pid:
                 await self._adopt_unrecorded_submission(run)
                 continue
