@@ -130,6 +130,7 @@ def cmd_list(limit: Optional[int]) -> int:
     from rich.table import Table
 
     from prefect_xm.core.experiment import experiment_overview, list_experiments
+    from prefect_xm.core.launcher import GONE_MESSAGE
     from prefect_xm.core.runtime import Runtime
 
     table = Table(title="experiments", title_justify="left")
@@ -142,7 +143,8 @@ def cmd_list(limit: Optional[int]) -> int:
             counts[row["state"]] = counts.get(row["state"], 0) + 1
         wu_text = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "-"
         created = ov["created"].strftime("%Y-%m-%d %H:%M:%S") if ov["created"] else "-"
-        table.add_row(e.experiment_id, e.experiment_title, f"[{_style(ov['state'])}]{ov['state']}[/]",
+        state = ov["state"] + (" (launcher gone)" if ov["message"].startswith(GONE_MESSAGE) else "")
+        table.add_row(e.experiment_id, e.experiment_title, f"[{_style(ov['state'])}]{state}[/]",
                       wu_text, created, ov["duration"])
     _console().print(table)
     return 0

@@ -35,7 +35,7 @@ _SERVER_HOME = Path(tempfile.mkdtemp(prefix="pxm-prefect-home-"))
 
 
 def wait_for(
-    condition: Callable[[], T], timeout: float = 120.0, interval: float = 0.5, what: str = ""
+    condition: Callable[[], T], timeout: float = 120.0, interval: float = 1.0, what: str = ""
 ) -> T:
     """Poll `condition` until it returns something truthy; fail with `what` after `timeout`."""
     deadline = time.monotonic() + timeout
@@ -125,6 +125,10 @@ def prefect_server() -> PrefectServer:
         env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database[1]
         # The template has them (and our code's are the same: it names the template).
         env["PREFECT_API_BLOCKS_REGISTER_ON_START"] = "false"
+    # Loop services no test needs (no deployment schedules, no pauses): six servers share
+    # two cores with everything they serve, so an idle server's cycles are the suite's.
+    for service in ("SCHEDULER", "LATE_RUNS", "PAUSE_EXPIRATIONS"):
+        env[f"PREFECT_SERVER_SERVICES_{service}_ENABLED"] = "false"
     # The UI asks the server where its API is; without this it says 127.0.0.1:4200.
     env["PREFECT_SERVER_UI_API_URL"] = f"http://127.0.0.1:{port}/api"
     env.pop("PREFECT_API_URL", None)

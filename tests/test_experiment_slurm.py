@@ -113,3 +113,108 @@ def test_gang_failure_on_slurm_cancels_the_sleeper(slurm_pool, tmp_path):
         q = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
         return q.returncode != 0 or not q.stdout.strip() or q.stdout.strip() in ("CANCELLED", "COMPLETED", "FAILED")
     wait_for(gone, timeout=60, what=f"Slurm job {job_id} to leave the queue")
+
+
+
+LAUNCHER = '''
+import sys
+from prefect_xm import xm, xm_local
+
+pool, run_dir, identity = sys.argv[1:4]
+# held in the queue (released by the test): in flight without taking the node's CPUs
+executor = xm_local.Slurm(time="10:00", work_pool=pool,
+                          job_variables={"run_dir": run_dir, "extra_directives": ["--hold"]})
+with xm_local.create_experiment(experiment_title="reattach", identity=identity) as experiment:
+    print("EXPERIMENT", experiment.experiment_id, flush=True)
+    [exe] = experiment.package([xm.Packageable(xm.Command(["sh", "-c", 'echo "trial $0 ran"']),
+                                               xm_local.Slurm.Spec())])
+    for i in range(1, 21):
+        experiment.add(xm.Job(exe, executor, args=[str(i)]), identity=f"trial-{i}")
+print("DONE", experiment.experiment_id, len(experiment.work_units), flush=True)
+'''
+
+
+def test_a_killed_launcher_is_shown_gone_its_jobs_go_on_and_a_rerun_reattaches(slurm_pool, prefect_server, tmp_path):
+    """SIGKILL the launch script with 20 jobs in flight: the server marks the experiment
+    Crashed (no heartbeat), the worker still takes every job to its end, and running the
+    same script again re-attaches (nothing added or submitted twice) and ends it."""
+    import os
+    import signal
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    from conftest import wait_for
+    from prefect_xm.core.launcher import GONE_MESSAGE
+    from prefect_xm.workers.scheduler import Scheduler
+
+    pool, root = slurm_pool
+    script = tmp_path / "launch.py"
+    script.write_text(LAUNCHER)
+    argv = [sys.executable, str(script), pool, str(root / "runs"), f"reattach-{uuid.uuid4().hex[:8]}"]
+    env = prefect_server.env(PREFECT_XM_HEARTBEAT_SECONDS="4")  # gone after 12 s without one
+    exp_id = None
+
+    def launch(name):
+        log = tmp_path / f"{name}.log"
+        return subprocess.Popen(argv, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT), log
+
+    def runs(kind):
+        with get_client(sync_client=True) as c:
+            return c.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(
+                all_=[f"xm-experiment:{exp_id}", f"xm-kind:{kind}"])))
+
+    def experiment_run():
+        [run] = runs("experiment")
+        return run
+
+    def release(jobs):
+        ids = [Scheduler.parse_infrastructure_pid(j.infrastructure_pid)[2] for j in jobs]
+        subprocess.run(["scontrol", "release", ",".join(ids)], check=True, capture_output=True, timeout=60)
+
+    def work_unit(job):
+        return int(next(t for t in job.tags if t.startswith("xm-work-unit:")).split(":")[1])
+
+    first, log = launch("first")
+    launchers = [first]
+    try:
+        exp_id = wait_for(lambda: (lambda t: t.split("EXPERIMENT", 1)[1].split()[0] if "EXPERIMENT" in t else None)(
+            log.read_text()), 180, what="the launcher to create its experiment")
+        wait_for(lambda: len([j for j in runs("job") if j.infrastructure_pid]) == 20, 300, what="20 jobs submitted")
+        pids = {j.id: j.infrastructure_pid for j in runs("job")}
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(30)
+
+        gone = wait_for(lambda: (lambda r: r if r.state.is_crashed() else None)(experiment_run()), 180,
+                        what="the experiment marked Crashed (its launcher gone)")
+        assert gone.state.message.startswith(GONE_MESSAGE), gone.state
+        listed = subprocess.run([sys.executable, "-m", "prefect_xm.cli", "list"], env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert "launcher gone" in listed.stdout and exp_id in listed.stdout, listed.stdout + listed.stderr
+
+        # with no launcher at all, the worker takes jobs to their end
+        release([j for j in runs("job") if work_unit(j) <= 10])
+        wait_for(lambda: sum(j.state.is_completed() for j in runs("job")) == 10, 300, what="10 jobs completed")
+        assert not any(w.state.is_final() for w in runs("work-unit"))
+
+        second, log = launch("second")
+        launchers.append(second)
+        wait_for(lambda: "re-attached" in (experiment_run().state.message or ""), 180,
+                 what="the second launcher to re-attach")
+        release([j for j in runs("job") if work_unit(j) > 10])
+        assert second.wait(300) == 0, log.read_text()[-5000:]
+        assert f"DONE {exp_id} 20" in log.read_text()
+    finally:
+        for p in launchers:
+            if p.poll() is None:
+                p.kill()
+        for j in runs("job") if exp_id else []:  # a failed check must not leave held jobs behind
+            if j.infrastructure_pid and not j.state.is_final():
+                subprocess.run(["scancel", Scheduler.parse_infrastructure_pid(j.infrastructure_pid)[2]],
+                               capture_output=True, timeout=60)
+
+    jobs, wus = runs("job"), runs("work-unit")
+    assert len(jobs) == 20 and {j.id: j.infrastructure_pid for j in jobs} == pids  # nothing submitted again
+    assert all(j.state.is_completed() for j in jobs), [(j.name, j.state) for j in jobs]
+    assert len(wus) == 20 and all(w.state.is_completed() for w in wus), [(w.name, w.state) for w in wus]
+    assert experiment_run().state.is_completed(), experiment_run().state

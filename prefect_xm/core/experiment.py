@@ -55,6 +55,8 @@ TAG_EXPERIMENT_IDENTITY = "xm-experiment-identity:"
 TAG_WORK_UNIT = "xm-work-unit:"
 TAG_IDENTITY = "xm-identity:"
 TAG_JOB = "xm-job:"
+#: on a work unit's run: how many jobs it has (a launcher that died may have made fewer)
+TAG_JOB_COUNT = "xm-jobs:"
 
 
 
@@ -277,6 +279,9 @@ class WorkUnit:
         self.identity = identity
         self._task: Optional[asyncio.Task] = None  # the orchestration, when launched here
         self._link_task_run_id: Optional[UUID] = None
+        #: as read when the experiment was reopened: its state type, and its job count tag
+        self._loaded_state: Optional[str] = None
+        self._job_count: Optional[str] = None
         #: set once its flow run exists (or its creation failed: the error)
         self._created: Optional[asyncio.Future] = None
         self.creation_error: Optional[BaseException] = None
@@ -360,7 +365,7 @@ class WorkUnit:
 
 
 class _Member:
-    def __init__(self, key: str, job: Job, params: dict[str, Any]) -> None:
+    def __init__(self, key: str, job: Optional[Job], params: dict[str, Any]) -> None:
         self.key = key
         self.job = job
         self.params = params
@@ -369,9 +374,21 @@ class _Member:
         self.local_task: Optional[asyncio.Task] = None
         self.state_type = "PENDING"
         self.message = ""
+        #: for a member re-attached from its run (no Job at hand): whether it ran here
+        self._local: Optional[bool] = None
+
+    @classmethod
+    def from_run(cls, run) -> "_Member":
+        """A job of a work unit whose launcher died, as its run tells it."""
+        m = cls(_tag_value(run.tags, TAG_JOB) or str(run.id), None, dict(run.parameters or {}))
+        m.flow_run_id, m.link_id, m._local = run.id, run.parent_task_run_id, run.work_pool_name is None
+        m.state_type, m.message = _state_type(run), (run.state.message or "") if run.state else ""
+        return m
 
     @property
     def is_local(self) -> bool:
+        if self.job is None:
+            return bool(self._local)
         return self.job.executor.work_pool_name is None
 
 
@@ -402,6 +419,7 @@ class Experiment:
         self._watched: set[UUID] = set()
         self._snapshot: Optional[tuple[float, set[UUID], dict[UUID, Any]]] = None
         self._snapshot_task: Optional[asyncio.Future] = None
+        self._heartbeat: Optional[asyncio.Task] = None
 
     def __repr__(self) -> str:
         return f"Experiment(experiment_id={self.experiment_id!r}, title={self.experiment_title!r})"
@@ -425,6 +443,8 @@ class Experiment:
             ident_tag = next((t for t in run.tags if t.startswith(TAG_IDENTITY)), None)
             wu = WorkUnit(self, int(wid), dict(run.parameters or {}), run.id,
                           identity=ident_tag[len(TAG_IDENTITY):] if ident_tag else None)
+            wu._link_task_run_id = run.parent_task_run_id
+            wu._loaded_state, wu._job_count = _state_type(run), _tag_value(run.tags, TAG_JOB_COUNT)
             if wu.work_unit_id not in self._work_units:
                 self._work_units[wu.work_unit_id] = wu
                 if ident_tag:
@@ -532,7 +552,8 @@ class Experiment:
         # the background, so a sweep's adds run at Python speed (as in XManager).
         wid = self._next_id
         self._next_id += 1
-        tags = [TAG_XM, TAG_KIND + KIND_WORK_UNIT, TAG_EXPERIMENT + self.experiment_id, TAG_WORK_UNIT + str(wid)]
+        tags = [TAG_XM, TAG_KIND + KIND_WORK_UNIT, TAG_EXPERIMENT + self.experiment_id, TAG_WORK_UNIT + str(wid),
+                TAG_JOB_COUNT + str(len(members))]
         if ident_tag:
             tags.append(ident_tag)
         parameters = display_args if isinstance(display_args, dict) else {"args": display_args}
@@ -687,13 +708,13 @@ class Experiment:
             # Every creation is let finish before a failure is raised: a member created after
             # the cancellation below would be left Pending, never started and never cancelled.
             outcomes = [] if self._stopped else await asyncio.gather(
-                *(self._submit(wu, m) for m in members), return_exceptions=True)
+                *(self._submit(wu, m) for m in members if m.flow_run_id is None), return_exceptions=True)
         try:
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     raise outcome
             for m in members:
-                if m.is_local:
+                if m.is_local and m.job is not None:
                     m.local_task = asyncio.ensure_future(self._start_local(m))
             ids = [m.flow_run_id for m in members] + [wu.flow_run_id]
             while True:
@@ -925,6 +946,10 @@ class Experiment:
     async def _finish_run(self, stop_reason: Optional[str] = None) -> str:
         state = await self._final_state(stop_reason)
         client = await _client()
+        if self._heartbeat is not None:
+            # (before the final state: a beat after it would start a wait for the next one)
+            self._heartbeat.cancel()
+            self._heartbeat = None
         await client.set_flow_run_state(self.flow_run_id, state, force=True)
         self._summary_dirty = True
         await self._update_summary()
@@ -962,14 +987,73 @@ class Experiment:
                 await self._finish_run()
 
     async def _reopen(self) -> None:
+        """Opens the experiment for this launcher. Work units a dead launcher left
+        unfinished are re-attached: their jobs (which went on) are watched from here."""
         from prefect.states import Running
+
+        from prefect_xm.core import launcher
 
         client = await _client()
         run = await client.read_flow_run(self.flow_run_id)
-        if _state_type(run) != "RUNNING":
+        await self._load()
+        window = launcher.gone_after_seconds()
+        orphans = [wu for wu in self._work_units.values()
+                   if wu._task is None and wu._loaded_state is not None and wu._loaded_state not in _FINAL]
+        if orphans and _state_type(run) not in _FINAL:
+            try:
+                beat = await launcher.last_beat(client, self.flow_run_id)
+            except Exception as e:  # no events API: a re-run is far likelier a restart than a twin
+                log.warning("cannot read experiment %s's launcher heartbeats (%s: %s); re-attaching its "
+                            "unfinished work units", self.experiment_id, type(e).__name__, e)
+                beat = None
+            if beat is not None and beat.is_alive(window):
+                log.warning("experiment %s is driven by a live launcher (host %s, pid %s): this one only adds "
+                            "work units", self.experiment_id, beat.host, beat.pid)
+                orphans = []
+        if orphans:
+            message = (f"re-attached: {len(orphans)} unfinished work unit(s) of a launcher that is gone, "
+                       f"now watched by pid {os.getpid()}")
+            await client.set_flow_run_state(self.flow_run_id, Running(message=message), force=True)
+            log.info("experiment %s: %s", self.experiment_id, message)
+        elif _state_type(run) != "RUNNING":
             await client.set_flow_run_state(self.flow_run_id, Running(message="reopened"), force=True)
         self._stopped = False
-        await self._load()
+        try:
+            await launcher.ensure_gone_automation(client, window)
+        except Exception as e:  # the experiment runs without it; only a dead launcher goes unseen
+            log.warning("cannot set up the automation that marks experiments whose launcher is gone "
+                        "(%s: %s)", type(e).__name__, e)
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.ensure_future(
+                launcher.keep_beating(self.flow_run_id, launcher.heartbeat_seconds(), window))
+        for wu in orphans:
+            wu._task = asyncio.ensure_future(self._reattach(wu))
+
+    async def _reattach(self, wu: WorkUnit) -> None:
+        """Drives a work unit whose launcher died, from its jobs' runs: pool jobs went on
+        (their workers follow them); a Local job died with its launcher or lost it."""
+        from prefect.states import Crashed
+
+        client = await _client()
+        runs = await _read_runs(client, tags=[TAG_KIND + KIND_JOB, TAG_EXPERIMENT + self.experiment_id,
+                                              TAG_WORK_UNIT + str(wu.work_unit_id)])
+        members = [_Member.from_run(r) for r in runs]
+        for m in members:
+            if m.is_local and m.state_type not in _FINAL:
+                m.state_type = "CRASHED"
+                m.message = "its launcher died while it ran in it (a Local job cannot be re-attached)"
+                await client.set_flow_run_state(m.flow_run_id, Crashed(message=m.message), force=True)
+        expected = int(wu._job_count) if wu._job_count and wu._job_count.isdigit() else len(members)
+        if len(members) < expected:
+            # The gang is incomplete and its missing jobs are unknown here: stop the rest.
+            message = (f"its launcher died after creating {len(members)} of its {expected} jobs; "
+                       f"the others were never submitted")
+            await self._cancel_members(members, message)
+            await client.set_flow_run_state(wu.flow_run_id, Crashed(message=message), force=True)
+            await _finish_task_run(client, wu._link_task_run_id, "CRASHED", message)
+            self._mark_summary_dirty()
+            return
+        await self._run_work_unit(wu, members)
 
     def __enter__(self) -> "Experiment":
         _install_sigterm_handler()
