@@ -55,3 +55,25 @@ async def test_a_run_that_ended_while_the_recovery_pass_looked_is_not_taken_over
                 task.cancel()
             for poller in worker._pollers.values():
                 await poller.close()
+
+
+async def test_reads_of_the_pools_runs_go_past_the_apis_page(prefect_server, monkeypatch):
+    """The server answers a page of runs per request (200 by default): recovery and the
+    cancel watch of a 1,000-task sweep must see them all, not the first page."""
+    from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
+
+    from prefect_xm.workers import base
+
+    async with get_client() as client:
+        pool = await client.create_work_pool(WorkPoolCreate(
+            name=f"paging-{uuid4().hex[:8]}", type="xm-slurm",
+            base_job_template=SlurmWorker.get_default_base_job_template()))
+        flow_id = await client.create_flow(_job)
+        deployment_id = await client.create_deployment(flow_id, "paging", work_pool_name=pool.name)
+        created = {(await client.create_flow_run_from_deployment(deployment_id)).id for _ in range(5)}
+        worker = SlurmWorker(work_pool_name=pool.name)
+        worker._client = client
+        monkeypatch.setattr(base, "API_PAGE", 2)
+        runs = await worker._read_all_flow_runs(
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool.name])))
+        assert {r.id for r in runs} == created and len(runs) == 5

@@ -103,6 +103,8 @@ ENV_FILE = "job.env"
 ARRAY_TASK_FILE = "array-task"
 #: files written at once when an array is prepared (SFTP requests in flight, over SSH)
 FILE_WRITES_AT_ONCE = 16
+#: flow runs per read (the server's default page, PREFECT_API_DEFAULT_LIMIT)
+API_PAGE = 200
 #: states of a run whose job may still be live, that a worker may have to take over
 RECOVERABLE_STATES = frozenset({StateType.PENDING, StateType.RUNNING, StateType.CANCELLING})
 #: `execution` job variable: Prefect's flow engine on the node, or the job's program itself
@@ -1059,7 +1061,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         ids = [run_id for run_id, f in self._followed.items() if not f.cancel_requested]
         if not ids:
             return
-        runs = await self.client.read_flow_runs(
+        runs = await self._read_all_flow_runs(
             flow_run_filter=FlowRunFilter(
                 id=FlowRunFilterId(any_=ids),
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING])),
@@ -1094,7 +1096,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                    and not f.tracked.is_final]
         if len(members) < 2:
             return None
-        runs = await self.client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        runs = await self._read_all_flow_runs(flow_run_filter=FlowRunFilter(
             id=FlowRunFilterId(any_=[m.flow_run_id for m in members]),
             state=FlowRunFilterState(type=FlowRunFilterStateType(
                 any_=[StateType.CANCELLING, StateType.CANCELLED]))))
@@ -1131,11 +1133,26 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             member.tracked.cancelled = True
         members[0].poller.poll_soon()
 
+    async def _read_all_flow_runs(self, **filters: Any) -> list["FlowRun"]:
+        """Every run the filters match: the API answers at most a page per request (200
+        by default), and a 1,000-task sweep is more than a page."""
+        from prefect.client.schemas.sorting import FlowRunSort
+
+        runs: dict[UUID, "FlowRun"] = {}
+        offset = 0
+        while True:
+            page = await self.client.read_flow_runs(**filters, sort=FlowRunSort.ID_DESC,
+                                                    limit=API_PAGE, offset=offset)
+            runs.update((r.id, r) for r in page)  # (a run moved between pages is read once)
+            if len(page) < API_PAGE:
+                return list(runs.values())
+            offset += API_PAGE
+
     async def recover_runs(self) -> list[UUID]:
         """Find this pool's runs whose jobs nobody follows (their worker died or was
         restarted) and follow them to the end. Never submits anything."""
         assert self._work_pool is not None
-        runs = await self.client.read_flow_runs(
+        runs = await self._read_all_flow_runs(
             work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self._work_pool.name])),
             flow_run_filter=FlowRunFilter(
                 state=FlowRunFilterState(
