@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import re
 import sys
 import threading
@@ -43,8 +44,6 @@ def main() -> None:
             time.sleep(1)
             with open(path + ".tmp", "w") as f:
                 json.dump(dict(counts), f)
-            import os
-
             os.replace(path + ".tmp", path)
 
     threading.Thread(target=dump, daemon=True).start()
