@@ -83,7 +83,9 @@ class WorkerProcess:
         env = self.server.env(**{
             "PREFECT_XM_POLL_INTERVAL": "1",
             "PREFECT_XM_RECOVERY_INTERVAL": "5",
-            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            # Each query is a write on the server (the pool's and queue's last poll): at 1 s
+            # an idle worker cost its server 5% of a core, and the suite runs a dozen.
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
             "PREFECT_WORKER_PREFETCH_SECONDS": "0",
             "PREFECT_WORKER_ENABLE_CANCELLATION": "true",
             **self.extra_env,  # a test's (or a benchmark's) own settings win
