@@ -38,7 +38,13 @@ from prefect_xm.core.resources import (
     mCPU,
     vCPU,
 )
-from prefect_xm.core.status import ExperimentUnitStatus
+from prefect_xm.core.status import (
+    ExperimentUnitError,
+    ExperimentUnitFailedError,
+    ExperimentUnitNotCompletedError,
+    ExperimentUnitStatus,
+    NotFoundError,
+)
 
 # XManager spells some specs as factory functions too.
 binary = Binary
@@ -49,7 +55,8 @@ ExperimentUnit = WorkUnit
 
 __all__ = [
     "Binary", "Command", "CommandList", "Container", "Executable", "ExecutableSpec", "Executor",
-    "ExecutorSpec", "Experiment", "ExperimentUnit", "ExperimentUnitStatus", "GB", "GiB", "Job",
+    "ExecutorSpec", "Experiment", "ExperimentUnit", "ExperimentUnitError", "ExperimentUnitFailedError",
+    "ExperimentUnitNotCompletedError", "ExperimentUnitStatus", "NotFoundError", "GB", "GiB", "Job",
     "JobGeneratorType", "JobGroup", "JobRequirements", "JobType", "KB", "KiB", "MB", "MiB",
     "ModuleName", "Packageable", "PythonContainer", "ResourceType", "SequentialArgs", "TB", "TiB",
     "UserArgs", "WorkUnit", "WorkUnitStatus", "binary", "container", "get_args_for_all_jobs",

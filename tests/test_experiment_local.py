@@ -337,6 +337,39 @@ def test_stopping_a_work_unit_cancels_every_member(api, tmp_path):
         wait_for(lambda: not _pid_alive(pid), timeout=30, what=f"process {pid} to be gone")
 
 
+def test_wait_until_complete_raises_xmanagers_errors_and_stop_marks_how_a_unit_ends(api, tmp_path):
+    """As XManager: a failed unit raises ExperimentUnitFailedError, a stopped one
+    ExperimentUnitNotCompletedError (both ExperimentUnitError, naming the unit); stop()
+    takes mark_as_failed / mark_as_completed and a message."""
+    from prefect_xm import xm, xm_local
+
+    sleep = "import time; time.sleep(300)"
+    with xm_local.create_experiment(experiment_title="xm-errors") as experiment:
+        [exe] = experiment.package([xm.Packageable(xm.Binary(PY), xm_local.Local.Spec())])
+        failing = experiment.add(xm.Job(exe, xm_local.Local(), args=["-c", "import sys; sys.exit(3)"]))
+        stopped, failed, completed = (experiment.add(xm.Job(exe, xm_local.Local(), args=["-c", sleep]))
+                                      for _ in range(3))
+        for wu in (stopped, failed, completed):
+            wait_for(lambda wu=wu: wu.get_status().is_running, timeout=120, what="the sleeper to run")
+        with pytest.raises(ValueError, match="exclusive"):
+            stopped.stop(mark_as_failed=True, mark_as_completed=True)
+        stopped.stop()
+        failed.stop(mark_as_failed=True, message="diverged: loss is nan")
+        completed.stop(mark_as_completed=True, message="early stopping: good enough")
+        with pytest.raises(xm.ExperimentUnitFailedError, match="exited with code 3") as raised:
+            failing.wait_until_complete()
+        assert raised.value.work_unit is failing and isinstance(raised.value, xm.ExperimentUnitError)
+        with pytest.raises(xm.ExperimentUnitNotCompletedError) as raised:
+            stopped.wait_until_complete()
+        assert raised.value.work_unit is stopped and stopped.get_status().is_cancelled
+        with pytest.raises(xm.ExperimentUnitFailedError, match="diverged: loss is nan"):
+            failed.wait_until_complete()
+        assert completed.wait_until_complete() is completed
+        assert completed.get_status().message == "early stopping: good enough"
+    jobs = _runs("xm-kind:job", f"xm-experiment:{experiment.experiment_id}")
+    assert sorted(j.state.type.value for j in jobs) == ["CANCELLED"] * 3 + ["FAILED"]
+
+
 def test_job_finishing_while_its_state_is_read_is_not_taken_for_a_crash(api, monkeypatch):
     """The work unit's watcher reads its jobs' states, then checks whether their in-process
     engines have ended. An engine that ends while the read is in flight is absent from
@@ -458,8 +491,8 @@ async def test_async_launch_script_with_a_job_generator(api, tmp_path):
 
         wu = await experiment.add(make_job, args={"lr": 0.5, "steps": 3})
         plain = await experiment.add(xm.Job(exe, xm_local.Local(), args={"lr": 0.1}))
-        status = await wu.wait_until_complete()
-        assert status.is_completed, status
+        assert await wu.wait_until_complete() is wu  # XManager's: the unit itself
+        assert wu.get_status().is_completed
         assert wu.args == {"lr": 0.5, "steps": 3}
     assert plain.get_status().is_completed
     jobs = _runs("xm-kind:job", f"xm-experiment:{experiment.experiment_id}", "xm-work-unit:1")

@@ -61,10 +61,10 @@ def test_python_module_in_a_base_image_runs_with_the_images_python(apptainer, tm
 
 def test_command_list_in_a_base_image_keeps_args_out_of_the_shell_text(apptainer, tmp_path):
     args = hostile(tmp_path)
-    argv, _ = build_argv({"kind": "commands", "commands": ["./pre.sh", 'python3 -m cifar10 "$@"'],
+    argv, _ = build_argv({"kind": "commands", "commands": ["./pre.sh", "python3 -m cifar10"],
                           "image": "docker://pytorch"}, args)
     assert argv == [str(apptainer), "exec", "docker://pytorch",
-                    "sh", "-c", './pre.sh\npython3 -m cifar10 "$@"', "xm-entrypoint", *args]
+                    "bash", "-c", './pre.sh\npython3 -m cifar10 "$@"', "xm-entrypoint", *args]
 
 
 def test_singularity_when_there_is_no_apptainer(tmp_path, monkeypatch):

@@ -62,3 +62,59 @@ def test_only_servers_on_this_machine_get_the_transport(url, local):
     with temporary_settings({PREFECT_API_URL: url}):
         settings = runtime.local_server_httpx_settings()
     assert (settings is not None) == local
+
+
+class _Concurrency(httpx.AsyncBaseTransport):
+    """Answers 503 to the first request, then 200s that take a while, recording how many
+    writes and reads were in flight at once."""
+
+    def __init__(self) -> None:
+        self.first = True
+        self.in_flight = {"write": 0, "read": 0}
+        self.most = {"write": 0, "read": 0}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.first:
+            self.first = False
+            return httpx.Response(503)
+        kind = "write" if runtime._writes(request) else "read"
+        self.in_flight[kind] += 1
+        self.most[kind] = max(self.most[kind], self.in_flight[kind])
+        await asyncio.sleep(0.05)
+        self.in_flight[kind] -= 1
+        return httpx.Response(201)
+
+
+def _requests_at_once(after_a_conflict: bool) -> dict[str, int]:
+    inner = _Concurrency()
+    inner.first = after_a_conflict
+
+    async def burst():
+        async with httpx.AsyncClient(transport=runtime._RetryLockConflicts(inner), base_url="http://127.0.0.1:1") as c:
+            if after_a_conflict:
+                await c.post("/api/flow_runs/", json={})
+            await asyncio.gather(*[c.post("/api/flow_runs/", json={}) for _ in range(8)],
+                                 *[c.patch(f"/api/flow_runs/{i}", json={}) for i in range(4)],
+                                 *[c.post("/api/flow_runs/filter", json={}) for _ in range(4)],
+                                 *[c.get("/api/flow_runs/x") for _ in range(4)])
+
+    asyncio.run(burst())
+    return inner.most
+
+
+def test_after_a_conflict_writes_go_one_at_a_time_and_reads_stay_concurrent():
+    assert _requests_at_once(after_a_conflict=True) == {"write": 1, "read": 8}
+
+
+def test_a_server_that_never_conflicts_gets_concurrent_writes():
+    assert _requests_at_once(after_a_conflict=False)["write"] == 12
+
+
+def test_reads_and_writes_of_prefects_api():
+    def writes(method, path):
+        return runtime._writes(httpx.Request(method, f"http://127.0.0.1:1{path}"))
+
+    assert writes("POST", "/api/flow_runs/") and writes("POST", "/api/flow_runs/x/set_state")
+    assert writes("PATCH", "/api/flow_runs/x") and writes("DELETE", "/api/flow_runs/x")
+    assert not writes("POST", "/api/flow_runs/filter") and not writes("POST", "/api/task_runs/count/")
+    assert not writes("GET", "/api/flow_runs/x")

@@ -121,8 +121,22 @@ def test_job_runner_argv_never_uses_a_shell_for_args(tmp_path):
     assert argv == ["/bin/echo", "$(touch x)", "a;b"]
     argv, env = build_argv({"kind": "module", "module": "m", "path": str(tmp_path)}, ["--x=1"])
     assert argv[1:] == ["-m", "m", "--x=1"] and env["PYTHONPATH"].startswith(str(tmp_path))
-    argv, _ = build_argv({"kind": "commands", "commands": ["echo hi", 'echo "$@"']}, ["`id`"])
-    assert argv == ["sh", "-c", 'echo hi\necho "$@"', "xm-entrypoint", "`id`"]
+    argv, _ = build_argv({"kind": "commands", "commands": ["echo hi", "echo"]}, ["`id`"])
+    assert argv == ["bash", "-c", 'echo hi\necho "$@"', "xm-entrypoint", "`id`"]
+
+
+def test_a_command_lists_last_command_gets_the_jobs_args_as_in_xmanager(tmp_path):
+    """XManager's entrypoint.sh is the commands with ` $@` after the last: the job's args
+    reach the last command (quoted here, so each arg stays one word, as given)."""
+    import subprocess
+
+    from prefect_xm.flows.job_runner import build_argv
+
+    args = ["--lr=0.1", "two words", "$(touch pwned)", "`id`"]
+    argv, _ = build_argv({"kind": "commands", "commands": ["cd /", "printf '%s\\n'"]}, args)
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, check=True).stdout
+    assert out.splitlines() == args
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------ executors

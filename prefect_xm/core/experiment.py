@@ -41,7 +41,12 @@ from prefect_xm.core.job_blocks import (
     package_spec,
 )
 from prefect_xm.core.runtime import Runtime, dual, in_event_loop
-from prefect_xm.core.status import ExperimentUnitStatus
+from prefect_xm.core.status import (
+    ExperimentUnitError,
+    ExperimentUnitFailedError,
+    ExperimentUnitNotCompletedError,
+    ExperimentUnitStatus,
+)
 
 log = logging.getLogger("prefect_xm")
 
@@ -285,6 +290,8 @@ class WorkUnit:
         #: set once its flow run exists (or its creation failed: the error)
         self._created: Optional[asyncio.Future] = None
         self.creation_error: Optional[BaseException] = None
+        #: how a stop() asked it to end (XManager's mark_as_failed/completed): state type, message
+        self._stop_mark: Optional[tuple[str, str]] = None
 
     async def _run_id(self) -> UUID:
         """Its flow run's id, once the background creation has made it; the creation's
@@ -336,22 +343,47 @@ class WorkUnit:
                 return status
             await asyncio.sleep(POLL_SECONDS)
 
-    def wait_until_complete(self) -> Any:
-        """Waits until the work unit is final; returns its ExperimentUnitStatus (awaitable in async code)."""
-        return dual(self._wait)
+    async def _wait_completed(self) -> "WorkUnit":
+        try:
+            status = await self._wait()
+        except RuntimeError as e:  # its creation failed
+            raise ExperimentUnitError(f"work unit {self.work_unit_id} could not be created: {e}",
+                                      work_unit=self) from e
+        if status.is_completed:
+            return self
+        error = ExperimentUnitFailedError if status.is_failed else ExperimentUnitNotCompletedError
+        raise error(f"work unit {self.work_unit_id} {status}", work_unit=self)
 
-    async def _request_stop(self, reason: str = "stopped by the user") -> None:
+    def wait_until_complete(self) -> Any:
+        """Waits until the work unit is final and returns it, as XManager does (awaitable
+        in async code); raises ExperimentUnitFailedError when a job failed and
+        ExperimentUnitNotCompletedError when it was stopped. `get_status()` tells more."""
+        return dual(self._wait_completed)
+
+    async def _request_stop(self, reason: str = "stopped by the user", mark: Optional[str] = None) -> None:
         from prefect.states import Cancelling
 
+        if mark is not None:
+            if self._task is None:
+                raise ValueError(
+                    f"stop(mark_as_{mark.lower()}=True) on work unit {self.work_unit_id}: only the launch "
+                    "script driving it can mark how it ends; stop() without it cancels it from here")
+            self._stop_mark = (mark, reason)
         client = await _client()
         run_id = await self._run_id()
         run = await client.read_flow_run(run_id)
         if _state_type(run) not in _FINAL:
             await client.set_flow_run_state(run_id, Cancelling(message=reason), force=True)
 
-    def stop(self) -> Any:
-        """Cancels the work unit (every member job)."""
-        return dual(self._request_stop)
+    def stop(self, *, mark_as_failed: bool = False, mark_as_completed: bool = False,
+             message: Optional[str] = None) -> Any:
+        """Cancels the work unit's jobs, as XManager's `stop`: the unit ends Cancelled, or
+        Failed / Completed when marked so, with `message` as its state's message. Returns
+        once the request is made (awaitable in async code); `wait_until_complete()` waits."""
+        if mark_as_failed and mark_as_completed:
+            raise ValueError("stop(): mark_as_failed and mark_as_completed are exclusive, both are True")
+        mark = "FAILED" if mark_as_failed else "COMPLETED" if mark_as_completed else None
+        return dual(lambda: self._request_stop(message or "stopped by the user", mark))
 
     async def _job_runs(self):
         client = await _client()
@@ -744,7 +776,7 @@ class Experiment:
                 if wu_state in ("CANCELLING", "CANCELLED") or self._stopped:
                     reason = f"work unit {wu.work_unit_id} was cancelled"
                     await self._cancel_members(members, reason)
-                    final_type, message = "CANCELLED", reason
+                    final_type, message = wu._stop_mark or ("CANCELLED", reason)
                     break
                 bad = [m for m in members if m.state_type in ("FAILED", "CRASHED")]
                 if bad:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 ACTIVE = {"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"}
 FAILED = {"FAILED", "CRASHED"}
@@ -51,3 +50,23 @@ class ExperimentUnitStatus:
 
     def __str__(self) -> str:
         return f"{self.state_name}" + (f": {self.message}" if self.message else "")
+
+
+class ExperimentUnitError(RuntimeError):
+    """A work unit could not be completed (XManager's name); ``work_unit`` is the unit."""
+
+    def __init__(self, message: object, *, work_unit: object = None) -> None:
+        super().__init__(message)
+        self.work_unit = work_unit
+
+
+class ExperimentUnitFailedError(ExperimentUnitError):
+    """A job of the work unit failed (or crashed)."""
+
+
+class ExperimentUnitNotCompletedError(ExperimentUnitError):
+    """The work unit ended neither running nor completed: stopped by a user, for example."""
+
+
+class NotFoundError(KeyError):
+    """An experiment or work unit that does not exist."""

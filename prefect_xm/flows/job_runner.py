@@ -10,7 +10,7 @@ Parameters (what ``Executable.runner_parameters`` produces):
 
 - ``executable``: ``{"kind": "command", "command": [...]}``,
   ``{"kind": "module", "module": "pkg.mod", "path": "/code", "image": optional}``,
-  ``{"kind": "commands", "commands": ["sh line", ...], "path": ..., "image": optional}``
+  ``{"kind": "commands", "commands": ["bash line", ...], "path": ..., "image": optional}``
   or ``{"kind": "container", "image": "docker://alpine:3"}``;
 - ``args``: the argv tail, already rendered from XManager-style args;
 - ``env``: extra environment variables for the program;
@@ -100,8 +100,10 @@ def build_argv(executable: dict[str, Any], args: list[str], *, on_node: bool = F
             commands = executable.get("commands")
             if not commands:
                 raise JobSpecError("executable.commands is required for kind 'commands'")
-            # The user's own shell lines; args are positional parameters ("$@"), never text.
-            inner = ["sh", "-c", "\n".join(commands), "xm-entrypoint"]
+            # The user's own bash lines, as XManager's entrypoint.sh runs them: the job's
+            # args appended to the last command. They are positional parameters ("$@",
+            # quoted: each arg one word), never text the shell reads.
+            inner = ["bash", "-c", "\n".join(commands) + ' "$@"', "xm-entrypoint"]
         if runtime:
             bind = ["--bind", path, "--pwd", path] if path else []
             return [runtime, "exec", *bind, image, *inner] + args, extra_env
