@@ -46,6 +46,20 @@ from prefect_xm.core.status import (
     NotFoundError,
 )
 
+
+
+def run_in_asyncio_loop(f):
+    """XManager's decorator for an async `main`: calling it runs the coroutine to its end."""
+    import asyncio
+    import functools
+
+    @functools.wraps(f)
+    def decorated(*args, **kwargs):
+        return asyncio.run(f(*args, **kwargs))
+
+    return decorated
+
+
 # XManager spells some specs as factory functions too.
 binary = Binary
 container = Container
@@ -60,5 +74,5 @@ __all__ = [
     "JobGeneratorType", "JobGroup", "JobRequirements", "JobType", "KB", "KiB", "MB", "MiB",
     "ModuleName", "Packageable", "PythonContainer", "ResourceType", "SequentialArgs", "TB", "TiB",
     "UserArgs", "WorkUnit", "WorkUnitStatus", "binary", "container", "get_args_for_all_jobs",
-    "mCPU", "merge_args", "python_container", "to_argv", "vCPU",
+    "mCPU", "merge_args", "python_container", "run_in_asyncio_loop", "to_argv", "vCPU",
 ]

@@ -349,6 +349,7 @@ def test_wait_until_complete_raises_xmanagers_errors_and_stop_marks_how_a_unit_e
         failing = experiment.add(xm.Job(exe, xm_local.Local(), args=["-c", "import sys; sys.exit(3)"]))
         stopped, failed, completed = (experiment.add(xm.Job(exe, xm_local.Local(), args=["-c", sleep]))
                                       for _ in range(3))
+        assert experiment.work_unit_count == 4
         for wu in (stopped, failed, completed):
             wait_for(lambda wu=wu: wu.get_status().is_running, timeout=120, what="the sleeper to run")
         with pytest.raises(ValueError, match="exclusive"):

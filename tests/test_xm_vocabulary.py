@@ -183,3 +183,18 @@ def test_job_variables_are_checked_against_the_pool_schema():
         validate_job_variables("hpc", {"gpus": "two"}, props)
     with pytest.raises(ValueError, match="gpus"):
         validate_job_variables("hpc", {"gpus": True}, props)
+
+
+def test_xmanagers_small_helpers():
+    import types
+
+    from prefect_xm import xm
+    from prefect_xm.core.experiment import WorkUnit
+
+    @xm.run_in_asyncio_loop
+    async def main(a, b=1):
+        return a + b
+
+    assert main(1, b=2) == 3 and main.__name__ == "main"
+    wu = WorkUnit(types.SimpleNamespace(experiment_id="17"), 3, {}, None)
+    assert wu.get_full_job_name("trainer") == "17_3_trainer"

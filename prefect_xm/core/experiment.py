@@ -312,6 +312,10 @@ class WorkUnit:
     def experiment_unit_name(self) -> str:
         return f"{self.experiment_id}_{self.work_unit_id}"
 
+    def get_full_job_name(self, job_name: str) -> str:
+        """A job's full name, as XManager spells it: `<experiment id>_<work unit id>_<job>`."""
+        return f"{self.experiment_unit_name}_{job_name}"
+
     def __repr__(self) -> str:
         return f"WorkUnit(experiment_id={self.experiment_id!r}, work_unit_id={self.work_unit_id}, args={self.args!r})"
 
@@ -490,6 +494,11 @@ class Experiment:
         if not self._loaded and not in_event_loop():
             Runtime.get().run(self._load())
         return dict(sorted(self._work_units.items()))
+
+    @property
+    def work_unit_count(self) -> int:
+        """How many work units the experiment has (XManager's name)."""
+        return len(self.work_units)
 
     # ---------------------------------------------------------------- package / add
 
