@@ -24,6 +24,14 @@ from prefect_xm.core.job_blocks import (
     PythonContainer,
     get_args_for_all_jobs,
 )
+from prefect_xm.core.packagables import (
+    bazel_binary,
+    bazel_container,
+    binary,
+    container,
+    dockerfile_container,
+    python_container,
+)
 from prefect_xm.core.resources import (
     GB,
     KB,
@@ -60,10 +68,6 @@ def run_in_asyncio_loop(f):
     return decorated
 
 
-# XManager spells some specs as factory functions too.
-binary = Binary
-container = Container
-python_container = PythonContainer
 WorkUnitStatus = ExperimentUnitStatus
 ExperimentUnit = WorkUnit
 
@@ -73,6 +77,7 @@ __all__ = [
     "ExperimentUnitNotCompletedError", "ExperimentUnitStatus", "NotFoundError", "GB", "GiB", "Job",
     "JobGeneratorType", "JobGroup", "JobRequirements", "JobType", "KB", "KiB", "MB", "MiB",
     "ModuleName", "Packageable", "PythonContainer", "ResourceType", "SequentialArgs", "TB", "TiB",
-    "UserArgs", "WorkUnit", "WorkUnitStatus", "binary", "container", "get_args_for_all_jobs",
+    "UserArgs", "WorkUnit", "WorkUnitStatus", "bazel_binary", "bazel_container", "binary", "container",
+    "dockerfile_container", "get_args_for_all_jobs",
     "mCPU", "merge_args", "python_container", "run_in_asyncio_loop", "to_argv", "vCPU",
 ]

@@ -198,3 +198,30 @@ def test_xmanagers_small_helpers():
     assert main(1, b=2) == 3 and main.__name__ == "main"
     wu = WorkUnit(types.SimpleNamespace(experiment_id="17"), 3, {}, None)
     assert wu.get_full_job_name("trainer") == "17_3_trainer"
+
+
+def test_xmanagers_factory_functions_make_packageables_with_its_signatures(tmp_path):
+    """`xm.python_container(executor_spec=..., path=..., ...)` and friends, keyword for
+    keyword as in XManager's packagables.py (they were the spec classes: a TypeError)."""
+    from prefect_xm import xm, xm_local
+    from prefect_xm.core.job_blocks import package_spec
+
+    (tmp_path / "cifar10.py").write_text("")
+    spec = xm_local.Local.Spec()
+    p = xm.python_container(executor_spec=spec, path=str(tmp_path), base_image="python:3.11",
+                            docker_instructions=["RUN true"], entrypoint=xm.ModuleName("cifar10"),
+                            use_deep_module=False, args={"platform": "cpu"}, env_vars={"A": "1"})
+    assert isinstance(p, xm.Packageable) and isinstance(p.executable_spec, xm.PythonContainer)
+    assert p.executor_spec is spec and p.env_vars == {"A": "1"}
+    exe = package_spec(p)
+    assert exe.kind == "module" and exe.args.to_list() == ["--platform=cpu"]
+    b = xm.binary(spec, "/bin/echo", args=["hi"])
+    assert b.executable_spec.path == "/bin/echo" and package_spec(b).command == ["/bin/echo"]
+    c = xm.container(executor_spec=spec, image_path="docker://alpine:3")
+    assert c.executable_spec.image_path == "docker://alpine:3"
+    for make, target in ((lambda: xm.bazel_binary(spec, "//cifar:train"), "//cifar:train"),
+                         (lambda: xm.bazel_container(spec, label="//cifar:image.tar"), "//cifar:image.tar"),
+                         (lambda: xm.dockerfile_container(spec, path="."), "'.'")):
+        with pytest.raises(NotImplementedError, match="build it yourself|build the image") as raised:
+            make()
+        assert target in str(raised.value)
