@@ -485,12 +485,19 @@ async def test_async_launch_script_with_a_job_generator(api, tmp_path):
         [exe] = experiment.package([xm.Packageable(xm.Command([PY, "-c", "import sys; print(sys.argv[1:])"]),
                                                    xm_local.Local.Spec())])
 
+        names = []
+
         async def make_job(work_unit, lr, steps):
-            # XManager's job generator: adds the work unit's jobs, given the args as kwargs.
-            work_unit.add(xm.Job(exe, xm_local.Local(), name="trainer", args={"lr": lr, "steps": steps}))
-            work_unit.add(xm.Job(exe, xm_local.Local(), name="evaluator", args={"lr": lr}))
+            # XManager's job generator: adds the work unit's jobs, given the args as kwargs;
+            # names built from its work unit (an empty JobGroup filled afterwards, as XManager allows).
+            names.append((work_unit.experiment_id, work_unit.work_unit_id, work_unit.get_full_job_name("trainer")))
+            group = xm.JobGroup()
+            group.jobs["trainer"] = xm.Job(exe, xm_local.Local(), args={"lr": lr, "steps": steps})
+            group.jobs["evaluator"] = xm.Job(exe, xm_local.Local(), args={"lr": lr})
+            work_unit.add(group)
 
         wu = await experiment.add(make_job, args={"lr": 0.5, "steps": 3})
+        assert names == [(experiment.experiment_id, wu.work_unit_id, wu.get_full_job_name("trainer"))]
         plain = await experiment.add(xm.Job(exe, xm_local.Local(), args={"lr": 0.1}))
         assert await wu.wait_until_complete() is wu  # XManager's: the unit itself
         assert wu.get_status().is_completed

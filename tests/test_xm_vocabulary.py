@@ -225,3 +225,18 @@ def test_xmanagers_factory_functions_make_packageables_with_its_signatures(tmp_p
         with pytest.raises(NotImplementedError, match="build it yourself|build the image") as raised:
             make()
         assert target in str(raised.value)
+
+
+def test_an_empty_job_group_is_filled_afterwards_and_refused_only_if_still_empty():
+    from prefect_xm import xm, xm_local
+    from prefect_xm.core.job_blocks import flatten_jobs
+
+    exe = xm.Executable(name="echo", command=["/bin/echo"])
+    group = xm.JobGroup()
+    with pytest.raises(ValueError, match="has no jobs"):
+        flatten_jobs(group)
+    group.jobs["a"] = xm.Job(exe, xm_local.Local())
+    assert list(flatten_jobs(group)) == ["a"]
+    group.jobs["b"] = "not a job"
+    with pytest.raises(ValueError, match="member 'b' must be a Job"):
+        flatten_jobs(group)

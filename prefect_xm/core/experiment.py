@@ -548,7 +548,9 @@ class Experiment:
             resolved = apply_args(job, args)
             display_args = jsonable(args) if args else _default_display_args(resolved)
         elif callable(job):
-            collector = _GeneratorWorkUnit()
+            if not self._loaded:
+                Runtime.get().run(self._load())
+            collector = _GeneratorWorkUnit(self, self._next_id)
             result = job(collector, **dict(args or {}))
             if asyncio.iscoroutine(result):
                 # The generator only records jobs: run it to completion on the runtime loop.
@@ -565,7 +567,8 @@ class Experiment:
     async def add_async(self, job: Any, args: Optional[Mapping[str, Any]] = None, *,
                         identity: Optional[str] = None) -> WorkUnit:
         if callable(job) and not isinstance(job, (Job, JobGroup)):
-            collector = _GeneratorWorkUnit()
+            await Runtime.get().arun(self._load())
+            collector = _GeneratorWorkUnit(self, self._next_id)
             result = job(collector, **dict(args or {}))
             if asyncio.iscoroutine(result):
                 await result
@@ -1145,10 +1148,24 @@ def _install_sigterm_handler() -> None:
 
 
 class _GeneratorWorkUnit:
-    """What a job generator receives as `work_unit`: collects its `add` calls."""
+    """What a job generator receives as `work_unit`: collects its `add` calls, and knows
+    the id the work unit will get (XManager predicts it too) for names built from it."""
 
-    def __init__(self) -> None:
+    def __init__(self, experiment: "Experiment", work_unit_id: int) -> None:
         self._jobs: dict[str, Union[Job, JobGroup]] = {}
+        self.experiment = experiment
+        self.work_unit_id = work_unit_id
+
+    @property
+    def experiment_id(self) -> str:
+        return self.experiment.experiment_id
+
+    @property
+    def experiment_unit_name(self) -> str:
+        return f"{self.experiment_id}_{self.work_unit_id}"
+
+    def get_full_job_name(self, job_name: str) -> str:
+        return f"{self.experiment_unit_name}_{job_name}"
 
     def add(self, job: Union[Job, JobGroup], args: Optional[Mapping[str, Any]] = None) -> Any:
         resolved = apply_args(job, args)

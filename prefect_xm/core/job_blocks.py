@@ -297,8 +297,7 @@ class JobGroup:
     """Jobs scheduled together (a gang): ``JobGroup(learner=Job(...), actor=Job(...))``."""
 
     def __init__(self, *, constraints: Optional[Sequence[Any]] = None, **jobs: Union[Job, "JobGroup"]) -> None:
-        if not jobs:
-            raise ValueError("JobGroup needs at least one job")
+        # (empty is allowed, as in XManager: `group.jobs[key] = job` fills it; add() checks)
         for key, job in jobs.items():
             if not isinstance(job, (Job, JobGroup)):
                 raise ValueError(f"JobGroup member {key!r} must be a Job or a JobGroup, got {job!r}")
@@ -341,8 +340,12 @@ def flatten_jobs(job: Union[Job, JobGroup], prefix: str = "") -> dict[str, Job]:
     """{'key': Job} for a Job or a (nested) JobGroup; nested keys are joined with '.'."""
     if isinstance(job, Job):
         return {prefix or (job.name or job.executable.name): job}
+    if not job.jobs:
+        raise ValueError(f"JobGroup {prefix or '(the work unit)'} has no jobs: it needs at least one")
     out: dict[str, Job] = {}
     for key, member in job.jobs.items():
+        if not isinstance(member, (Job, JobGroup)):
+            raise ValueError(f"JobGroup member {key!r} must be a Job or a JobGroup, got {member!r}")
         out.update(flatten_jobs(member, f"{prefix}.{key}" if prefix else key))
     return out
 
