@@ -10,6 +10,7 @@ from prefect_xm.core.job_blocks import (
     Binary,
     Command,
     CommandList,
+    Constraint,
     Container,
     Executable,
     ExecutableSpec,
@@ -72,7 +73,7 @@ WorkUnitStatus = ExperimentUnitStatus
 ExperimentUnit = WorkUnit
 
 __all__ = [
-    "Binary", "Command", "CommandList", "Container", "Executable", "ExecutableSpec", "Executor",
+    "Binary", "Command", "CommandList", "Constraint", "Container", "Executable", "ExecutableSpec", "Executor",
     "ExecutorSpec", "Experiment", "ExperimentUnit", "ExperimentUnitError", "ExperimentUnitFailedError",
     "ExperimentUnitNotCompletedError", "ExperimentUnitStatus", "NotFoundError", "GB", "GiB", "Job",
     "JobGeneratorType", "JobGroup", "JobRequirements", "JobType", "KB", "KiB", "MB", "MiB",

@@ -11,6 +11,7 @@ from prefect_xm.core.experiment import (
     get_experiment,
     list_experiments,
 )
+from prefect_xm.core.job_blocks import StartDeadline
 from prefect_xm.executors import (
     ContainerSpec,
     Docker,
@@ -25,6 +26,6 @@ from prefect_xm.executors import (
 )
 
 __all__ = [
-    "ContainerSpec", "Docker", "Experiment", "Kubernetes", "Local", "LocalSpec", "Slurm", "SlurmSpec", "Vertex", "WorkPool", "WorkPoolSpec", "WorkUnit", "create_experiment",
+    "ContainerSpec", "Docker", "Experiment", "Kubernetes", "Local", "LocalSpec", "Slurm", "SlurmSpec", "StartDeadline", "Vertex", "WorkPool", "WorkPoolSpec", "WorkUnit", "create_experiment",
     "get_experiment", "list_experiments",
 ]

@@ -218,3 +218,39 @@ def test_a_killed_launcher_is_shown_gone_its_jobs_go_on_and_a_rerun_reattaches(s
     assert all(j.state.is_completed() for j in jobs), [(j.name, j.state) for j in jobs]
     assert len(wus) == 20 and all(w.state.is_completed() for w in wus), [(w.name, w.state) for w in wus]
     assert experiment_run().state.is_completed(), experiment_run().state
+
+
+def test_a_gang_not_started_within_its_deadline_is_cancelled_whole_naming_who_never_started(slurm_pool, tmp_path):
+    """One member runs, the other stays queued (held): past the group's StartDeadline,
+    counted from the first member's start, both are cancelled (the runner freed) and the
+    work unit fails naming the member that never started."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    from conftest import wait_for
+    from prefect_xm import xm, xm_local
+    from prefect_xm.workers.scheduler import Scheduler
+
+    pool, root = slurm_pool
+    variables = {"run_dir": str(root / "runs")}
+    runner = xm_local.Slurm(time="10:00", work_pool=pool, job_variables=variables)
+    queued = xm_local.Slurm(time="10:00", work_pool=pool, job_variables={**variables, "extra_directives": ["--hold"]})
+    with xm_local.create_experiment(experiment_title="slurm-gang-deadline") as experiment:
+        [exe] = experiment.package([xm.Packageable(xm.Command(["sleep", "300"]), xm_local.Slurm.Spec())])
+        wu = experiment.add(xm.JobGroup(runner=xm.Job(exe, runner), queued=xm.Job(exe, queued),
+                                        constraints=[xm_local.StartDeadline(seconds=5)]))
+    status = wu.get_status()
+    assert status.is_failed and "'queued' never started" in status.message and "'runner'" in status.message, status
+    with get_client(sync_client=True) as c:
+        def jobs():
+            tags = [f"xm-experiment:{experiment.experiment_id}", "xm-kind:job"]
+            return {r.tags[-1]: r for r in c.read_flow_runs(
+                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags)))}
+        wait_for(lambda: all(r.state.is_cancelled() for r in jobs().values()), timeout=120,
+                 what="both members' runs Cancelled")
+        job_ids = [Scheduler.parse_infrastructure_pid(r.infrastructure_pid)[2] for r in jobs().values()]
+
+    def gone():
+        q = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%T"], capture_output=True, text=True)
+        return not q.stdout.strip()
+    wait_for(gone, timeout=60, what=f"Slurm jobs {job_ids} to leave the queue")

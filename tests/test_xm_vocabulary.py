@@ -240,3 +240,23 @@ def test_an_empty_job_group_is_filled_afterwards_and_refused_only_if_still_empty
     group.jobs["b"] = "not a job"
     with pytest.raises(ValueError, match="member 'b' must be a Job"):
         flatten_jobs(group)
+
+
+def test_start_deadline_is_a_constraint_checked_with_its_field_and_value():
+    import datetime
+
+    from prefect_xm import xm, xm_local
+    from prefect_xm.core.job_blocks import DEFAULT_START_DEADLINE_SECONDS, start_deadline_of
+
+    exe = xm.Executable(name="echo", command=["/bin/echo"])
+    job = xm.Job(exe, xm_local.Local())
+    assert start_deadline_of(xm.JobGroup(a=job)) == DEFAULT_START_DEADLINE_SECONDS
+    group = xm.JobGroup(a=job, b=job, constraints=[xm_local.StartDeadline(minutes=2, seconds=30)])
+    assert start_deadline_of(group) == 150 and isinstance(group.constraints[0], xm.Constraint)
+    assert xm_local.StartDeadline(datetime.timedelta(hours=1)).seconds == 3600
+    with pytest.raises(ValueError, match=r"StartDeadline.minutes must be a number >= 0, got -1"):
+        xm_local.StartDeadline(minutes=-1)
+    with pytest.raises(ValueError, match="longer than 0"):
+        xm_local.StartDeadline()
+    with pytest.raises(ValueError, match=r"JobGroup.constraints must be xm.Constraint objects.*'10m'"):
+        xm.JobGroup(a=job, constraints=["10m"])

@@ -32,6 +32,7 @@ from uuid import UUID
 
 from prefect_xm.core.args import SequentialArgs, jsonable
 from prefect_xm.core.job_blocks import (
+    DEFAULT_START_DEADLINE_SECONDS,
     Executable,
     Job,
     JobGroup,
@@ -39,6 +40,7 @@ from prefect_xm.core.job_blocks import (
     apply_args,
     flatten_jobs,
     package_spec,
+    start_deadline_of,
 )
 from prefect_xm.core.runtime import Runtime, dual, in_event_loop
 from prefect_xm.core.status import (
@@ -292,6 +294,8 @@ class WorkUnit:
         self.creation_error: Optional[BaseException] = None
         #: how a stop() asked it to end (XManager's mark_as_failed/completed): state type, message
         self._stop_mark: Optional[tuple[str, str]] = None
+        #: seconds its gang may stay half started (a JobGroup's StartDeadline, or the default)
+        self._start_deadline = DEFAULT_START_DEADLINE_SECONDS
 
     async def _run_id(self) -> UUID:
         """Its flow run's id, once the background creation has made it; the creation's
@@ -562,7 +566,7 @@ class Experiment:
         else:
             raise ValueError(f"experiment.add: expected a Job, a JobGroup or a job generator, got {job!r}")
         members = flatten_jobs(resolved)
-        return Runtime.get().run(self._add(members, display_args, identity))
+        return Runtime.get().run(self._add(members, display_args, identity, start_deadline_of(resolved)))
 
     async def add_async(self, job: Any, args: Optional[Mapping[str, Any]] = None, *,
                         identity: Optional[str] = None) -> WorkUnit:
@@ -573,12 +577,15 @@ class Experiment:
             if asyncio.iscoroutine(result):
                 await result
             members = flatten_jobs(collector.group())
-            return await Runtime.get().arun(self._add(members, jsonable(dict(args or {})), identity))
+            return await Runtime.get().arun(self._add(members, jsonable(dict(args or {})), identity,
+                                                      start_deadline_of(None)))
         resolved = apply_args(job, args)
         display_args = jsonable(args) if args else _default_display_args(resolved)
-        return await Runtime.get().arun(self._add(flatten_jobs(resolved), display_args, identity))
+        return await Runtime.get().arun(self._add(flatten_jobs(resolved), display_args, identity,
+                                                  start_deadline_of(resolved)))
 
-    async def _add(self, members: dict[str, Job], display_args: Any, identity: Optional[str]) -> WorkUnit:
+    async def _add(self, members: dict[str, Job], display_args: Any, identity: Optional[str],
+                   start_deadline: float) -> WorkUnit:
         from prefect.states import Pending
 
         from prefect_xm.flows.experiment import xm_work_unit
@@ -602,6 +609,7 @@ class Experiment:
             tags.append(ident_tag)
         parameters = display_args if isinstance(display_args, dict) else {"args": display_args}
         wu = WorkUnit(self, wid, parameters, None, identity=identity)
+        wu._start_deadline = start_deadline
         wu._created = asyncio.get_running_loop().create_future()
         self._work_units[wid] = wu
         if ident_tag:
@@ -761,6 +769,8 @@ class Experiment:
                 if m.is_local and m.job is not None:
                     m.local_task = asyncio.ensure_future(self._start_local(m))
             ids = [m.flow_run_id for m in members] + [wu.flow_run_id]
+            loop = asyncio.get_running_loop()
+            first_started: Optional[float] = None  # (loop time) when its first member ran
             while True:
                 # Which in-process engines had ended is noted before the read: an engine
                 # that ends while the read is in flight has its final state missing from
@@ -806,6 +816,19 @@ class Experiment:
                     message = f"job {m.key!r} was cancelled"
                     await self._cancel_members([o for o in members if o is not m], f"gang member {m.key!r} was cancelled")
                     final_type = "CANCELLED"
+                    break
+                started = [m for m in members if m.state_type in ("RUNNING", "COMPLETED")]
+                if started and first_started is None:
+                    first_started = loop.time()
+                # (only while a started member still runs: one that has ended holds nothing)
+                if (first_started is not None and len(started) < len(members)
+                        and any(m.state_type == "RUNNING" for m in started)
+                        and loop.time() - first_started > wu._start_deadline):
+                    waiting = [m.key for m in members if m not in started]
+                    message = (f"job(s) {', '.join(map(repr, waiting))} never started within the gang's start "
+                               f"deadline ({wu._start_deadline:g} s after {started[0].key!r} started)")
+                    await self._cancel_members(members, "the gang did not start together: " + message)
+                    final_type = "FAILED"
                     break
                 if not running_set and all(m.state_type in ("RUNNING", "COMPLETED") for m in members):
                     await client.set_flow_run_state(wu.flow_run_id, Running(message="every job is running"), force=True)

@@ -293,6 +293,44 @@ JobGeneratorType = Callable[..., Optional[Awaitable[Any]]]
 JobType = Union[Job, "JobGroup", JobGeneratorType]
 
 
+class Constraint(abc.ABC):
+    """A condition on how a JobGroup's members are scheduled (XManager's marker class)."""
+
+
+#: Seconds a gang may stay half started (some members running, others still queued)
+#: before every member is cancelled: a JobGroup without its own StartDeadline gets this.
+DEFAULT_START_DEADLINE_SECONDS = float(os.environ.get("PREFECT_XM_GANG_START_DEADLINE", "1800"))
+
+
+class StartDeadline(Constraint):
+    """How long a JobGroup may wait, once its first member runs, for every other member
+    to run: past it every member is cancelled and the work unit fails naming the members
+    that never started, so a half-started group does not hold its resources.
+    ``JobGroup(trainer=..., evaluator=..., constraints=[xm_local.StartDeadline(minutes=10)])``."""
+
+    def __init__(self, seconds: float = 0.0, *, minutes: float = 0.0, hours: float = 0.0) -> None:
+        import datetime
+
+        if isinstance(seconds, datetime.timedelta):
+            seconds = seconds.total_seconds()
+        for name, value in (("seconds", seconds), ("minutes", minutes), ("hours", hours)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"StartDeadline.{name} must be a number >= 0, got {value!r}")
+        self.seconds = float(seconds) + 60.0 * minutes + 3600.0 * hours
+        if self.seconds <= 0:
+            raise ValueError(f"StartDeadline must be longer than 0 s, got {self.seconds!r}")
+
+    def __repr__(self) -> str:
+        return f"StartDeadline({self.seconds:g})"
+
+
+def start_deadline_of(job: Any) -> float:
+    """The seconds a work unit's gang may stay half started (StartDeadline, or the default)."""
+    constraints = getattr(job, "constraints", None) or []
+    deadlines = [c.seconds for c in constraints if isinstance(c, StartDeadline)]
+    return min(deadlines) if deadlines else DEFAULT_START_DEADLINE_SECONDS
+
+
 class JobGroup:
     """Jobs scheduled together (a gang): ``JobGroup(learner=Job(...), actor=Job(...))``."""
 
@@ -303,6 +341,10 @@ class JobGroup:
                 raise ValueError(f"JobGroup member {key!r} must be a Job or a JobGroup, got {job!r}")
         self.jobs: dict[str, Union[Job, JobGroup]] = dict(jobs)
         self.constraints = list(constraints) if constraints else []
+        for c in self.constraints:
+            if not isinstance(c, Constraint):
+                raise ValueError(f"JobGroup.constraints must be xm.Constraint objects "
+                                 f"(e.g. xm_local.StartDeadline(minutes=10)), got {c!r}")
 
     def __repr__(self) -> str:
         return f"JobGroup({', '.join(self.jobs)})"
