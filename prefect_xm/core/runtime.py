@@ -94,7 +94,7 @@ def local_server_httpx_settings() -> Optional[dict[str, Any]]:
 
 
 #: POST routes of Prefect's API that only read (filters, counts, pages).
-_READING_POSTS = frozenset({"filter", "count", "paginate", "history", "get_scheduled_flow_runs"})
+_READING_POSTS = frozenset({"filter", "count", "paginate", "history"})
 
 
 def _writes(request) -> bool:
