@@ -273,26 +273,7 @@ async def _create_job_runner_deployment(pool_name: str) -> UUID:
 # ------------------------------------------------------------------------ work units
 
 
-class _UnitNames:
-    """XManager's names of a work unit, from its `experiment` and `work_unit_id`."""
-
-    experiment: Any
-    work_unit_id: int
-
-    @property
-    def experiment_id(self) -> str:
-        return self.experiment.experiment_id
-
-    @property
-    def experiment_unit_name(self) -> str:
-        return f"{self.experiment_id}_{self.work_unit_id}"
-
-    def get_full_job_name(self, job_name: str) -> str:
-        """A job's full name, as XManager spells it: `<experiment id>_<work unit id>_<job>`."""
-        return f"{self.experiment_unit_name}_{job_name}"
-
-
-class WorkUnit(_UnitNames):
+class WorkUnit:
     """One trial of an experiment (a Job or a gang-scheduled JobGroup)."""
 
     def __init__(self, experiment: "Experiment", work_unit_id: int, args: Any, flow_run_id: Optional[UUID],
@@ -325,6 +306,19 @@ class WorkUnit(_UnitNames):
             raise RuntimeError(f"work unit {self.work_unit_id} could not be created: {self.creation_error}")
         assert self.flow_run_id is not None
         return self.flow_run_id
+
+    # XManager names
+    @property
+    def experiment_id(self) -> str:
+        return self.experiment.experiment_id
+
+    @property
+    def experiment_unit_name(self) -> str:
+        return f"{self.experiment_id}_{self.work_unit_id}"
+
+    def get_full_job_name(self, job_name: str) -> str:
+        """A job's full name, as XManager spells it: `<experiment id>_<work unit id>_<job>`."""
+        return f"{self.experiment_unit_name}_{job_name}"
 
     def __repr__(self) -> str:
         return f"WorkUnit(experiment_id={self.experiment_id!r}, work_unit_id={self.work_unit_id}, args={self.args!r})"
@@ -1176,7 +1170,7 @@ def _install_sigterm_handler() -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-class _GeneratorWorkUnit(_UnitNames):
+class _GeneratorWorkUnit:
     """What a job generator receives as `work_unit`: collects its `add` calls, and knows
     the id the work unit will get (XManager predicts it too) for names built from it."""
 
@@ -1184,6 +1178,17 @@ class _GeneratorWorkUnit(_UnitNames):
         self._jobs: dict[str, Union[Job, JobGroup]] = {}
         self.experiment = experiment
         self.work_unit_id = work_unit_id
+
+    @property
+    def experiment_id(self) -> str:
+        return self.experiment.experiment_id
+
+    @property
+    def experiment_unit_name(self) -> str:
+        return f"{self.experiment_id}_{self.work_unit_id}"
+
+    def get_full_job_name(self, job_name: str) -> str:
+        return f"{self.experiment_unit_name}_{job_name}"
 
     def add(self, job: Union[Job, JobGroup], args: Optional[Mapping[str, Any]] = None) -> Any:
         resolved = apply_args(job, args)
