@@ -197,10 +197,14 @@ class BatchWorkerSuite:
                                XM_SUITE_WORKER_API_KEY=WORKER_CREDENTIAL,
                                XM_SUITE_WORKER_MARKER="xm-suite-marker").start()
         run_dir = str(root / "runs")
-        deployments = {
-            name: run(deploy(f"slurm_flows.py:{name}", pool, f"e2e-{name}", {"run_dir": run_dir, **extra_variables}))
-            for name in ("double", "boom", "sleeper", "environ")
-        }
+        names = ("double", "boom", "sleeper", "environ")
+
+        async def deploy_all():
+            return await asyncio.gather(*(
+                deploy(f"slurm_flows.py:{name}", pool, f"e2e-{name}", {"run_dir": run_dir, **extra_variables})
+                for name in names))
+
+        deployments = dict(zip(names, run(deploy_all())))
         deployments["job"] = _job_runner_deployment(pool)
 
         class Env:
@@ -212,7 +216,8 @@ class BatchWorkerSuite:
         #: job variables of a direct job-runner run on this pool (its deployment has none)
         e.job_variables = {"run_dir": run_dir, **extra_variables, **h.direct_variables}
         # Slow scenarios start first and are checked later, so their waits overlap.
-        e.timeout_run = run(start_run(deployments["sleeper"], {"seconds": 600}, h.time_limit_variables))
+        e.timeout_run = run(start_run(deployments["sleeper"], {"seconds": 600}, h.time_limit_variables)) \
+            if cls.test_time_limit_crashes_with_timeout else None
         e.worker_path = worker_path
         e.cluster = extra_variables.get("cluster") or extra_variables.get("ssh_block") or "local"
         try:
@@ -364,9 +369,9 @@ class BatchWorkerSuite:
 
     def test_many_runs_in_flight_one_status_query_per_poll(self, env):
         h = env.h
-        many = 25
-        # counted from the first submission: each submit asks for an early poll, and 25
-        # of them must not turn into 25 queries
+        many = 12
+        # counted from the first submission: each submit asks for an early poll, and 12
+        # of them must not turn into 12 queries
         before = len(env.wrappers.calls(h.status_command))
         started = time.monotonic()
         runs = run(start_runs(env.deployments["sleeper"], many, {"seconds": 1}, h.hold_variables))
@@ -381,7 +386,7 @@ class BatchWorkerSuite:
         wait_for(lambda: len(env.wrappers.calls(h.status_command)) >= queued + 10, 120, what="10 more polls")
         elapsed = time.monotonic() - started
         window_calls = env.wrappers.calls(h.status_command)[before:]
-        # Poll interval is 1 s: per-job polling would make ~25 calls a second.
+        # Poll interval is 1 s: per-job polling would make ~12 calls a second.
         assert len(window_calls) <= elapsed / 1.0 + 3, (len(window_calls), elapsed)
         assert all(h.status_call_is_batched(c) for c in window_calls), window_calls[:3]
         request_cancel(*ids)
@@ -408,7 +413,8 @@ class BatchWorkerSuite:
             "echo 'xm-suite: failing before python' >&2", "exit 3",
         ]}
         # (the class's long run, submitted as the class starts, must not take the kill)
-        wait_for(lambda: run(read_run(env.timeout_run.id)).infrastructure_pid, 120, what="the long run submitted")
+        if env.timeout_run:
+            wait_for(lambda: run(read_run(env.timeout_run.id)).infrastructure_pid, 120, what="the long run submitted")
         submits_before = len(env.wrappers.calls(h.submit_command))
         # picked up together: the completing pair and the crashing pair are arrays where
         # the scheduler has them, and the replacement must re-attach to their tasks
@@ -462,7 +468,10 @@ class BatchWorkerSuite:
                 return f"trial {i} ran" in text and (
                     "submitted by a worker that died" in text or "scheduled again" in text) and text
 
-            text = wait_for(told, 60, what=f"trial {i}'s logs")
+            try:
+                text = wait_for(told, 60, what=f"trial {i}'s logs")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\nstates:\n{state_history(fr.id)}\nlogs:\n{logs_of(fr.id)}") from None
             (rescheduled if "scheduled again" in text else found).append(fr.id)
             assert fr.state.type == StateType.COMPLETED or (
                 not h.reports_exit_codes and "no exit_status reported" in fr.state.message), fr.state

@@ -187,20 +187,32 @@ async def start_runs(deployment_id, count: int, parameters: dict | None = None,
 
 
 async def start_runs_together(deployment_id, parameters: list[dict], job_variables: dict | None = None,
-                              delay: float = 10.0) -> list[FlowRun]:
-    """Runs of one deployment, one per parameter set, scheduled for the same moment some
-    seconds ahead (creating them may take seconds on a loaded machine): the worker picks them all up in one query, as it does the trials of a
-    sweep added together (runs created one by one may straddle two of its queries)."""
+                              delay: float = 3.0) -> list[FlowRun]:
+    """Runs of one deployment, one per parameter set, due at the same moment: the worker
+    picks them all up in one query, as it does the trials of a sweep added together (runs
+    created one by one may straddle two of its queries).
+
+    They are created due in an hour, then all made due `delay` seconds after the last is
+    created: on a loaded machine creating them can take longer than any fixed delay, while
+    moving their time is one light write each."""
     import datetime
 
     from prefect.states import Scheduled
 
-    when = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=delay)
+    def in_(seconds: float) -> datetime.datetime:
+        return datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=seconds)
+
     async with get_client() as client:
-        return list(await asyncio.gather(*(
+        runs = list(await asyncio.gather(*(
             client.create_flow_run_from_deployment(
-                deployment_id, parameters=p, job_variables=job_variables or {}, state=Scheduled(scheduled_time=when))
+                deployment_id, parameters=p, job_variables=job_variables or {},
+                state=Scheduled(scheduled_time=in_(3600)))
             for p in parameters)))
+        when = in_(delay)
+        await asyncio.gather(*(
+            client.set_flow_run_state(r.id, Scheduled(scheduled_time=when), force=True) for r in runs))
+        assert datetime.datetime.now(datetime.timezone.utc) < when, "moving the runs' time took longer than the delay"
+        return [await client.read_flow_run(r.id) for r in runs]
 
 
 async def read_runs(run_ids) -> list[FlowRun]:
