@@ -74,6 +74,10 @@ class SchedulerHarness:
     #: the command that shows a queued job's record as other users could read it, and
     #: whether that record lists the environment qsub -V / getenv copied into the job
     job_record_argv: Optional[Callable[[str], list[str]]] = None
+    #: a requeue of a running job, as an admin (or a preemption) does it; and what lets a
+    #: requeued job start at once where the scheduler holds it a while
+    requeue_argv: Optional[Callable[[str], list[str]]] = None
+    release_requeued_argv: Optional[Callable[[str], list[str]]] = None
     job_record_shows_environment: bool = False
     #: job variables a direct (job-runner) run needs here, e.g. a memory request
     direct_variables: dict = field(default_factory=dict)
@@ -425,19 +429,32 @@ class BatchWorkerSuite:
         wait_for(lambda: all(run(read_run(r.id)).infrastructure_pid for r in runs), 120, what="5 jobs submitted")
         in_flight_submits = len(env.wrappers.calls(h.submit_command)) - submits_before
         env.wrappers.kill_after(h.submit_command, env.worker.proc.pid)
-        command = ["sh", "-c", 'echo "trial $0 ran"']
-        sweep = run(start_runs_together(env.deployments["job"], [trial([*command, str(i)]) for i in range(3)],
-                                        env.job_variables))
-        wait_for(lambda: env.worker.proc.poll() is not None, 180, what="the worker to die after its submit")
-        if h.has_arrays:  # every trial reached its submit, none has its job id
-            frs = [run(read_run(r.id)) for r in sweep]
-            assert all(fr.state.name == "Submitting" and not fr.infrastructure_pid for fr in frs), frs
-        sweep_submits = len(env.wrappers.calls(h.submit_command)) - submits_before - in_flight_submits
-        replacement = WorkerProcess(env.server, env.pool, h.worker_type, env.worker.workdir, name=env.worker.name,
-                                    path_prefix=env.worker_path,
-                                    XM_SUITE_WORKER_API_KEY=WORKER_CREDENTIAL,
-                                    XM_SUITE_WORKER_MARKER="xm-suite-marker",
-                                    PREFECT_XM_PENDING_GRACE="10").start()
+        try:
+            command = ["sh", "-c", 'echo "trial $0 ran"']
+            sweep = run(start_runs_together(env.deployments["job"], [trial([*command, str(i)]) for i in range(3)],
+                                            env.job_variables))
+            wait_for(lambda: env.worker.proc.poll() is not None, 180, what="the worker to die after its submit")
+            if h.has_arrays:  # every trial reached its submit, none has its job id
+                frs = [run(read_run(r.id)) for r in sweep]
+                assert all(fr.state.name == "Submitting" and not fr.infrastructure_pid for fr in frs), frs
+            sweep_submits = len(env.wrappers.calls(h.submit_command)) - submits_before - in_flight_submits
+            replacement = WorkerProcess(env.server, env.pool, h.worker_type, env.worker.workdir, name=env.worker.name,
+                                        path_prefix=env.worker_path,
+                                        XM_SUITE_WORKER_API_KEY=WORKER_CREDENTIAL,
+                                        XM_SUITE_WORKER_MARKER="xm-suite-marker",
+                                        PREFECT_XM_PENDING_GRACE="10").start()
+        except BaseException:
+            # the class's later scenarios need a worker, whatever failed here
+            if not env.wrappers.disarm(h.submit_command):
+                deadline = time.monotonic() + 120
+                while env.worker.proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(1)
+            if env.worker.proc.poll() is not None:
+                env.worker = WorkerProcess(env.server, env.pool, h.worker_type, env.worker.workdir,
+                                           name=env.worker.name, path_prefix=env.worker_path,
+                                           XM_SUITE_WORKER_API_KEY=WORKER_CREDENTIAL,
+                                           XM_SUITE_WORKER_MARKER="xm-suite-marker").start()
+            raise
         env.worker = replacement
         # (a quick flow may finish before the replacement looks: nothing left to follow)
         for r in crashing + [held]:
@@ -562,3 +579,43 @@ class BatchWorkerSuite:
             assert calls == [" ".join(h.scheduler.cancel_argvs(array, 30)[-1])], calls
         else:
             assert all(" ".join(h.scheduler.cancel_argvs(j, 30)[-1]) in calls for j in jobs[1:]), calls
+
+
+class RequeueScenario:
+    """For a BatchWorkerSuite whose harness can requeue a running job (requeue_argv)."""
+
+    def test_a_requeued_job_goes_back_to_pending_and_runs_again_as_its_next_attempt(self, env):
+        """The scheduler's requeue of running jobs (an admin's, as a preemption's): a run
+        goes back to Pending (named Requeued, saying which requeue of how many), then to
+        Completed, on its one submit, and its program knows its attempt (the first
+        attempt's output stays in the logs, though Slurm starts job.out anew); past
+        max_requeues the job is removed and the run ends Crashed, saying so."""
+        h = env.h
+        program = ["sh", "-c", 'echo "attempt $PREFECT_XM_ATTEMPT"; [ "$PREFECT_XM_ATTEMPT" -gt 1 ] || exec sleep 600']
+        variables = {**env.job_variables, "requeue": True}
+        resumed = run(start_run(env.deployments["job"], trial(program), {**variables, "max_requeues": 2}))
+        limited = run(start_run(env.deployments["job"], trial(program), {**variables, "max_requeues": 0}))
+        jobs = []
+        for r in (resumed, limited):
+            jobs.append(job_id_of(wait_state(r.id, StateType.RUNNING, timeout=240)))
+            wait_for(lambda: "attempt 1" in logs_of(r.id), 120, what=f"run {r.id}'s first attempt")
+        for job in jobs:
+            subprocess.run(h.requeue_argv(job), check=True)
+        if h.release_requeued_argv:
+            wait_state(resumed.id, StateType.PENDING, name="Requeued", timeout=120)
+            subprocess.run(h.release_requeued_argv(jobs[0]), check=True)
+        fr = wait_final(resumed.id, timeout=300)
+        history = state_history(fr.id)
+        assert fr.state.type == StateType.COMPLETED, history
+        # (on an idle cluster the job may run again before anyone looks at the run)
+        requeued = [ln for ln in history.splitlines() if " PENDING Requeued: " in ln]
+        assert len(requeued) == 1 and "requeue 1 of 2" in requeued[0], history
+        assert "PREFECT_XM_ATTEMPT=2" in requeued[0], history
+        assert job_id_of(fr) == jobs[0]
+        logs = wait_for(lambda: (lambda t: t if "attempt 2" in t else None)(logs_of(resumed.id)), 60,
+                        what="the second attempt's output")
+        assert "attempt 1" in logs, logs
+        assert len([c for c in env.wrappers.calls(h.submit_command) if str(resumed.id) in c]) == 1
+        fr = wait_final(limited.id, timeout=120)
+        assert fr.state.type == StateType.CRASHED and "more than max_requeues=0" in fr.state.message, fr.state
+        wait_for(lambda: h.final_or_gone(jobs[1]), 60, what=f"job {jobs[1]} to be removed")

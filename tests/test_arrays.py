@@ -34,7 +34,7 @@ def _array_on_disk(tmp_path, argvs: list[list[str]], envs: list[dict]) -> str:
         d = tmp_path / f"run-{i}"
         d.mkdir()
         (d / "job.argv").write_text(argv_file(argv))
-        (d / "job.env").write_text(environment_file(env))
+        (d / "job.env").write_text(environment_file(env, str(d)))
         dirs.append(str(d))
     (array_dir / "tasks").write_text("".join(f"{d}\n" for d in dirs))
     (array_dir / "task.env").write_text(task_env(str(array_dir), "SLURM_ARRAY_TASK_ID", 1))

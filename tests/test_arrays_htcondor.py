@@ -156,7 +156,7 @@ def test_a_task_finds_its_run_by_its_proc_id(tmp_path, shell):
         d = tmp_path / f"run-{i}"
         d.mkdir()
         (d / "job.argv").write_text(argv_file(["sh", "-c", 'echo "seed=$SEED"', "x"]))
-        (d / "job.env").write_text(environment_file({"SEED": str(10 + i)}))
+        (d / "job.env").write_text(environment_file({"SEED": str(10 + i)}, str(d)))
         dirs.append(str(d))
     (tmp_path / "tasks").write_text("".join(f"{d}\n" for d in dirs))
     s = HTCondorScheduler()

@@ -349,7 +349,7 @@ def test_the_array_script_runs_each_task_as_its_own_run(fake_lsf):
         run_dir = fake_lsf.tmp / f"run-{i}"
         run_dir.mkdir()
         (run_dir / "job.argv").write_text(argv_file(argv))
-        (run_dir / "job.env").write_text(environment_file(env))
+        (run_dir / "job.env").write_text(environment_file(env, str(run_dir)))
         runs.append(run_dir)
     (array_dir / "tasks").write_text("".join(f"{d}\n" for d in runs))
     (array_dir / "task.env").write_text(task_env(str(array_dir), S.array_index_variable, S.array_first_index))

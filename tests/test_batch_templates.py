@@ -13,6 +13,7 @@ import pytest
 from prefect_xm.workers.lsf import LsfJobConfiguration, LsfWorker
 from prefect_xm.workers.pbs import DIALECTS, PbsJobConfiguration, PbsWorker
 from prefect_xm.workers.sge import SgeJobConfiguration, SgeWorker
+from prefect_xm.workers.slurm import SlurmJobConfiguration, SlurmWorker
 
 COMMON = dict(
     modules=["cuda/12.2"],
@@ -170,3 +171,19 @@ def test_lsf_gpus_without_a_model_and_memory_in_the_site_unit():
     assert '#BSUB -gpu "num=2"' in lines
     assert "#BSUB -M 4096" in lines  # a bare number stays in LSF_UNIT_FOR_LIMITS
     assert "rusage" not in script  # memory is reserved only when asked
+
+
+@pytest.mark.parametrize("worker_cls,config_cls,prefix,directive", [
+    (SgeWorker, SgeJobConfiguration, "#$", "#$ -r y"),
+    (PbsWorker, PbsJobConfiguration, "#PBS", "#PBS -r y"),
+    (LsfWorker, LsfJobConfiguration, "#BSUB", "#BSUB -r"),
+    (SlurmWorker, SlurmJobConfiguration, "#SBATCH", "#SBATCH --requeue"),
+])
+def test_requeue_asks_the_scheduler_to_rerun_the_job_and_is_off_by_default(worker_cls, config_cls, prefix, directive):
+    assert_script(render(worker_cls, config_cls, **COMMON, requeue=True), prefix, [directive])
+    assert directive not in render(worker_cls, config_cls, **COMMON).splitlines()
+
+
+def test_max_requeues_is_a_count_named_when_wrong():
+    with pytest.raises(ValueError, match=r"max_requeues: -1 must be 0 or more"):
+        SgeJobConfiguration(max_requeues=-1)

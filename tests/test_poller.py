@@ -65,11 +65,50 @@ async def test_failing_query_keeps_last_state_then_recovers():
 
 
 async def test_states_only_move_forward():
-    t = ScriptedTransport(squeue=[(0, "7|RUNNING|None\n", ""), (0, "7|PENDING|Priority\n", "")])
+    # a state the model does not know is no step back from running
+    t = ScriptedTransport(squeue=[(0, "7|RUNNING|None\n", ""), (0, "7|RESV_DEL_HOLDING|x\n", "")])
     p = JobPoller(SlurmScheduler(), t)
     job = p.track("7")
     await poll(p, 2)
-    assert job.status.state == JobState.RUNNING
+    assert job.status.state == JobState.RUNNING and job.requeues == 0
+
+
+async def test_a_started_job_back_in_the_queue_is_a_requeue_and_is_followed_on():
+    # what `scontrol requeue` showed on the real Slurm 22.05: COMPLETING, then PENDING
+    # (BeginTime: held for two minutes), then RUNNING again
+    t = ScriptedTransport(squeue=[(0, "7|RUNNING|None\n", ""), (0, "7|COMPLETING|None\n", ""),
+                                  (0, "7|PENDING|BeginTime\n", ""), (0, "7|RUNNING|None\n", "")])
+    p = JobPoller(SlurmScheduler(), t)
+    job = p.track("7")
+    await poll(p, 4)
+    assert [(s.state, s.native_state) for s in drain(job)] == [
+        (JobState.RUNNING, "RUNNING"), (JobState.RUNNING, "COMPLETING"), (JobState.PENDING, "PENDING"),
+        (JobState.RUNNING, "RUNNING")]
+    assert job.requeues == 1
+
+
+async def test_preempted_in_the_queue_but_queued_again_in_its_record_is_a_requeue_not_an_end():
+    t = ScriptedTransport(
+        squeue=[(0, "8|RUNNING|None\n", ""), (0, "8|PREEMPTED|None\n", ""), (0, "8|PENDING|BeginTime\n", "")],
+        scontrol=[(0, "JobId=8 JobName=x JobState=PENDING Reason=BeginTime Restarts=1 ExitCode=0:0\n", "")],
+    )
+    p = JobPoller(SlurmScheduler(), t)
+    job = p.track("8")
+    await poll(p, 3)
+    assert job.status.state == JobState.PENDING and job.requeues == 1
+    assert not any(s.state.is_final for s in drain(job))
+
+
+async def test_a_scheduler_that_does_not_call_it_a_requeue_keeps_the_state_moving_forward():
+    class NoRequeues(SlurmScheduler):
+        def requeued(self, previous, status):
+            return False
+
+    t = ScriptedTransport(squeue=[(0, "7|RUNNING|None\n", ""), (0, "7|PENDING|Priority\n", "")])
+    p = JobPoller(NoRequeues(), t)
+    job = p.track("7")
+    await poll(p, 2)
+    assert job.status.state == JobState.RUNNING and job.requeues == 0
 
 
 async def test_absent_job_is_resolved_from_its_terminal_record_not_assumed_completed():
@@ -210,3 +249,23 @@ async def test_a_cancel_that_comes_after_the_job_ended_keeps_how_it_ended():
     assert await worker.cancel_job("7", t, 0, JobState.PENDING, followed) is False
     await poll(p)
     assert job.status.state == JobState.COMPLETED, job.status
+
+
+def test_each_scheduler_says_what_its_requeue_looks_like():
+    from prefect_xm.workers.htcondor import HTCondorScheduler
+    from prefect_xm.workers.lsf import LsfScheduler
+    from prefect_xm.workers.pbs import PbsScheduler
+    from prefect_xm.workers.scheduler import JobStatus
+    from prefect_xm.workers.sge import SgeScheduler, state_of
+
+    def sge(code):
+        return JobStatus("5", state_of(code), code)
+
+    s = SgeScheduler()
+    # qmod -rj: Rq while queued again, Rr once running again (which a poll may see first)
+    assert s.requeued(sge("r"), sge("Rq")) and s.requeued(sge("r"), sge("Rr"))
+    assert not s.requeued(sge("r"), sge("r")) and not s.requeued(sge("Rr"), sge("Rr"))
+    assert not s.requeued(sge("qw"), sge("r"))
+    running, queued = JobStatus("5", JobState.RUNNING, "R"), JobStatus("5", JobState.PENDING, "Q")
+    for scheduler in (SlurmScheduler(), PbsScheduler(), LsfScheduler(), HTCondorScheduler()):
+        assert scheduler.requeued(running, queued) and not scheduler.requeued(queued, running)

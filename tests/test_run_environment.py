@@ -28,15 +28,20 @@ AWKWARD = {
 
 
 def test_environment_file_round_trips_every_value_through_the_shell(tmp_path):
-    path = tmp_path / "job.env"
-    path.write_text(environment_file(AWKWARD))
-    probe = "import json, os; print(json.dumps({k: os.environ[k] for k in %r}))" % sorted(AWKWARD)
-    for shell in ("bash", "sh"):  # SGE's -S may be /bin/sh
+    run_dir = tmp_path / "run dir $(touch pwned)"
+    run_dir.mkdir()
+    path = run_dir / "job.env"
+    path.write_text(environment_file(AWKWARD, str(run_dir)))
+    names = sorted(AWKWARD) + ["PREFECT_XM_ATTEMPT"]
+    probe = "import json, os; print(json.dumps({k: os.environ[k] for k in %r}))" % names
+    # each start of the script is one attempt (a requeued job's script starts again)
+    for attempt, shell in enumerate(("bash", "sh"), start=1):  # SGE's -S may be /bin/sh
         out = subprocess.run([shell, "-c", f'. "$0" && exec python3 -c "$1"', str(path), probe],
-                             capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+                             capture_output=True, text=True, env={"PATH": os.environ["PATH"]}, cwd=tmp_path)
         assert out.returncode == 0, out.stderr
-        assert json.loads(out.stdout) == AWKWARD, shell
-    assert not os.path.exists("/tmp/pwned")
+        assert json.loads(out.stdout) == {**AWKWARD, "PREFECT_XM_ATTEMPT": str(attempt)}, shell
+    assert (run_dir / "attempt").read_text() == "2\n"
+    assert not os.path.exists("/tmp/pwned") and not (tmp_path / "pwned").exists()
 
 
 def test_environment_file_is_created_owner_only(tmp_path):

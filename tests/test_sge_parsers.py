@@ -274,3 +274,16 @@ def test_well_formed_variables():
     c = SgeJobConfiguration(time_limit="1:00:00", memory="4G", queue="all.q", slots=4, gpus=1)
     assert (c.time_limit, c.memory, c.parallel_environment, c.gpu_resource) == ("1:00:00", "4G", "smp", "gpu")
     assert SgeJobConfiguration(time_limit="600").time_limit == "600"
+
+
+def test_a_rescheduled_attempts_record_is_not_the_jobs_end():
+    # qacct -j after `qmod -rj` (real SGE 8.1.9 on Debian 12): the first attempt's record
+    # says "failed 25 : rescheduling"; the job's end is the record of its last attempt
+    first = ("==============================================================\n"
+             "qname        all.q\nhostname     vm\njobname      job\njobnumber    37\n"
+             "taskid       undefined\nfailed       25  : rescheduling\nexit_status  0\n")
+    last = ("==============================================================\n"
+            "qname        all.q\nhostname     vm\njobname      job\njobnumber    37\n"
+            "taskid       undefined\nfailed       0\nexit_status  0\n")
+    assert parse_qacct(first) == {}
+    assert parse_qacct(first + last)["37"].state == JobState.COMPLETED

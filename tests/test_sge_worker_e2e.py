@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from batch_suite import BatchWorkerSuite, SchedulerHarness
+from batch_suite import BatchWorkerSuite, RequeueScenario, SchedulerHarness
 from conftest import REPO, wait_for
 from prefect_xm.workers.sge import SgeScheduler
 
@@ -42,11 +42,12 @@ SGE = SchedulerHarness(
     status_call_is_batched=lambda call: call.split() == ["qstat", "-xml"],
     # any user may run qstat -j; with qsub -V its env_list is the worker's environment
     job_record_argv=lambda job_id: ["qstat", "-j", job_id],
+    requeue_argv=lambda job_id: ["qmod", "-rj", job_id],
     job_record_shows_environment=True,
 )
 
 
-class TestSgeWorker(BatchWorkerSuite):
+class TestSgeWorker(BatchWorkerSuite, RequeueScenario):
     harness = SGE
 
     def test_job_in_error_state_crashes_with_sge_reason_and_is_deleted(self, env):

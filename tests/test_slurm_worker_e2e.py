@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from batch_suite import BatchWorkerSuite, SchedulerHarness
+from batch_suite import BatchWorkerSuite, RequeueScenario, SchedulerHarness
 from conftest import REPO
 from prefect_xm.workers.slurm import SlurmScheduler
 
@@ -36,8 +36,12 @@ SLURM = SchedulerHarness(
     # one `squeue --me` for all jobs; `-j ids` would be per-job (and fails on one purged id)
     status_call_is_batched=lambda call: "--me" in call and " -j " not in call,
     job_record_argv=lambda job_id: ["scontrol", "show", "job", "-dd", job_id],
+    requeue_argv=lambda job_id: ["scontrol", "requeue", job_id],
+    # Slurm holds a requeued job for two minutes (BeginTime); an admin may release it at once
+    release_requeued_argv=lambda job_id: ["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
 )
 
 
-class TestSlurmWorker(BatchWorkerSuite):
+class TestSlurmWorker(BatchWorkerSuite, RequeueScenario):
     harness = SLURM
+

@@ -39,7 +39,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 from prefect.exceptions import InfrastructureNotAvailable, InfrastructureNotFound
-from prefect.states import Cancelled, Completed, Crashed, Failed, InfrastructurePending, Running, Scheduled
+from prefect.states import Cancelled, Completed, Crashed, Failed, InfrastructurePending, Pending, Running, Scheduled
 from prefect.workers.base import (
     BaseJobConfiguration,
     BaseVariables,
@@ -101,6 +101,10 @@ JOB_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
 ENV_FILE = "job.env"
 #: in an array task's run directory: "<array job name> <task index>"
 ARRAY_TASK_FILE = "array-task"
+#: in a run directory: how many times the job's script has started (a requeued job's
+#: script starts again); the program sees it as ATTEMPT_VARIABLE
+ATTEMPT_FILE = "attempt"
+ATTEMPT_VARIABLE = "PREFECT_XM_ATTEMPT"
 #: files written at once when an array is prepared (SFTP requests in flight, over SSH)
 FILE_WRITES_AT_ONCE = 16
 #: flow runs per read (the server's default page, PREFECT_API_DEFAULT_LIMIT)
@@ -122,9 +126,14 @@ def job_name_prefix(text: str, empty: str) -> str:
     return prefix if prefix[:1].isalpha() else f"xm-{prefix}"
 
 
-def environment_file(env: dict[str, str]) -> str:
-    """The run's environment as a file the batch script sources (`. job.env`)."""
-    return "".join(f"export {name}={shlex.quote(str(value))}\n" for name, value in env.items())
+def environment_file(env: dict[str, str], run_dir: str) -> str:
+    """The run's environment as a file the batch script sources (`. job.env`), and the
+    count of the script's starts: each start is one attempt (POSIX sh, as SGE may use)."""
+    attempts = shlex.quote(f"{run_dir}/{ATTEMPT_FILE}")
+    return "".join(f"export {name}={shlex.quote(str(value))}\n" for name, value in env.items()) + (
+        f"{ATTEMPT_VARIABLE}=$(( $(cat {attempts} 2>/dev/null || echo 0) + 1 ))\n"
+        f'echo "${ATTEMPT_VARIABLE}" > {attempts}\n'
+        f"export {ATTEMPT_VARIABLE}\n")
 
 
 def direct_program(flow_run: "FlowRun", pool_env: dict[str, Any]) -> tuple[list[str], dict[str, str], Optional[str]]:
@@ -225,6 +234,15 @@ class DirectOutput:
                     self._emit(name, [self.partial[name]])
                     self.partial[name] = b""
 
+    async def restart(self) -> None:
+        """The job was requeued and its script will write its output again: Slurm starts
+        job.out and job.err anew (what was shipped stays in the logs), the others append."""
+        async with self._lock:
+            run_dir = await self.worker.run_directory(self.followed.configuration, self.followed.flow_run_id)
+            for name, offset in self.offsets.items():
+                if offset and not await self.followed.transport.read_from(f"{run_dir}/{name}", offset - 1, 1):
+                    self.offsets[name], self.partial[name] = 0, b""
+
     def _emit(self, name: str, lines: list[bytes]) -> None:
         prefix = STDERR_PREFIX if name == "job.err" else ""
         for line in lines:
@@ -255,12 +273,21 @@ class BatchJobConfiguration(BaseJobConfiguration):
     execution: str = Field(default=ENGINE)
     array_size_limit: int = Field(default=1000)
     array_throttle: Optional[int] = Field(default=None)
+    requeue: bool = Field(default=False)
+    max_requeues: Optional[int] = Field(default=None)
 
     @field_validator("array_size_limit", "array_throttle")
     @classmethod
     def _at_least_one(cls, v: Optional[int], info) -> Optional[int]:
         if v is not None and v < 1:
             raise ValueError(f"{info.field_name}: {v!r} must be at least 1")
+        return v
+
+    @field_validator("max_requeues")
+    @classmethod
+    def _not_negative(cls, v: Optional[int], info) -> Optional[int]:
+        if v is not None and v < 0:
+            raise ValueError(f"{info.field_name}: {v!r} must be 0 or more")
         return v
 
     @field_validator("execution")
@@ -410,6 +437,26 @@ class BatchVariables(BaseVariables):
         description=(
             "At most this many tasks of one array run at once (Slurm --array=...%N, SGE -tc, Torque -t ...%N, "
             "LSF [1-N]%M, HTCondor max_materialize). Empty: as many as the scheduler allows."
+        ),
+    )
+    requeue: bool = Field(
+        default=False,
+        title="Requeue",
+        description=(
+            "Ask the scheduler to put the job back in its queue when it is preempted or its node fails "
+            "(Slurm --requeue, SGE and PBS -r y, LSF -r; HTCondor reschedules evicted jobs by itself). "
+            "Whether or not this is set, a job the scheduler requeues keeps its flow run: the run goes back "
+            "to Pending (named Requeued) and follows the same job; the program sees which attempt it is "
+            "in PREFECT_XM_ATTEMPT (1, 2, ...), to resume from its checkpoint."
+        ),
+    )
+    max_requeues: Optional[int] = Field(
+        default=None,
+        ge=0,
+        title="Maximum requeues",
+        description=(
+            "Once the job has been requeued more times than this, the worker removes it and the run ends "
+            "Crashed, saying so. Empty: no limit."
         ),
     )
 
@@ -612,7 +659,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         script = self.render_script(configuration, flow_run, run_dir, command_argv)
         # The run's environment (API URL, flow run id, the API key) travels in a file only
         # its owner can read, never in the script, the submit command or the job's record.
-        await transport.write_file(f"{run_dir}/{ENV_FILE}", environment_file(run_env), 0o600)
+        await transport.write_file(f"{run_dir}/{ENV_FILE}", environment_file(run_env, run_dir), 0o600)
         script_path = f"{run_dir}/job.sh"
         await transport.write_file(script_path, script, 0o700)
         logger.info(f"Rendered batch script: {script_path}")
@@ -682,7 +729,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         await asyncio.gather(*(
             write(f"{task.run_dir}/{name_}", text)
             for i, task in enumerate(tasks)
-            for name_, text in ((ENV_FILE, environment_file(task.env)), (ARGV_FILE, argv_file(task.argv)),
+            for name_, text in ((ENV_FILE, environment_file(task.env, task.run_dir)), (ARGV_FILE, argv_file(task.argv)),
                                 (ARRAY_TASK_FILE, f"{name} {scheduler.array_first_index + i}\n"))))
         await transport.write_file(f"{array_dir}/tasks", "".join(f"{t.run_dir}\n" for t in tasks), 0o600)
         await transport.write_file(
@@ -811,6 +858,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                     logger.warning(f"could not tell which output lines are in the logs already "
                                    f"({type(e).__name__}: {e}); shipping the output from its start")
         pump = self._spawn(output.follow(self.poll_interval)) if output else None
+        requeues_seen = followed.tracked.requeues
         try:
             status = followed.tracked.status
             while not status.state.is_final:
@@ -822,6 +870,10 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                 except asyncio.TimeoutError:
                     status = followed.tracked.status
                 retry_announce = False
+                if followed.tracked.requeues > requeues_seen:
+                    requeues_seen = followed.tracked.requeues
+                    announce = retry_announce = False  # the Requeued state says why it waits
+                    await self._requeued(flow_run, followed, status, output, logger)
                 if status.state == JobState.PENDING:
                     message = f"{scheduler_name} job {followed.job_id} is queued: {status.describe()}"
                     if announce and status.reason not in ("None", "(null)"):
@@ -889,9 +941,53 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             return False
         return result.status.value == "ACCEPT" if hasattr(result, "status") else True
 
+    async def _requeued(self, flow_run: "FlowRun", followed: FollowedRun, status: JobStatus,
+                        output: Optional[DirectOutput], logger) -> None:
+        """The scheduler put the job back in its queue (preemption, a failed node, an
+        admin's requeue): its run goes back to Pending, named Requeued, and the same job is
+        followed on; past max_requeues the job is removed and the run ends Crashed."""
+        job = f"{self.scheduler.name} job {followed.job_id}"
+        # how many times its script started (each start counts itself in the run directory,
+        # so a worker that took over the job knows the earlier requeues too)
+        started = await self._attempts_started(followed)
+        requeues = max(followed.tracked.requeues, started - (status.state == JobState.RUNNING))
+        limit = followed.configuration.max_requeues
+        current = (await self.client.read_flow_run(flow_run.id)).state
+        if current is not None and (current.type == StateType.CANCELLING or (
+                current.is_final() and current.type != StateType.CRASHED)) or followed.cancel_requested:
+            return  # being cancelled, or ended for good: nothing to take back
+        if limit is not None and requeues > limit:
+            message = (f"{job} was requeued {requeues} times ({status.describe()}), more than max_requeues="
+                       f"{limit}: the worker removed it.")
+            followed.extra["gave_up"] = message
+            await self.client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
+            logger.error(message)
+            followed.cancel_requested = True
+            followed.cancel_task = self._spawn(
+                self.cancel_job(followed.job_id, followed.transport, 30, status.state, followed))
+            return
+        of = f" of {limit}" if limit is not None else ""
+        message = (f"{job} went back to the queue ({status.describe()}): requeue {requeues}{of}. The same job "
+                   f"runs again as attempt {requeues + 1} ({ATTEMPT_VARIABLE}={requeues + 1}).")
+        # force: a run goes back from Running only this way (and the engine of a flow the
+        # scheduler stopped may have said Crashed; the job is not over)
+        await self.client.set_flow_run_state(flow_run.id, Pending(name="Requeued", message=message), force=True)
+        logger.warning(message)
+        if output is not None:
+            await output.restart()
+
+    async def _attempts_started(self, followed: FollowedRun) -> int:
+        path = f"{await self.run_directory(followed.configuration, followed.flow_run_id)}/{ATTEMPT_FILE}"
+        try:
+            return int((await followed.transport.read_tail(path, 64) or "0").strip() or 0)
+        except Exception:  # unreadable: the requeues this worker saw are the count
+            return 0
+
     async def _finish(self, flow_run: "FlowRun", followed: FollowedRun, status: JobStatus, logger) -> None:
         """The job has ended: make the run's state say what happened."""
         job = f"{self.scheduler.name} job {followed.job_id}"
+        if "gave_up" in followed.extra:
+            return  # Crashed already, past its requeues
         current = (await self.client.read_flow_run(flow_run.id)).state
         if current is None:
             return

@@ -7,7 +7,8 @@ Rules (see DESIGN.md, "Tracking is batched"):
   poller says so loudly, and keeps trying;
 - a job that left the queue with no terminal record is declared lost only after the
   grace period (accounting may lag);
-- states only move forward.
+- states only move forward, but for a requeue (`Scheduler.requeued`): the job runs
+  again, and its tracker counts it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class TrackedJob:
     cancelled: bool = False
     #: when its terminal record was last asked for (monotonic; 0: never)
     last_lookup: float = 0.0
+    #: how many times it was seen going back to the queue to run again
+    requeues: int = 0
 
     @property
     def is_final(self) -> bool:
@@ -184,7 +187,11 @@ class JobPoller:
                 continue
             for job_id in list(wanted):
                 status = self.scheduler.lookup(job_id, found)
-                if status is not None and status.state.is_final:
+                tracked = self.jobs.get(job_id)
+                if status is not None and (status.state.is_final or (
+                        tracked is not None and self.scheduler.requeued(tracked.status, status))):
+                    # (a job the queue showed ending, preempted, that its record shows
+                    # queued again: requeued, not ended)
                     records[job_id] = status
                     wanted.discard(job_id)
             if not wanted:
@@ -221,9 +228,12 @@ class JobPoller:
         if status.state.is_final and not final_ok:
             return  # announced once its terminal record is looked up (same poll)
         old = job.status
-        if status.state < old.state:
+        requeued = self.scheduler.requeued(old, status)
+        if status.state < old.state and not requeued:
             return  # states only move forward
         if status.state == old.state and status.reason == old.reason and status.native_state == old.native_state:
             return
+        if requeued:
+            job.requeues += 1
         job.status = status
         job.updates.put_nowait(status)

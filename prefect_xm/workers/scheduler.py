@@ -15,7 +15,9 @@ from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence
 
 
 class JobState(enum.IntEnum):
-    """Where a batch job is in its life. Ordered: a job's state only moves forward."""
+    """Where a batch job is in its life. Ordered: a job's state only moves forward, but
+    for one move: a requeue (started, then back in the queue: preempted, its node failed,
+    an admin's requeue), which each scheduler recognizes in `Scheduler.requeued`."""
 
     UNKNOWN = 0
     PENDING = 10  # queued, held, configuring: not started yet
@@ -176,6 +178,13 @@ class Scheduler:
     #: words in a final status that mean the scheduler (not the program) ended the job
     KILLED_BY_SCHEDULER = ("timeout", "limit", "memory", "oom", "kill", "preempt", "node_fail", "boot_fail",
                            "deadline", "walltime", "evict")
+
+    def requeued(self, previous: JobStatus, status: JobStatus) -> bool:
+        """Whether the job went back to the queue to run its script again, as the
+        scheduler shows it: a started job that is pending again (Slurm's requeue and
+        preemption or node failure with --requeue, LSF's brequeue, PBS's qrerun, HTCondor's
+        eviction back to idle). The one backward move a job's state makes."""
+        return previous.state == JobState.RUNNING and status.state == JobState.PENDING
 
     def ended_by_program(self, status: JobStatus) -> bool:
         """A failed job whose program exited non-zero by itself, rather than one the

@@ -238,9 +238,16 @@ def qacct_status(record: Mapping[str, str]) -> JobStatus:
     return JobStatus(job_id, JobState.FAILED, "EXITED", "; ".join(reasons), exit_code, signal)
 
 
+#: qacct's `failed` of an attempt that was rescheduled (qmod -rj; a failed host with -r y):
+#: the job went back to the queue, this is not its end
+RESCHEDULED = 25
+
+
 def parse_qacct(output: str) -> dict[str, JobStatus]:
     statuses: dict[str, JobStatus] = {}
     for record in parse_qacct_records(output):
+        if record.get("failed", "").strip().split(":")[0].strip() == str(RESCHEDULED):
+            continue
         status = qacct_status(record)
         statuses[status.job_id] = status
     return statuses
@@ -313,6 +320,13 @@ class SgeScheduler(Scheduler):
     def status_argv(self, job_ids: Sequence[str]) -> list[str]:
         # The current user's jobs (qstat's default since SGE 6.2), whatever their number.
         return ["qstat", "-xml"]
+
+    def requeued(self, previous: JobStatus, status: JobStatus) -> bool:
+        # A rescheduled job (qmod -rj, a failed execd with -r y) gains the code R: Rq while
+        # queued again, Rr once running again, which on an idle cluster a poll may see first.
+        return super().requeued(previous, status) or (
+            previous.state == JobState.RUNNING and status.state == JobState.RUNNING
+            and "R" in status.native_state and "R" not in previous.native_state)
 
     def parse_status(self, result: CommandResult) -> dict[str, JobStatus]:
         if not result.ok:
