@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 
-from batch_suite import BatchWorkerSuite, SchedulerHarness
+from batch_suite import BatchWorkerSuite, RequeueScenario, SchedulerHarness
 from conftest import REPO, wait_for
 from prefect_xm.workers.lsf import LsfScheduler
 from prefect_xm.workers.scheduler import CommandResult, JobState, SubmitRequest
@@ -23,6 +23,9 @@ FAKE_LSF = REPO / "tests" / "fakes" / "lsf"
 # them by name, short enough that test_cleaned_job_is_read_from_bhist has a quick variant.
 os.environ.setdefault("FAKE_LSF_HOME", tempfile.mkdtemp(prefix="fake-lsf-"))
 os.environ.setdefault("FAKE_LSF_CLEAN_PERIOD", "120")
+# the class's 3-minute time-limit run holds a slot from its start: scenarios that run two
+# jobs at once (the requeue scenario) must not wait for it
+os.environ.setdefault("FAKE_LSF_SLOTS", "4")
 
 LSF = SchedulerHarness(
     scheduler=LsfScheduler(),
@@ -42,10 +45,11 @@ LSF = SchedulerHarness(
     path_prefix=[str(FAKE_LSF)],
     # one bjobs for all tracked ids, never one per job
     status_call_is_batched=lambda call: call.startswith("bjobs -a -noheader -o "),
+    requeue_argv=lambda job_id: [str(FAKE_LSF / "brequeue"), job_id],
 )
 
 
-class TestLsfWorker(BatchWorkerSuite):
+class TestLsfWorker(BatchWorkerSuite, RequeueScenario):
     harness = LSF
 
 

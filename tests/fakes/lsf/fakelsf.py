@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""A fake IBM Spectrum LSF CLI for tests: bsub, bjobs, bkill, bhist, bresume (symlinks
+"""A fake IBM Spectrum LSF CLI for tests: bsub, bjobs, bkill, bhist, bresume, brequeue (symlinks
 to this file; the command is the name it is called by). Standard library only.
 
 What it reproduces (byte-for-byte where the recorded outputs in
 tests/data/vectors/lsf.json show the format):
 - `bsub [options]` reads the job script on stdin, takes the `#BSUB` directives from it
-  (-J -o -e -q -P -W -n -M -R -gpu -cwd -H; %J in paths; command-line options win), prints
+  (-J -o -e -q -P -W -n -M -R -gpu -cwd -H -r; %J in paths; command-line options win), prints
   "Job <N> is submitted to [default ]queue <q>.", refuses an unknown queue with
   "<q>: No such queue. Job not submitted." (exit 255), a malformed -W with
   "<v>: Bad RUNLIMIT specification. Job not submitted." (exit 255).
@@ -38,6 +38,11 @@ tests/data/vectors/lsf.json show the format):
   (128 + signal) and "TERM_OWNER: job killed by owner". "Job <N> is being terminated"
   (exit 0), "Job <N>: Job has already finished" / "Job <N>: No matching job found" on
   stderr (exit 255).
+- `brequeue [-H] ids` (IBM's brequeue(1)): a RUN job is killed as by bkill and returned
+  to PEND (PSUSP with -H), keeping its job id and submit time; once dispatched (not
+  before FAKE_LSF_REQUEUE_DISPATCH_DELAY, 5 s: mbatchd's next scheduling session) it
+  starts over from the beginning, appending to its -o/-e files. "Job <N> is being requeued"
+  (exit 0); a job not running: "Job <N>: Job is not running" on stderr (exit 255).
 - `bjobs [-a] [-noheader] -o "fields delimiter='c'" [-json] [-J name] [ids]`: fields
   jobid id jobindex stat exit_code exec_host exit_reason pend_reason job_name queue user
   (empty -> '-'). Finished jobs are listed for FAKE_LSF_CLEAN_PERIOD seconds (LSF's
@@ -53,7 +58,8 @@ tests/data/vectors/lsf.json show the format):
 Not reproduced: the default `bjobs` table and `bjobs -l`, index ranges in ids
 (`N[1-3]`), the pending reason of an element held back by %M, job dependencies,
 queues' own limits, hosts other than this one, the job report LSF appends to the -o
-file, bstop/bmod/brequeue, user/admin distinctions, LSF_UNIT_FOR_LIMITS (-M is
+file, bstop/bmod, brequeue of finished jobs (-d/-e), rerunnable jobs' automatic requeue
+(-r is recorded: this fake's one host never fails), user/admin distinctions, LSF_UNIT_FOR_LIMITS (-M is
 recorded, not enforced), memory or GPU enforcement.
 
 State lives in FAKE_LSF_HOME (default /tmp/fake-lsf-<uid>): one JSON file per job (per
@@ -81,6 +87,7 @@ JOBS = HOME / "jobs"
 SLOTS = int(os.environ.get("FAKE_LSF_SLOTS", "2"))
 CLEAN_PERIOD = float(os.environ.get("FAKE_LSF_CLEAN_PERIOD", "3600"))
 TERMINATE_INTERVAL = float(os.environ.get("FAKE_LSF_TERMINATE_INTERVAL", "2"))
+REQUEUE_DISPATCH_DELAY = float(os.environ.get("FAKE_LSF_REQUEUE_DISPATCH_DELAY", "5"))
 QUEUES = os.environ.get("FAKE_LSF_QUEUES", "normal,short,gpu").split(",")
 #: lsb.params MAX_JOB_ARRAY_SIZE: the most elements of an array, and its largest index
 MAX_JOB_ARRAY_SIZE = int(os.environ.get("FAKE_LSF_MAX_JOB_ARRAY_SIZE", "1000"))
@@ -177,7 +184,7 @@ def schedule() -> None:
         if j.get("array") and j["stat"] == "RUN":
             running[j["array"]] = running.get(j["array"], 0) + 1
     for job in jobs:
-        if job["stat"] != "PEND":
+        if job["stat"] != "PEND" or job.get("not_before", 0) > time.time():
             continue
         limit = job.get("element_limit")
         if limit and running.get(job["array"], 0) >= limit:
@@ -225,6 +232,10 @@ def bsub(argv: list[str]) -> int:
             flag = words[i]
             if flag == "-H":
                 opts["hold"] = True
+                i += 1
+                continue
+            if flag == "-r":
+                opts["rerunnable"] = True
                 i += 1
                 continue
             if flag in ("-J", "-o", "-e", "-q", "-P", "-W", "-n", "-M", "-R", "-gpu", "-cwd", "-oo", "-eo"):
@@ -378,7 +389,7 @@ def shepherd(job_id: str) -> int:
             _signal(proc.pid, signal.SIGUSR2)
         if runlimit_hit is not None and now - runlimit_hit > 5:
             _signal(proc.pid, signal.SIGKILL)
-        if job.get("kill_requested") and not kill_steps:
+        if (job.get("kill_requested") or job.get("requeue_requested")) and not kill_steps:
             kill_steps = [(now, signal.SIGINT), (now + TERMINATE_INTERVAL, signal.SIGTERM),
                           (now + 2 * TERMINATE_INTERVAL, signal.SIGKILL)]
         while kill_steps and kill_steps[0][0] <= now:
@@ -386,6 +397,15 @@ def shepherd(job_id: str) -> int:
     code = rc if rc >= 0 else 128 - rc
     with locked():
         job = load(job_id)
+        if job.get("requeue_requested") and not job.get("kill_requested"):
+            held = job["requeue_requested"] == "hold"
+            job.update(stat="PSUSP" if held else "PEND", pend_reason=PEND_HELD if held else PEND_SLOTS,
+                       requeue_requested=False, pid=None, exec_host="", requeues=job.get("requeues", 0) + 1,
+                       not_before=time.time() + REQUEUE_DISPATCH_DELAY)
+            job["events"].append([time.time(), "Signal <REQUEUE_PEND> requested by user or administrator;"])
+            save(job)
+            schedule()
+            return 0
         reason = ""
         if job.get("kill_requested"):
             reason = OWNER_REASON
@@ -578,6 +598,25 @@ def bkill(argv: list[str]) -> int:
     return rc
 
 
+def brequeue(argv: list[str]) -> int:
+    hold = "-H" in argv
+    rc = 0
+    for job_id in [a for a in argv if not a.startswith("-")]:
+        with locked():
+            jobs = select(job_id, {j["id"]: j for j in all_jobs() if visible(j)})
+            running = [j for j in jobs if j["stat"] == "RUN"]
+            if not running:
+                print(f"Job <{job_id}>: No matching job found" if not jobs else f"Job <{job_id}>: Job is not running",
+                      file=sys.stderr)
+                rc = 255
+                continue
+            for job in running:
+                job["requeue_requested"] = "hold" if hold else True
+                save(job)
+        print(f"Job <{job_id}> is being requeued")
+    return rc
+
+
 def bresume(argv: list[str]) -> int:
     rc = 0
     for job_id in [a for a in argv if not a.startswith("-")]:
@@ -653,9 +692,10 @@ def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--shepherd":
         return shepherd(sys.argv[2])
     command = os.path.basename(sys.argv[0])
-    handler = {"bsub": bsub, "bjobs": bjobs, "bkill": bkill, "bhist": bhist, "bresume": bresume}.get(command)
+    handler = {"bsub": bsub, "bjobs": bjobs, "bkill": bkill, "bhist": bhist, "bresume": bresume,
+               "brequeue": brequeue}.get(command)
     if handler is None:
-        print(f"fakelsf: call me as bsub, bjobs, bkill, bhist or bresume, not {command}", file=sys.stderr)
+        print(f"fakelsf: call me as bsub, bjobs, bkill, bhist, bresume or brequeue, not {command}", file=sys.stderr)
         return 2
     return handler(sys.argv[1:])
 
