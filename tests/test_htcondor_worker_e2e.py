@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 
-from batch_suite import BatchWorkerSuite, SchedulerHarness
+from batch_suite import BatchWorkerSuite, RequeueScenario, SchedulerHarness
 from conftest import REPO, wait_for
 from prefect_xm.workers.htcondor import HTCondorJobConfiguration, HTCondorScheduler
 from prefect_xm.workers.scheduler import CommandResult, JobState, SubmitRequest
@@ -20,6 +20,9 @@ pytestmark = [pytest.mark.e2e]
 FAKE_CONDOR = REPO / "tests" / "fakes" / "htcondor"
 # The fake keeps its queue and history here; the worker (a subprocess) inherits it.
 os.environ.setdefault("FAKE_CONDOR_HOME", tempfile.mkdtemp(prefix="fake-condor-"))
+# the class's time-limit run holds a slot from its start: scenarios that run two jobs at
+# once (the requeue scenario) must not wait for it
+os.environ.setdefault("FAKE_CONDOR_SLOTS", "4")
 
 HTCONDOR = SchedulerHarness(
     scheduler=HTCondorScheduler(),
@@ -40,13 +43,15 @@ HTCONDOR = SchedulerHarness(
     path_prefix=[str(FAKE_CONDOR)],
     # one condor_q -json for all tracked ids, never one per job
     status_call_is_batched=lambda call: " -json " in call and "-constraint" not in call,
+    # an eviction (a preempting owner, a draining machine) sends the job back to idle
+    requeue_argv=lambda job_id: [str(FAKE_CONDOR / "condor_vacate_job"), job_id],
     # with getenv = True, the ad's Environment is the worker's environment
     job_record_argv=lambda job_id: ["condor_q", "-json", job_id],
     job_record_shows_environment=True,
 )
 
 
-class TestHTCondorWorker(BatchWorkerSuite):
+class TestHTCondorWorker(BatchWorkerSuite, RequeueScenario):
     harness = HTCONDOR
 
 

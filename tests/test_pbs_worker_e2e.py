@@ -16,7 +16,7 @@ import tempfile
 
 import pytest
 
-from batch_suite import BatchWorkerSuite, SchedulerHarness
+from batch_suite import BatchWorkerSuite, RequeueScenario, SchedulerHarness
 from conftest import REPO
 from prefect_xm.workers.pbs import DIALECTS
 
@@ -27,6 +27,9 @@ TORQUE_WRAPPERS = os.environ.get("TORQUE_WRAPPERS_DIR", "/opt/prefect-xm/slurm-t
 
 # One fake PBS server per test session (its job table and history).
 os.environ.setdefault("FAKE_PBS_HOME", tempfile.mkdtemp(prefix="fake-pbspro-"))
+# the class's 3-minute walltime run holds a cpu from its start: scenarios that run two jobs
+# at once (the requeue scenario) must not wait for it
+os.environ.setdefault("FAKE_PBS_NCPUS", "4")
 
 
 class PbsHarness(SchedulerHarness):
@@ -53,13 +56,14 @@ PBSPRO = PbsHarness(
     path_prefix=[str(FAKE_PBSPRO)],
     # the one JSON query with history; terminal lookups use the same form
     status_call_is_batched=lambda call: call.startswith("qstat -x -f -F json "),
+    requeue_argv=lambda job_id: [str(FAKE_PBSPRO / "qrerun"), job_id],
     # with #PBS -V, Variable_List is the worker's environment
     job_record_argv=lambda job_id: ["qstat", "-f", job_id],
     job_record_shows_environment=True,
 )
 
 
-class TestPbsProWorker(BatchWorkerSuite):
+class TestPbsProWorker(BatchWorkerSuite, RequeueScenario):
     harness = PBSPRO
 
 

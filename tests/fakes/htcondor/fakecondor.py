@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """A fake HTCondor CLI for tests: condor_submit, condor_q, condor_history, condor_rm,
-condor_hold, condor_release (symlinks to this file; the command is the name it is called by).
+condor_hold, condor_release, condor_vacate_job (symlinks to this file; the command is the name
+it is called by).
 Standard library only.
 
 What it reproduces (formats from the HTCondor manual and tests/data/vectors/htcondor.json):
@@ -14,6 +15,11 @@ What it reproduces (formats from the HTCondor manual and tests/data/vectors/htco
   dot per job). Refusals (exit 1): "ERROR: I don't know about the 'x' universe.",
   "ERROR: Executable file x does not exist", "ERROR: Can't open \"x\"  with flags 01101
   (Permission denied)" style checks are limited to these two.
+- `condor_vacate_job ids`: a running job is evicted from its slot (SIGTERM, SIGKILL after
+  FAKE_CONDOR_KILL_TIMEOUT) and returns to Idle, to be matched again (not before
+  FAKE_CONDOR_REMATCH_DELAY, 5 s: the negotiator's next cycle) and run from the start,
+  NumJobStarts counting; the log gets "Job was evicted." (004). "Job N.P vacated"; a
+  job not running: this fake's own refusal on stderr, exit 1.
 - Clusters of many procs (`queue N`): N job ads ClusterId.0 ... ClusterId.N-1, each its
   own job (states, holds, removal, history); `$(Cluster)`/`$(ClusterId)` and
   `$(Process)`/`$(ProcId)`/`$(Step)` are expanded per proc in every command (other
@@ -104,6 +110,7 @@ HISTORY = HOME / "history.jsonl"
 SLOTS = int(os.environ.get("FAKE_CONDOR_SLOTS", "2"))
 LINGER = float(os.environ.get("FAKE_CONDOR_LINGER", "2"))
 KILL_TIMEOUT = float(os.environ.get("FAKE_CONDOR_KILL_TIMEOUT", "2"))
+REMATCH_DELAY = float(os.environ.get("FAKE_CONDOR_REMATCH_DELAY", "5"))
 #: the schedd's MAX_JOBS_PER_SUBMISSION (HTCondor's default: 20000)
 MAX_JOBS_PER_SUBMISSION = int(os.environ.get("FAKE_CONDOR_MAX_JOBS_PER_SUBMISSION", "20000"))
 UNIVERSES = ("vanilla", "scheduler", "local", "grid", "java", "vm", "parallel", "docker", "container")
@@ -207,7 +214,7 @@ def schedule() -> None:
     ads = queue_ads()
     busy = sum(a.get("RequestCpus", 1) for a in ads if a["JobStatus"] == RUNNING)
     for ad in ads:
-        if ad["JobStatus"] != IDLE:
+        if ad["JobStatus"] != IDLE or ad.get("_not_before", 0) > now:
             continue
         if alive(ad.get("_starter_pid")):
             continue  # released while its killed run is still going away (condor_hold)
@@ -556,6 +563,12 @@ def starter(jid: str) -> int:
         elif ad["JobStatus"] == REMOVED:
             ad["_left_at"] = now
             event(ad, "009", "Job was aborted.\n", f"\t{ad.get('RemoveReason', '')}\n")
+        elif ad.pop("_vacated", False):
+            # condor_vacate_job: evicted, idle again, to run from the start once matched
+            ad.pop("_pid", None)
+            ad.pop("_kill_at", None)
+            ad["_not_before"] = now + REMATCH_DELAY
+            event(ad, "004", "Job was evicted.\n", "\t(0) Job was not checkpointed.\n")
         elif ad["JobStatus"] != RUNNING:
             # held (and maybe released already) while it ran: condor_hold's kill
             ad.pop("_pid", None)
@@ -727,7 +740,8 @@ def act(argv: list[str], action: str) -> int:
                 print(error, file=sys.stderr)
                 rc = 1
                 continue
-            print(f"Job {jid} {'marked for removal' if action == 'rm' else 'held' if action == 'hold' else 'released'}")
+            words = {"rm": "marked for removal", "hold": "held", "release": "released", "vacate": "vacated"}
+            print(f"Job {jid} {words[action]}")
     return rc
 
 
@@ -775,6 +789,14 @@ def act_on(ad: dict, action: str, reschedule: bool = True) -> str | None:
         save(ad)
         if reschedule:
             schedule()
+    elif action == "vacate":
+        if ad["JobStatus"] != RUNNING or not alive(ad.get("_pid")):
+            return f"fake condor_vacate_job: job {jid} is not running"
+        set_status(ad, IDLE)
+        ad["_vacated"] = True
+        _signal(ad["_pid"], signal.SIGTERM)
+        ad["_kill_at"] = time.time() + KILL_TIMEOUT
+        save(ad)
     elif action == "hold":
         if ad["JobStatus"] == HELD:
             return f"Job {jid} already held"
@@ -819,6 +841,7 @@ def main() -> int:
         "condor_rm": lambda: act(args, "rm"),
         "condor_hold": lambda: act(args, "hold"),
         "condor_release": lambda: act(args, "release"),
+        "condor_vacate_job": lambda: act(args, "vacate"),
     }
     if command not in handlers:
         print(f"fakecondor: call me as one of {', '.join(handlers)}, not {command}", file=sys.stderr)

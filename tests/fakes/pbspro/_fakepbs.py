@@ -1,4 +1,4 @@
-"""A fake PBS Pro / OpenPBS server behind qsub, qstat, qselect, qdel and qrls (the
+"""A fake PBS Pro / OpenPBS server behind qsub, qstat, qselect, qdel, qrls and qrerun (the
 executables beside this file), for tests on machines where PBS cannot run.
 
 What it reproduces (PBS Pro 2022 behaviour as documented; outputs byte-for-byte in the
@@ -67,7 +67,8 @@ is the array's), ended subjobs always keep their own record (as with job history
 enabled), qselect ignores -J; the walltime comment's wording and the array comment
 when subjobs wait on max_run_subjobs are this fake's, only Exit_status -29 and the
 stderr line are PBS's own; qdel of a running job returns before the job is gone (as
-PBS does); tracejob is not provided (so it is 'command not found', as on a login node
+PBS does); qrerun takes a running job or subjob only (not a whole array, no -W force)
+and needs no rerunnable flag (-r y is PBS Pro's default); tracejob is not provided (so it is 'command not found', as on a login node
 without access to the server's logs).
 """
 
@@ -92,6 +93,8 @@ SERVER = os.environ.get("FAKE_PBS_SERVER", "fakepbs")
 HOST = socket.gethostname()
 NCPUS = int(os.environ.get("FAKE_PBS_NCPUS", "2"))
 KILL_DELAY = float(os.environ.get("FAKE_PBS_KILL_DELAY", "3"))
+#: a rerun job waits this long in Q before it may run again (the scheduler's next cycle)
+RERUN_DELAY = float(os.environ.get("FAKE_PBS_RERUN_DELAY", "5"))
 EXITING_SECONDS = float(os.environ.get("FAKE_PBS_EXITING_SECONDS", "1"))
 HISTORY_SECONDS = float(os.environ.get("FAKE_PBS_HISTORY_SECONDS", str(14 * 24 * 3600)))
 QUEUES = os.environ.get("FAKE_PBS_QUEUES", "workq").split(",")
@@ -222,6 +225,14 @@ def advance(job: dict, unit: dict, key: str, index, now: float) -> bool:
     changed = False
     if unit["state"] == "R":
         code = _read_int(JOBS / f"{key}.exit")
+        if code is not None and unit.get("rerun"):
+            # qrerun: back to Q, to run its script again from the start (run_count counts)
+            for name in ("kill_at", "term_sent", "kill_sent", "rerun", "pid"):
+                unit.pop(name, None)
+            for suffix in ("exit", "pid"):
+                (JOBS / f"{key}.{suffix}").unlink(missing_ok=True)
+            unit.update(state="Q", not_before=now + RERUN_DELAY, comment="Job requeued by qrerun")
+            return True
         if code is not None:
             if unit.get("killed_for") == "walltime":
                 unit["exit_status"] = -29
@@ -295,7 +306,7 @@ def tick(jobs: dict[str, dict]) -> None:
     running = sum(1 for job in jobs.values() for _, u in units(job) if u["state"] in ("R", "E"))
     for job in jobs.values():
         if not is_array(job):
-            if job["state"] != "Q":
+            if job["state"] != "Q" or job.get("not_before", 0) > now:
                 continue
             if running < NCPUS:
                 start(job, job, None, now)
@@ -309,7 +320,7 @@ def tick(jobs: dict[str, dict]) -> None:
         active = sum(1 for _, u in units(job) if u["state"] in ("R", "E"))
         waiting = None
         for index, sub in units(job):
-            if sub["state"] != "Q":
+            if sub["state"] != "Q" or sub.get("not_before", 0) > now:
                 continue
             if max_run and active >= max_run:
                 waiting = "Not Running: Number of concurrent running subjobs limit reached"
@@ -828,6 +839,33 @@ def qdel(argv: list[str]) -> int:
     return rc
 
 
+def qrerun(argv: list[str]) -> int:
+    """qrerun ids: a running job (or subjob) is killed as by qdel and goes back to Q, to
+    run again from the start; any other state: PBSE_BADSTATE (15018 & 0xff = 170)."""
+    ids = [a for a in argv if not a.startswith("-")]
+    rc = 0
+    with locked():
+        jobs = load_all()
+        tick(jobs)
+        now = time.time()
+        for raw in ids:
+            found = resolve(raw, jobs, now)
+            if found is None:
+                print(f"qrerun: Unknown Job Id {raw}", file=sys.stderr)
+                rc = rc or 153
+                continue
+            job, index = found
+            unit = job if index is None else job["subjobs"][str(index)]
+            if unit["state"] != "R" or (is_array(job) and index is None):
+                print(f"qrerun: Request invalid for state of job {raw}", file=sys.stderr)
+                rc = rc or 170
+                continue
+            unit["rerun"], unit["kill_at"] = True, unit.get("kill_at") or now
+            save(job)
+        tick(jobs)
+    return rc
+
+
 def qrls(argv: list[str]) -> int:
     rc = 0
     with locked():
@@ -870,7 +908,7 @@ def qselect(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"qstat": qstat, "qsub": qsub, "qdel": qdel, "qrls": qrls, "qselect": qselect}
+COMMANDS = {"qstat": qstat, "qsub": qsub, "qdel": qdel, "qrls": qrls, "qselect": qselect, "qrerun": qrerun}
 
 
 def main(command: str) -> None:
