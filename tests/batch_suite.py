@@ -482,8 +482,12 @@ class BatchWorkerSuite:
 
             def told(fr=fr, i=i):
                 text = logs_of(fr.id)
+                # found by name (its id unrecorded), scheduled again (never submitted), or
+                # followed on by its recorded id (where submits run one per trial, another
+                # trial's submit may have answered, and its id been recorded, before the kill)
                 return f"trial {i} ran" in text and (
-                    "submitted by a worker that died" in text or "scheduled again" in text) and text
+                    "submitted by a worker that died" in text or "scheduled again" in text
+                    or "resumes following" in text) and text
 
             try:
                 text = wait_for(told, 60, what=f"trial {i}'s logs")
