@@ -771,6 +771,9 @@ class Experiment:
             ids = [m.flow_run_id for m in members] + [wu.flow_run_id]
             loop = asyncio.get_running_loop()
             first_started: Optional[float] = None  # (loop time) when its first member ran
+            # members seen running once: one its scheduler requeued (Pending again) has
+            # started with the others, and its requeue is its worker's to follow
+            ever_started: set[str] = set()
             while True:
                 # Which in-process engines had ended is noted before the read: an engine
                 # that ends while the read is in flight has its final state missing from
@@ -817,7 +820,8 @@ class Experiment:
                     await self._cancel_members([o for o in members if o is not m], f"gang member {m.key!r} was cancelled")
                     final_type = "CANCELLED"
                     break
-                started = [m for m in members if m.state_type in ("RUNNING", "COMPLETED")]
+                ever_started.update(m.key for m in members if m.state_type in ("RUNNING", "COMPLETED"))
+                started = [m for m in members if m.key in ever_started]
                 if started and first_started is None:
                     first_started = loop.time()
                 # (only while a started member still runs: one that has ended holds nothing)
