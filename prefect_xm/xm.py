@@ -4,7 +4,7 @@ A launch script written for XManager ports by changing its imports to
 ``from prefect_xm import xm`` and ``from prefect_xm import xm_local``.
 """
 
-from prefect_xm.core.args import SequentialArgs, UserArgs, merge_args, to_argv
+from prefect_xm.core.args import SequentialArgs, ShellSafeArg, UserArgs, merge_args, to_argv
 from prefect_xm.core.experiment import Experiment, WorkUnit
 from prefect_xm.core.job_blocks import (
     Binary,
@@ -77,8 +77,8 @@ __all__ = [
     "ExecutorSpec", "Experiment", "ExperimentUnit", "ExperimentUnitError", "ExperimentUnitFailedError",
     "ExperimentUnitNotCompletedError", "ExperimentUnitStatus", "NotFoundError", "GB", "GiB", "Job",
     "JobGeneratorType", "JobGroup", "JobRequirements", "JobType", "KB", "KiB", "MB", "MiB",
-    "ModuleName", "Packageable", "PythonContainer", "ResourceType", "SequentialArgs", "TB", "TiB",
-    "UserArgs", "WorkUnit", "WorkUnitStatus", "bazel_binary", "bazel_container", "binary", "container",
+    "ModuleName", "Packageable", "PythonContainer", "ResourceType", "SequentialArgs", "ShellSafeArg", "TB",
+    "TiB", "UserArgs", "WorkUnit", "WorkUnitStatus", "bazel_binary", "bazel_container", "binary", "container",
     "dockerfile_container", "get_args_for_all_jobs",
     "mCPU", "merge_args", "python_container", "run_in_asyncio_loop", "to_argv", "vCPU",
 ]

@@ -27,6 +27,16 @@ def test_positional_and_sequential_args():
     assert merged.to_dict(kwargs_only=True) == {"foo": "2", "bar": "42", "n": 16}
 
 
+def test_a_shell_safe_arg_reaches_the_program_as_its_text_unsubstituted():
+    # as on XManager's argv backends: nothing is quoted, and no shell substitutes
+    args = [xm.ShellSafeArg("$HOME/data"), {"out": xm.ShellSafeArg("$(hostname)")}]
+    assert xm.to_argv(args[0:1]) == ["$HOME/data"]
+    assert xm.to_argv(args[1]) == ["--out=$(hostname)"]
+    assert xm.merge_args(args[1]).to_json() == {"out": "$(hostname)"}
+    with pytest.raises(RuntimeError, match="ShellSafe semantics"):
+        f"{xm.ShellSafeArg('x')}"
+
+
 def test_string_args_are_rejected():
     with pytest.raises(ValueError, match="Wrap it in a list"):
         xm.to_argv("--lr=0.1")

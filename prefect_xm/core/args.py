@@ -7,12 +7,14 @@ Args reach the program as an argv list, never through a shell:
   tuple -> the flag repeated once per item;
 - a list or tuple becomes positional arguments, each ``str()``-ed;
 - :class:`SequentialArgs` mixes both; merging overrides keyword values in place and
-  appends positional ones.
+  appends positional ones;
+- a :class:`ShellSafeArg` reaches the program as its text, unsubstituted (see there).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence, Union
 
 UserArgs = Union[Mapping[str, Any], Sequence[Any], "SequentialArgs", None]
@@ -40,7 +42,24 @@ def validate_env_vars(env_vars: Mapping[str, Any], field: str = "env_vars") -> d
     return result
 
 
+@dataclass(frozen=True)
+class ShellSafeArg:
+    """XManager's argument that its shell-based backends leave unquoted, so that the
+    shell substitutes in it (`$HOME/data`). prefect-xm hands arguments to programs as
+    argv and never through a shell, as XManager's argv backends do: there the text
+    reaches the program as it is, with nothing substituted. Read what you need from the
+    environment in the program, or pass the value itself."""
+
+    arg: str
+
+    def __str__(self) -> str:
+        # as XManager's: an f-string would silently drop what the wrapper says
+        raise RuntimeError(f"Converting {self!r} to a string would strip the ShellSafe semantics.")
+
+
 def _to_str(value: Any) -> str:
+    if isinstance(value, ShellSafeArg):
+        value = value.arg
     if isinstance(value, bool):
         return "true" if value else "false"
     s = value if isinstance(value, str) else str(value)
@@ -181,6 +200,8 @@ def to_argv(args: UserArgs) -> list[str]:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, ShellSafeArg):
+        return value.arg
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, Mapping):
