@@ -63,9 +63,14 @@ class SSHServer:
             f"MaxSessions {max_sessions}",
             "MaxStartups 50",
         ]
+        # Debian's bash sources ~/.bashrc for a command over SSH; where that runs pyenv's
+        # rehash (these machines' root), a session killed mid-rehash (sshd restarted,
+        # stopped) leaves its lock, and every later command waited 60 s for it
+        env = ["PYENV_REHASH_TIMEOUT=1"]
         if session_path:
             # the login node's PATH (e.g. wrappers that count scheduler calls)
-            lines.append(f"SetEnv PATH={session_path}")
+            env.insert(0, f"PATH={session_path}")
+        lines.append("SetEnv " + " ".join(env))
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen | None = None
         os.makedirs("/run/sshd", exist_ok=True)  # privilege separation directory

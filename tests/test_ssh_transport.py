@@ -11,6 +11,7 @@ import signal
 import stat
 import sys
 import threading
+import uuid
 import time
 from pathlib import Path
 
@@ -119,12 +120,15 @@ def _text_or_empty(path: Path) -> str:
 
 async def test_environment_travels_in_a_private_file_not_the_command_line(sshd):
     t = transport(sshd)
-    r = await t.run([sys.executable, "-c", "import os; print(os.environ['PXM_SECRET'])"], env={"PXM_SECRET": "s3cr3t value"})
-    assert r.stdout.strip() == "s3cr3t value"
-    assert "s3cr3t" not in sshd.log.read_text()
+    # this run's own secret: an interrupted earlier run may have left a file of its own
+    secret = f"s3cr3t-{uuid.uuid4().hex}"
+    r = await t.run([sys.executable, "-c", "import os; print(os.environ['PXM_SECRET'])"],
+                    env={"PXM_SECRET": f"{secret} value"})
+    assert r.stdout.strip() == f"{secret} value"
+    assert secret not in sshd.log.read_text()
     home = await t.home()
     # removed after use (other tests' commands may have files of their own there meanwhile)
-    assert not [p for p in Path(home, ".prefect-xm", "env").glob("*") if "s3cr3t" in _text_or_empty(p)]
+    assert not [p for p in Path(home, ".prefect-xm", "env").glob("*") if secret in _text_or_empty(p)]
     await t.close()
 
 
