@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Single-node Slurm 22.05 (Debian slurm-wlm + munge) for tests, on machines where
-# systemd is not PID 1, so the daemons are started by hand.
+# A two-node Slurm 22.05 (Debian slurm-wlm + munge) on this one machine, for tests, on
+# machines where systemd is not PID 1, so the daemons are started by hand. Two nodes
+# (two slurmd, ports 6818 and 6819): Slurm gives each component of a heterogeneous job
+# nodes of its own, so a two-member gang needs two.
 #
 #   bash scripts/slurm-cluster.sh start    # install if needed, start, wait for idle, smoke test
 #   bash scripts/slurm-cluster.sh stop     # stop slurmd + slurmctld (munged keeps running;
@@ -13,10 +15,10 @@ set -euo pipefail
 CONF_DIR=/etc/slurm
 CONF=$CONF_DIR/slurm.conf
 CTLD_SPOOL=/var/spool/slurmctld
+# one spool dir, pid file and log per node (%n: the node's name)
 SLURMD_SPOOL=/var/spool/slurmd
 LOG_DIR=/var/log/slurm
 CTLD_PID=/run/slurmctld.pid
-SLURMD_PID=/run/slurmd.pid
 MUNGE_KEY=/etc/munge/munge.key
 # Kept inside the state dir so that it describes exactly the state it sits beside:
 # if anything wipes the state, the stamp goes with it.
@@ -24,6 +26,10 @@ CONF_STAMP=$CTLD_SPOOL/prefect-xm-slurm.conf.sha256
 READY_TIMEOUT=${SLURM_READY_TIMEOUT:-60}
 SMOKE_TIMEOUT=${SLURM_SMOKE_TIMEOUT:-60}
 NODE=$(hostname)
+# the first node is named after the host; the others after it (`-2`, ...)
+NODES=("$NODE")
+for ((i = 2; i <= ${SLURM_NODES:-2}; i++)); do NODES+=("$NODE-$i"); done
+slurmd_pidfile() { echo "/run/slurmd-$1.pid"; }
 
 # Seconds since an $EPOCHREALTIME stamp, to the millisecond.
 elapsed() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2fs", b - a }'; }
@@ -42,7 +48,7 @@ state_is_up() {
 
 # `timeout` because a client can hang for MessageTimeout when the controller is half up.
 node_state() {
-    timeout 15 sinfo -h -n "$NODE" -o %T 2>/dev/null | head -n1 || true
+    timeout 15 sinfo -h -n "${1:-$NODE}" -o %T 2>/dev/null | head -n1 || true
 }
 
 cluster_up() {
@@ -53,14 +59,28 @@ cluster_up() {
     # Without munged every client call hangs until its timeout instead of failing.
     munge_works || return 1
     [ -n "$(daemon_pid slurmctld "$CTLD_PID")" ] || return 1
-    [ -n "$(daemon_pid slurmd "$SLURMD_PID")" ] || return 1
-    # Kept for the caller's messages, so they need not ask the controller again.
-    NODE_STATE=$(node_state)
-    state_is_up "$NODE_STATE"
+    slurmds_running || return 1
+    local node
+    for node in "${NODES[@]}"; do
+        # Kept for the caller's messages, so they need not ask the controller again.
+        NODE_STATE=$(node_state "$node")
+        NODE_DOWN=$node
+        state_is_up "$NODE_STATE" || return 1
+    done
 }
 
 # nproc honours OMP_NUM_THREADS; a caller's environment must not change the node's size.
 ncpus() { env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc; }
+
+# One line per node, all on this host (NodeHostname), each slurmd on a port of its own;
+# the host's memory is shared out between them.
+node_lines() {
+    local addr=$1 real_mb=$2 i=0 node
+    for node in "${NODES[@]}"; do
+        echo "NodeName=$node NodeHostname=$NODE$addr Port=$((6818 + i)) CPUs=${SLURM_NODE_CPUS:-$(($(ncpus) * 4))} RealMemory=$((real_mb / ${#NODES[@]})) State=UNKNOWN"
+        i=$((i + 1))
+    done
+}
 
 render_conf() {
     local mem_kb real_mb
@@ -111,11 +131,11 @@ InactiveLimit=0
 # Finished jobs stay visible in scontrol show job for 5 minutes (no slurmdbd here).
 MinJobAge=300
 StateSaveLocation=$CTLD_SPOOL
-SlurmdSpoolDir=$SLURMD_SPOOL
+SlurmdSpoolDir=$SLURMD_SPOOL/%n
 SlurmctldPidFile=$CTLD_PID
-SlurmdPidFile=$SLURMD_PID
+SlurmdPidFile=/run/slurmd-%n.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmdLogFile=$LOG_DIR/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 SlurmctldPort=6817
@@ -125,7 +145,7 @@ SlurmdPort=6818
 # the node offers SLURM_NODE_CPUS (4 per real CPU by default) so that they do not queue
 # behind each other; config_overrides lets slurmd run a node larger than its hardware.
 SlurmdParameters=config_overrides
-NodeName=$NODE$addr CPUs=${SLURM_NODE_CPUS:-$(($(ncpus) * 4))} RealMemory=$real_mb State=UNKNOWN
+$(node_lines "$addr" "$real_mb")
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 }
@@ -214,6 +234,27 @@ daemon_pid() {
     pgrep -x "$name" | head -n1 || true
 }
 
+slurmds_running() {
+    local node
+    for node in "${NODES[@]}"; do
+        [ -n "$(slurmd_pid "$node")" ] || return 1
+    done
+}
+
+# A node's slurmd: from its pid file, or the process started for that node by hand.
+slurmd_pid() {
+    local node=$1 pidfile pid
+    pidfile=$(slurmd_pidfile "$node")
+    if [ -s "$pidfile" ]; then
+        pid=$(head -n1 "$pidfile")
+        if pid_alive "$pid" && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = slurmd ]; then
+            echo "$pid"
+            return
+        fi
+    fi
+    pgrep -x -f "slurmd -N $node" | head -n1 || true
+}
+
 wait_gone() {
     local deadline=$(($SECONDS + $1)) pid
     shift
@@ -226,21 +267,19 @@ wait_gone() {
 }
 
 stop_daemons() {
-    local name pidfile pid pids=()
-    for name in slurmd slurmctld; do
-        pidfile=$CTLD_PID
-        [ "$name" = slurmd ] && pidfile=$SLURMD_PID
-        pid=$(daemon_pid "$name" "$pidfile")
-        if [ -n "$pid" ]; then
-            log "stopping $name (pid $pid)"
-            # SIGTERM lets slurmctld save its state, so queued jobs survive a restart;
-            # slurmd leaves running job steps alone and picks them up when it returns.
-            # Both at once: each takes 1-2 s to shut down.
-            kill -TERM "$pid" 2>/dev/null || true
-            pids+=("$pid")
-        fi
-        rm -f "$pidfile"
+    local node pid pids=()
+    # slurmd of an earlier single-node conf (one pid file for the host), then each node's
+    for pid in $(daemon_pid slurmd /run/slurmd.pid) $(for node in "${NODES[@]}"; do slurmd_pid "$node"; done) \
+        $(daemon_pid slurmctld "$CTLD_PID"); do
+        log "stopping $(cat "/proc/$pid/comm" 2>/dev/null) (pid $pid)"
+        # SIGTERM lets slurmctld save its state, so queued jobs survive a restart;
+        # slurmd leaves running job steps alone and picks them up when it returns.
+        # All at once: each takes 1-2 s to shut down.
+        kill -TERM "$pid" 2>/dev/null || true
+        pids+=("$pid")
     done
+    rm -f "$CTLD_PID" /run/slurmd.pid
+    for node in "${NODES[@]}"; do rm -f "$(slurmd_pidfile "$node")"; done
     [ "${#pids[@]}" -gt 0 ] || return 0
     if ! wait_gone 30 "${pids[@]}"; then
         log "slurm daemons ignored SIGTERM for 30 s; sending SIGKILL"
@@ -265,7 +304,7 @@ reset_state_if_conf_changed() {
         find "$CTLD_SPOOL" -mindepth 1 -delete
         # Job ids restart at 1 with a fresh controller, and slurmd refuses credentials of
         # job ids it remembers as revoked, so its memory of old jobs goes too.
-        rm -f "$SLURMD_SPOOL"/cred_state "$SLURMD_SPOOL"/cred_state.old "$SLURMD_SPOOL"/cred_state.new
+        rm -f "$SLURMD_SPOOL"/cred_state* "$SLURMD_SPOOL"/*/cred_state*
     fi
     echo "$want" >"$CONF_STAMP"
     chown slurm:slurm "$CONF_STAMP"
@@ -275,7 +314,10 @@ make_dirs() {
     install -d -m 0755 "$CONF_DIR"
     install -d -o slurm -g slurm -m 0755 "$CTLD_SPOOL" "$LOG_DIR"
     # slurmd always runs as root.
-    install -d -o root -g root -m 0755 "$SLURMD_SPOOL"
+    local node
+    for node in "${NODES[@]}"; do
+        install -d -o root -g root -m 0755 "$SLURMD_SPOOL/$node"
+    done
 }
 
 write_conf() {
@@ -298,22 +340,24 @@ start_daemons() {
         tail -n 20 "$LOG_DIR/slurmctld.start.log" "$LOG_DIR/slurmctld.log" >&2 || true
         die "slurmctld failed to start"
     fi
-    log "starting slurmd"
     SLURMD_STARTED=$(date +%s)
-    # -N: slurmd would otherwise look itself up by `hostname -s`, which is not the
-    # NodeName where `hostname` prints a fully qualified name.
-    if ! slurmd -N "$NODE" 9>&- </dev/null >>"$LOG_DIR/slurmd.start.log" 2>&1; then
-        tail -n 20 "$LOG_DIR/slurmd.start.log" "$LOG_DIR/slurmd.log" >&2 || true
-        die "slurmd failed to start"
-    fi
+    local node
+    for node in "${NODES[@]}"; do
+        log "starting slurmd for node $node"
+        # -N: which node this slurmd is (each on its own port, all on this host)
+        if ! slurmd -N "$node" 9>&- </dev/null >>"$LOG_DIR/slurmd.start.log" 2>&1; then
+            tail -n 20 "$LOG_DIR/slurmd.start.log" "$LOG_DIR/slurmd-$node.log" >&2 || true
+            die "slurmd for node $node failed to start"
+        fi
+    done
 }
 
-# The controller restores the node as idle from its saved state before slurmd has said
+# The controller restores a node as idle from its saved state before its slurmd has said
 # a word, so "idle" alone does not prove this slurmd registered: its start time must
 # be the one we just started.
 slurmd_registered() {
     local started
-    started=$(timeout 15 scontrol show node "$NODE" 2>/dev/null |
+    started=$(timeout 15 scontrol show node "$1" 2>/dev/null |
         grep -o 'SlurmdStartTime=[0-9T:-]*' | cut -d= -f2 || true)
     [ -n "$started" ] || return 1
     started=$(date -d "$started" +%s 2>/dev/null) || return 1
@@ -321,14 +365,21 @@ slurmd_registered() {
 }
 
 wait_until_idle() {
-    local deadline=$((SECONDS + READY_TIMEOUT)) state last="" next_resume=0
+    local node
+    for node in "${NODES[@]}"; do
+        wait_until_node_idle "$node"
+    done
+}
+
+wait_until_node_idle() {
+    local node=$1 deadline=$((SECONDS + READY_TIMEOUT)) state last="" next_resume=0
     while :; do
-        state=$(node_state)
+        state=$(node_state "$node")
         if [ "$state" != "$last" ]; then
-            log "node $NODE: ${state:-<no answer yet>}"
+            log "node $node: ${state:-<no answer yet>}"
             last=$state
         fi
-        if state_is_up "$state" && slurmd_registered; then
+        if state_is_up "$state" && slurmd_registered "$node"; then
             return
         fi
         # A node that registered but is down/drained (e.g. left over from an earlier
@@ -340,23 +391,23 @@ wait_until_idle() {
                 # Again every few seconds: a resume sent while the controller was
                 # still sorting out the node can be refused or undone.
                 if [ "$SECONDS" -ge "$next_resume" ]; then
-                    log "node $NODE is $state: resuming it"
-                    timeout 15 scontrol update nodename="$NODE" state=resume || true
+                    log "node $node is $state: resuming it"
+                    timeout 15 scontrol update nodename="$node" state=resume || true
                     next_resume=$((SECONDS + 5))
                 fi
                 ;;
         esac
-        for d in slurmctld slurmd; do
-            local pidfile=$CTLD_PID
-            [ "$d" = slurmd ] && pidfile=$SLURMD_PID
-            if [ -z "$(daemon_pid "$d" "$pidfile")" ]; then
-                tail -n 20 "$LOG_DIR/$d.log" >&2 || true
-                die "$d exited during startup (log: $LOG_DIR/$d.log)"
-            fi
-        done
+        if [ -z "$(daemon_pid slurmctld "$CTLD_PID")" ]; then
+            tail -n 20 "$LOG_DIR/slurmctld.log" >&2 || true
+            die "slurmctld exited during startup (log: $LOG_DIR/slurmctld.log)"
+        fi
+        if [ -z "$(slurmd_pid "$node")" ]; then
+            tail -n 20 "$LOG_DIR/slurmd-$node.log" >&2 || true
+            die "slurmd for node $node exited during startup (log: $LOG_DIR/slurmd-$node.log)"
+        fi
         if [ "$SECONDS" -ge "$deadline" ]; then
-            timeout 15 scontrol show node "$NODE" >&2 || true
-            die "node $NODE not idle after ${READY_TIMEOUT}s (state: ${state:-unknown}); logs in $LOG_DIR"
+            timeout 15 scontrol show node "$node" >&2 || true
+            die "node $node not idle after ${READY_TIMEOUT}s (state: ${state:-unknown}); logs in $LOG_DIR"
         fi
         sleep 0.2
     done
@@ -413,7 +464,7 @@ cmd_start() {
     if packages_present && [ -f "$CONF" ]; then
         conf=$(render_conf)
         if [ "$(cat "$CONF")" = "$conf" ] && cluster_up; then
-            log "already up: node $NODE $NODE_STATE"
+            log "already up: nodes ${NODES[*]} $NODE_STATE"
             return 0
         fi
     fi
@@ -429,7 +480,7 @@ cmd_start() {
     reset_state_if_conf_changed
     start_daemons
     wait_until_idle
-    log "node $NODE idle $(elapsed "$t0") after start began"
+    log "nodes ${NODES[*]} idle $(elapsed "$t0") after start began"
     smoke_test
 }
 
@@ -454,10 +505,10 @@ cmd_status() {
         why="munged is not running (or its credentials do not verify)"
     elif [ -z "$(daemon_pid slurmctld "$CTLD_PID")" ]; then
         why="slurmctld is not running"
-    elif [ -z "$(daemon_pid slurmd "$SLURMD_PID")" ]; then
-        why="slurmd is not running"
+    elif ! slurmds_running; then
+        why="slurmd is not running for every node (${NODES[*]})"
     else
-        why="node $NODE is ${NODE_STATE:-not answering}"
+        why="node $NODE_DOWN is ${NODE_STATE:-not answering}"
     fi
     log "not up: $why"
     return 1

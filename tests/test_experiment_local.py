@@ -235,12 +235,12 @@ def test_gang_member_whose_run_cannot_be_created_leaves_no_other_member_behind(a
     real_submit = Experiment._submit
     refused = asyncio.Event()
 
-    async def submit(self, wu, m):
+    async def submit(self, wu, m, *rest):
         if m.key == "refused":
             refused.set()
             raise RuntimeError("injected: the API refused this flow run")
         await refused.wait()  # created only after its gang mate has failed
-        await real_submit(self, wu, m)
+        await real_submit(self, wu, m, *rest)
 
     monkeypatch.setattr(Experiment, "_submit", submit)
     with xm_local.create_experiment(experiment_title="gang-create") as experiment:

@@ -1,4 +1,5 @@
-"""The 3x2 JobGroup sweep on the real single-node Slurm through an xm-slurm work pool."""
+"""JobGroups on the real (two-node) Slurm through an xm-slurm work pool: sweeps of groups,
+gangs started together as one heterogeneous job, gangs that fail or never start whole."""
 
 from __future__ import annotations
 
@@ -75,6 +76,57 @@ def test_product_sweep_of_job_groups_on_slurm(slurm_pool, tmp_path):
     assert sorted(written) == sorted([f"--lr={t['lr']}", f"--bs={t['bs']}"] for t in trials for _ in (0, 1))
 
 
+def test_a_gang_on_one_pool_runs_as_one_heterogeneous_job_its_members_together(slurm_pool, tmp_path):
+    """Two members with their own requirements: one Slurm job, a component each (their
+    own job ids, states, logs), running at the same time on nodes of their own."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    from prefect_xm import xm, xm_local
+
+    pool, root = slurm_pool
+    out = tmp_path / "out"
+    out.mkdir()
+    code = ("import json, os, sys, time; start = time.time(); print('member', sys.argv[2], 'says hello'); "
+            "sys.stdout.flush(); time.sleep(4); "
+            "open(os.path.join(sys.argv[1], sys.argv[2]), 'w').write(json.dumps("
+            "[start, time.time(), os.environ['SLURM_JOB_ID'], os.environ.get('SLURMD_NODENAME'), "
+            "os.environ.get('SLURM_CPUS_PER_TASK')]))")
+    variables = {"run_dir": str(root / "runs")}
+    small = xm_local.Slurm(requirements=xm.JobRequirements(cpu=1, memory=200 * xm.MiB), time="10:00",
+                           work_pool=pool, job_variables=variables)
+    big = xm_local.Slurm(requirements=xm.JobRequirements(cpu=2, memory=300 * xm.MiB), time="10:00",
+                         work_pool=pool, job_variables=variables)
+    with xm_local.create_experiment(experiment_title="slurm-hetjob") as experiment:
+        [exe] = experiment.package([xm.Packageable(xm.Command([sys.executable, "-c", code, str(out)]),
+                                                   xm_local.Slurm.Spec())])
+        wu = experiment.add(xm.JobGroup(trainer=xm.Job(exe, small, args=["trainer"]),
+                                        evaluator=xm.Job(exe, big, args=["evaluator"])))
+    assert wu.get_status().is_completed, wu.get_status()
+    with get_client(sync_client=True) as c:
+        runs = {next(t.split(":", 1)[1] for t in r.tags if t.startswith("xm-job:")): r for r in c.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(
+                all_=[f"xm-experiment:{experiment.experiment_id}", "xm-kind:job"])))}
+        logs = {key: " ".join(line.message for line in c.read_logs(log_filter=_logs_of(r.id))) for key, r in runs.items()}
+    assert set(runs) == {"trainer", "evaluator"} and all(r.state.is_completed() for r in runs.values()), runs
+    het_id = runs["trainer"].infrastructure_pid.rsplit(":", 1)[1].split("+")[0]
+    assert runs["trainer"].infrastructure_pid.endswith(f":{het_id}+0"), runs["trainer"].infrastructure_pid
+    assert runs["evaluator"].infrastructure_pid.endswith(f":{het_id}+1"), runs["evaluator"].infrastructure_pid
+    assert "member trainer says hello" in logs["trainer"] and "evaluator says" not in logs["trainer"], logs
+    assert "member evaluator says hello" in logs["evaluator"], logs
+    written = {name: json.loads((out / name).read_text()) for name in ("trainer", "evaluator")}
+    (t_start, t_end, *_), (e_start, e_end, *_) = written["trainer"], written["evaluator"]
+    assert t_start < e_end and e_start < t_end, written  # they ran at the same time
+    assert written["trainer"][3] != written["evaluator"][3], written  # each component on its own node
+    assert written["evaluator"][4] == "2", written  # its own requirements
+
+
+def _logs_of(flow_run_id):
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    return LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+
+
 def test_gang_failure_on_slurm_cancels_the_sleeper(slurm_pool, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
@@ -96,6 +148,14 @@ def test_gang_failure_on_slurm_cancels_the_sleeper(slurm_pool, tmp_path):
                                         failer=xm.Job(exe, executor, args=["-c", failer])))
     status = wu.get_status()
     assert status.is_failed and "failer" in status.message, status
+    with get_client(sync_client=True) as c:
+        members = c.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(
+            all_=[f"xm-experiment:{experiment.experiment_id}", "xm-kind:job"])))
+    # both members were components of one heterogeneous job (the failer's exit code is its own)
+    assert sorted(r.infrastructure_pid.rsplit("+", 1)[1] for r in members) == ["0", "1"], members
+    assert len({r.infrastructure_pid.rsplit("+", 1)[0] for r in members}) == 1, members
+    failer_run = next(r for r in members if "xm-job:failer" in r.tags)
+    assert failer_run.state.is_failed() and "exited with code 1" in failer_run.state.message, failer_run.state
     tags = [f"xm-experiment:{experiment.experiment_id}", "xm-kind:job", "xm-job:sleeper"]
     # scancel's grace SIGTERM can make Prefect's engine in the job write Crashed ("aborted
     # by Python system exit") first; the worker that cancelled the job then sets Cancelled
@@ -232,7 +292,8 @@ def test_a_gang_not_started_within_its_deadline_is_cancelled_whole_naming_who_ne
     from prefect_xm.workers.scheduler import Scheduler
 
     pool, root = slurm_pool
-    variables = {"run_dir": str(root / "runs")}
+    # separate jobs (not one heterogeneous job): the deadline is what holds them together
+    variables = {"run_dir": str(root / "runs"), "het_job": False}
     runner = xm_local.Slurm(time="10:00", work_pool=pool, job_variables=variables)
     queued = xm_local.Slurm(time="10:00", work_pool=pool, job_variables={**variables, "extra_directives": ["--hold"]})
     with xm_local.create_experiment(experiment_title="slurm-gang-deadline") as experiment:

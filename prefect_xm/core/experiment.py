@@ -49,6 +49,7 @@ from prefect_xm.core.status import (
     ExperimentUnitNotCompletedError,
     ExperimentUnitStatus,
 )
+from prefect_xm.gang import gang_tags
 
 log = logging.getLogger("prefect_xm")
 
@@ -659,14 +660,14 @@ class Experiment:
 
     # ---------------------------------------------------------------- orchestration
 
-    async def _submit(self, wu: WorkUnit, m: _Member) -> None:
+    async def _submit(self, wu: WorkUnit, m: _Member, gang_tags: Sequence[str] = ()) -> None:
         from prefect.states import Pending
 
         from prefect_xm.flows.job_runner import run_job
 
         client = await _client()
         tags = [TAG_XM, TAG_KIND + KIND_JOB, TAG_EXPERIMENT + self.experiment_id,
-                TAG_WORK_UNIT + str(wu.work_unit_id), TAG_JOB + m.key]
+                TAG_WORK_UNIT + str(wu.work_unit_id), *gang_tags, TAG_JOB + m.key]
         name = f"{self.experiment_title}-wu{wu.work_unit_id}-{m.key}"
         link = await _link_task_run(client, wu.flow_run_id, f"job-{m.key}", "xm.job", m.key)
         m.link_id = link.id
@@ -759,8 +760,15 @@ class Experiment:
             # Gang: submit every member before starting or watching any of them.
             # Every creation is let finish before a failure is raised: a member created after
             # the cancellation below would be left Pending, never started and never cancelled.
+            # A gang all on one pool is told so: a worker whose scheduler starts a gang
+            # together (Slurm's heterogeneous jobs) submits its members as one job.
+            one_pool = (len(members) > 1 and all(m.job is not None and not m.is_local for m in members)
+                        and len({m.job.executor.work_pool_name for m in members}) == 1)
+            places = {m.key: gang_tags(str(wu.flow_run_id), i, len(members)) if one_pool else []
+                      for i, m in enumerate(members)}
             outcomes = [] if self._stopped else await asyncio.gather(
-                *(self._submit(wu, m) for m in members if m.flow_run_id is None), return_exceptions=True)
+                *(self._submit(wu, m, places[m.key]) for m in members if m.flow_run_id is None),
+                return_exceptions=True)
         try:
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):

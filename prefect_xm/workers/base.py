@@ -22,6 +22,7 @@ import re
 import shlex
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Optional, TypeVar
@@ -61,6 +62,17 @@ from prefect_xm.workers.arrays import (
     key_digest,
     task_env,
 )
+from prefect_xm.workers.hetjob import (
+    GANG_STOP_FILE,
+    HET_COMPONENT_FILE,
+    MEMBER_EXIT_FILE,
+    HetJobGatherer,
+    HetMember,
+    directives,
+    het_script,
+    member_end,
+)
+from prefect_xm.gang import gang_place
 from prefect_xm.workers.poller import JobPoller, TrackedJob
 from prefect_xm.workers.scheduler import (
     JobState,
@@ -507,6 +519,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         #: arrays being cancelled as a whole, by (cluster, array id)
         self._array_cancels: dict[tuple[str, str], asyncio.Task] = {}
         self._arrays = ArraySubmitter(self, max_wait=_env_float("PREFECT_XM_ARRAY_MAX_WAIT", 10.0))
+        self._het_jobs = HetJobGatherer(self, max_wait=_env_float("PREFECT_XM_GANG_GATHER", 60.0))
 
     # -- lifecycle ------------------------------------------------------------------
     async def setup(self) -> None:
@@ -639,7 +652,11 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         else:
             command_argv = shlex.split(configuration.command or "")
         run_dir = await self.run_directory(configuration, flow_run.id)
-        if self.may_join_array(configuration):
+        place = gang_place(flow_run.tags or [])
+        if place is not None and self.forms_het_jobs(configuration):
+            job_id = await self._het_jobs.submit(
+                HetMember(flow_run, configuration, run_dir, command_argv, run_env, logger, place))
+        elif self.may_join_array(configuration):
             job_id = await self._arrays.submit(
                 ArrayTask(flow_run, configuration, run_dir, command_argv, run_env, logger))
         else:
@@ -673,6 +690,90 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         job_id = await self.submit_job(request, transport, configuration, logger)
         logger.info(f"Submitted {self.scheduler.name} job {job_id} ({request.job_name})")
         return job_id
+
+    # -- gangs as heterogeneous jobs ----------------------------------------------------------
+    def forms_het_jobs(self, configuration: BatchJobConfiguration) -> bool:
+        """Whether this pool's gangs go to the scheduler as one heterogeneous job: the
+        scheduler has them, the pool (or the member) leaves them on, and the member runs
+        its program directly (its exit code is then the member's end)."""
+        return (bool(self.scheduler_for(configuration).het_separator) and configuration.execution == DIRECT
+                and bool(getattr(configuration, "het_job", False)))
+
+    async def submit_het_job(self, members: list[HetMember]) -> list[str]:
+        """The gang's members as one heterogeneous job, one component each, in order;
+        their component ids. Each member keeps its own run directory, batch script
+        (its job step), environment file and output."""
+        first = members[0]
+        configuration = first.configuration
+        scheduler = self.scheduler_for(configuration)
+        transport = await self.transport_for(configuration)
+        base = await transport.expand_path(configuration.run_dir)
+        name = f"{job_name_prefix(configuration.job_name or '', 'xm')}-gang-{uuid.uuid4()}"
+        het_dir = array_directory(base, name)
+        components = []
+        for k, m in enumerate(members):
+            script = self.render_script(m.configuration, m.flow_run, m.run_dir, m.argv)
+            await transport.write_file(f"{m.run_dir}/{ENV_FILE}", environment_file(m.env, m.run_dir), 0o600)
+            await transport.write_file(f"{m.run_dir}/job.sh", script, 0o700)
+            await transport.write_file(f"{m.run_dir}/{HET_COMPONENT_FILE}", f"{name} {k}\n", 0o600)
+            names = dict(job_name=name, stdout_path=f"{het_dir}/job.out", stderr_path=f"{het_dir}/job.err")
+            components.append(directives(self.render_script(m.configuration, m.flow_run, m.run_dir, m.argv, names),
+                                         scheduler.directive_prefix))
+        script = het_script(components, scheduler.het_separator, [m.run_dir for m in members], scheduler.het_launch)
+        script_path = f"{het_dir}/job.sh"
+        await transport.write_file(script_path, script, 0o700)
+        request = SubmitRequest(script_path=script_path, script=script, job_name=name, run_dir=het_dir,
+                                variables=configuration.model_dump(exclude={"env"}))
+        job_id = await self.submit_job(request, transport, configuration, first.log)
+        ids = [scheduler.het_component_id(job_id, i) for i in range(len(members))]
+        for i, (m, component) in enumerate(zip(members, ids)):
+            m.log.info(f"Submitted as component {i} of {scheduler.name} heterogeneous job {job_id} "
+                       f"({len(members)} gang members started together, {name}): job {component}")
+        return ids
+
+    async def _het_member_end(self, flow_run: "FlowRun", followed: FollowedRun, job: str, logger) -> bool:
+        """A heterogeneous job's member ends as its own exit code says (the scheduler
+        has one for the whole job). True if that settled the run's state."""
+        scheduler = self.scheduler_for(followed.configuration)
+        if not scheduler.het_separator or not scheduler.is_het_component(followed.job_id):
+            return False
+        run_dir = await self.run_directory(followed.configuration, followed.flow_run_id)
+        end = member_end(await followed.transport.read_tail(f"{run_dir}/{MEMBER_EXIT_FILE}", 100),
+                         await followed.transport.read_tail(f"{run_dir}/{GANG_STOP_FILE}", 200))
+        if not end.known:
+            return False
+        await self._mark_running(flow_run, f"{job} started")  # a job too quick to be seen running
+        if end.stopped_by is not None:
+            # The member that ended the gang says so first: the work unit names it, not this one.
+            stopper = await self._wait_for_final(end.stopped_by, timeout=max(30.0, 3 * self.poll_interval))
+            who = f"gang member {stopper.name!r}" if stopper is not None else f"gang member run {end.stopped_by}"
+            state = Cancelled(message=f"{job}: stopped with its gang: {who} exited with code {end.stopper_exit_code}")
+            await self.client.set_flow_run_state(flow_run.id, state, force=True)
+            logger.warning(state.message)
+        elif end.exit_code == 0:
+            await self.client.set_flow_run_state(flow_run.id, Completed(message=f"{job} exited with code 0"),
+                                                 force=True)
+            logger.info(f"{job} exited with code 0")
+        else:
+            tail = await self._stderr_tail(followed)
+            stderr = f"\nLast lines of the job's stderr ({followed.extra.get('stderr_path')}):\n{tail}" if tail else ""
+            state = Failed(message=f"{job}: the program exited with code {end.exit_code}.{stderr}")
+            await self.client.set_flow_run_state(flow_run.id, state, force=True)
+            logger.error(state.message)
+        return True
+
+    async def _wait_for_final(self, flow_run_id: str, timeout: float):
+        """The run, once final (or as it is when `timeout` passes; None if unreadable)."""
+        deadline = time.monotonic() + timeout
+        run = None
+        while True:
+            try:
+                run = await self.client.read_flow_run(UUID(flow_run_id))
+            except Exception:
+                return run
+            if (run.state is not None and run.state.is_final()) or time.monotonic() > deadline:
+                return run
+            await asyncio.sleep(1.0)
 
     # -- arrays -----------------------------------------------------------------------------
     def may_join_array(self, configuration: BatchJobConfiguration) -> bool:
@@ -1031,6 +1132,8 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         job = f"{self.scheduler.name} job {followed.job_id}"
         if current.is_final():
             return
+        if await self._het_member_end(flow_run, followed, job, logger):
+            return
         if status.state == JobState.COMPLETED:
             await self._mark_running(flow_run, f"{job} started")  # a job too quick to be seen running
             await self.client.set_flow_run_state(
@@ -1356,11 +1459,22 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             self.get_flow_run_logger(run).warning(message)
 
     async def _find_unrecorded_job(self, configuration: C, run: "FlowRun") -> Optional[str]:
-        """The job of a run submitted without its id recorded: its array task, if its run
-        directory names one, else the job by the run's unique name."""
+        """The job of a run submitted without its id recorded: its heterogeneous job's
+        component or its array task, if its run directory names one, else the job by the
+        run's unique name."""
         transport = await self.transport_for(configuration)
         scheduler = self.scheduler_for(configuration)
-        marker = await transport.read_tail(f"{await self.run_directory(configuration, run.id)}/{ARRAY_TASK_FILE}")
+        run_dir = await self.run_directory(configuration, run.id)
+        component = await transport.read_tail(f"{run_dir}/{HET_COMPONENT_FILE}")
+        if component:
+            try:
+                het_name, offset = component.split()
+                offset_number = int(offset)
+            except ValueError:
+                raise SubmissionError(f"unreadable {HET_COMPONENT_FILE} file: {component!r}") from None
+            het_id = await self._find_by_name(het_name, transport, scheduler)
+            return scheduler.het_component_id(scheduler.het_job_of(het_id), offset_number) if het_id else None
+        marker = await transport.read_tail(f"{run_dir}/{ARRAY_TASK_FILE}")
         if marker:
             try:
                 array_name, index = marker.split()

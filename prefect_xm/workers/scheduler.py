@@ -212,6 +212,23 @@ class Scheduler:
             return True
         raise SchedulerError(result.stderr.strip() or f"{result.argv[0]} exited {result.returncode}", result)
 
+    # -- heterogeneous jobs (a gang started together by the scheduler) -------------
+    #: the directive line between two components' directives; None: no such jobs
+    het_separator: ClassVar[Optional[str]] = None
+    #: shell command prefix starting member `$k`'s script (in run directory `$d`) as a
+    #: job step of component k, its stdout/stderr to the member's job.out/job.err
+    het_launch: ClassVar[str] = ""
+
+    def het_component_id(self, job_id: str, offset: int) -> str:
+        raise NotImplementedError(f"{self.name} has no heterogeneous jobs")
+
+    def is_het_component(self, job_id: str) -> bool:
+        return False
+
+    def het_job_of(self, component_id: str) -> str:
+        """The heterogeneous job a component id belongs to."""
+        return component_id
+
     # -- arrays -------------------------------------------------------------------
     #: the environment variable holding a running array task's index; None: this
     #: scheduler's runs are always submitted one by one

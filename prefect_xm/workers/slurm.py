@@ -333,6 +333,25 @@ class SlurmScheduler(Scheduler):
         m = re.match(r"^(\d+)_(?:\d+|\[[^\]]*\])$", job_id)
         return m.group(1) if m else None
 
+    # -- heterogeneous jobs: component k of job 123 is `123+k` in squeue, scontrol, scancel
+    het_separator: ClassVar[Optional[str]] = "#SBATCH hetjob"
+    # One task on the component's first node with its CPUs there, as a single job's
+    # batch script runs; SLURM_JOB_CPUS_PER_NODE_HET_GROUP_k reads like "4(x2),2".
+    het_launch: ClassVar[str] = (
+        'xm_cpus=SLURM_JOB_CPUS_PER_NODE_HET_GROUP_$k; xm_cpus=${!xm_cpus:-1}; '
+        'srun --het-group="$k" --nodes=1 --ntasks=1 --cpus-per-task="${xm_cpus%%[(,]*}" '
+        '--output="$d/job.out" --error="$d/job.err"'
+    )
+
+    def het_component_id(self, job_id: str, offset: int) -> str:
+        return f"{job_id}+{offset}"
+
+    def is_het_component(self, job_id: str) -> bool:
+        return bool(re.match(r"^\d+\+\d+$", job_id))
+
+    def het_job_of(self, component_id: str) -> str:
+        return component_id.split("+", 1)[0]
+
     # MaxArraySize: "Invalid job array specification"; a QOS's MaxSubmitJobs counts tasks
     array_refusal = re.compile(r"Invalid job array specification|MaxArraySize|QOSMaxSubmitJob|job submit limit",
                                re.IGNORECASE)
@@ -378,6 +397,7 @@ class SlurmJobConfiguration(BatchJobConfiguration):
     gpus: Optional[int] = Field(default=None)
     gpu_type: Optional[str] = Field(default=None)
     constraint: Optional[str] = Field(default=None)
+    het_job: bool = Field(default=True)
 
     @field_validator("time_limit")
     @classmethod
@@ -437,6 +457,18 @@ class SlurmVariables(BatchVariables):
     )
     constraint: Optional[str] = Field(
         default=None, title="Constraint", description="Node features required (--constraint)."
+    )
+    het_job: bool = Field(
+        default=True,
+        title="Gangs as one heterogeneous job",
+        description=(
+            "A JobGroup whose members all run on this pool goes to Slurm as one heterogeneous job "
+            "(#SBATCH hetjob), one component per member with its own requirements, so Slurm starts them "
+            "together; each member is still its own flow run (job id <job>+<component>). Slurm gives each "
+            "component nodes of its own: a group needs as many nodes as members. Off (for the pool, or in the "
+            "members' job_variables): the members are separate jobs held together by the work unit's "
+            "start deadline."
+        ),
     )
 
 
