@@ -4,6 +4,7 @@ create_experiment / get_experiment / list_experiments talk to the Prefect API na
 PREFECT_API_URL, or to Prefect's embedded (ephemeral) server when it is unset.
 """
 
+from prefect_xm import xm_flags  # noqa: F401  (defines XManager's --xm_* flags, as xmanager.xm_local does)
 from prefect_xm.core.experiment import (
     Experiment,
     WorkUnit,

@@ -100,3 +100,38 @@ def test_stop_cancels_a_running_experiment(api, tmp_path):
     wait_for(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
              timeout=30, what="the job's process to be gone")
     assert experiment.get_status().is_cancelled
+
+
+def test_an_absl_launch_script_takes_xmanagers_xm_flags_and_its_own(api, tmp_path):
+    """XManager's launch scripts run under absl and are launched with XManager's --xm_*
+    flags: with only its imports changed, such a script parses them and its own."""
+    out = tmp_path / "seen"
+    script = tmp_path / "launcher.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from absl import app
+        from absl import flags
+        from prefect_xm import xm  # was: from xmanager import xm
+        from prefect_xm import xm_local  # was: from xmanager import xm_local
+
+        _LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.1, "The trainer's learning rate.")
+
+        def main(argv):
+            del argv
+            with xm_local.create_experiment(experiment_title="absl-launcher") as experiment:
+                [executable] = experiment.package([xm.Packageable(
+                    executable_spec=xm.Command([sys.executable, "-c",
+                        "import sys; open({str(out)!r}, 'w').write(' '.join(sys.argv[1:]))"]),
+                    executor_spec=xm_local.Local.Spec())])
+                experiment.add(xm.Job(executable=executable, executor=xm_local.Local(),
+                                      args={{"learning_rate": _LEARNING_RATE.value}}))
+            print("LAUNCH MODE", flags.FLAGS.xm_launch_mode.value, "WRAP", flags.FLAGS.xm_wrap_late_bindings)
+
+        if __name__ == "__main__":
+            app.run(main)
+    """))
+    result = _cli(api, "launch", str(script), "--", "--xm_launch_mode=local", "--xm_wrap_late_bindings",
+                  "--learning_rate=0.01")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "LAUNCH MODE local WRAP True" in result.stdout
+    assert out.read_text() == "--learning_rate=0.01"
