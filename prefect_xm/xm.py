@@ -33,6 +33,14 @@ from prefect_xm.core.packagables import (
     dockerfile_container,
     python_container,
 )
+from prefect_xm.core.metadata import ContextAnnotations, MetadataContext
+from prefect_xm.core.roles import (
+    AuxiliaryUnitJob,
+    AuxiliaryUnitRole,
+    ExperimentUnitRole,
+    Importance,
+    WorkUnitRole,
+)
 from prefect_xm.core.resources import (
     GB,
     KB,
@@ -73,6 +81,7 @@ WorkUnitStatus = ExperimentUnitStatus
 ExperimentUnit = WorkUnit
 
 __all__ = [
+    "AuxiliaryUnitJob", "AuxiliaryUnitRole", "ContextAnnotations", "MetadataContext", "ExperimentUnitRole", "Importance", "WorkUnitRole",
     "Binary", "Command", "CommandList", "Constraint", "Container", "Executable", "ExecutableSpec", "Executor",
     "ExecutorSpec", "Experiment", "ExperimentUnit", "ExperimentUnitError", "ExperimentUnitFailedError",
     "ExperimentUnitNotCompletedError", "ExperimentUnitStatus", "NotFoundError", "GB", "GiB", "Job",

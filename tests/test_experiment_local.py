@@ -537,3 +537,62 @@ def test_terminating_the_launcher_cancels_its_local_jobs(api, tmp_path):
     [job] = _runs("xm-kind:job", f"xm-experiment:{exp_id}")
     assert wu.state.is_cancelled() and job.state.is_cancelled(), (wu.state, job.state)
     assert _runs("xm-kind:experiment", f"xm-experiment:{exp_id}")[0].state.is_cancelled()
+
+
+def test_auxiliary_units_run_beside_the_trials_do_not_count_and_stop_after_their_delay(api, tmp_path):
+    """XManager's AuxiliaryUnitJob (what its contrib TensorBoard adds) and add(role=...):
+    an auxiliary unit's failure does not fail the experiment, and one still running when
+    the work units end is stopped after its termination delay."""
+    from prefect_xm import xm, xm_local
+
+    started = tmp_path / "board-started"
+    with xm_local.create_experiment(experiment_title="aux-units") as experiment:
+        [board, trial, broken] = experiment.package([
+            xm.Packageable(xm.Command([PY, "-c", f"import time; open({str(started)!r}, 'w'); time.sleep(300)"]),
+                           xm_local.Local.Spec()),
+            xm.Packageable(xm.Command([PY, "-c", "print('trial')"]), xm_local.Local.Spec()),
+            xm.Packageable(xm.Command([PY, "-c", "raise SystemExit(3)"]), xm_local.Local.Spec()),
+        ])
+        tensorboard = experiment.add(xm.AuxiliaryUnitJob(xm.Job(board, xm_local.Local()), termination_delay_secs=2,
+                                                         importance=xm.Importance.LOW))
+        controller = experiment.add(xm.Job(broken, xm_local.Local()),
+                                    role=xm.AuxiliaryUnitRole(termination_delay_secs=0))
+        for lr in (0.1, 0.2):
+            experiment.add(xm.Job(trial, xm_local.Local(), args={"lr": lr}))
+        with pytest.raises(ValueError, match="role"):
+            experiment.add(xm.Job(trial, xm_local.Local()), role="auxiliary")
+    assert sorted(experiment.work_units) == [1, 2] and experiment.work_unit_count == 2
+    assert started.exists()  # the board ran while the trials did
+    board_status, controller_status = tensorboard.get_status(), controller.get_status()
+    assert board_status.state_type == "CANCELLED" and "termination delay (2 s)" in board_status.message, board_status
+    assert controller_status.is_failed, controller_status
+    run = _run(experiment.flow_run_id)
+    assert run.state.is_completed() and "2 completed" in run.state.message, run.state  # the trials make it
+    aux_runs = _runs("xm-kind:auxiliary-unit", f"xm-experiment:{experiment.experiment_id}")
+    assert sorted(r.name.rsplit("-", 1)[1] for r in aux_runs) == ["aux1", "aux2"]
+    assert any("xm-importance:low" in r.tags for r in aux_runs)
+    jobs = _runs("xm-kind:job", f"xm-experiment:{experiment.experiment_id}", "xm-auxiliary-unit:1")
+    assert len(jobs) == 1 and jobs[0].state.is_cancelled(), jobs
+
+
+def test_metadata_context_titles_are_the_runs_names(api):
+    """XManager's experiment.context / work_unit.context: the creator, and a title that
+    is what Prefect's UI lists the run by (set_title renames the run)."""
+    import getpass
+
+    from prefect_xm import xm, xm_local
+
+    with xm_local.create_experiment(experiment_title="first-title") as experiment:
+        context = experiment.context
+        assert isinstance(context, xm.MetadataContext) and context.creator == getpass.getuser()
+        assert context.annotations.title == "first-title"
+        context.annotations.set_title("second-title")
+        [true] = experiment.package([xm.Packageable(xm.Binary("/bin/true"), xm_local.Local.Spec())])
+        wu = experiment.add(xm.Job(true, xm_local.Local()))
+        assert wu.context.annotations.title == "second-title-wu1"
+        wu.context.annotations.set_title("the-baseline")
+        with pytest.raises(ValueError, match="set_title"):
+            wu.context.annotations.set_title("")
+    assert experiment.context.annotations.title == "second-title"
+    assert _run(experiment.flow_run_id).name == "second-title"
+    assert _run(wu.flow_run_id).name == "the-baseline" and wu.context.annotations.title == "the-baseline"

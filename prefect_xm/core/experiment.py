@@ -49,6 +49,8 @@ from prefect_xm.core.status import (
     ExperimentUnitNotCompletedError,
     ExperimentUnitStatus,
 )
+from prefect_xm.core.metadata import MetadataContext, metadata_context
+from prefect_xm.core.roles import AuxiliaryUnitJob, AuxiliaryUnitRole, ExperimentUnitRole, WorkUnitRole
 from prefect_xm.gang import gang_tags
 
 log = logging.getLogger("prefect_xm")
@@ -65,6 +67,9 @@ TAG_IDENTITY = "xm-identity:"
 TAG_JOB = "xm-job:"
 #: on a work unit's run: how many jobs it has (a launcher that died may have made fewer)
 TAG_JOB_COUNT = "xm-jobs:"
+KIND_AUXILIARY_UNIT = "auxiliary-unit"
+TAG_AUXILIARY_UNIT = "xm-auxiliary-unit:"
+TAG_IMPORTANCE = "xm-importance:"
 
 
 
@@ -317,6 +322,26 @@ class WorkUnit:
     def experiment_unit_name(self) -> str:
         return f"{self.experiment_id}_{self.work_unit_id}"
 
+    @property
+    def context(self) -> MetadataContext:
+        """XManager's metadata context: its title is the unit's flow run name."""
+        async def set_title(title: str) -> None:
+            client = await _client()
+            await client.update_flow_run(await self._run_id(), name=title)
+            self._title = title
+
+        return metadata_context(lambda: getattr(self, "_title", None) or
+                                f"{self.experiment.experiment_title}-{self._unit_label}", set_title)
+
+    #: what its runs' tags and names call it
+    @property
+    def _unit_tag(self) -> str:
+        return TAG_WORK_UNIT + str(self.work_unit_id)
+
+    @property
+    def _unit_label(self) -> str:
+        return f"wu{self.work_unit_id}"
+
     def get_full_job_name(self, job_name: str) -> str:
         """A job's full name, as XManager spells it: `<experiment id>_<work unit id>_<job>`."""
         return f"{self.experiment_unit_name}_{job_name}"
@@ -397,12 +422,53 @@ class WorkUnit:
     async def _job_runs(self):
         client = await _client()
         return await _read_runs(client, tags=[TAG_KIND + KIND_JOB, TAG_EXPERIMENT + self.experiment_id,
-                                              TAG_WORK_UNIT + str(self.work_unit_id)])
+                                              self._unit_tag])
 
     def jobs(self) -> dict[str, ExperimentUnitStatus]:
         """{job key: status} of the work unit's job runs."""
         runs = Runtime.get().run(self._job_runs())
         return {(_tag_value(r.tags, TAG_JOB) or r.name): ExperimentUnitStatus.from_state(r.state) for r in runs}
+
+
+class AuxiliaryUnit(WorkUnit):
+    """A unit beside the trials (TensorBoard, a controller): its status is not the
+    experiment's; once every work unit has ended it is stopped after its role's
+    termination_delay_secs, unless it ended first. Its run is tagged
+    `xm-kind:auxiliary-unit`, its jobs `xm-auxiliary-unit:<id>`."""
+
+    def __init__(self, experiment: "Experiment", unit_id: int, args: Any, role: AuxiliaryUnitRole,
+                 identity: Optional[str] = None) -> None:
+        super().__init__(experiment, unit_id, args, None, identity=identity)
+        self.role = role
+
+    @property
+    def experiment_unit_name(self) -> str:
+        return f"{self.experiment_id}_aux{self.work_unit_id}"
+
+    @property
+    def _unit_tag(self) -> str:
+        return TAG_AUXILIARY_UNIT + str(self.work_unit_id)
+
+    @property
+    def _unit_label(self) -> str:
+        return f"aux{self.work_unit_id}"
+
+    def __repr__(self) -> str:
+        return f"AuxiliaryUnit(experiment_id={self.experiment_id!r}, id={self.work_unit_id}, role={self.role!r})"
+
+    async def _end_after_delay(self) -> None:
+        """Called once the work units have all ended."""
+        if self._task is None or self._task.done():
+            return
+        delay = self.role.termination_delay_secs
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout=delay)
+            return
+        except asyncio.TimeoutError:
+            pass
+        await self._request_stop(f"the experiment's work units have ended; auxiliary unit stopped after its "
+                                 f"termination delay ({delay:g} s)", "CANCELLED")
+        await asyncio.gather(asyncio.shield(self._task), return_exceptions=True)
 
 
 class _Member:
@@ -450,6 +516,7 @@ class Experiment:
         self._work_units: dict[int, WorkUnit] = {}
         self._by_identity: dict[str, WorkUnit] = {}
         self._next_id = 1
+        self._auxiliary_units: list[AuxiliaryUnit] = []
         self._loaded = False
         self._artifact_id: Optional[UUID] = None
         self._summary_lock: Optional[asyncio.Lock] = None
@@ -464,6 +531,18 @@ class Experiment:
 
     def __repr__(self) -> str:
         return f"Experiment(experiment_id={self.experiment_id!r}, title={self.experiment_title!r})"
+
+    @property
+    def context(self) -> MetadataContext:
+        """XManager's metadata context: its title is the experiment's title and its flow
+        run's name (set_title renames both)."""
+        async def set_title(title: str) -> None:
+            client = await _client()
+            await client.update_flow_run(self.flow_run_id, name=title)
+            self.experiment_title = title
+            self._mark_summary_dirty()
+
+        return metadata_context(lambda: self.experiment_title, set_title)
 
     @property
     def summary_artifact_key(self) -> str:
@@ -536,8 +615,11 @@ class Experiment:
             except ValueError as e:
                 raise ValueError(f"job {key!r}: {e}") from None
 
-    def add(self, job: Any, args: Optional[Mapping[str, Any]] = None, *, identity: Optional[str] = None) -> WorkUnit:
-        """Adds a work unit running `job` (a Job, a JobGroup or a job generator).
+    def add(self, job: Any, args: Optional[Mapping[str, Any]] = None, *, role: Optional[ExperimentUnitRole] = None,
+            identity: Optional[str] = None) -> WorkUnit:
+        """Adds a work unit running `job` (a Job, a JobGroup or a job generator); with
+        `role=xm.AuxiliaryUnitRole(...)`, or `job` an `xm.AuxiliaryUnitJob`, an auxiliary
+        unit (see AuxiliaryUnit).
 
         args follow XManager: for a Job ``{'args': {...}, 'env_vars': {...}}``, for a
         JobGroup ``{member: {'args': ...}}``, for a generator its keyword arguments.
@@ -547,6 +629,7 @@ class Experiment:
         """
         if args is not None and not isinstance(args, Mapping):
             raise ValueError(f"experiment.add args must be a dict, got {args!r}")
+        job, role = _unit_role(job, role)
         # Resolve the jobs now, so bad input raises before anything is submitted.
         display_args: Any
         if isinstance(job, (Job, JobGroup)):
@@ -567,10 +650,11 @@ class Experiment:
         else:
             raise ValueError(f"experiment.add: expected a Job, a JobGroup or a job generator, got {job!r}")
         members = flatten_jobs(resolved)
-        return Runtime.get().run(self._add(members, display_args, identity, start_deadline_of(resolved)))
+        return Runtime.get().run(self._add(members, display_args, identity, start_deadline_of(resolved), role))
 
     async def add_async(self, job: Any, args: Optional[Mapping[str, Any]] = None, *,
-                        identity: Optional[str] = None) -> WorkUnit:
+                        role: Optional[ExperimentUnitRole] = None, identity: Optional[str] = None) -> WorkUnit:
+        job, role = _unit_role(job, role)
         if callable(job) and not isinstance(job, (Job, JobGroup)):
             await Runtime.get().arun(self._load())
             collector = _GeneratorWorkUnit(self, self._next_id)
@@ -579,14 +663,14 @@ class Experiment:
                 await result
             members = flatten_jobs(collector.group())
             return await Runtime.get().arun(self._add(members, jsonable(dict(args or {})), identity,
-                                                      start_deadline_of(None)))
+                                                      start_deadline_of(None), role))
         resolved = apply_args(job, args)
         display_args = jsonable(args) if args else _default_display_args(resolved)
         return await Runtime.get().arun(self._add(flatten_jobs(resolved), display_args, identity,
-                                                  start_deadline_of(resolved)))
+                                                  start_deadline_of(resolved), role))
 
     async def _add(self, members: dict[str, Job], display_args: Any, identity: Optional[str],
-                   start_deadline: float) -> WorkUnit:
+                   start_deadline: float, role: ExperimentUnitRole) -> WorkUnit:
         from prefect.states import Pending
 
         from prefect_xm.flows.experiment import xm_work_unit
@@ -602,26 +686,32 @@ class Experiment:
 
         # Everything above checked the input; what follows talks to the server and runs in
         # the background, so a sweep's adds run at Python speed (as in XManager).
-        wid = self._next_id
-        self._next_id += 1
-        tags = [TAG_XM, TAG_KIND + KIND_WORK_UNIT, TAG_EXPERIMENT + self.experiment_id, TAG_WORK_UNIT + str(wid),
-                TAG_JOB_COUNT + str(len(members))]
+        parameters = display_args if isinstance(display_args, dict) else {"args": display_args}
+        if isinstance(role, AuxiliaryUnitRole):
+            wid, kind = len(self._auxiliary_units) + 1, KIND_AUXILIARY_UNIT
+            wu: WorkUnit = AuxiliaryUnit(self, wid, parameters, role, identity=identity)
+            self._auxiliary_units.append(wu)
+        else:
+            wid, kind = self._next_id, KIND_WORK_UNIT
+            self._next_id += 1
+            wu = WorkUnit(self, wid, parameters, None, identity=identity)
+            self._work_units[wid] = wu
+        tags = [TAG_XM, TAG_KIND + kind, TAG_EXPERIMENT + self.experiment_id, wu._unit_tag,
+                TAG_JOB_COUNT + str(len(members)), TAG_IMPORTANCE + role.importance.value]
         if ident_tag:
             tags.append(ident_tag)
-        parameters = display_args if isinstance(display_args, dict) else {"args": display_args}
-        wu = WorkUnit(self, wid, parameters, None, identity=identity)
         wu._start_deadline = start_deadline
         wu._created = asyncio.get_running_loop().create_future()
-        self._work_units[wid] = wu
         if ident_tag:
             self._by_identity[ident_tag] = wu
         ms = [_Member(key, job, params[key]) for key, job in members.items()]
 
         async def create() -> None:
             client = await _client()
-            link = await _link_task_run(client, self.flow_run_id, f"work-unit-{wid}", "xm.work_unit", str(wid))
+            link = await _link_task_run(client, self.flow_run_id, f"{kind}-{wid}", f"xm.{kind.replace('-', '_')}",
+                                        str(wid))
             run = await client.create_flow_run(
-                xm_work_unit, name=f"{self.experiment_title}-wu{wid}", parameters=parameters, tags=tags,
+                xm_work_unit, name=f"{self.experiment_title}-{wu._unit_label}", parameters=parameters, tags=tags,
                 parent_task_run_id=link.id, state=Pending(),
             )
             wu.flow_run_id, wu._link_task_run_id = run.id, link.id
@@ -666,9 +756,9 @@ class Experiment:
         from prefect_xm.flows.job_runner import run_job
 
         client = await _client()
-        tags = [TAG_XM, TAG_KIND + KIND_JOB, TAG_EXPERIMENT + self.experiment_id,
-                TAG_WORK_UNIT + str(wu.work_unit_id), *gang_tags, TAG_JOB + m.key]
-        name = f"{self.experiment_title}-wu{wu.work_unit_id}-{m.key}"
+        tags = [TAG_XM, TAG_KIND + KIND_JOB, TAG_EXPERIMENT + self.experiment_id, wu._unit_tag, *gang_tags,
+                TAG_JOB + m.key]
+        name = f"{self.experiment_title}-{wu._unit_label}-{m.key}"
         link = await _link_task_run(client, wu.flow_run_id, f"job-{m.key}", "xm.job", m.key)
         m.link_id = link.id
         if m.is_local:
@@ -952,6 +1042,8 @@ class Experiment:
                         log.debug("progress: %s", e)
                     if done:
                         break
+        # The trials have ended: auxiliary units get their termination delay, then stop.
+        await asyncio.gather(*(aux._end_after_delay() for aux in self._auxiliary_units))
         failed = self.creation_errors()
         if failed:
             raise RuntimeError(f"{len(failed)} work unit(s) could not be created: " + "; ".join(
@@ -971,8 +1063,10 @@ class Experiment:
         await self._load()
         self._stopped = True
         client = await _client()
-        local_ids = {wu.flow_run_id for wu in self._work_units.values() if wu._task is not None}
+        units = [*self._work_units.values(), *self._auxiliary_units]
+        local_ids = {wu.flow_run_id for wu in units if wu._task is not None}
         wus = await _read_runs(client, tags=[TAG_KIND + KIND_WORK_UNIT, TAG_EXPERIMENT + self.experiment_id])
+        wus += await _read_runs(client, tags=[TAG_KIND + KIND_AUXILIARY_UNIT, TAG_EXPERIMENT + self.experiment_id])
         for r in wus:
             if _state_type(r) not in _FINAL:
                 await client.set_flow_run_state(r.id, Cancelling(message=reason), force=True)
@@ -981,6 +1075,9 @@ class Experiment:
         for r in jobs:
             wid = _tag_value(r.tags, TAG_WORK_UNIT)
             wu = self._work_units.get(int(wid)) if wid and wid.isdigit() else None
+            aid = _tag_value(r.tags, TAG_AUXILIARY_UNIT)
+            if aid and aid.isdigit() and 0 < int(aid) <= len(self._auxiliary_units):
+                wu = self._auxiliary_units[int(aid) - 1]
             if wu is not None and wu.flow_run_id in local_ids:
                 continue
             st = _state_type(r)
@@ -988,7 +1085,7 @@ class Experiment:
                 continue
             state = Cancelled(message=reason) if st == "SCHEDULED" else Cancelling(message=reason)
             await client.set_flow_run_state(r.id, state, force=True)
-        tasks = [wu._task for wu in self._work_units.values() if wu._task is not None]
+        tasks = [wu._task for wu in units if wu._task is not None]
         if tasks:
             await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
         # Work units nobody drives (their launcher is gone): record them as Cancelled.
@@ -1228,6 +1325,15 @@ class _GeneratorWorkUnit:
         if not self._jobs:
             raise ValueError("the job generator added no jobs to its work unit")
         return JobGroup(**self._jobs)
+
+
+def _unit_role(job: Any, role: Optional[ExperimentUnitRole]) -> tuple[Any, ExperimentUnitRole]:
+    """(the job, its unit's role): an AuxiliaryUnitJob carries its own, as in XManager."""
+    if isinstance(job, AuxiliaryUnitJob):
+        return job._job, job.role
+    if role is not None and not isinstance(role, ExperimentUnitRole):
+        raise ValueError(f"experiment.add role: expected xm.WorkUnitRole() or xm.AuxiliaryUnitRole(...), got {role!r}")
+    return job, role or WorkUnitRole()
 
 
 def _default_display_args(job: Union[Job, JobGroup]) -> dict[str, Any]:
