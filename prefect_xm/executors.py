@@ -40,19 +40,48 @@ class LocalSpec(ExecutorSpec):
 
 
 @dataclasses.dataclass
+class DockerOptions:
+    """XManager's options for a Local job in a Docker container (ports, volumes, ...).
+    Local containers run here with Apptainer/Singularity (no Docker engine is assumed),
+    which has no such options: a Local job with docker_options whose executable is a
+    container is refused at add(); for other executables they do nothing (as in XManager)."""
+
+    ports: Optional[Mapping[Any, Any]] = None
+    volumes: Optional[Mapping[str, str]] = None
+    mount_gcs_path: bool = True
+    interactive: bool = False
+
+
+@dataclasses.dataclass
 class Local(Executor):
     """Runs jobs on this machine: each job is a flow run of the job-runner flow executed
     by the launching process, its program a subprocess in its own process group.
 
-    requirements are recorded but not enforced locally.
+    requirements are recorded but not enforced locally. experimental_stream_output (on
+    by default, as in XManager): each line the program writes is also printed on the
+    launcher's terminal, prefixed with the job's name; its run's logs have it either way.
     """
 
     requirements: Optional[JobRequirements] = None
+    docker_options: Optional[DockerOptions] = None
+    experimental_stream_output: bool = True
 
     def __post_init__(self) -> None:
         self.requirements = _check_requirements(self.requirements, "Local")
+        if self.docker_options is not None and not isinstance(self.docker_options, DockerOptions):
+            raise ValueError(f"Local.docker_options must be xm_local.DockerOptions, got {self.docker_options!r}")
+        if not isinstance(self.experimental_stream_output, bool):
+            raise ValueError(f"Local.experimental_stream_output must be True or False, "
+                             f"got {self.experimental_stream_output!r}")
 
     work_pool_name = None
+
+    def runner_parameters(self, params: dict[str, Any]) -> dict[str, Any]:
+        if self.docker_options is not None and (params.get("executable") or {}).get("kind") == "container":
+            raise ValueError(f"Local(docker_options={self.docker_options!r}): Local containers run with "
+                             f"Apptainer here, which takes no Docker options; use a Docker pool "
+                             f"(xm_local.Docker(..., volumes=[...])) for them")
+        return params
 
     @classmethod
     def Spec(cls) -> LocalSpec:  # noqa: N802
@@ -335,7 +364,10 @@ class _ContainerExecutor(Executor):
         return self.work_pool
 
     @classmethod
-    def Spec(cls) -> ContainerSpec:  # noqa: N802
+    def Spec(cls, push_image_tag: Optional[str] = None) -> ContainerSpec:  # noqa: N802
+        if push_image_tag is not None:
+            raise ValueError(f"{cls.__name__}.Spec(push_image_tag={push_image_tag!r}): prefect-xm builds and pushes "
+                             f"no images; push yours and give it as {cls.__name__}(image=...) or xm.container(...)")
         return ContainerSpec()
 
     def __repr__(self) -> str:
@@ -493,6 +525,26 @@ GKE_ACCELERATOR_LABEL = "cloud.google.com/gke-accelerator"
 KUBERNETES_BASE_JOB_TEMPLATE = "deployments/kubernetes-gpu-base-job-template.json"
 
 
+#: XManager's only (and default) Kubernetes cloud provider
+GOOGLE_KUBERNETES_ENGINE_CLOUD_PROVIDER = "GOOGLE_KUBERNETES_ENGINE"
+
+
+@dataclasses.dataclass
+class TpuCapability:
+    """XManager's TPU software request for Kubernetes (refused: no TPUs here)."""
+
+    tpu_runtime_version: str
+
+
+@dataclasses.dataclass
+class TensorboardCapability:
+    """XManager's Vertex AI TensorBoard integration (Vertex refuses it: the vertex-ai
+    pool's job template has no TensorBoard variable)."""
+
+    name: str
+    base_output_directory: Optional[str] = None
+
+
 class Kubernetes(_ContainerExecutor):
     """A job as a Kubernetes Job on a ``kubernetes`` work pool (prefect-kubernetes' worker).
 
@@ -512,8 +564,15 @@ class Kubernetes(_ContainerExecutor):
                  accelerator_label: Optional[str] = GKE_ACCELERATOR_LABEL,
                  service_account_name: Optional[str] = None,
                  job_variables: Optional[Mapping[str, Any]] = None, work_pool: str = "kubernetes",
-                 **xmanager_options: Any) -> None:
+                 cloud_provider: str = GOOGLE_KUBERNETES_ENGINE_CLOUD_PROVIDER,
+                 tpu_capability: Optional["TpuCapability"] = None, **xmanager_options: Any) -> None:
         super().__init__(requirements, image, env, job_variables, work_pool)
+        if cloud_provider != GOOGLE_KUBERNETES_ENGINE_CLOUD_PROVIDER:
+            raise ValueError(f"Kubernetes: cloud_provider={cloud_provider!r} is not supported: the cluster is the "
+                             f"one the {self.work_pool!r} pool's worker runs jobs in")
+        if tpu_capability is not None:
+            raise ValueError(f"Kubernetes: tpu_capability={tpu_capability!r} is not supported (no TPUs on "
+                             f"Kubernetes pools here)")
         _check_str("Kubernetes", "namespace", namespace)
         _check_str("Kubernetes", "accelerator_label", accelerator_label)
         _check_str("Kubernetes", "service_account_name", service_account_name)

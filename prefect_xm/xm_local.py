@@ -14,19 +14,30 @@ from prefect_xm.core.experiment import (
 )
 from prefect_xm.core.job_blocks import StartDeadline
 from prefect_xm.executors import (
+    GOOGLE_KUBERNETES_ENGINE_CLOUD_PROVIDER,
     ContainerSpec,
     Docker,
+    DockerOptions,
     Kubernetes,
     Local,
     LocalSpec,
     Slurm,
     SlurmSpec,
+    TensorboardCapability,
+    TpuCapability,
     Vertex,
     WorkPool,
     WorkPoolSpec,
 )
 
+# XManager's names of the container executors' specs (one ContainerSpec here), and its
+# legacy aliases of Vertex
+KubernetesSpec = VertexSpec = CaipSpec = ContainerSpec
+Caip = Vertex
+
 __all__ = [
+    "GOOGLE_KUBERNETES_ENGINE_CLOUD_PROVIDER", "Caip", "CaipSpec", "DockerOptions", "KubernetesSpec",
+    "TensorboardCapability", "TpuCapability", "VertexSpec",
     "ContainerSpec", "Docker", "Experiment", "Kubernetes", "Local", "LocalSpec", "Slurm", "SlurmSpec", "StartDeadline", "Vertex", "WorkPool", "WorkPoolSpec", "WorkUnit", "create_experiment",
     "get_experiment", "list_experiments",
 ]

@@ -135,3 +135,36 @@ def test_an_absl_launch_script_takes_xmanagers_xm_flags_and_its_own(api, tmp_pat
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert "LAUNCH MODE local WRAP True" in result.stdout
     assert out.read_text() == "--learning_rate=0.01"
+
+
+def test_local_jobs_stream_their_output_to_the_terminal_unless_told_not_to(api, tmp_path):
+    """xm_local.Local(experimental_stream_output=...) as in XManager (on by default): a
+    job's lines reach the launcher's terminal, prefixed with its unit and name; its
+    run's logs have them either way."""
+    script = tmp_path / "launcher.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        from prefect_xm import xm, xm_local
+
+        with xm_local.create_experiment(experiment_title="streams") as experiment:
+            [say] = experiment.package([xm.Packageable(
+                xm.Command([sys.executable, "-c", "import sys; print(sys.argv[1]); print('err-' + sys.argv[1], file=sys.stderr)"]),
+                xm_local.Local.Spec())])
+            experiment.add(xm.JobGroup(loud=xm.Job(say, xm_local.Local(), args=["marker-loud"]),
+                                       quiet=xm.Job(say, xm_local.Local(
+                                           docker_options=xm_local.DockerOptions(ports={8080: 8080}),
+                                           experimental_stream_output=False), args=["marker-quiet"])))
+        print("EXPERIMENT", experiment.experiment_id)
+    """))
+    result = _cli(api, "launch", str(script))
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "[wu1/loud] marker-loud" in result.stdout and "[wu1/loud] err-marker-loud" in result.stderr
+    assert "[wu1/quiet]" not in result.stdout + result.stderr  # (its args are in the results table)
+    exp_id = result.stdout.split("EXPERIMENT", 1)[1].split()[0]
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    [quiet] = _runs("xm-kind:job", f"xm-experiment:{exp_id}", "xm-job:quiet")
+    with get_client(sync_client=True) as c:
+        lines = [log.message for log in c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[quiet.id])))]
+    assert "marker-quiet" in lines and "[stderr] err-marker-quiet" in lines, lines

@@ -270,3 +270,37 @@ def test_start_deadline_is_a_constraint_checked_with_its_field_and_value():
         xm_local.StartDeadline()
     with pytest.raises(ValueError, match=r"JobGroup.constraints must be xm.Constraint objects.*'10m'"):
         xm.JobGroup(a=job, constraints=["10m"])
+
+
+def test_xm_local_names_of_xmanager_exist_with_its_signatures_or_say_what_is_not_here():
+    from prefect_xm import xm, xm_local
+
+    local = xm_local.Local(xm.JobRequirements(), xm_local.DockerOptions(ports={8080: 8080}, volumes={"/a": "/b"}),
+                           False)
+    assert local.experimental_stream_output is False and local.docker_options.ports == {8080: 8080}
+    assert xm_local.Local().experimental_stream_output is True  # XManager's default
+    with pytest.raises(ValueError, match="docker_options"):
+        local.runner_parameters({"executable": {"kind": "container", "image": "docker://alpine:3"}})
+    # XManager's own default cloud provider is accepted; another says why not
+    xm_local.Kubernetes(cloud_provider=xm_local.GOOGLE_KUBERNETES_ENGINE_CLOUD_PROVIDER)
+    with pytest.raises(ValueError, match="cloud_provider='EKS'"):
+        xm_local.Kubernetes(cloud_provider="EKS")
+    with pytest.raises(ValueError, match="tpu_capability"):
+        xm_local.Kubernetes(tpu_capability=xm_local.TpuCapability(tpu_runtime_version="2.12"))
+    with pytest.raises(ValueError, match="tensorboard"):
+        xm_local.Vertex(tensorboard=xm_local.TensorboardCapability(name="tb"))
+    with pytest.raises(ValueError, match="push_image_tag='gcr.io/p/img:1'.*no images"):
+        xm_local.Kubernetes.Spec(push_image_tag="gcr.io/p/img:1")
+    assert xm_local.KubernetesSpec is xm_local.VertexSpec is xm_local.CaipSpec and xm_local.Caip is xm_local.Vertex
+
+
+def test_roles_have_xmanagers_names_and_check_their_fields():
+    from prefect_xm import xm
+
+    job = xm.AuxiliaryUnitJob("a job", importance=xm.Importance.HIGH, termination_delay_secs=30)
+    assert job.role == xm.AuxiliaryUnitRole(importance=xm.Importance.HIGH, termination_delay_secs=30)
+    assert isinstance(job.role, xm.ExperimentUnitRole) and xm.WorkUnitRole().importance is xm.Importance.NORMAL
+    with pytest.raises(ValueError, match="termination_delay_secs: -1"):
+        xm.AuxiliaryUnitRole(termination_delay_secs=-1)
+    with pytest.raises(TypeError):
+        xm.AuxiliaryUnitRole(30)  # keyword-only, as XManager's attrs class

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import secrets
+import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Optional, Sequence, Union
 from uuid import UUID
@@ -774,12 +775,19 @@ class Experiment:
         m.flow_run_id = run.id
 
     @staticmethod
-    async def _start_local(m: _Member) -> None:
+    async def _start_local(wu: WorkUnit, m: _Member) -> None:
         """Runs a Local job's program here; this process writes its run's states and logs
-        (no flow engine per job: see job_runner.run_direct)."""
+        (no flow engine per job: see job_runner.run_direct). With the executor's
+        experimental_stream_output (XManager's default), its lines also reach this
+        terminal, each prefixed with the job's unit and name."""
         from prefect_xm.flows.job_runner import run_direct
 
-        await run_direct(await _client(), m.flow_run_id, m.params)
+        prefix = f"[{wu._unit_label}/{m.key}] "
+
+        def echo(line: str, is_stderr: bool) -> None:
+            print(prefix + line, file=sys.stderr if is_stderr else sys.stdout, flush=True)
+        stream = getattr(m.job.executor, "experimental_stream_output", False)
+        await run_direct(await _client(), m.flow_run_id, m.params, echo=echo if stream else None)
 
     async def _cancel_members(self, members: Sequence[_Member], reason: str) -> None:
         """Cancels members that are not final and waits until they are (gang semantics)."""
@@ -865,7 +873,7 @@ class Experiment:
                     raise outcome
             for m in members:
                 if m.is_local and m.job is not None:
-                    m.local_task = asyncio.ensure_future(self._start_local(m))
+                    m.local_task = asyncio.ensure_future(self._start_local(wu, m))
             ids = [m.flow_run_id for m in members] + [wu.flow_run_id]
             loop = asyncio.get_running_loop()
             first_started: Optional[float] = None  # (loop time) when its first member ran

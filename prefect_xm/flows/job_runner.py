@@ -25,7 +25,7 @@ import os
 import shutil
 import signal
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from prefect import flow, get_run_logger
 from prefect.states import Cancelled, Failed
@@ -277,7 +277,8 @@ class _RunLogShipper:
 LOG_FLUSH_SECONDS = float(os.environ.get("PREFECT_XM_LOG_FLUSH_SECONDS", "0.5"))
 
 
-async def run_direct(client, flow_run_id, parameters: dict[str, Any]) -> str:
+async def run_direct(client, flow_run_id, parameters: dict[str, Any],
+                     echo: Optional[Callable[[str, bool], None]] = None) -> str:
     """Runs one job's program for a flow run of ``xm-job-runner`` without Prefect's flow
     engine: this process writes the run's states (Running, then Completed, Failed with the
     exit code, or Cancelled) and posts the program's stdout/stderr as the run's logs.
@@ -287,7 +288,8 @@ async def run_direct(client, flow_run_id, parameters: dict[str, Any]) -> str:
     is saved is the engine's per-run start-up (context, result store, hooks, events) and
     its thread of API calls, which made the Local jobs of a sweep start one at a time.
     Cancelling the asyncio task that runs this (the orchestrator does, when the run is
-    being cancelled) kills the program's process group and records Cancelled.
+    being cancelled) kills the program's process group and records Cancelled. `echo`,
+    if given, also gets each output line (and whether it came from stderr).
     """
     from prefect.states import Cancelled, Completed, Crashed, Failed, Running
 
@@ -319,8 +321,17 @@ async def run_direct(client, flow_run_id, parameters: dict[str, Any]) -> str:
             return "FAILED"
         _LIVE_GROUPS.add(proc.pid)
         program = os.path.basename(argv[0])
-        await asyncio.gather(_pump(proc.stdout, logs.emit),
-                             _pump(proc.stderr, lambda line: logs.emit(f"[stderr] {line}")))
+        def out(line: str) -> None:
+            logs.emit(line)
+            if echo is not None:
+                echo(line, False)
+
+        def err(line: str) -> None:
+            logs.emit(f"[stderr] {line}")
+            if echo is not None:
+                echo(line, True)
+
+        await asyncio.gather(_pump(proc.stdout, out), _pump(proc.stderr, err))
         rc = await proc.wait()
         if rc != 0:
             message = exit_message(program, rc)
