@@ -304,3 +304,22 @@ def test_roles_have_xmanagers_names_and_check_their_fields():
         xm.AuxiliaryUnitRole(termination_delay_secs=-1)
     with pytest.raises(TypeError):
         xm.AuxiliaryUnitRole(30)  # keyword-only, as XManager's attrs class
+
+
+async def test_package_async_queues_until_package_packages_the_batch():
+    import uuid
+
+    from prefect_xm.core.experiment import Experiment
+
+    experiment = Experiment("e1", "t", uuid.uuid4())
+    later = experiment.package_async(xm.Packageable(xm.Binary("/bin/true"), xm_local.Local.Spec()))
+    bad = experiment.package_async(xm.Packageable(xm.PythonContainer(entrypoint=xm.ModuleName("train"), path="/no/such/dir"), xm_local.Local.Spec()))
+    with pytest.raises(RuntimeError, match="package"):
+        later.result()
+    assert experiment.package() == []  # packages the queued ones
+    executable = await later
+    assert executable == later.result() and isinstance(executable, xm.Executable)
+    with pytest.raises(ValueError, match="/no/such/dir"):
+        await bad
+    with pytest.raises(ValueError, match="one xm.Packageable"):
+        experiment.package_async([])

@@ -19,6 +19,7 @@ and the work unit fails naming it; cancelling the work unit cancels every member
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime
 import hashlib
 import json
@@ -472,6 +473,22 @@ class AuxiliaryUnit(WorkUnit):
         await asyncio.gather(asyncio.shield(self._task), return_exceptions=True)
 
 
+class PackagedLater:
+    """What package_async returns: awaitable once package() has run (awaiting it before
+    waits for that call, as in XManager); `result()` for sync code."""
+
+    def __init__(self, future: "concurrent.futures.Future[Executable]") -> None:
+        self._future = future
+
+    def __await__(self):
+        return asyncio.wrap_future(self._future).__await__()
+
+    def result(self, timeout: Optional[float] = None) -> Executable:
+        if not self._future.done():
+            raise RuntimeError("package_async: call experiment.package() first; it packages what was queued")
+        return self._future.result(timeout)
+
+
 class _Member:
     def __init__(self, key: str, job: Optional[Job], params: dict[str, Any]) -> None:
         self.key = key
@@ -518,6 +535,7 @@ class Experiment:
         self._by_identity: dict[str, WorkUnit] = {}
         self._next_id = 1
         self._auxiliary_units: list[AuxiliaryUnit] = []
+        self._package_queue: list[tuple[Packageable, concurrent.futures.Future]] = []
         self._loaded = False
         self._artifact_id: Optional[UUID] = None
         self._summary_lock: Optional[asyncio.Lock] = None
@@ -588,10 +606,26 @@ class Experiment:
     # ---------------------------------------------------------------- package / add
 
     def package(self, packageables: Sequence[Packageable] = ()) -> list[Executable]:
-        """Turns Packageables into Executables (no build step: paths are resolved)."""
+        """Turns Packageables into Executables (no build step: paths are resolved), and
+        those queued with package_async, as XManager's package() does."""
         if isinstance(packageables, Packageable):
             raise ValueError("experiment.package takes a list of Packageables")
+        queued, self._package_queue = self._package_queue, []
+        for packageable, future in queued:
+            try:
+                future.set_result(package_spec(packageable))
+            except Exception as e:  # raised where it is awaited, as XManager's
+                future.set_exception(e)
         return [package_spec(p) for p in packageables]
+
+    def package_async(self, packageable: Packageable) -> "PackagedLater":
+        """Queues `packageable` for the next package() call; returns an awaitable of its
+        Executable (XManager's way of packaging what a script decides on piecemeal)."""
+        if not isinstance(packageable, Packageable):
+            raise ValueError(f"experiment.package_async takes one xm.Packageable, got {packageable!r}")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._package_queue.append((packageable, future))
+        return PackagedLater(future)
 
     async def _validate_executors(self, members: Mapping[str, Job]) -> None:
         from prefect_xm.executors import validate_job_variables
