@@ -206,7 +206,7 @@ class Slurm(Executor):
         acc = req.accelerator
         if acc is not None:
             out["gpus"] = req.accelerator_count
-            if acc is not ResourceType.GPU:
+            if not acc.is_any_gpu:
                 out["gpu_type"] = acc.value
         if req.replicas != 1:
             out["ntasks"] = req.replicas
@@ -585,7 +585,7 @@ class Kubernetes(_ContainerExecutor):
             raise ValueError(f"Kubernetes: JobRequirements.location={self.requirements.location!r} is not "
                              f"supported; use node_selector={{'topology.kubernetes.io/zone': ...}}")
         acc = self.requirements.accelerator
-        if acc is not None and accelerator_label == GKE_ACCELERATOR_LABEL and acc is not ResourceType.GPU \
+        if acc is not None and accelerator_label == GKE_ACCELERATOR_LABEL and not acc.is_any_gpu \
                 and acc not in GKE_ACCELERATORS:
             raise ValueError(f"Kubernetes: accelerator {acc.value} has no GKE node label; use gpu= with your "
                              f"own node_selector, or accelerator_label=None")
@@ -609,7 +609,7 @@ class Kubernetes(_ContainerExecutor):
         acc = req.accelerator
         if acc is not None:
             out["gpu_count"] = req.accelerator_count
-            if self.accelerator_label and acc is not ResourceType.GPU:
+            if self.accelerator_label and not acc.is_any_gpu:
                 value = GKE_ACCELERATORS[acc] if self.accelerator_label == GKE_ACCELERATOR_LABEL else acc.value
                 if selector.get(self.accelerator_label, value) != value:
                     raise ValueError(f"Kubernetes: node_selector[{self.accelerator_label!r}]="

@@ -47,11 +47,18 @@ from prefect_xm.core.resources import (
     MB,
     TB,
     GiB,
+    GpuType,
+    InvalidTpuTopologyError,
     JobRequirements,
     KiB,
     MiB,
+    ResourceDict,
+    ResourceQuantity,
     ResourceType,
+    ServiceTier,
     TiB,
+    Topology,
+    TpuType,
     mCPU,
     vCPU,
 )
@@ -81,6 +88,7 @@ WorkUnitStatus = ExperimentUnitStatus
 ExperimentUnit = WorkUnit
 
 __all__ = [
+    "GpuType", "InvalidTpuTopologyError", "ResourceDict", "ResourceQuantity", "ServiceTier", "Topology", "TpuType",
     "AuxiliaryUnitJob", "AuxiliaryUnitRole", "ContextAnnotations", "MetadataContext", "ExperimentUnitRole", "Importance", "WorkUnitRole",
     "Binary", "Command", "CommandList", "Constraint", "Container", "Executable", "ExecutableSpec", "Executor",
     "ExecutorSpec", "Experiment", "ExperimentUnit", "ExperimentUnitError", "ExperimentUnitFailedError",

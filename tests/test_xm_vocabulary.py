@@ -323,3 +323,24 @@ async def test_package_async_queues_until_package_packages_the_batch():
         await bad
     with pytest.raises(ValueError, match="one xm.Packageable"):
         experiment.package_async([])
+
+
+def test_resource_names_topologies_and_service_tiers_as_xmanager_has_them():
+    assert xm.ResourceType["v100"] is xm.ResourceType.V100 and str(xm.ResourceType.V100) == "V100"
+    assert xm.GpuType.A100 is xm.ResourceType.A100 and xm.ResourceType.TPU_V3 in xm.TpuType
+    assert xm.ResourceType.A100 not in xm.TpuType and xm.ResourceType.CPU not in xm.GpuType
+    tpu = xm.JobRequirements(tpu_v3="2x2", service_tier=xm.ServiceTier.BATCH)
+    assert tpu.topology == xm.Topology("2x2") and tpu.accelerator_count == 4
+    assert tpu.service_tier is xm.ServiceTier.BATCH and "service_tier=xm.ServiceTier.BATCH" in repr(tpu)
+    gpus = xm.JobRequirements({xm.ResourceType["a100"]: 4})
+    assert gpus.topology.name == "4" and gpus.service_tier is xm.ServiceTier.PROD
+    with pytest.raises(xm.InvalidTpuTopologyError, match="2x"):
+        xm.JobRequirements(v100="2x")
+    with pytest.raises(ValueError, match="cpu='2x2': a topology is for accelerators only"):
+        xm.JobRequirements(cpu="2x2")
+    with pytest.raises(ValueError, match="service_tier"):
+        xm.JobRequirements(service_tier="batch")
+    # a TPU where none can run says so; local_gpu is any GPU of the place
+    with pytest.raises(ValueError, match="tpu_v5e"):
+        Slurm(requirements=xm.JobRequirements(tpu_v5e=8)).job_variables()
+    assert Slurm(requirements=xm.JobRequirements(local_gpu=2)).job_variables() == {"gpus": 2}

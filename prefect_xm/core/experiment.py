@@ -1084,8 +1084,6 @@ class Experiment:
                         log.debug("progress: %s", e)
                     if done:
                         break
-        # The trials have ended: auxiliary units get their termination delay, then stop.
-        await asyncio.gather(*(aux._end_after_delay() for aux in self._auxiliary_units))
         failed = self.creation_errors()
         if failed:
             raise RuntimeError(f"{len(failed)} work unit(s) could not be created: " + "; ".join(
@@ -1202,6 +1200,8 @@ class Experiment:
             try:
                 await self._wait_all()
             finally:  # work units that could not be created end the run Failed, saying so
+                # The trials have ended: auxiliary units get their termination delay, then stop.
+                await asyncio.gather(*(aux._end_after_delay() for aux in self._auxiliary_units))
                 await self._finish_run()
 
     async def _reopen(self) -> None:

@@ -25,14 +25,25 @@ vCPU = 1
 mCPU = 1e-3  # noqa: N816
 
 
-class ResourceType(enum.Enum):
-    # value: (name, kind) kind in {"cpu","memory","disk","gpu","tpu"}
+class _CaseInsensitiveEnumMeta(enum.EnumMeta):
+    """`ResourceType['v100']` as XManager allows: names in any case."""
+
+    def __getitem__(cls, name: str):
+        try:
+            return super().__getitem__(str(name).upper())
+        except KeyError:
+            raise KeyError(f"Unknown {cls.__name__} {name!r}") from None
+
+
+class ResourceType(enum.Enum, metaclass=_CaseInsensitiveEnumMeta):
     CPU = "cpu"
     RAM = "ram"
     MEMORY = "memory"
     EPHEMERAL_STORAGE = "ephemeral_storage"
     DISK = "disk"
     GPU = "gpu"
+    # XManager's GPUs of the local machine (Local/Docker): any GPU, as `gpu`
+    LOCAL_GPU = "local_gpu"
     # NVIDIA accelerators
     A100 = "a100"
     A100_80GIB = "a100_80gib"
@@ -48,10 +59,17 @@ class ResourceType(enum.Enum):
     A10 = "a10"
     A40 = "a40"
     RTX6000 = "rtx6000"
+    B200 = "b200"
     # TPUs (accepted for compatibility; no batch executor maps them)
     TPU_V2 = "tpu_v2"
     TPU_V3 = "tpu_v3"
     TPU_V4 = "tpu_v4"
+    TPU_V5E = "tpu_v5e"
+    TPU_V5P = "tpu_v5p"
+    TPU_V6E = "tpu_v6e"
+
+    def __str__(self) -> str:
+        return self.name
 
     @classmethod
     def parse(cls, name: Union[str, "ResourceType"]) -> "ResourceType":
@@ -79,6 +97,93 @@ class ResourceType(enum.Enum):
     @property
     def is_tpu(self) -> bool:
         return self.value.startswith("tpu")
+
+    @property
+    def is_any_gpu(self) -> bool:
+        """A GPU request that names no model: whatever GPUs the place has."""
+        return self in (ResourceType.GPU, ResourceType.LOCAL_GPU)
+
+
+class ServiceTier(enum.Enum, metaclass=_CaseInsensitiveEnumMeta):
+    """XManager's availability tier of a job. Recorded on JobRequirements; the pools
+    here take their partition or QOS from their own job variables, so it selects none."""
+
+    PROD = 200
+    BATCH = 100
+    FREEBIE = 25
+
+
+class _ResourceSubsetMeta(type):
+    def __iter__(cls):
+        return iter(cls._members)
+
+    def __contains__(cls, value: object) -> bool:
+        return value in cls._members
+
+    def __getitem__(cls, name: str) -> ResourceType:
+        member = ResourceType[name]
+        if member not in cls._members:
+            raise KeyError(f"Unknown {cls.__name__} {name!r}")
+        return member
+
+    def __getattr__(cls, name: str) -> ResourceType:
+        try:
+            return cls[name]
+        except KeyError:
+            raise AttributeError(f"type object {cls.__name__!r} has no attribute {name!r}") from None
+
+
+class GpuType(metaclass=_ResourceSubsetMeta):
+    """The GPU models among ResourceType (`xm.GpuType.V100 is xm.ResourceType.V100`)."""
+
+    _members = frozenset(r for r in ResourceType if r.is_accelerator and not r.is_tpu and not r.is_any_gpu)
+
+
+class TpuType(metaclass=_ResourceSubsetMeta):
+    """The TPU types among ResourceType."""
+
+    _members = frozenset(r for r in ResourceType if r.is_tpu)
+
+
+class InvalidTpuTopologyError(Exception):
+    """An accelerator topology that is not 'N', 'NxM', 'NxMxK' (optionally _twisted)."""
+
+
+class Topology:
+    """XManager's accelerator topology: '4' (4 GPUs on a host), '2x2' (a TPU grid)."""
+
+    def __init__(self, name: str) -> None:
+        if not isinstance(name, str) or not re.fullmatch(r"(\d+x?)+(_(un)?twisted)?", name) or name.endswith("x"):
+            raise InvalidTpuTopologyError(f"Invalid TPU topology: {name}.")
+        self._name = name
+        self._dimensions = [int(d) for d in name.split("_")[0].split("x")]
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def chip_count(self) -> int:
+        return math.prod(self._dimensions)
+
+    def __repr__(self) -> str:
+        return f"xm.Topology({self._name!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Topology) and self._name == other._name
+
+    def __hash__(self) -> int:
+        return hash(self._name)
+
+
+ResourceQuantity = Union[int, float, str, Topology]
+
+
+class ResourceDict(dict):
+    """Amounts by ResourceType (JobRequirements.task_requirements)."""
+
+    def __str__(self) -> str:
+        return ", ".join(sorted(f"{key}: {value}" for key, value in self.items()))
 
 
 _MEM_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?)(B?)\s*$", re.IGNORECASE)
@@ -141,9 +246,14 @@ class JobRequirements:
         *,
         location: Optional[str] = None,
         replicas: Optional[int] = None,
+        service_tier: Optional[ServiceTier] = None,
         **kw_resources: Any,
     ) -> None:
-        self.task_requirements: dict[ResourceType, Union[int, float]] = {}
+        self.task_requirements: ResourceDict = ResourceDict()
+        self.topology: Optional[Topology] = None
+        if service_tier is not None and not isinstance(service_tier, ServiceTier):
+            raise ValueError(f"JobRequirements: service_tier must be xm.ServiceTier, got {service_tier!r}")
+        self.service_tier = service_tier or ServiceTier.PROD
         merged: list[tuple[Any, Any]] = list((resources or {}).items()) + list(kw_resources.items())
         for name, value in merged:
             try:
@@ -155,10 +265,17 @@ class JobRequirements:
                 rtype, field = ResourceType.RAM, str(name.value if isinstance(name, ResourceType) else name)
             if rtype in self.task_requirements:
                 raise ValueError(f"JobRequirements: {field} given twice")
+            topology = None
+            if isinstance(value, Topology) or (isinstance(value, str) and "x" in value):
+                if not rtype.is_accelerator:
+                    raise ValueError(f"JobRequirements: {field}={value!r}: a topology is for accelerators only")
+                topology = value if isinstance(value, Topology) else Topology(value)
+                value = topology.chip_count
             if rtype.is_memory:
                 self.task_requirements[rtype] = parse_bytes(value, field)
             elif rtype.is_accelerator:
                 self.task_requirements[rtype] = _positive_number(field, value, integer=True)
+                self.topology = topology or Topology(str(self.task_requirements[rtype]))
             else:
                 self.task_requirements[rtype] = _positive_number(field, value)
         accelerators = [r for r in self.task_requirements if r.is_accelerator]
@@ -207,6 +324,8 @@ class JobRequirements:
         parts = [f"{r.value}={v!r}" for r, v in self.task_requirements.items()]
         if self.location:
             parts.append(f"location={self.location!r}")
+        if self.service_tier is not ServiceTier.PROD:
+            parts.append(f"service_tier=xm.{self.service_tier}")
         if self.replicas != 1:
             parts.append(f"replicas={self.replicas}")
         return f"JobRequirements({', '.join(parts)})"

@@ -49,6 +49,7 @@ from prefect.workers.base import (
 )
 from pydantic import Field, field_validator, model_validator
 
+from prefect_xm.gang import gang_place
 from prefect_xm.workers.arrays import (
     GROUPING_DIR,
     ARGV_FILE,
@@ -72,7 +73,6 @@ from prefect_xm.workers.hetjob import (
     het_script,
     member_end,
 )
-from prefect_xm.gang import gang_place
 from prefect_xm.workers.poller import JobPoller, TrackedJob
 from prefect_xm.workers.scheduler import (
     JobState,
