@@ -7,16 +7,21 @@ A launch script written for XManager ports by changing its imports to
 from prefect_xm.core.args import SequentialArgs, ShellSafeArg, UserArgs, merge_args, to_argv
 from prefect_xm.core.experiment import Experiment, WorkUnit
 from prefect_xm.core.job_blocks import (
+    BazelBinary,
+    BazelContainer,
     Binary,
+    BinaryDependency,
     Command,
     CommandList,
     Constraint,
     Container,
+    Dockerfile,
     Executable,
     ExecutableSpec,
     Executor,
     ExecutorSpec,
     Job,
+    JobConfig,
     JobGeneratorType,
     JobGroup,
     JobType,
@@ -88,6 +93,7 @@ WorkUnitStatus = ExperimentUnitStatus
 ExperimentUnit = WorkUnit
 
 __all__ = [
+    "BazelBinary", "BazelContainer", "BinaryDependency", "Dockerfile", "JobConfig",
     "GpuType", "InvalidTpuTopologyError", "ResourceDict", "ResourceQuantity", "ServiceTier", "Topology", "TpuType",
     "AuxiliaryUnitJob", "AuxiliaryUnitRole", "ContextAnnotations", "MetadataContext", "ExperimentUnitRole", "Importance", "WorkUnitRole",
     "Binary", "Command", "CommandList", "Constraint", "Container", "Executable", "ExecutableSpec", "Executor",

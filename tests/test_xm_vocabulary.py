@@ -1,6 +1,7 @@
 """Unit tests on the pure parts of the experiment API: args, requirements, jobs, executors."""
 
 import datetime
+import re
 
 import pytest
 
@@ -344,3 +345,14 @@ def test_resource_names_topologies_and_service_tiers_as_xmanager_has_them():
     with pytest.raises(ValueError, match="tpu_v5e"):
         Slurm(requirements=xm.JobRequirements(tpu_v5e=8)).job_variables()
     assert Slurm(requirements=xm.JobRequirements(local_gpu=2)).job_variables() == {"gpus": 2}
+
+
+def test_specs_with_a_build_step_exist_and_package_refuses_them_saying_what_to_use():
+    from prefect_xm.core.job_blocks import package_spec
+
+    for spec, what in ((xm.BazelBinary(label="//:trainer"), "bazel_binary('//:trainer')"),
+                       (xm.BazelContainer(label="//:image"), "bazel_container('//:image')"),
+                       (xm.Dockerfile(path="."), "dockerfile_container('.')")):
+        with pytest.raises(NotImplementedError, match=re.escape(f"xm.{what}") + ".*xm.container"):
+            package_spec(xm.Packageable(spec, xm_local.Local.Spec()))
+    assert issubclass(xm.Job, xm.JobConfig) and issubclass(xm.JobGroup, xm.JobConfig)

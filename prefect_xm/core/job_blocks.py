@@ -115,6 +115,53 @@ class Container(ExecutableSpec):
         return self.image_path.rsplit("/", 1)[-1].split(":")[0]
 
 
+def no_build_step(what: str, name: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"xm.{what}({name}): prefect-xm does not build {what.split('_')[0].title()} targets; build the image "
+        "or binary yourself and use xm.container(image_path=...) or xm.binary(path=...)")
+
+
+class BinaryDependency(abc.ABC):
+    """XManager's base of what a binary depends on (a Bazel target's data)."""
+
+
+@dataclasses.dataclass
+class BazelBinary(ExecutableSpec):
+    """XManager's Bazel target spec: package() refuses it (no build step here)."""
+
+    label: str
+    dependencies: list[Any] = dataclasses.field(default_factory=list)
+    bazel_args: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.label.rsplit(":", 1)[-1]
+
+
+@dataclasses.dataclass
+class BazelContainer(ExecutableSpec):
+    """XManager's Bazel image target spec: package() refuses it (no build step here)."""
+
+    label: str
+    bazel_args: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.label.rsplit(":", 1)[-1]
+
+
+@dataclasses.dataclass
+class Dockerfile(ExecutableSpec):
+    """XManager's image built from a Dockerfile: package() refuses it (no build step here)."""
+
+    path: str = "."
+    dockerfile: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.abspath(self.path))
+
+
 @dataclasses.dataclass
 class PythonContainer(ExecutableSpec):
     """Python code at `path` with an entrypoint (ModuleName or CommandList).
@@ -242,6 +289,10 @@ class Executable:
 
 def package_spec(packageable: Packageable) -> Executable:
     spec = packageable.executable_spec
+    if isinstance(spec, (BazelBinary, BazelContainer)):
+        raise no_build_step("bazel_binary" if isinstance(spec, BazelBinary) else "bazel_container", repr(spec.label))
+    if isinstance(spec, Dockerfile):
+        raise no_build_step("dockerfile_container", repr(spec.path))
     common = dict(name=spec.name, args=packageable.args, env_vars=dict(packageable.env_vars))
     if isinstance(spec, Binary):
         path = spec.path
@@ -268,8 +319,12 @@ def package_spec(packageable: Packageable) -> Executable:
 # ---------------------------------------------------------------------- jobs
 
 
+class JobConfig(abc.ABC):
+    """XManager's common base of Job and JobGroup."""
+
+
 @dataclasses.dataclass
-class Job:
+class Job(JobConfig):
     """A unit of computation: an executable on an executor, with args and env vars."""
 
     executable: Executable
@@ -331,7 +386,7 @@ def start_deadline_of(job: Any) -> float:
     return min(deadlines) if deadlines else DEFAULT_START_DEADLINE_SECONDS
 
 
-class JobGroup:
+class JobGroup(JobConfig):
     """Jobs scheduled together (a gang): ``JobGroup(learner=Job(...), actor=Job(...))``."""
 
     def __init__(self, *, constraints: Optional[Sequence[Any]] = None, **jobs: Union[Job, "JobGroup"]) -> None:

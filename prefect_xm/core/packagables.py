@@ -17,6 +17,7 @@ from prefect_xm.core.job_blocks import (
     ModuleName,
     Packageable,
     PythonContainer,
+    no_build_step,
 )
 
 _NO_ENV: Mapping[str, str] = MappingProxyType({})
@@ -45,23 +46,17 @@ def python_container(executor_spec: ExecutorSpec, entrypoint: Union[ModuleName, 
     return Packageable(spec, executor_spec, args=args, env_vars=dict(env_vars))
 
 
-def _no_build_step(what: str, name: str) -> NotImplementedError:
-    return NotImplementedError(
-        f"xm.{what}({name}): prefect-xm does not build {what.split('_')[0].title()} targets; build the image "
-        "or binary yourself and use xm.container(image_path=...) or xm.binary(path=...)")
-
-
 def bazel_binary(executor_spec: ExecutorSpec, label: str, dependencies: Collection[Any] = (),
                  bazel_args: Collection[str] = (), *, args: Any = None,
                  env_vars: Mapping[str, str] = _NO_ENV) -> Packageable:
-    raise _no_build_step("bazel_binary", repr(label))
+    raise no_build_step("bazel_binary", repr(label))
 
 
 def bazel_container(executor_spec: ExecutorSpec, label: str, bazel_args: Collection[str] = (), *,
                     args: Any = None, env_vars: Mapping[str, str] = _NO_ENV) -> Packageable:
-    raise _no_build_step("bazel_container", repr(label))
+    raise no_build_step("bazel_container", repr(label))
 
 
 def dockerfile_container(executor_spec: ExecutorSpec, path: str = ".", dockerfile: Optional[str] = None, *,
                          args: Any = None, env_vars: Mapping[str, str] = _NO_ENV) -> Packageable:
-    raise _no_build_step("dockerfile_container", repr(path))
+    raise no_build_step("dockerfile_container", repr(path))
