@@ -596,3 +596,20 @@ def test_metadata_context_titles_are_the_runs_names(api):
     assert experiment.context.annotations.title == "second-title"
     assert _run(experiment.flow_run_id).name == "second-title"
     assert _run(wu.flow_run_id).name == "the-baseline" and wu.context.annotations.title == "the-baseline"
+
+
+def test_add_with_a_list_of_args_adds_a_work_unit_each_checking_them_all_first(api, tmp_path):
+    """`experiment.add(job, args=[{...}, {...}])`, as xm-slurm has it (on a batch pool the
+    worker submits the work units as one array)."""
+    from prefect_xm import xm, xm_local
+
+    with xm_local.create_experiment(experiment_title="args-list") as experiment:
+        [echo] = experiment.package([xm.Packageable(xm.Command([PY, "-c", "import sys; print(sys.argv[1:])"]),
+                                                    xm_local.Local.Spec())])
+        job = xm.Job(echo, xm_local.Local())
+        with pytest.raises(ValueError, match=r"args\[1\]"):
+            experiment.add(job, args=[{"args": {"lr": 0.1}}, {"no_such_key": 1}])
+        assert experiment.work_unit_count == 0  # nothing added when one is bad
+        wus = experiment.add(job, args=[{"args": {"lr": 0.1}}, {"args": {"lr": 0.2}}])
+    assert [wu.work_unit_id for wu in wus] == [1, 2] and all(wu.get_status().is_completed for wu in wus)
+    assert sorted(_run(wu.flow_run_id).parameters["args"]["lr"] for wu in wus) == [0.1, 0.2]

@@ -662,6 +662,8 @@ class Experiment:
         experiment is returned instead of launching a new one. Returns the WorkUnit
         (awaitable, so ``await experiment.add(...)`` works in async scripts).
         """
+        if isinstance(args, (list, tuple)):
+            return self._add_each(job, args, role, identity)
         if args is not None and not isinstance(args, Mapping):
             raise ValueError(f"experiment.add args must be a dict, got {args!r}")
         job, role = _unit_role(job, role)
@@ -687,8 +689,33 @@ class Experiment:
         members = flatten_jobs(resolved)
         return Runtime.get().run(self._add(members, display_args, identity, start_deadline_of(resolved), role))
 
+    def _add_each(self, job: Any, args_list: Sequence[Any], role: Optional[ExperimentUnitRole],
+                  identity: Optional[str]) -> list[WorkUnit]:
+        """`add(job, args=[{...}, {...}])`: a work unit per args (as xm-slurm has it; on a
+        batch pool the worker submits them as one array). Every args is checked before any
+        work unit is added."""
+        return [self.add(job, args, role=role) for args in self._checked_args_list(job, args_list, identity)]
+
+    @staticmethod
+    def _checked_args_list(job: Any, args_list: Sequence[Any], identity: Optional[str]) -> Sequence[Any]:
+        if identity:
+            raise ValueError(f"experiment.add: identity={identity!r} names one work unit; with a list of args, "
+                             f"add them one by one, each with its own identity")
+        for i, args in enumerate(args_list):
+            if not isinstance(args, Mapping):
+                raise ValueError(f"experiment.add args[{i}] must be a dict, got {args!r}")
+            inner = job._job if isinstance(job, AuxiliaryUnitJob) else job
+            if isinstance(inner, (Job, JobGroup)):
+                try:
+                    apply_args(inner, args)
+                except ValueError as e:
+                    raise ValueError(f"experiment.add args[{i}]: {e}") from None
+        return args_list
+
     async def add_async(self, job: Any, args: Optional[Mapping[str, Any]] = None, *,
                         role: Optional[ExperimentUnitRole] = None, identity: Optional[str] = None) -> WorkUnit:
+        if isinstance(args, (list, tuple)):
+            return [await self.add_async(job, a, role=role) for a in self._checked_args_list(job, args, identity)]
         job, role = _unit_role(job, role)
         if callable(job) and not isinstance(job, (Job, JobGroup)):
             await Runtime.get().arun(self._load())
