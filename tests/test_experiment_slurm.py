@@ -121,6 +121,40 @@ def test_a_gang_on_one_pool_runs_as_one_heterogeneous_job_its_members_together(s
     assert written["evaluator"][4] == "2", written  # its own requirements
 
 
+def test_cancelling_a_gang_that_is_one_heterogeneous_job_ends_the_whole_job(slurm_pool, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    from conftest import wait_for
+    from prefect_xm import xm, xm_local
+    from prefect_xm.workers.scheduler import Scheduler
+
+    pool, root = slurm_pool
+    code = "import os, sys, time; open(sys.argv[1], 'w').write(os.environ['SLURM_JOB_ID']); time.sleep(300)"
+    executor = xm_local.Slurm(time="10:00", work_pool=pool, job_variables={"run_dir": str(root / "runs")})
+    marks = [tmp_path / "a", tmp_path / "b"]
+    with xm_local.create_experiment(experiment_title="slurm-hetjob-cancel") as experiment:
+        [exe] = experiment.package([xm.Packageable(xm.Command([sys.executable, "-c", code]), xm_local.Slurm.Spec())])
+        wu = experiment.add(xm.JobGroup(a=xm.Job(exe, executor, args=[str(marks[0])]),
+                                        b=xm.Job(exe, executor, args=[str(marks[1])])))
+        wait_for(lambda: all(m.exists() for m in marks), timeout=180, what="both members running")
+        wu.stop()
+    assert wu.get_status().state_type == "CANCELLED", wu.get_status()
+    tags = [f"xm-experiment:{experiment.experiment_id}", "xm-kind:job"]
+    with get_client(sync_client=True) as c:
+        def members():
+            return c.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags)))
+        wait_for(lambda: all(r.state.is_cancelled() for r in members()), timeout=120, what="both members Cancelled")
+        job_ids = {Scheduler.parse_infrastructure_pid(r.infrastructure_pid)[2] for r in members()}
+    het_id = next(iter(job_ids)).split("+")[0]
+    assert job_ids == {f"{het_id}+0", f"{het_id}+1"}, job_ids
+
+    def gone():
+        q = subprocess.run(["squeue", "-h", "-j", het_id, "-o", "%T"], capture_output=True, text=True)
+        return not set(q.stdout.split()) - {"CANCELLED", "COMPLETED", "FAILED"}
+    wait_for(gone, timeout=60, what=f"heterogeneous job {het_id} to leave the queue")
+
+
 def _logs_of(flow_run_id):
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
