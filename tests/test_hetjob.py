@@ -130,7 +130,7 @@ def _member(name, index, size, cluster="c"):
     from prefect_xm.workers.hetjob import HetMember
 
     return HetMember(name, SimpleNamespace(cluster=cluster, ssh_block=None), f"/r/{name}", [], {}, _Log(),
-                     GangPlace("g", index, size))
+                     place=GangPlace("g", index, size))
 
 
 async def test_a_gang_is_submitted_once_whole_in_its_members_order():

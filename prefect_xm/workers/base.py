@@ -473,6 +473,19 @@ class BatchVariables(BaseVariables):
     )
 
 
+async def _read_place_file(transport: Transport, run_dir: str, name: str) -> Optional[tuple[str, int]]:
+    """A run directory's "<job name> <index>" file (its array task, its heterogeneous
+    job's component), written before the submit; None if there is none."""
+    text = await transport.read_tail(f"{run_dir}/{name}")
+    if not text:
+        return None
+    try:
+        job_name, index = text.split()
+        return job_name, int(index)
+    except ValueError:
+        raise SubmissionError(f"unreadable {name} file: {text!r}") from None
+
+
 class BatchWorkerResult(BaseWorkerResult):
     """The job's identifier (infrastructure pid) and 0, or the code of a failed submit."""
 
@@ -655,7 +668,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         place = gang_place(flow_run.tags or [])
         if place is not None and self.forms_het_jobs(configuration):
             job_id = await self._het_jobs.submit(
-                HetMember(flow_run, configuration, run_dir, command_argv, run_env, logger, place))
+                HetMember(flow_run, configuration, run_dir, command_argv, run_env, logger, place=place))
         elif self.may_join_array(configuration):
             job_id = await self._arrays.submit(
                 ArrayTask(flow_run, configuration, run_dir, command_argv, run_env, logger))
@@ -1465,24 +1478,14 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         transport = await self.transport_for(configuration)
         scheduler = self.scheduler_for(configuration)
         run_dir = await self.run_directory(configuration, run.id)
-        component = await transport.read_tail(f"{run_dir}/{HET_COMPONENT_FILE}")
+        component = await _read_place_file(transport, run_dir, HET_COMPONENT_FILE)
         if component:
-            try:
-                het_name, offset = component.split()
-                offset_number = int(offset)
-            except ValueError:
-                raise SubmissionError(f"unreadable {HET_COMPONENT_FILE} file: {component!r}") from None
-            het_id = await self._find_by_name(het_name, transport, scheduler)
-            return scheduler.het_component_id(scheduler.het_job_of(het_id), offset_number) if het_id else None
-        marker = await transport.read_tail(f"{run_dir}/{ARRAY_TASK_FILE}")
-        if marker:
-            try:
-                array_name, index = marker.split()
-                index_number = int(index)
-            except ValueError:
-                raise SubmissionError(f"unreadable {ARRAY_TASK_FILE} file: {marker!r}") from None
-            array_id = await self._find_by_name(array_name, transport, scheduler, array=True)
-            return scheduler.array_task_id(array_id, index_number) if array_id else None
+            het_id = await self._find_by_name(component[0], transport, scheduler)
+            return scheduler.het_component_id(scheduler.het_job_of(het_id), component[1]) if het_id else None
+        task = await _read_place_file(transport, run_dir, ARRAY_TASK_FILE)
+        if task:
+            array_id = await self._find_by_name(task[0], transport, scheduler, array=True)
+            return scheduler.array_task_id(array_id, task[1]) if array_id else None
         return await self._find_by_name(self.job_name(configuration, run), transport, scheduler)
 
     async def _online_worker_names(self) -> set[str]:

@@ -19,20 +19,16 @@ with that code: the whole job ends, nothing half started keeps its resources.
 from __future__ import annotations
 
 import asyncio
-import logging
 import shlex
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 from prefect_xm.gang import GangPlace
+from prefect_xm.workers.arrays import ArrayTask
 
 if TYPE_CHECKING:
-    from prefect.client.schemas.objects import FlowRun
-
-    from prefect_xm.workers.base import BatchJobConfiguration, BatchWorker
-
-logger = logging.getLogger("prefect_xm.hetjob")
+    from prefect_xm.workers.base import BatchWorker
 
 #: written in a member's run directory by the heterogeneous job's script
 MEMBER_EXIT_FILE = "exit-code"
@@ -152,17 +148,11 @@ exit "$xm_status"
 
 
 @dataclass
-class HetMember:
-    """One gang member waiting at the worker for the rest of its gang."""
+class HetMember(ArrayTask):
+    """One gang member waiting at the worker for the rest of its gang (a run waiting to
+    be submitted together with others, as an array's task is)."""
 
-    flow_run: "FlowRun"
-    configuration: "BatchJobConfiguration"
-    run_dir: str
-    argv: list[str]
-    env: dict[str, str]
-    log: Any  # the run's logger
-    place: GangPlace
-    job_id: "asyncio.Future[str]" = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    place: Optional[GangPlace] = None
 
 
 class HetJobGatherer:
