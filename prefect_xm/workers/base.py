@@ -121,6 +121,10 @@ ATTEMPT_VARIABLE = "PREFECT_XM_ATTEMPT"
 FILE_WRITES_AT_ONCE = 16
 #: flow runs per read (the server's default page, PREFECT_API_DEFAULT_LIMIT)
 API_PAGE = 200
+#: a stopped experiment turns its tasks Cancelling one request at a time: a cancelling
+#: array task waits in steps while more of its array keep following, for so long at most
+ARRAY_CANCEL_STEP = 1.0
+ARRAY_CANCEL_SETTLE = 30.0
 #: states of a run whose job may still be live, that a worker may have to take over
 RECOVERABLE_STATES = frozenset({StateType.PENDING, StateType.RUNNING, StateType.CANCELLING})
 #: `execution` job variable: Prefect's flow engine on the node, or the job's program itself
@@ -531,6 +535,8 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         self._entered_run: set[UUID] = set()
         #: arrays being cancelled as a whole, by (cluster, array id)
         self._array_cancels: dict[tuple[str, str], asyncio.Task] = {}
+        #: arrays whose cancelling tasks wait to see whether the rest follow (see settle_array_cancel)
+        self._array_settles: dict[tuple[str, str], asyncio.Task] = {}
         self._arrays = ArraySubmitter(self, max_wait=_env_float("PREFECT_XM_ARRAY_MAX_WAIT", 10.0))
         self._het_jobs = HetJobGatherer(self, max_wait=_env_float("PREFECT_XM_GANG_GATHER", 60.0))
 
@@ -1202,9 +1208,9 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             await asyncio.shield(self._array_cancels[(cluster, array)])
             return
         if followed and array:
-            whole = await self._cancel_array_if_all_cancelling(cluster, array)
-            if whole is not None:
-                await asyncio.shield(whole)
+            await asyncio.shield(self._array_settle(cluster, array))
+            if (cluster, array) in self._array_cancels:
+                await asyncio.shield(self._array_cancels[(cluster, array)])
                 return
         if followed and followed.cancel_task is not None:
             # our supervisor is cancelling it already (Prefect asks too): one removal, not two
@@ -1279,43 +1285,80 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING])),
             )
         )
-        # An array whose live tasks are all cancelling (the experiment was stopped) goes
-        # in one command; otherwise each task is removed on its own.
-        for key in {(f.configuration.cluster, f.poller.scheduler.array_of(f.job_id))
-                    for f in map(self._followed.get, (r.id for r in runs)) if f is not None}:
-            if key[1]:
-                await self._cancel_array_if_all_cancelling(*key)
+        # An array's tasks wait to see whether the whole array is being stopped (then it
+        # goes in one command); any other run is removed on its own at once.
         for run in runs:
             followed = self._followed.get(run.id)
             if followed is None or followed.cancel_requested:
                 continue
-            followed.cancel_requested = True
-            self.get_flow_run_logger(run).info(
-                f"Flow run is cancelling: cancelling {self.scheduler.name} job {followed.job_id}"
-            )
-            followed.cancel_task = self._spawn(
-                self.cancel_job(followed.job_id, followed.transport, 30, followed.tracked.status.state, followed)
-            )
+            array = followed.poller.scheduler.array_of(followed.job_id)
+            if array:
+                self._array_settle(followed.configuration.cluster, array)
+            else:
+                self._cancel_on_its_own(followed, run)
 
-    async def _cancel_array_if_all_cancelling(self, cluster: str, array: str) -> Optional[asyncio.Task]:
+    def _cancel_on_its_own(self, followed: FollowedRun, run: "FlowRun") -> None:
+        followed.cancel_requested = True
+        self.get_flow_run_logger(run).info(
+            f"Flow run is cancelling: cancelling {self.scheduler.name} job {followed.job_id}"
+        )
+        followed.cancel_task = self._spawn(
+            self.cancel_job(followed.job_id, followed.transport, 30, followed.tracked.status.state, followed)
+        )
+
+    def _array_settle(self, cluster: str, array: str) -> asyncio.Task:
+        """The one settle_array_cancel in flight for this array (both the supervisor and
+        Prefect's cancellation observer ask for it)."""
+        key = (cluster, array)
+        if key not in self._array_settles:
+            task = self._spawn(self.settle_array_cancel(cluster, array))
+            self._array_settles[key] = task
+            task.add_done_callback(lambda _: self._array_settles.pop(key, None))
+        return self._array_settles[key]
+
+    async def settle_array_cancel(self, cluster: str, array: str) -> None:
+        """Cancel what of an array is cancelling: the whole array in one command when
+        every live task is (a stopped experiment), else each cancelling task on its own.
+        The worker hears of each task as it turns Cancelling, and a stop turns them one
+        request at a time: so wait, in steps, while more of the array keep following."""
+        seen, deadline = -1, time.monotonic() + ARRAY_CANCEL_SETTLE
+        while True:
+            whole, cancelling = await self._cancel_array_if_all_cancelling(cluster, array)
+            if whole is not None:
+                await asyncio.shield(whole)
+                return
+            if len(cancelling) <= seen or time.monotonic() >= deadline:
+                break
+            seen = len(cancelling)
+            await asyncio.sleep(ARRAY_CANCEL_STEP)
+        for followed, run in cancelling:
+            if not followed.cancel_requested:
+                self._cancel_on_its_own(followed, run)
+
+    async def _cancel_array_if_all_cancelling(
+        self, cluster: str, array: str
+    ) -> tuple[Optional[asyncio.Task], list[tuple[FollowedRun, "FlowRun"]]]:
         """One cancel of the whole array when every live task of it is cancelling (a
-        stopped experiment); None when some task is to go on (cancel tasks one by one)."""
+        stopped experiment), and that cancel's task; else None, and the live tasks that
+        are cancelling, with their runs."""
         key = (cluster, array)
         if key in self._array_cancels:
-            return self._array_cancels[key]
+            return self._array_cancels[key], []
         members = [f for f in self._followed.values()
                    if f.configuration.cluster == cluster and f.poller.scheduler.array_of(f.job_id) == array
                    and not f.tracked.is_final]
-        if len(members) < 2:
-            return None
+        if not members:
+            return None, []
         runs = await self._read_all_flow_runs(flow_run_filter=FlowRunFilter(
             id=FlowRunFilterId(any_=[m.flow_run_id for m in members]),
             state=FlowRunFilterState(type=FlowRunFilterStateType(
                 any_=[StateType.CANCELLING, StateType.CANCELLED]))))
-        if {r.id for r in runs} != {m.flow_run_id for m in members}:
-            return None
+        by_id = {m.flow_run_id: m for m in members}
+        cancelling = [(by_id[r.id], r) for r in runs if r.id in by_id]
+        if len(members) < 2 or len(cancelling) < len(members):
+            return None, cancelling
         if key in self._array_cancels:  # asked for meanwhile
-            return self._array_cancels[key]
+            return self._array_cancels[key], []
         for run in runs:
             self.get_flow_run_logger(run).info(
                 f"Flow run is cancelling with the rest of its array: cancelling {self.scheduler.name} "
@@ -1325,7 +1368,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         for member in members:
             member.cancel_requested = True
             member.cancel_task = task
-        return task
+        return task, []
 
     async def cancel_array(self, array_id: str, members: list[FollowedRun], grace_seconds: float = 30) -> None:
         """Every live task of an array, with one command per step (grace signal, kill)."""
