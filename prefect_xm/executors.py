@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
-import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Mapping, Optional, Sequence
+
+import pydantic
 
 from prefect_xm.core.job_blocks import Executor, ExecutorSpec
 from prefect_xm.core.resources import GiB, KiB, MiB, TiB, JobRequirements, ResourceType
@@ -88,143 +89,253 @@ class Local(Executor):
         return LocalSpec()
 
 
-# ------------------------------------------------------------------------- Slurm
+# ----------------------------------------------- batch schedulers: Slurm, SGE, PBS, LSF, HTCondor
 
 
-class SlurmSpec(ExecutorSpec):
-    """Package for the Slurm executor (the code must be on a filesystem the nodes see)."""
+class BatchSpec(ExecutorSpec):
+    """Package for a batch scheduler's executor (the code must be on a filesystem the
+    compute nodes see)."""
+
+    executor_name = "Batch"
 
     def __repr__(self) -> str:
-        return "Slurm.Spec()"
+        return f"{self.executor_name}.Spec()"
 
 
-_SLURM_TIME = re.compile(
-    r"^(?:\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}|UNLIMITED|INFINITE)$"
-)
+#: options of every batch executor, job variables of every batch pool (BatchVariables)
+COMMON_OPTIONS = ("modules", "setup_commands", "extra_directives", "working_dir", "job_name")
 
 
-def slurm_time(value: Any, field: str = "time") -> str:
-    """A Slurm time limit from a str (Slurm syntax), int minutes or a timedelta."""
-    if isinstance(value, bool):
-        raise ValueError(f"{field}: expected a Slurm time, minutes or a timedelta, got {value!r}")
-    if isinstance(value, datetime.timedelta):
-        total = int(math.ceil(value.total_seconds()))
-        if total <= 0:
-            raise ValueError(f"{field} must be positive, got {value!r}")
-        days, rest = divmod(total, 86400)
-        h, rest = divmod(rest, 3600)
-        m, s = divmod(rest, 60)
-        return f"{days}-{h:02d}:{m:02d}:{s:02d}" if days else f"{h:02d}:{m:02d}:{s:02d}"
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(f"{field} must be a positive number of minutes, got {value!r}")
-        return str(value)
-    if isinstance(value, str) and _SLURM_TIME.match(value.strip()):
-        return value.strip()
-    raise ValueError(
-        f"{field}: {value!r} is not a Slurm time limit (examples: '90', '30:00', '1-02:00:00', "
-        f"an int of minutes or a datetime.timedelta)"
-    )
+class _BatchExecutor(Executor):
+    """A job on one of our batch workers' pools. The scheduler's own module maps
+    JobRequirements and ``time`` to its job variables (``requirements_variables`` and
+    ``time_limit`` beside its worker); here are the options every scheduler shares.
+    Every value is checked by the worker's own job configuration as it is built, so a
+    bad one fails here, naming the executor's field and the value."""
 
+    #: the module of this scheduler's worker, which holds its mapping
+    worker_module: ClassVar[str]
+    #: its job configuration's class, whose validators check what we produce
+    configuration_class: ClassVar[str]
+    #: this executor's own options that are job variables of the same name
+    options: ClassVar[tuple[str, ...]]
 
-def slurm_memory(num_bytes: int) -> str:
-    """Bytes -> Slurm memory with a binary unit suffix: 16 GiB -> '16G', 1.5 GiB -> '1536M'."""
-    for unit, suffix in ((TiB, "T"), (GiB, "G"), (MiB, "M"), (KiB, "K")):
-        if num_bytes % unit == 0:
-            return f"{num_bytes // unit}{suffix}"
-    return f"{math.ceil(num_bytes / MiB)}M"
-
-
-class Slurm(Executor):
-    """A job on a Slurm cluster through an ``xm-slurm`` work pool.
-
-    ``Slurm(requirements=xm.JobRequirements(cpu=4, memory=16*xm.GiB, a100=2),
-    partition='gpu', time='1-00:00:00')``. Requirements map to the pool's job variables:
-    cpu -> cpus_per_task, memory -> memory ('16G'), accelerators -> gpus + gpu_type,
-    replicas -> ntasks. ``job_variables`` passes further variables verbatim; all are
-    checked against the pool's schema before submission.
-    """
-
-    def __init__(self, requirements: Optional[JobRequirements] = None, *, partition=None, account=None,
-                 qos=None, time=None, nodes=None, constraint=None, modules=None, setup_commands=None,
-                 extra_directives=None, working_dir=None, job_name=None, job_variables=None,
-                 work_pool: str = "xm-slurm") -> None:
-        self.requirements = _check_requirements(requirements, "Slurm")
-        for field, value in (("partition", partition), ("account", account), ("qos", qos),
-                             ("constraint", constraint), ("working_dir", working_dir),
-                             ("job_name", job_name), ("work_pool", work_pool)):
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise ValueError(f"Slurm.{field} must be a non-empty string, got {value!r}")
-        for field, value in (("modules", modules), ("setup_commands", setup_commands),
-                             ("extra_directives", extra_directives)):
-            if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
-                raise ValueError(f"Slurm.{field} must be a list of strings, got {value!r}")
-        if nodes is not None and (isinstance(nodes, bool) or not isinstance(nodes, int) or nodes <= 0):
-            raise ValueError(f"Slurm.nodes must be a positive int, got {nodes!r}")
-        if job_variables is not None and not isinstance(job_variables, Mapping):
-            raise ValueError(f"Slurm.job_variables must be a dict, got {job_variables!r}")
-        self.partition, self.account, self.qos = partition, account, qos
-        self.time = None if time is None else slurm_time(time, "Slurm.time")
-        self.nodes, self.constraint = nodes, constraint
-        self.modules = list(modules) if modules is not None else None
-        self.setup_commands = list(setup_commands) if setup_commands is not None else None
-        self.extra_directives = list(extra_directives) if extra_directives is not None else None
-        self.working_dir, self.job_name = working_dir, job_name
-        self.job_variables_ = dict(job_variables or {})
-        self.work_pool = work_pool
+    def _configure(self, requirements: Optional[JobRequirements], time: Any, options: Mapping[str, Any],
+                   common: Mapping[str, Any], job_variables: Optional[Mapping[str, Any]],
+                   work_pool: Optional[str]) -> None:
+        name = type(self).__name__
+        self.requirements = _check_requirements(requirements, name)
         if self.requirements.location is not None:
             raise ValueError(
-                f"Slurm: JobRequirements.location={self.requirements.location!r} is not supported; "
-                f"use partition=, constraint= or a separate work pool"
-            )
-        acc = self.requirements.accelerator
-        if acc is not None and acc.is_tpu:
-            raise ValueError(f"Slurm: accelerator {acc.value}={self.requirements.accelerator_count} is not available on Slurm")
-        self.job_variables()  # fail early on bad requirements
+                f"{name}: JobRequirements.location={self.requirements.location!r} is not supported; "
+                f"use the scheduler's queue or partition, or a separate work pool")
+        if not isinstance(work_pool, str) or not work_pool.strip():
+            raise ValueError(f"{name}.work_pool must be a non-empty string, got {work_pool!r}")
+        # (their types and syntax are the job configuration's to check, in job_variables)
+        for field, value in {**options, **common}.items():
+            if isinstance(value, str) and not value.strip():
+                raise ValueError(f"{name}.{field} must be a non-empty string, got {value!r}")
+        for field in ("modules", "setup_commands", "extra_directives"):
+            value = common[field]
+            if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
+                raise ValueError(f"{name}.{field} must be a list of strings, got {value!r}")
+        if job_variables is not None and not isinstance(job_variables, Mapping):
+            raise ValueError(f"{name}.job_variables must be a dict, got {job_variables!r}")
+        # read back as attributes too (Slurm(...).partition), as XManager's executors are
+        for field, value in {**options, **common}.items():
+            setattr(self, field, list(value) if isinstance(value, (list, tuple)) else value)
+        self.time = time
+        self.job_variables_ = dict(job_variables or {})
+        self.work_pool = work_pool
+        self.job_variables()  # fail early, before anything is submitted
 
     @property
     def work_pool_name(self) -> str:  # type: ignore[override]
         return self.work_pool
 
     def __repr__(self) -> str:
-        return f"Slurm(work_pool={self.work_pool!r}, job_variables={self.job_variables()!r})"
+        return f"{type(self).__name__}(work_pool={self.work_pool!r}, job_variables={self.job_variables()!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Slurm) and (self.work_pool, self.job_variables()) == (other.work_pool, other.job_variables())
+        return type(other) is type(self) and (self.work_pool, self.job_variables()) == (
+            other.work_pool, other.job_variables())  # type: ignore[attr-defined]
 
     @classmethod
-    def Spec(cls) -> SlurmSpec:  # noqa: N802
-        return SlurmSpec()
+    def Spec(cls) -> BatchSpec:  # noqa: N802
+        spec = BatchSpec()
+        spec.executor_name = cls.__name__
+        return spec
 
     def job_variables(self) -> dict[str, Any]:
-        req = self.requirements
-        out: dict[str, Any] = {}
-        if req.cpu is not None:
-            out["cpus_per_task"] = int(math.ceil(req.cpu))
-        if req.memory is not None:
-            out["memory"] = slurm_memory(req.memory)
-        acc = req.accelerator
-        if acc is not None:
-            out["gpus"] = req.accelerator_count
-            if not acc.is_any_gpu:
-                out["gpu_type"] = acc.value
-        if req.replicas != 1:
-            out["ntasks"] = req.replicas
-        for name in ("partition", "account", "qos", "nodes", "constraint", "modules",
-                     "setup_commands", "extra_directives", "working_dir", "job_name"):
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = value
+        import importlib
+
+        name = type(self).__name__
+        scheduler = importlib.import_module(self.worker_module)
+        chosen = {f: getattr(self, f) for f in (*self.options, *COMMON_OPTIONS) if getattr(self, f) is not None}
+        out: dict[str, Any] = scheduler.requirements_variables(self.requirements, chosen)
+        out.update(chosen)
         if self.time is not None:
-            out["time_limit"] = self.time
+            try:
+                out["time_limit"] = scheduler.time_limit(self.time)
+            except ValueError as e:  # "time: ..." -> "SGE.time: ..."
+                raise ValueError(f"{name}.{e}") from None
         for key, value in self.job_variables_.items():
             if key in out and out[key] != value:
-                raise ValueError(
-                    f"Slurm: job variable {key!r} given both by an option ({out[key]!r}) "
-                    f"and in job_variables ({value!r})"
-                )
+                raise ValueError(f"{name}: job variable {key!r} given both by an option ({out[key]!r}) "
+                                 f"and in job_variables ({value!r})")
             out[key] = value
+        configuration = getattr(scheduler, self.configuration_class)
+        fields = {k: v for k, v in out.items() if k in configuration.model_fields}
+        try:
+            configuration.model_validate(fields)
+        except pydantic.ValidationError as e:
+            error = e.errors()[0]
+            field = ".".join(map(str, error["loc"]))
+            reason = str(error.get("ctx", {}).get("error") or error["msg"])
+            value = fields.get(field, error.get("input"))
+            # named as the user wrote it: Slurm.time='two hours', Slurm.partition=5
+            given = ("time" if field == "time_limit" and self.time is not None
+                     else field if field in chosen else None)
+            where = f"{name}.{given}={self.time if given == 'time' else value!r}" if given else \
+                f"{name}: job variable {field}={value!r}"
+            raise ValueError(f"{where}: {reason}") from None
         return out
+
+
+class Slurm(_BatchExecutor):
+    """A job on a Slurm cluster through an ``xm-slurm`` work pool.
+
+    ``Slurm(requirements=xm.JobRequirements(cpu=4, memory=16*xm.GiB, a100=2),
+    partition='gpu', time='1-00:00:00')``. Requirements map to the pool's job variables:
+    cpu -> cpus_per_task, memory -> memory ('16G'), accelerators -> gpus + gpu_type,
+    replicas -> ntasks. ``time``: Slurm's syntax, an int of minutes or a timedelta.
+    ``job_variables`` passes further variables verbatim; all are checked against the
+    pool's schema before submission.
+    """
+
+    worker_module = "prefect_xm.workers.slurm"
+    configuration_class = "SlurmJobConfiguration"
+    options = ("partition", "account", "qos", "nodes", "constraint")
+
+    def __init__(self, requirements: Optional[JobRequirements] = None, *, partition: Optional[str] = None,
+                 account: Optional[str] = None, qos: Optional[str] = None, time: Any = None,
+                 nodes: Optional[int] = None, constraint: Optional[str] = None,
+                 modules: Optional[Sequence[str]] = None, setup_commands: Optional[Sequence[str]] = None,
+                 extra_directives: Optional[Sequence[str]] = None, working_dir: Optional[str] = None,
+                 job_name: Optional[str] = None, job_variables: Optional[Mapping[str, Any]] = None,
+                 work_pool: str = "xm-slurm") -> None:
+        if nodes is not None and (isinstance(nodes, bool) or not isinstance(nodes, int) or nodes <= 0):
+            raise ValueError(f"Slurm.nodes must be a positive int, got {nodes!r}")
+        self._configure(requirements, time,
+                        dict(partition=partition, account=account, qos=qos, nodes=nodes, constraint=constraint),
+                        dict(modules=modules, setup_commands=setup_commands, extra_directives=extra_directives,
+                             working_dir=working_dir, job_name=job_name), job_variables, work_pool)
+
+
+class SGE(_BatchExecutor):
+    """A job on a Sun/Son of/Univa Grid Engine cluster through an ``xm-sge`` work pool.
+
+    ``SGE(requirements=xm.JobRequirements(cpu=4, memory=16*xm.GiB, gpu=1), queue='gpu.q',
+    time=datetime.timedelta(hours=2))``. cpu -> slots (in the pool's parallel environment,
+    ``parallel_environment`` here), memory -> memory per slot (h_vmem: the job's memory
+    divided among its slots), GPUs -> gpus (-l <gpu_resource>=N; a GPU type has no
+    standard SGE name and is refused). ``time``: h_rt's syntax, an int of minutes or a
+    timedelta.
+    """
+
+    worker_module = "prefect_xm.workers.sge"
+    configuration_class = "SgeJobConfiguration"
+    options = ("queue", "project", "parallel_environment")
+
+    def __init__(self, requirements: Optional[JobRequirements] = None, *, queue: Optional[str] = None,
+                 project: Optional[str] = None, parallel_environment: Optional[str] = None, time: Any = None,
+                 modules: Optional[Sequence[str]] = None, setup_commands: Optional[Sequence[str]] = None,
+                 extra_directives: Optional[Sequence[str]] = None, working_dir: Optional[str] = None,
+                 job_name: Optional[str] = None, job_variables: Optional[Mapping[str, Any]] = None,
+                 work_pool: str = "xm-sge") -> None:
+        self._configure(requirements, time,
+                        dict(queue=queue, project=project, parallel_environment=parallel_environment),
+                        dict(modules=modules, setup_commands=setup_commands, extra_directives=extra_directives,
+                             working_dir=working_dir, job_name=job_name), job_variables, work_pool)
+
+
+class PBS(_BatchExecutor):
+    """A job on a PBS Pro/OpenPBS or Torque cluster through an ``xm-pbs`` work pool.
+
+    ``PBS(requirements=xm.JobRequirements(cpu=8, memory=32*xm.GiB, replicas=2), queue='workq',
+    time='12:00:00')``. replicas -> nodes (chunks), cpu -> cpus per chunk (ncpus, Torque's
+    ppn), GPUs -> gpus (ngpus; a GPU type is refused), memory -> memory: per chunk on PBS
+    Pro, the whole job's on Torque (``dialect='torque'``). ``time``: walltime's syntax, an
+    int of minutes or a timedelta.
+    """
+
+    worker_module = "prefect_xm.workers.pbs"
+    configuration_class = "PbsJobConfiguration"
+    options = ("queue", "account", "dialect")
+
+    def __init__(self, requirements: Optional[JobRequirements] = None, *, queue: Optional[str] = None,
+                 account: Optional[str] = None, dialect: Optional[str] = None, time: Any = None,
+                 modules: Optional[Sequence[str]] = None, setup_commands: Optional[Sequence[str]] = None,
+                 extra_directives: Optional[Sequence[str]] = None, working_dir: Optional[str] = None,
+                 job_name: Optional[str] = None, job_variables: Optional[Mapping[str, Any]] = None,
+                 work_pool: str = "xm-pbs") -> None:
+        self._configure(requirements, time, dict(queue=queue, account=account, dialect=dialect),
+                        dict(modules=modules, setup_commands=setup_commands, extra_directives=extra_directives,
+                             working_dir=working_dir, job_name=job_name), job_variables, work_pool)
+
+
+class LSF(_BatchExecutor):
+    """A job on an IBM Spectrum LSF cluster through an ``xm-lsf`` work pool.
+
+    ``LSF(requirements=xm.JobRequirements(cpu=4, memory=16*xm.GiB, gpu=2), queue='normal',
+    time=90)``. cpu -> slots (-n), memory -> memory (-M, '16GB'), GPUs -> gpus (-gpu num=N;
+    a GPU type is refused: name your site's model with job_variables={'gpu_model': ...}).
+    ``resources`` is a -R string. ``time``: -W's syntax ([H:]M), an int of minutes or a
+    timedelta.
+    """
+
+    worker_module = "prefect_xm.workers.lsf"
+    configuration_class = "LsfJobConfiguration"
+    options = ("queue", "project", "resources")
+
+    def __init__(self, requirements: Optional[JobRequirements] = None, *, queue: Optional[str] = None,
+                 project: Optional[str] = None, resources: Optional[str] = None, time: Any = None,
+                 modules: Optional[Sequence[str]] = None, setup_commands: Optional[Sequence[str]] = None,
+                 extra_directives: Optional[Sequence[str]] = None, working_dir: Optional[str] = None,
+                 job_name: Optional[str] = None, job_variables: Optional[Mapping[str, Any]] = None,
+                 work_pool: str = "xm-lsf") -> None:
+        self._configure(requirements, time, dict(queue=queue, project=project, resources=resources),
+                        dict(modules=modules, setup_commands=setup_commands, extra_directives=extra_directives,
+                             working_dir=working_dir, job_name=job_name), job_variables, work_pool)
+
+
+class HTCondor(_BatchExecutor):
+    """A job on an HTCondor pool through an ``xm-htcondor`` work pool.
+
+    ``HTCondor(requirements=xm.JobRequirements(cpu=2, memory=8*xm.GiB, gpu=1),
+    accounting_group='group_physics.alice')``. cpu -> request_cpus, memory ->
+    request_memory ('8GB'), GPUs -> request_gpus (a GPU type is refused: match it with a
+    ClassAd expression in job_variables={'requirements': ...}). ``time``: minutes as an
+    int, 'H:MM:SS' or a timedelta.
+    """
+
+    worker_module = "prefect_xm.workers.htcondor"
+    configuration_class = "HTCondorJobConfiguration"
+    options = ("accounting_group", "universe")
+
+    def __init__(self, requirements: Optional[JobRequirements] = None, *,
+                 accounting_group: Optional[str] = None, universe: Optional[str] = None, time: Any = None,
+                 modules: Optional[Sequence[str]] = None, setup_commands: Optional[Sequence[str]] = None,
+                 extra_directives: Optional[Sequence[str]] = None, working_dir: Optional[str] = None,
+                 job_name: Optional[str] = None, job_variables: Optional[Mapping[str, Any]] = None,
+                 work_pool: str = "xm-htcondor") -> None:
+        self._configure(requirements, time, dict(accounting_group=accounting_group, universe=universe),
+                        dict(modules=modules, setup_commands=setup_commands, extra_directives=extra_directives,
+                             working_dir=working_dir, job_name=job_name), job_variables, work_pool)
+
+
+#: XManager-era name of the Slurm executor's spec
+SlurmSpec = BatchSpec
 
 
 # ------------------------------------------------------------ schema validation

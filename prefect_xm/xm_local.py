@@ -15,9 +15,14 @@ from prefect_xm.core.experiment import (
 from prefect_xm.core.job_blocks import StartDeadline
 from prefect_xm.executors import (
     GOOGLE_KUBERNETES_ENGINE_CLOUD_PROVIDER,
+    LSF,
+    PBS,
+    SGE,
+    BatchSpec,
     ContainerSpec,
     Docker,
     DockerOptions,
+    HTCondor,
     Kubernetes,
     Local,
     LocalSpec,
@@ -38,6 +43,7 @@ Caip = Vertex
 __all__ = [
     "GOOGLE_KUBERNETES_ENGINE_CLOUD_PROVIDER", "Caip", "CaipSpec", "DockerOptions", "KubernetesSpec",
     "TensorboardCapability", "TpuCapability", "VertexSpec",
+    "BatchSpec", "HTCondor", "LSF", "PBS", "SGE",
     "ContainerSpec", "Docker", "Experiment", "Kubernetes", "Local", "LocalSpec", "Slurm", "SlurmSpec", "StartDeadline", "Vertex", "WorkPool", "WorkPoolSpec", "WorkUnit", "create_experiment",
     "get_experiment", "list_experiments",
 ]

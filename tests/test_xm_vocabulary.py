@@ -6,7 +6,7 @@ import re
 import pytest
 
 from prefect_xm import xm, xm_local
-from prefect_xm.executors import Slurm, slurm_memory, slurm_time, validate_job_variables
+from prefect_xm.executors import Slurm, validate_job_variables
 
 
 # ------------------------------------------------------------------ args
@@ -169,11 +169,10 @@ def test_slurm_maps_requirements_to_job_variables():
 
 
 def test_slurm_units_and_errors():
-    assert slurm_memory(16 * 1024**3) == "16G"
-    assert slurm_memory(1536 * 1024**2) == "1536M"
-    assert slurm_time("30:00") == "30:00"
+    assert Slurm(requirements=xm.JobRequirements(memory=1536 * xm.MiB)).job_variables() == {"memory": "1536M"}
+    assert Slurm(time="30:00").job_variables() == {"time_limit": "30:00"}
     with pytest.raises(ValueError, match="two hours"):
-        slurm_time("two hours")
+        Slurm(time="two hours")
     with pytest.raises(ValueError, match="partition"):
         Slurm(partition="")
     with pytest.raises(ValueError, match="location"):

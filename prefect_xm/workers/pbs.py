@@ -54,10 +54,12 @@ from __future__ import annotations
 import json
 import re
 import xml.etree.ElementTree as ET
-from typing import ClassVar, Literal, Optional, Sequence
+from typing import Any, ClassVar, Literal, Mapping, Optional, Sequence
 
 from pydantic import Field, field_validator
 
+from prefect_xm.core.resources import GiB, KiB, MiB, TiB, JobRequirements
+from prefect_xm.workers.requirements import limit_seconds, hours_minutes_seconds, untyped_gpus, whole_cpus, with_unit
 from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker, check_format
 from prefect_xm.workers.scheduler import (
     CommandResult,
@@ -584,3 +586,34 @@ class PbsWorker(BatchWorker):
 
     def scheduler_for(self, configuration: BatchJobConfiguration) -> Scheduler:
         return DIALECTS[getattr(configuration, "dialect", "pbspro")]
+
+
+# -- an xm job's requirements in this pool's job variables (xm_local.PBS) -------------------------------------
+
+
+#: PBS sizes: 1kb = 1024 bytes
+_PBS_UNITS = ((TiB, "tb"), (GiB, "gb"), (MiB, "mb"), (KiB, "kb"))
+
+
+def requirements_variables(requirements: JobRequirements, options: Mapping[str, Any]) -> dict[str, Any]:
+    """replicas -> nodes (PBS Pro: chunks of select=N; Torque: nodes=N), cpu -> cpus per
+    chunk/node (ncpus, ppn), GPUs -> gpus (ngpus), memory -> memory: per chunk on PBS Pro
+    (select's mem), the whole job's on Torque (-l mem)."""
+    out: dict[str, Any] = {}
+    if requirements.replicas != 1:
+        out["nodes"] = requirements.replicas
+    if (cpus := whole_cpus(requirements)) is not None:
+        out["cpus"] = cpus
+    if requirements.memory is not None:
+        per_job = options.get("dialect") == "torque"
+        out["memory"] = with_unit(requirements.memory * (requirements.replicas if per_job else 1), _PBS_UNITS)
+    gpus = untyped_gpus(requirements, "PBS", "pick the type with queue= or a site resource in extra_directives")
+    if gpus is not None:
+        out["gpus"] = gpus
+    return out
+
+
+def time_limit(value: Any) -> str:
+    """walltime ('H:MM:SS') from an int of minutes, a timedelta or a str in PBS's syntax."""
+    seconds = limit_seconds(value, "time")
+    return value.strip() if seconds is None else hours_minutes_seconds(seconds)

@@ -23,12 +23,22 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import math
 import re
 import xml.etree.ElementTree as ET
-from typing import ClassVar, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 from pydantic import Field, field_validator
 
+from prefect_xm.core.resources import JobRequirements
+from prefect_xm.workers.requirements import (
+    limit_seconds,
+    hours_minutes_seconds,
+    single_replica,
+    untyped_gpus,
+    whole_cpus,
+    with_unit,
+)
 from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker, check_format
 from prefect_xm.workers.scheduler import (
     CommandResult,
@@ -516,3 +526,28 @@ class SgeWorker(BatchWorker):
     )
     _display_name = "Grid Engine / SGE (prefect-xm)"
     _logo_url = "https://upload.wikimedia.org/wikipedia/commons/8/8a/Grid_Engine_logo.png"
+
+
+# -- an xm job's requirements in this pool's job variables (xm_local.SGE) -------------------------------------
+
+
+def requirements_variables(requirements: JobRequirements, options: Mapping[str, Any]) -> dict[str, Any]:
+    """cpu -> slots (-pe <parallel_environment> N), memory -> memory per slot (h_vmem is
+    per slot: the job's memory divided among its slots), GPUs -> gpus (-l <gpu_resource>=N)."""
+    single_replica(requirements, "SGE")
+    out: dict[str, Any] = {}
+    slots = whole_cpus(requirements)
+    if slots is not None:
+        out["slots"] = slots
+    if requirements.memory is not None:
+        out["memory"] = with_unit(math.ceil(requirements.memory / (slots or 1)))
+    gpus = untyped_gpus(requirements, "SGE", "pick the type with queue= or the pool's gpu_resource variable")
+    if gpus is not None:
+        out["gpus"] = gpus
+    return out
+
+
+def time_limit(value: Any) -> str:
+    """h_rt ('H:MM:SS') from an int of minutes, a timedelta or a str in SGE's syntax."""
+    seconds = limit_seconds(value, "time")
+    return value.strip() if seconds is None else hours_minutes_seconds(seconds)
