@@ -4,6 +4,7 @@ A launch script written for XManager ports by changing its imports to
 ``from prefect_xm import xm`` and ``from prefect_xm import xm_local``.
 """
 
+from prefect_xm.core import job_operators
 from prefect_xm.core.args import SequentialArgs, ShellSafeArg, UserArgs, merge_args, to_argv
 from prefect_xm.core.experiment import Experiment, WorkUnit
 from prefect_xm.core.job_blocks import (
@@ -57,6 +58,8 @@ from prefect_xm.core.resources import (
     JobRequirements,
     KiB,
     MiB,
+    PB,
+    PiB,
     ResourceDict,
     ResourceQuantity,
     ResourceType,
@@ -102,6 +105,6 @@ __all__ = [
     "JobGeneratorType", "JobGroup", "JobRequirements", "JobType", "KB", "KiB", "MB", "MiB",
     "ModuleName", "Packageable", "PythonContainer", "ResourceType", "SequentialArgs", "ShellSafeArg", "TB",
     "TiB", "UserArgs", "WorkUnit", "WorkUnitStatus", "bazel_binary", "bazel_container", "binary", "container",
-    "dockerfile_container", "get_args_for_all_jobs",
+    "dockerfile_container", "get_args_for_all_jobs", "job_operators", "PB", "PiB",
     "mCPU", "merge_args", "python_container", "run_in_asyncio_loop", "to_argv", "vCPU",
 ]

@@ -355,3 +355,26 @@ def test_specs_with_a_build_step_exist_and_package_refuses_them_saying_what_to_u
         with pytest.raises(NotImplementedError, match=re.escape(f"xm.{what}") + ".*xm.container"):
             package_spec(xm.Packageable(spec, xm_local.Local.Spec()))
     assert issubclass(xm.Job, xm.JobConfig) and issubclass(xm.JobGroup, xm.JobConfig)
+
+
+def test_xmanagers_job_operators_walk_a_job_structure():
+    """xm.job_operators as libraries built on XManager call it: names filled by path,
+    a shallow copy that leaves the original alone, jobs collected and constraint cliques."""
+    from prefect_xm import xm, xm_local
+
+    exe = xm.Executable(name="echo", command=["/bin/echo"])
+    deadline = xm_local.StartDeadline(minutes=5)
+    inner = xm.JobGroup(actor=xm.Job(exe, xm_local.Local()), constraints=[deadline])
+    group = xm.JobGroup(learner=xm.Job(exe, xm_local.Local()), actors=inner)
+    copied = xm.job_operators.shallow_copy_job_type(group)
+    xm.job_operators.populate_job_names(copied)
+    assert [j.name for j in xm.job_operators.flatten_jobs(copied)] == ["learner", "actors_actor"]
+    assert group.jobs["learner"].name is None and copied.jobs["learner"].executable is exe
+    alone = xm.Job(exe, xm_local.Local())
+    xm.job_operators.populate_job_names(alone)
+    assert alone.name == "echo"
+    assert xm.job_operators.collect_jobs_by_filter(copied, lambda j: j.name.startswith("actors")) == [
+        copied.jobs["actors"].jobs["actor"]]
+    [clique] = xm.job_operators.aggregate_constraint_cliques(copied)
+    assert clique.constraint is deadline and clique.jobs == [copied.jobs["actors"].jobs["actor"]]
+    assert xm.PiB == 1024**5 and xm.PB == 10**15
