@@ -12,7 +12,7 @@ import asyncio
 import concurrent.futures
 import random
 import threading
-from typing import Any, Awaitable, Coroutine, Optional, TypeVar
+from typing import Any, Coroutine, Optional, TypeVar
 from urllib.parse import urlsplit
 
 T = TypeVar("T")
