@@ -60,7 +60,7 @@ def results_table(overview: dict[str, Any]):
 
 
 def _overview(experiment) -> dict[str, Any]:
-    from prefect_xm.core.experiment import (
+    from prefect_xm.core.api import (
         KIND_JOB, TAG_EXPERIMENT, TAG_JOB, TAG_KIND, TAG_WORK_UNIT, _client, _read_runs, _tag_value,
         experiment_overview,
     )
@@ -90,7 +90,7 @@ def _progress(experiment, counts: dict[str, int]) -> None:
 
 
 def cmd_launch(script: str, script_args: Sequence[str]) -> int:
-    from prefect_xm.core import experiment as core
+    from prefect_xm.core import api as core
 
     path = os.path.abspath(script)
     if not os.path.isfile(path):
@@ -129,7 +129,7 @@ def cmd_launch(script: str, script_args: Sequence[str]) -> int:
 def cmd_list(limit: Optional[int]) -> int:
     from rich.table import Table
 
-    from prefect_xm.core.experiment import experiment_overview, list_experiments
+    from prefect_xm.core.api import experiment_overview, list_experiments
     from prefect_xm.core.launcher import GONE_MESSAGE
     from prefect_xm.core.runtime import Runtime
 
@@ -151,7 +151,7 @@ def cmd_list(limit: Optional[int]) -> int:
 
 
 def cmd_show(experiment_id: str) -> int:
-    from prefect_xm.core.experiment import get_experiment
+    from prefect_xm.core.api import get_experiment
 
     try:
         experiment = get_experiment(experiment_id)
@@ -166,7 +166,7 @@ def cmd_show(experiment_id: str) -> int:
 
 
 def cmd_stop(experiment_id: str) -> int:
-    from prefect_xm.core.experiment import get_experiment
+    from prefect_xm.core.api import get_experiment
 
     try:
         experiment = get_experiment(experiment_id)

@@ -230,7 +230,7 @@ def test_gang_member_whose_run_cannot_be_created_leaves_no_other_member_behind(a
     import asyncio
 
     from prefect_xm import xm, xm_local
-    from prefect_xm.core.experiment import Experiment
+    from prefect_xm.core.api import Experiment
 
     real_submit = Experiment._submit
     refused = asyncio.Event()
@@ -260,7 +260,7 @@ def test_add_returns_before_the_server_is_asked_and_the_runs_follow(api, monkeyp
     import asyncio
 
     from prefect_xm import xm, xm_local
-    from prefect_xm.core import experiment as core
+    from prefect_xm.core import api as core
 
     real_link = core._link_task_run
     released = asyncio.Event()
@@ -296,7 +296,7 @@ async def _set(event):
 
 def test_a_work_unit_that_cannot_be_created_surfaces_on_it_and_at_the_end(api, monkeypatch):
     from prefect_xm import xm, xm_local
-    from prefect_xm.core import experiment as core
+    from prefect_xm.core import api as core
 
     real_link = core._link_task_run
 
@@ -379,7 +379,7 @@ def test_job_finishing_while_its_state_is_read_is_not_taken_for_a_crash(api, mon
     import asyncio
 
     from prefect_xm import xm, xm_local
-    from prefect_xm.core import experiment as core
+    from prefect_xm.core import api as core
 
     real_read_runs = core._read_runs
     held = []

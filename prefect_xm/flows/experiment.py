@@ -71,7 +71,7 @@ async def xm_experiment(
     from prefect.context import FlowRunContext
 
     from prefect_xm import xm, xm_local
-    from prefect_xm.core.experiment import adopt_flow_run
+    from prefect_xm.core.api import adopt_flow_run
     from prefect_xm.core.runtime import Runtime
 
     logger = get_run_logger()
