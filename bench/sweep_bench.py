@@ -96,7 +96,8 @@ def server_floor(n: int, pool: str) -> dict:
     from prefect.client.orchestration import get_client
     from prefect.states import Pending, Running
 
-    from prefect_xm.core.experiment import CREATION_CONCURRENCY, ensure_job_runner_deployment
+    from prefect_xm.core.api import CREATION_CONCURRENCY
+    from prefect_xm.core.deployments import ensure_job_runner_deployment
     from prefect_xm.core.runtime import Runtime
 
     @flow(name="bench-floor")

@@ -19,9 +19,11 @@ from typing import Any, Optional, Sequence
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+from prefect.client.schemas.objects import StateType  # noqa: E402
+
 _STATE_STYLES = {
-    "COMPLETED": "green", "FAILED": "red", "CRASHED": "red", "CANCELLED": "yellow",
-    "CANCELLING": "yellow", "RUNNING": "cyan", "PENDING": "dim", "SCHEDULED": "dim",
+    StateType.COMPLETED: "green", StateType.FAILED: "red", StateType.CRASHED: "red", StateType.CANCELLED: "yellow",
+    StateType.CANCELLING: "yellow", StateType.RUNNING: "cyan", StateType.PENDING: "dim", StateType.SCHEDULED: "dim",
 }
 
 
@@ -34,9 +36,11 @@ def _console(stderr: bool = False):
 
 
 def _style(state: str) -> str:
+    """The style of a state, by its name (Cancelling, Late, AwaitingRetry...): that of
+    the state type its name begins like."""
     key = state.upper()
     for k, v in _STATE_STYLES.items():
-        if key.startswith(k[:6]):
+        if key.startswith(k.value[:6]):
             return v
     return ""
 
@@ -60,20 +64,13 @@ def results_table(overview: dict[str, Any]):
 
 
 def _overview(experiment) -> dict[str, Any]:
-    from prefect_xm.core.experiment import (
-        KIND_JOB, TAG_EXPERIMENT, TAG_JOB, TAG_KIND, TAG_WORK_UNIT, _client, _read_runs, _tag_value,
-        experiment_overview,
-    )
+    from prefect_xm.core import store
     from prefect_xm.core.runtime import Runtime
+    from prefect_xm.core.summary import experiment_overview, job_states_by_work_unit
 
     async def go():
         ov = await experiment_overview(experiment)
-        client = await _client()
-        jobs = await _read_runs(client, tags=[TAG_KIND + KIND_JOB, TAG_EXPERIMENT + experiment.experiment_id])
-        per_wu: dict[str, list[str]] = {}
-        for j in sorted(jobs, key=lambda r: r.name):
-            wid = _tag_value(j.tags, TAG_WORK_UNIT)
-            per_wu.setdefault(wid, []).append(f"{_tag_value(j.tags, TAG_JOB)}={j.state.name if j.state else 'Pending'}")
+        per_wu = await job_states_by_work_unit(await store.client(), experiment.experiment_id)
         for row in ov["work_units"]:
             row["jobs"] = " ".join(per_wu.get(str(row["work_unit"]), []))
         return ov
@@ -82,21 +79,23 @@ def _overview(experiment) -> dict[str, Any]:
 
 
 def _progress(experiment, counts: dict[str, int]) -> None:
+    from prefect_xm.core.summary import work_units_done
+
     total = sum(counts.values())
-    done = sum(n for s, n in counts.items() if s in ("Completed", "Failed", "Crashed", "Cancelled"))
+    done = work_units_done(counts)
     parts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
     _console(stderr=True).print(
         f"[bold]{experiment.experiment_title}[/] ({experiment.experiment_id}): {done}/{total} work units done \u2014 {parts}")
 
 
 def cmd_launch(script: str, script_args: Sequence[str]) -> int:
-    from prefect_xm.core import experiment as core
+    from prefect_xm.core import api, summary
 
     path = os.path.abspath(script)
     if not os.path.isfile(path):
         print(f"prefect-xm launch: no such file: {script}", file=sys.stderr)
         return 2
-    core.PROGRESS_HOOK = _progress
+    summary.PROGRESS_HOOK = _progress
     old_argv = sys.argv
     sys.argv = [path, *script_args]
     sys.path.insert(0, os.path.dirname(path))
@@ -116,22 +115,23 @@ def cmd_launch(script: str, script_args: Sequence[str]) -> int:
         code = 1
     finally:
         sys.argv = old_argv
-        core.PROGRESS_HOOK = None
+        summary.PROGRESS_HOOK = None
     console = _console()
     failed = False
-    for experiment in core.OPENED:
+    for experiment in api.OPENED:
         ov = _overview(experiment)
         console.print(results_table(ov))
-        failed = failed or ov["state_type"] != "COMPLETED"
+        failed = failed or ov["state_type"] != StateType.COMPLETED
     return code or (1 if failed else 0)
 
 
 def cmd_list(limit: Optional[int]) -> int:
     from rich.table import Table
 
-    from prefect_xm.core.experiment import experiment_overview, list_experiments
+    from prefect_xm.core.api import list_experiments
     from prefect_xm.core.launcher import GONE_MESSAGE
     from prefect_xm.core.runtime import Runtime
+    from prefect_xm.core.summary import experiment_overview
 
     table = Table(title="experiments", title_justify="left")
     for col in ("ID", "title", "state", "work units", "created", "duration"):
@@ -151,7 +151,7 @@ def cmd_list(limit: Optional[int]) -> int:
 
 
 def cmd_show(experiment_id: str) -> int:
-    from prefect_xm.core.experiment import get_experiment
+    from prefect_xm.core.api import get_experiment
 
     try:
         experiment = get_experiment(experiment_id)
@@ -166,7 +166,7 @@ def cmd_show(experiment_id: str) -> int:
 
 
 def cmd_stop(experiment_id: str) -> int:
-    from prefect_xm.core.experiment import get_experiment
+    from prefect_xm.core.api import get_experiment
 
     try:
         experiment = get_experiment(experiment_id)

@@ -6,7 +6,7 @@ A launch script written for XManager ports by changing its imports to
 
 from prefect_xm.core import job_operators
 from prefect_xm.core.args import SequentialArgs, ShellSafeArg, UserArgs, merge_args, to_argv
-from prefect_xm.core.experiment import Experiment, WorkUnit
+from prefect_xm.core.api import Experiment, WorkUnit
 from prefect_xm.core.job_blocks import (
     BazelBinary,
     BazelContainer,

@@ -5,7 +5,7 @@ PREFECT_API_URL, or to Prefect's embedded (ephemeral) server when it is unset.
 """
 
 from prefect_xm import xm_flags  # noqa: F401  (defines XManager's --xm_* flags, as xmanager.xm_local does)
-from prefect_xm.core.experiment import (
+from prefect_xm.core.api import (
     Experiment,
     WorkUnit,
     create_experiment,

@@ -160,7 +160,7 @@ def wait_state(run_id, *types: StateType, timeout: float = 180, name: str | None
 def _job_runner_deployment(pool: str):
     """Created on prefect-xm's runtime loop, where its client lives (asyncio.run's loop
     would leave that client bound to a closed loop)."""
-    from prefect_xm.core.experiment import ensure_job_runner_deployment
+    from prefect_xm.core.deployments import ensure_job_runner_deployment
     from prefect_xm.core.runtime import Runtime
 
     return Runtime.get().run(ensure_job_runner_deployment(pool))

@@ -124,7 +124,7 @@ class TestDirectOnSlurm:
         from prefect.context import refresh_global_settings_context
 
         from e2e import WorkerProcess, create_pool, run
-        from prefect_xm.core.experiment import ensure_job_runner_deployment
+        from prefect_xm.core.deployments import ensure_job_runner_deployment
 
         require_service("slurm", _slurm_is_up(), "start it with `bash scripts/slurm-cluster.sh start`")
         refresh_global_settings_context()

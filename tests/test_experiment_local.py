@@ -230,19 +230,19 @@ def test_gang_member_whose_run_cannot_be_created_leaves_no_other_member_behind(a
     import asyncio
 
     from prefect_xm import xm, xm_local
-    from prefect_xm.core.experiment import Experiment
+    from prefect_xm.core import orchestration
 
-    real_submit = Experiment._submit
+    real_submit = orchestration.submit
     refused = asyncio.Event()
 
-    async def submit(self, wu, m, *rest):
+    async def submit(client, unit, m, *rest):
         if m.key == "refused":
             refused.set()
             raise RuntimeError("injected: the API refused this flow run")
         await refused.wait()  # created only after its gang mate has failed
-        await real_submit(self, wu, m, *rest)
+        await real_submit(client, unit, m, *rest)
 
-    monkeypatch.setattr(Experiment, "_submit", submit)
+    monkeypatch.setattr(orchestration, "submit", submit)
     with xm_local.create_experiment(experiment_title="gang-create") as experiment:
         [true] = experiment.package([xm.Packageable(xm.Binary("/bin/true"), xm_local.Local.Spec())])
         wu = experiment.add(xm.JobGroup(late=xm.Job(true, xm_local.Local()),
@@ -260,9 +260,9 @@ def test_add_returns_before_the_server_is_asked_and_the_runs_follow(api, monkeyp
     import asyncio
 
     from prefect_xm import xm, xm_local
-    from prefect_xm.core import experiment as core
+    from prefect_xm.core import api, store
 
-    real_link = core._link_task_run
+    real_link = store.link_task_run
     released = asyncio.Event()
     seen_before_release = []
 
@@ -272,7 +272,7 @@ def test_add_returns_before_the_server_is_asked_and_the_runs_follow(api, monkeyp
             await released.wait()
         return await real_link(client, parent_flow_run_id, name, key, dynamic_key)
 
-    monkeypatch.setattr(core, "_link_task_run", held_link)
+    monkeypatch.setattr(store, "link_task_run", held_link)
     with xm_local.create_experiment(experiment_title="quick-adds") as experiment:
         [true] = experiment.package([xm.Packageable(xm.Binary("/bin/true"), xm_local.Local.Spec())])
         wus = [experiment.add(xm.Job(true, xm_local.Local(), args={"seed": i})) for i in range(12)]
@@ -282,10 +282,10 @@ def test_add_returns_before_the_server_is_asked_and_the_runs_follow(api, monkeyp
             experiment.add(xm.Job(true, xm_local.Local()), args=["not", "a", "dict"])  # bad input still raises
         from prefect_xm.core.runtime import Runtime
 
-        wait_for(lambda: len(seen_before_release) >= core.CREATION_CONCURRENCY, 60, what="creations to start")
+        wait_for(lambda: len(seen_before_release) >= api.CREATION_CONCURRENCY, 60, what="creations to start")
         at_release = len(seen_before_release)
         Runtime.get().run(_set(released))
-    assert at_release == core.CREATION_CONCURRENCY  # created side by side, bounded
+    assert at_release == api.CREATION_CONCURRENCY  # created side by side, bounded
     assert all(wu.get_status().is_completed for wu in wus)
     assert len(_runs("xm-kind:work-unit", f"xm-experiment:{experiment.experiment_id}")) == 12
 
@@ -296,16 +296,16 @@ async def _set(event):
 
 def test_a_work_unit_that_cannot_be_created_surfaces_on_it_and_at_the_end(api, monkeypatch):
     from prefect_xm import xm, xm_local
-    from prefect_xm.core import experiment as core
+    from prefect_xm.core import store
 
-    real_link = core._link_task_run
+    real_link = store.link_task_run
 
     async def refusing_link(client, parent_flow_run_id, name, key, dynamic_key):
         if name == "work-unit-2":
             raise RuntimeError("injected: the API refused work unit 2")
         return await real_link(client, parent_flow_run_id, name, key, dynamic_key)
 
-    monkeypatch.setattr(core, "_link_task_run", refusing_link)
+    monkeypatch.setattr(store, "link_task_run", refusing_link)
     experiment = xm_local.create_experiment(experiment_title="creation-error")
     with pytest.raises(RuntimeError, match="work unit 2: RuntimeError: injected"):
         with experiment:
@@ -379,13 +379,13 @@ def test_job_finishing_while_its_state_is_read_is_not_taken_for_a_crash(api, mon
     import asyncio
 
     from prefect_xm import xm, xm_local
-    from prefect_xm.core import experiment as core
+    from prefect_xm.core import store
 
-    real_read_runs = core._read_runs
+    real_read_runs = store.read_runs
     held = []
 
     def local_engines():
-        return [t for t in asyncio.all_tasks() if t.get_coro().__name__ == "_start_local"]
+        return [t for t in asyncio.all_tasks() if t.get_coro().__name__ == "start_local"]
 
     async def read_runs_delivered_late(client, *, tags, ids=None, **kw):
         runs = await real_read_runs(client, tags=tags, ids=ids, **kw)
@@ -396,7 +396,7 @@ def test_job_finishing_while_its_state_is_read_is_not_taken_for_a_crash(api, mon
                 await asyncio.sleep(0.05)
         return runs
 
-    monkeypatch.setattr(core, "_read_runs", read_runs_delivered_late)
+    monkeypatch.setattr(store, "read_runs", read_runs_delivered_late)
     with xm_local.create_experiment(experiment_title="late-read") as experiment:
         [true] = experiment.package([xm.Packageable(xm.Binary("/bin/true"), xm_local.Local.Spec())])
         wu = experiment.add(xm.Job(true, xm_local.Local()))

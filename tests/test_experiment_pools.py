@@ -67,7 +67,7 @@ def test_slurm_jobs_are_deployment_runs_with_checked_job_variables(api, tmp_path
     from prefect.client.orchestration import get_client
 
     from prefect_xm import xm, xm_local
-    from prefect_xm.core.experiment import job_runner_source_dir
+    from prefect_xm.core.deployments import job_runner_source_dir
 
     pool = f"slurm-{uuid.uuid4().hex[:6]}"
     _create_pool(pool, "xm-slurm", SLURM_VARIABLES)
@@ -204,7 +204,7 @@ def test_trainer_on_slurm_and_evaluator_on_kubernetes_form_one_gang(api, k8s_poo
     from prefect.client.orchestration import get_client
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
-    from prefect_xm.core.experiment import job_runner_source_dir
+    from prefect_xm.core.deployments import job_runner_source_dir
     from prefect_xm.flows.job_runner import build_argv
     from prefect_xm.workers.slurm import SlurmJobConfiguration, SlurmWorker
 

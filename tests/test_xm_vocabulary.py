@@ -199,7 +199,7 @@ def test_xmanagers_small_helpers():
     import types
 
     from prefect_xm import xm
-    from prefect_xm.core.experiment import WorkUnit
+    from prefect_xm.core.api import WorkUnit
 
     @xm.run_in_asyncio_loop
     async def main(a, b=1):
@@ -309,7 +309,7 @@ def test_roles_have_xmanagers_names_and_check_their_fields():
 async def test_package_async_queues_until_package_packages_the_batch():
     import uuid
 
-    from prefect_xm.core.experiment import Experiment
+    from prefect_xm.core.api import Experiment
 
     experiment = Experiment("e1", "t", uuid.uuid4())
     later = experiment.package_async(xm.Packageable(xm.Binary("/bin/true"), xm_local.Local.Spec()))

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence, Union
 
-from prefect_xm.core.args import SequentialArgs, UserArgs, merge_args, validate_env_vars
+from prefect_xm.core.args import SequentialArgs, merge_args, validate_env_vars
 
 
 # --------------------------------------------------------------------------- specs

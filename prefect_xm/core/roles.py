@@ -51,7 +51,11 @@ class AuxiliaryUnitJob:
 
     def __init__(self, job: Any, *, importance: Importance = Importance.NORMAL, termination_delay_secs: int) -> None:
         self.role = AuxiliaryUnitRole(importance=importance, termination_delay_secs=termination_delay_secs)
-        self._job = job
+        self._job = job  # (XManager's attribute name)
+
+    @property
+    def job(self) -> Any:
+        return self._job
 
     def __repr__(self) -> str:
         return f"AuxiliaryUnitJob({self._job!r}, role={self.role!r})"

@@ -12,7 +12,7 @@ import asyncio
 import concurrent.futures
 import random
 import threading
-from typing import Any, Awaitable, Coroutine, Optional, TypeVar
+from typing import Any, Coroutine, Optional, TypeVar
 from urllib.parse import urlsplit
 
 T = TypeVar("T")
@@ -161,3 +161,20 @@ def dual(coro_factory):
     if not in_event_loop():
         return Runtime.get().run(coro_factory())
     return Runtime.get().arun(coro_factory())
+
+
+def install_sigterm_handler() -> None:
+    """SIGTERM on a launch script -> KeyboardInterrupt, so `with` blocks stop their work
+    units (and kill Local jobs) instead of dying and leaving runs and processes behind.
+    Only when SIGTERM has its default disposition and we are on the main thread."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_sigterm)

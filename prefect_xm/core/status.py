@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-ACTIVE = {"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"}
-FAILED = {"FAILED", "CRASHED"}
+from prefect.client.schemas.objects import StateType
+
+ACTIVE = frozenset({StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING})
+FAILED = frozenset({StateType.FAILED, StateType.CRASHED})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +21,7 @@ class ExperimentUnitStatus:
     @classmethod
     def from_state(cls, state) -> "ExperimentUnitStatus":
         if state is None:
-            return cls("PENDING", "Pending", "")
+            return cls(StateType.PENDING.value, "Pending", "")
         return cls(state.type.value, state.name or state.type.value.title(), state.message or "")
 
     @property
@@ -28,11 +30,11 @@ class ExperimentUnitStatus:
 
     @property
     def is_running(self) -> bool:
-        return self.state_type == "RUNNING"
+        return self.state_type == StateType.RUNNING
 
     @property
     def is_completed(self) -> bool:
-        return self.state_type == "COMPLETED"
+        return self.state_type == StateType.COMPLETED
 
     is_succeeded = is_completed
 
@@ -42,7 +44,7 @@ class ExperimentUnitStatus:
 
     @property
     def is_cancelled(self) -> bool:
-        return self.state_type == "CANCELLED"
+        return self.state_type == StateType.CANCELLED
 
     @property
     def is_final(self) -> bool:

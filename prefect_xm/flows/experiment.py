@@ -1,15 +1,15 @@
-"""The experiment and work-unit flows.
+"""The experiment flow a deployment runs: a sweep of one program.
 
-Their runs are created and driven by prefect_xm's experiment orchestrator (in the
-process running the launch script) through the Prefect API: the experiment run is the
-parent, each work unit a subflow run (linked through a task run in the experiment run,
-as ``run_deployment`` links its runs) whose parameters are the work unit's args, and each
-job a flow run of ``xm-job-runner`` linked into its work-unit run the same way.
+An experiment's runs are created and driven by prefect_xm's experiment orchestrator (in
+the process running the launch script) through the Prefect API: the experiment run is
+the parent, each work unit a subflow run (linked through a task run in the experiment
+run, as ``run_deployment`` links its runs) whose parameters are the work unit's args, and
+each job a flow run of ``xm-job-runner`` linked into its work-unit run the same way
+(the flows a launch script creates runs of are in ``declarations.py``).
 
-``xm_experiment`` is also a deployable entrypoint (``deployments/prefect.yaml``): a run
-of it started from the UI or ``prefect deployment run 'xm-experiment/<name>' --param ...``
+``xm_experiment`` is the deployable entrypoint (``deployments/prefect.yaml``): a run of
+it started from the UI or ``prefect deployment run 'xm-experiment/<name>' --param ...``
 becomes the experiment itself and runs a sweep of one program, one work unit per trial.
-``xm_work_unit`` is only an identity (name, description); it is never called.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any, Optional
 
 from prefect import flow, get_run_logger
 
-EXPERIMENT_FLOW_NAME = "xm-experiment"
-WORK_UNIT_FLOW_NAME = "xm-work-unit"
+# (xm_work_unit is named here too, where it was declared before)
+from prefect_xm.flows.declarations import EXPERIMENT_FLOW_NAME, WORK_UNIT_FLOW_NAME, xm_work_unit  # noqa: F401
 
 
 def sweep_trials(sweep: Optional[list[dict[str, Any]]] = None,
@@ -71,7 +71,7 @@ async def xm_experiment(
     from prefect.context import FlowRunContext
 
     from prefect_xm import xm, xm_local
-    from prefect_xm.core.experiment import adopt_flow_run
+    from prefect_xm.core.api import adopt_flow_run, drive_adopted
     from prefect_xm.core.runtime import Runtime
 
     logger = get_run_logger()
@@ -95,25 +95,16 @@ async def xm_experiment(
     experiment = await runtime.arun(adopt_flow_run(ctx.flow_run.id, title))
     logger.info("experiment %s: %d work unit(s) on %s", experiment.experiment_id, len(trials),
                 work_pool or "this process (Local)")
-    try:
+
+    async def add_trials(experiment) -> None:
         [executable] = experiment.package([xm.Packageable(executable_spec, spec, args=args or {})])
         for trial in trials:
             await experiment.add_async(xm.Job(executable, executor, args=trial))
-        statuses = await runtime.arun(experiment._wait_all())
-    except BaseException as e:
-        await runtime.arun(experiment._stop(f"the experiment flow raised {type(e).__name__}: {e}"))
-        raise
-    state = await runtime.arun(experiment._final_state())
-    experiment._summary_dirty = True
-    await runtime.arun(experiment._update_summary())
+
+    statuses, state = await drive_adopted(experiment, add_trials)
     logger.info("experiment %s: %s", experiment.experiment_id, state.message)
     if state.is_completed():
         return {"experiment_id": experiment.experiment_id,
                 "work_units": {wid: s.state_name for wid, s in statuses.items()}}
     return state
 
-
-@flow(name=WORK_UNIT_FLOW_NAME, description="One trial of an experiment: a Job or a gang-scheduled JobGroup.")
-def xm_work_unit() -> None:
-    """A work unit: parent of its job runs; parameters are the work unit's args."""
-    raise RuntimeError("xm-work-unit runs are driven by prefect_xm.xm_local experiments")

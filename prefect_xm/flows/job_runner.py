@@ -28,6 +28,7 @@ import sys
 from typing import Any, Callable, Optional
 
 from prefect import flow, get_run_logger
+from prefect.client.schemas.objects import StateType
 from prefect.states import Cancelled, Failed
 
 JOB_RUNNER_FLOW_NAME = "xm-job-runner"
@@ -154,7 +155,7 @@ async def _watch_cancellation(flow_run_id) -> str:
                 run = await client.read_flow_run(flow_run_id)
             except Exception:  # API hiccup: keep running, look again
                 continue
-            if run.state is not None and run.state.type.value in ("CANCELLING", "CANCELLED"):
+            if run.state is not None and run.state.type in (StateType.CANCELLING, StateType.CANCELLED):
                 return run.state.message or "cancelled"
 
 
@@ -278,11 +279,11 @@ LOG_FLUSH_SECONDS = float(os.environ.get("PREFECT_XM_LOG_FLUSH_SECONDS", "0.5"))
 
 
 async def run_direct(client, flow_run_id, parameters: dict[str, Any],
-                     echo: Optional[Callable[[str, bool], None]] = None) -> str:
+                     echo: Optional[Callable[[str, bool], None]] = None) -> StateType:
     """Runs one job's program for a flow run of ``xm-job-runner`` without Prefect's flow
     engine: this process writes the run's states (Running, then Completed, Failed with the
     exit code, or Cancelled) and posts the program's stdout/stderr as the run's logs.
-    Returns the final state's type name.
+    Returns the final state's type.
 
     The run is the same flow run as on the engine path (parameters, tags, parent); what
     is saved is the engine's per-run start-up (context, result store, hooks, events) and
@@ -300,10 +301,10 @@ async def run_direct(client, flow_run_id, parameters: dict[str, Any],
             argv, extra_env = build_argv(parameters["executable"], list(parameters.get("args") or []))
         except (JobSpecError, KeyError) as e:
             await client.set_flow_run_state(flow_run_id, Failed(message=f"bad job: {e}"), force=True)
-            return "FAILED"
+            return StateType.FAILED
         result = await client.set_flow_run_state(flow_run_id, Running())
         if result.state is None or not result.state.is_running():
-            return result.state.type.value if result.state is not None else "PENDING"
+            return result.state.type if result.state is not None else StateType.PENDING
         child_env = dict(os.environ)
         child_env.update(extra_env)
         child_env.update({str(k): str(v) for k, v in (parameters.get("env") or {}).items()})
@@ -318,7 +319,7 @@ async def run_direct(client, flow_run_id, parameters: dict[str, Any],
             message = f"could not start {argv[0]!r}: {e}"
             logs.emit(message, level=40)
             await client.set_flow_run_state(flow_run_id, Failed(message=message), force=True)
-            return "FAILED"
+            return StateType.FAILED
         _LIVE_GROUPS.add(proc.pid)
         program = os.path.basename(argv[0])
         def out(line: str) -> None:
@@ -338,11 +339,11 @@ async def run_direct(client, flow_run_id, parameters: dict[str, Any],
             logs.emit(message, level=40)
             await logs.close()
             await client.set_flow_run_state(flow_run_id, Failed(message=message), force=True)
-            return "FAILED"
+            return StateType.FAILED
         logs.emit(f"{program} exited with code 0")
         await logs.close()
         await client.set_flow_run_state(flow_run_id, Completed(message=f"{program} exited with code 0"), force=True)
-        return "COMPLETED"
+        return StateType.COMPLETED
     except asyncio.CancelledError:
         if proc is not None:
             await asyncio.shield(_terminate(proc))

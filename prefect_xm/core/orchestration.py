@@ -1,0 +1,305 @@
+"""Gang orchestration: a work unit's jobs are submitted, started and ended together.
+
+Every member is submitted before any is watched; the work unit is Running once every
+member runs; when a member fails or crashes the others are cancelled and the work unit
+fails naming it; cancelling the work unit cancels every member.
+
+The functions here are handed the work unit, its members and a Prefect client; the
+experiment decides when they run (its creation slots, its summary).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from typing import Any, Callable, Optional, Sequence
+from uuid import UUID
+
+from prefect.client.schemas.objects import StateType
+
+from prefect_xm.core import store
+from prefect_xm.core.deployments import ensure_job_runner_deployment
+from prefect_xm.core.job_blocks import Job
+from prefect_xm.gang import gang_tags
+
+log = logging.getLogger("prefect_xm")
+
+POLL_SECONDS = float(os.environ.get("PREFECT_XM_POLL_SECONDS", "1.0"))
+CANCEL_DEADLINE_SECONDS = float(os.environ.get("PREFECT_XM_CANCEL_DEADLINE_SECONDS", "60"))
+
+
+class Member:
+    """One job of a work unit's gang, and what its run was last read to be."""
+
+    def __init__(self, key: str, job: Optional[Job], params: dict[str, Any]) -> None:
+        self.key = key
+        self.job = job
+        self.params = params
+        self.flow_run_id: Optional[UUID] = None
+        self.link_id: Optional[UUID] = None
+        self.local_task: Optional[asyncio.Task] = None
+        self.state_type = StateType.PENDING
+        self.message = ""
+        #: for a member re-attached from its run (no Job at hand): whether it ran here
+        self._local: Optional[bool] = None
+
+    @classmethod
+    def from_run(cls, run) -> "Member":
+        """A job of a work unit whose launcher died, as its run tells it."""
+        m = cls(store.tag_value(run.tags, store.TAG_JOB) or str(run.id), None, dict(run.parameters or {}))
+        m.flow_run_id, m.link_id, m._local = run.id, run.parent_task_run_id, run.work_pool_name is None
+        m.state_type, m.message = store.state_type(run), store.state_message(run)
+        return m
+
+    @property
+    def is_local(self) -> bool:
+        if self.job is None:
+            return bool(self._local)
+        return self.job.executor.work_pool_name is None
+
+
+class SharedReads:
+    """The runs the work units watched by this launcher wait on, read by one request per
+    poll for all of them (not one per work unit)."""
+
+    def __init__(self) -> None:
+        self._watched: set[UUID] = set()
+        self._snapshot: Optional[tuple[float, set[UUID], dict[UUID, Any]]] = None
+        self._snapshot_task: Optional[asyncio.Future] = None
+
+    async def read(self, ids: Sequence[UUID], fresh_from: float) -> dict[UUID, Any]:
+        """The runs of `ids`, from a read begun no earlier than `fresh_from` (loop time)."""
+        self._watched.update(ids)
+        while (self._snapshot is None or self._snapshot[0] < fresh_from
+               or not self._snapshot[1].issuperset(ids)):
+            if self._snapshot_task is None or self._snapshot_task.done():
+                self._snapshot_task = asyncio.ensure_future(self._take_snapshot())
+            await asyncio.shield(self._snapshot_task)
+        runs = self._snapshot[2]
+        return {i: runs[i] for i in ids if i in runs}
+
+    def forget(self, ids: Sequence[UUID]) -> None:
+        self._watched.difference_update(ids)
+
+    async def _take_snapshot(self) -> None:
+        started = asyncio.get_running_loop().time()
+        watched = set(self._watched)
+        runs = await store.read_runs(await store.client(), tags=[], ids=list(watched))
+        self._snapshot = (started, watched, {r.id: r for r in runs})
+
+
+async def submit(client, unit, m: Member, gang_place: Sequence[str] = ()) -> None:
+    """Creates a member's flow run: here for a Local job, from its pool's job-runner
+    deployment otherwise."""
+    from prefect.states import Pending
+
+    from prefect_xm.flows.job_runner import run_job
+
+    tags = [store.TAG_XM, store.TAG_KIND + store.KIND_JOB, store.TAG_EXPERIMENT + unit.experiment_id,
+            unit.unit_tag, *gang_place, store.TAG_JOB + m.key]
+    name = f"{unit.experiment.experiment_title}-{unit.unit_label}-{m.key}"
+    link = await store.link_task_run(client, unit.flow_run_id, f"job-{m.key}", "xm.job", m.key)
+    m.link_id = link.id
+    if m.is_local:
+        run = await client.create_flow_run(run_job, name=name, parameters=m.params, tags=tags,
+                                           parent_task_run_id=link.id, state=Pending())
+    else:
+        pool = m.job.executor.work_pool_name
+        deployment_id = await ensure_job_runner_deployment(pool)
+        run = await client.create_flow_run_from_deployment(
+            deployment_id, parameters=m.params, name=name, tags=tags, parent_task_run_id=link.id,
+            job_variables=m.job.executor.job_variables_for(m.job.executable),
+        )
+    m.flow_run_id = run.id
+
+
+async def start_local(client, unit, m: Member) -> None:
+    """Runs a Local job's program here; this process writes its run's states and logs
+    (no flow engine per job: see job_runner.run_direct). With the executor's
+    experimental_stream_output (XManager's default), its lines also reach this
+    terminal, each prefixed with the job's unit and name."""
+    from prefect_xm.flows.job_runner import run_direct
+
+    prefix = f"[{unit.unit_label}/{m.key}] "
+
+    def echo(line: str, is_stderr: bool) -> None:
+        print(prefix + line, file=sys.stderr if is_stderr else sys.stdout, flush=True)
+    stream = getattr(m.job.executor, "experimental_stream_output", False)
+    await run_direct(client, m.flow_run_id, m.params, echo=echo if stream else None)
+
+
+async def cancel_members(client, members: Sequence[Member], reason: str) -> None:
+    """Cancels members that are not final and waits until they are (gang semantics)."""
+    from prefect.states import Cancelled, Cancelling
+
+    for m in members:
+        if m.flow_run_id is None or m.state_type in store.FINAL:
+            if m.flow_run_id is None and m.local_task is not None:
+                m.local_task.cancel()
+            continue
+        not_started = m.state_type in store.NOT_STARTED if m.is_local else m.state_type == StateType.SCHEDULED
+        state = Cancelled(message=reason) if not_started else Cancelling(message=reason)
+        await client.set_flow_run_state(m.flow_run_id, state, force=True)
+        if m.local_task is not None:
+            m.local_task.cancel()  # kills the program and records Cancelled
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CANCEL_DEADLINE_SECONDS
+    pending = [m for m in members if m.flow_run_id is not None]
+    while pending:
+        runs = await store.read_runs(client, tags=[], ids=[m.flow_run_id for m in pending])
+        by_id = {r.id: r for r in runs}
+        for m in pending:
+            r = by_id.get(m.flow_run_id)
+            if r is not None:
+                m.state_type, m.message = store.state_type(r), store.state_message(r)
+        pending = [m for m in pending if m.state_type not in store.FINAL]
+        if not pending:
+            break
+        if loop.time() > deadline:
+            for m in pending:
+                if m.is_local:
+                    if m.local_task is not None:
+                        m.local_task.cancel()  # the job runner kills its process group
+                    await client.set_flow_run_state(m.flow_run_id, Cancelled(message=reason), force=True)
+                    m.state_type = StateType.CANCELLED
+                else:
+                    log.warning("job %r (flow run %s) is still %s after cancellation; its pool's worker "
+                                "must finish cancelling it", m.key, m.flow_run_id, m.state_type.value)
+            break
+        await asyncio.sleep(POLL_SECONDS / 2)
+    for m in members:
+        if m.local_task is not None and not m.local_task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(m.local_task), 15)
+            except (asyncio.TimeoutError, asyncio.CancelledError, Exception):
+                m.local_task.cancel()
+
+
+async def submit_gang(client, unit, members: Sequence[Member]) -> list[Any]:
+    """Submits every member not submitted yet, before any is started or watched; returns
+    each submission's outcome (None, or the exception it raised).
+
+    Every creation is let finish before a failure is raised: a member created after the
+    gang's cancellation would be left Pending, never started and never cancelled. A gang
+    all on one pool is told so: a worker whose scheduler starts a gang together (Slurm's
+    heterogeneous jobs) submits its members as one job."""
+    one_pool = (len(members) > 1 and all(m.job is not None and not m.is_local for m in members)
+                and len({m.job.executor.work_pool_name for m in members}) == 1)
+    places = {m.key: gang_tags(str(unit.flow_run_id), i, len(members)) if one_pool else []
+              for i, m in enumerate(members)}
+    return await asyncio.gather(*(submit(client, unit, m, places[m.key]) for m in members if m.flow_run_id is None),
+                                return_exceptions=True)
+
+
+async def watch_gang(client, unit, members: list[Member], outcomes: Sequence[Any], *, reads: SharedReads,
+                     stopped: Callable[[], bool]) -> None:
+    """Starts the Local members, follows the gang until it ends, and writes the final
+    states of the members' links and of the work unit. `outcomes` are submit_gang's;
+    `stopped()` tells whether the experiment is being stopped."""
+    from prefect.states import Cancelled, Completed, Crashed, Failed, Running
+
+    final_type, message = StateType.FAILED, ""
+    running_set = False
+    try:
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        for m in members:
+            if m.is_local and m.job is not None:
+                m.local_task = asyncio.ensure_future(start_local(client, unit, m))
+        ids = [m.flow_run_id for m in members] + [unit.flow_run_id]
+        loop = asyncio.get_running_loop()
+        first_started: Optional[float] = None  # (loop time) when its first member ran
+        # members seen running once: one its scheduler requeued (Pending again) has
+        # started with the others, and its requeue is its worker's to follow
+        ever_started: set[str] = set()
+        while True:
+            # Which in-process engines had ended is noted before the read: an engine
+            # that ends while the read is in flight has its final state missing from
+            # that (older) snapshot, and must not be taken for one that never set it.
+            noted = asyncio.get_running_loop().time()
+            ended_before_read = {m.key for m in members if m.local_task is not None and m.local_task.done()}
+            # A read begun after that note for in-process engines; any read of the last
+            # poll otherwise (one read serves every work unit watched here).
+            fresh_from = noted if any(m.is_local for m in members) else noted - POLL_SECONDS
+            runs = await reads.read(ids, fresh_from)
+            unit_state = store.state_type(runs.get(unit.flow_run_id))
+            for m in members:
+                r = runs.get(m.flow_run_id)
+                if r is not None:
+                    m.state_type = store.state_type(r)
+                    m.message = store.state_message(r)
+                if m.key in ended_before_read and m.state_type not in store.FINAL:
+                    # The in-process engine ended without a final state: record a crash.
+                    exc = m.local_task.exception() if not m.local_task.cancelled() else None
+                    m.state_type, m.message = StateType.CRASHED, f"job runner ended without a final state: {exc!r}"
+                    await client.set_flow_run_state(m.flow_run_id, Crashed(message=m.message), force=True)
+            for m in members:
+                if m.state_type == StateType.CANCELLING and m.local_task is not None and not m.local_task.done():
+                    m.local_task.cancel()  # cancelled from outside (UI, API): end its program
+            if unit_state in (StateType.CANCELLING, StateType.CANCELLED) or stopped():
+                reason = f"work unit {unit.work_unit_id} was cancelled"
+                await cancel_members(client, members, reason)
+                final_type, message = unit.stop_mark or (StateType.CANCELLED, reason)
+                break
+            bad = [m for m in members if m.state_type in (StateType.FAILED, StateType.CRASHED)]
+            if bad:
+                m = bad[0]
+                what = "crashed" if m.state_type == StateType.CRASHED else "failed"
+                message = f"job {m.key!r} {what}: {m.message}" if m.message else f"job {m.key!r} {what}"
+                others = [o for o in members if o is not m]
+                if others:
+                    await cancel_members(client, others, f"gang member {m.key!r} {what}")
+                final_type = StateType.FAILED
+                break
+            cancelled = [m for m in members if m.state_type == StateType.CANCELLED]
+            if cancelled:
+                m = cancelled[0]
+                message = f"job {m.key!r} was cancelled"
+                await cancel_members(client, [o for o in members if o is not m],
+                                     f"gang member {m.key!r} was cancelled")
+                final_type = StateType.CANCELLED
+                break
+            ever_started.update(m.key for m in members if m.state_type in (StateType.RUNNING, StateType.COMPLETED))
+            started = [m for m in members if m.key in ever_started]
+            if started and first_started is None:
+                first_started = loop.time()
+            # (only while a started member still runs: one that has ended holds nothing)
+            if (first_started is not None and len(started) < len(members)
+                    and any(m.state_type == StateType.RUNNING for m in started)
+                    and loop.time() - first_started > unit.start_deadline):
+                waiting = [m.key for m in members if m not in started]
+                message = (f"job(s) {', '.join(map(repr, waiting))} never started within the gang's start "
+                           f"deadline ({unit.start_deadline:g} s after {started[0].key!r} started)")
+                await cancel_members(client, members, "the gang did not start together: " + message)
+                final_type = StateType.FAILED
+                break
+            if not running_set and all(m.state_type in (StateType.RUNNING, StateType.COMPLETED) for m in members):
+                await client.set_flow_run_state(unit.flow_run_id, Running(message="every job is running"), force=True)
+                running_set = True
+            if all(m.state_type == StateType.COMPLETED for m in members):
+                final_type, message = StateType.COMPLETED, f"{len(members)} job(s) completed"
+                break
+            await asyncio.sleep(POLL_SECONDS)
+    except asyncio.CancelledError:
+        final_type, message = StateType.CANCELLED, "the launching process stopped the work unit"
+        await asyncio.shield(cancel_members(client, members, message))
+    except Exception as e:  # submission or API failure: the work unit crashes, members are stopped
+        log.exception("work unit %s failed to run", unit.work_unit_id)
+        final_type, message = StateType.CRASHED, f"{type(e).__name__}: {e}"
+        try:
+            await cancel_members(client, members, f"work unit {unit.work_unit_id} crashed")
+        except Exception:
+            pass
+    reads.forget([m.flow_run_id for m in members] + [unit.flow_run_id])
+    # Final states, mirrored on the link task runs.
+    for m in members:
+        await store.finish_task_run(client, m.link_id, m.state_type, m.message)
+    if final_type == StateType.COMPLETED and not running_set:
+        await client.set_flow_run_state(unit.flow_run_id, Running(), force=True)
+    state = {StateType.COMPLETED: Completed, StateType.CANCELLED: Cancelled,
+             StateType.CRASHED: Crashed}.get(final_type, Failed)(message=message)
+    await client.set_flow_run_state(unit.flow_run_id, state, force=True)
+    await store.finish_task_run(client, unit.link_task_run_id, final_type, message)

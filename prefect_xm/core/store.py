@@ -1,0 +1,131 @@
+"""The store: Prefect holds every experiment's state, as flow runs and their tags.
+
+- the experiment is a flow run of ``xm-experiment`` named after its title and tagged
+  ``xm``, ``xm-kind:experiment``, ``xm-experiment:<id>``; its id is a short hex string;
+- each work unit is a flow run of ``xm-work-unit`` (a subflow of the experiment run,
+  linked through a task run in it) tagged ``xm-kind:work-unit``, ``xm-work-unit:<n>`` and,
+  with an identity, ``xm-identity:<identity>``; its parameters are its args;
+- each job is a flow run of ``xm-job-runner`` tagged ``xm-kind:job``, ``xm-job:<key>``,
+  a subflow of its work unit; Local jobs run in this process, pool jobs are created
+  from the ``xm-job-runner/<pool>`` deployment and run by the pool's workers.
+
+This module holds that schema, the reads of it and the state vocabulary (Prefect's
+StateType) the rest of the experiment side speaks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from typing import Iterable, Optional, Sequence
+from uuid import UUID
+
+from prefect.client.schemas.objects import StateType
+
+from prefect_xm.core.runtime import Runtime
+
+log = logging.getLogger("prefect_xm")
+
+TAG_XM = "xm"
+TAG_KIND = "xm-kind:"
+KIND_EXPERIMENT = "experiment"
+KIND_WORK_UNIT = "work-unit"
+KIND_JOB = "job"
+TAG_EXPERIMENT = "xm-experiment:"
+TAG_EXPERIMENT_IDENTITY = "xm-experiment-identity:"
+TAG_WORK_UNIT = "xm-work-unit:"
+TAG_IDENTITY = "xm-identity:"
+TAG_JOB = "xm-job:"
+#: on a work unit's run: how many jobs it has (a launcher that died may have made fewer)
+TAG_JOB_COUNT = "xm-jobs:"
+KIND_AUXILIARY_UNIT = "auxiliary-unit"
+TAG_AUXILIARY_UNIT = "xm-auxiliary-unit:"
+TAG_IMPORTANCE = "xm-importance:"
+
+FINAL = frozenset({StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED})
+NOT_STARTED = frozenset({StateType.SCHEDULED, StateType.PENDING, StateType.PAUSED})
+
+
+def tag_value(tags: Iterable[str], prefix: str) -> Optional[str]:
+    for t in tags:
+        if t.startswith(prefix):
+            return t[len(prefix):]
+    return None
+
+
+def identity_tag(identity: str, prefix: str = TAG_IDENTITY) -> str:
+    if not isinstance(identity, str) or not identity:
+        raise ValueError(f"identity must be a non-empty string, got {identity!r}")
+    if len(identity) <= 80 and re.fullmatch(r"[A-Za-z0-9_.:=,@+\-/]+", identity):
+        return prefix + identity
+    return prefix + "sha1-" + hashlib.sha1(identity.encode()).hexdigest()
+
+
+def state_type(run) -> StateType:
+    """A run's state type; a run not read yet, or without a state, is Pending."""
+    return run.state.type if run is not None and run.state is not None else StateType.PENDING
+
+
+def state_name(run) -> str:
+    return run.state.name if run.state else "Pending"
+
+
+def state_message(run) -> str:
+    return (run.state.message or "") if run.state else ""
+
+
+async def client():
+    return await Runtime.get().client()
+
+
+async def read_runs(client, *, tags: Sequence[str], ids: Optional[Sequence[UUID]] = None, limit: Optional[int] = None,
+                    sort=None):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterTags
+
+    f = FlowRunFilter(tags=FlowRunFilterTags(all_=list(tags)) if tags else None,
+                      id=FlowRunFilterId(any_=list(ids)) if ids is not None else None)
+    out = []
+    offset = 0
+    page = 200
+    while True:
+        batch = await client.read_flow_runs(flow_run_filter=f, limit=page if limit is None else min(page, limit - len(out)),
+                                            offset=offset, sort=sort)
+        out.extend(batch)
+        if len(batch) < page or (limit is not None and len(out) >= limit):
+            return out
+        offset += len(batch)
+
+
+async def experiment_runs(client, experiment_id: str, kind: str = KIND_WORK_UNIT, unit_tag: Optional[str] = None):
+    """The runs of one kind (work units, auxiliary units, jobs) of an experiment; with
+    `unit_tag`, only those of that unit."""
+    tags = [TAG_KIND + kind, TAG_EXPERIMENT + experiment_id]
+    if unit_tag is not None:
+        tags.append(unit_tag)
+    return await read_runs(client, tags=tags)
+
+
+async def link_task_run(client, parent_flow_run_id: UUID, name: str, key: str, dynamic_key: str):
+    """A task run in the parent flow run standing for a child run (as run_deployment does),
+    so the UI shows the child as a subflow of the parent."""
+    from prefect import Task
+    from prefect.states import Running
+
+    task = Task(name=name, fn=lambda: None)
+    task.task_key = key
+    return await client.create_task_run(task=task, flow_run_id=parent_flow_run_id, dynamic_key=dynamic_key,
+                                        state=Running())
+
+
+async def finish_task_run(client, task_run_id: Optional[UUID], state_type: StateType, message: str = "") -> None:
+    from prefect.states import Cancelled, Completed, Failed
+
+    if task_run_id is None:
+        return
+    state = {StateType.COMPLETED: Completed, StateType.CANCELLED: Cancelled}.get(state_type, Failed)(
+        message=message or None)
+    try:
+        await client.set_task_run_state(task_run_id, state, force=True)
+    except Exception as e:  # cosmetic link only
+        log.debug("could not finish link task run %s: %s", task_run_id, e)

@@ -1,0 +1,183 @@
+"""What an experiment's runs add up to: the summary table (its artifact, the CLI's
+overview) and the progress line printed while a launch script waits."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+import os
+import sys
+from typing import Any, Mapping, Optional
+from uuid import UUID
+
+from prefect_xm.core import store
+
+log = logging.getLogger("prefect_xm")
+
+
+def work_units_done(counts: Mapping[str, int]) -> int:
+    """How many of the work units counted by state name have ended."""
+    final_names = {t.value for t in store.FINAL}
+    return sum(n for state, n in counts.items() if state.upper() in final_names)
+
+
+def print_progress(experiment, counts: Mapping[str, int]) -> None:
+    """One line on stderr: how many work units are in each state."""
+    total = sum(counts.values())
+    parts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items()))
+    print(f"{experiment.experiment_title} ({experiment.experiment_id}): {work_units_done(counts)}/{total} work "
+          f"units done: {parts}", file=sys.stderr, flush=True)
+
+
+#: Called as PROGRESS_HOOK(experiment, counts) while an experiment waits for its work
+#: units, whenever the counts of work-unit states change; None prints nothing.
+PROGRESS_HOOK = None if os.environ.get("PREFECT_XM_PROGRESS", "1").lower() in ("0", "false", "no") else print_progress
+
+
+async def work_unit_counts(client, experiment_id: str) -> dict[str, int]:
+    """{state name: how many work units are in it}."""
+    counts: dict[str, int] = {}
+    for r in await store.experiment_runs(client, experiment_id):
+        name = store.state_name(r)
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def duration(run) -> Optional[float]:
+    if run is None or run.start_time is None:
+        return None
+    end = run.end_time
+    if end is None:
+        if store.state_type(run) in store.FINAL:
+            return None
+        end = datetime.datetime.now(datetime.timezone.utc)
+    return max(0.0, (end - run.start_time).total_seconds())
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def args_text(args: Any) -> str:
+    if isinstance(args, Mapping):
+        return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in args.items())
+    return json.dumps(args)
+
+
+async def summary_rows(client, experiment_id: str) -> list[dict[str, Any]]:
+    """One row per work unit: its args, state, duration and message."""
+    from prefect.client.schemas.objects import StateType
+
+    runs = await store.experiment_runs(client, experiment_id)
+    jobs = await store.experiment_runs(client, experiment_id, store.KIND_JOB)
+    spans: dict[str, list] = {}
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for j in jobs:
+        if j.start_time is None:
+            continue
+        wid = store.tag_value(j.tags, store.TAG_WORK_UNIT)
+        end = j.end_time or (now if store.state_type(j) not in store.FINAL else j.start_time)
+        span = spans.setdefault(wid, [j.start_time, end])
+        span[0], span[1] = min(span[0], j.start_time), max(span[1], end)
+    rows = []
+    for r in runs:
+        wid = store.tag_value(r.tags, store.TAG_WORK_UNIT)
+        span = spans.get(wid)
+        # Duration: from the first job's start to the last job's end (the gang's span).
+        seconds = (span[1] - span[0]).total_seconds() if span else duration(r)
+        rows.append({
+            "work_unit": int(wid) if wid and wid.isdigit() else wid,
+            "args": args_text(r.parameters or {}),
+            "state": store.state_name(r),
+            "duration": format_duration(seconds),
+            "message": store.state_message(r) if r.state and r.state.type != StateType.COMPLETED else "",
+        })
+    rows.sort(key=lambda row: (not isinstance(row["work_unit"], int), row["work_unit"]))
+    return rows
+
+
+class SummaryArtifact:
+    """The experiment's table artifact (key ``xm-summary-<id>``), rewritten whenever it is
+    marked out of date; one rewrite at a time, and none while it is current."""
+
+    def __init__(self, experiment) -> None:
+        self.experiment = experiment
+        self._artifact_id: Optional[UUID] = None
+        self._lock: Optional[asyncio.Lock] = None
+        self._dirty = False
+
+    @property
+    def key(self) -> str:
+        return f"xm-summary-{self.experiment.experiment_id}".lower()
+
+    def mark_dirty(self) -> None:
+        """Marks it out of date and rewrites it in the background (on the running loop)."""
+        self._dirty = True
+        asyncio.ensure_future(self.update())
+
+    async def refresh(self) -> None:
+        """Rewrites it now."""
+        self._dirty = True
+        await self.update()
+
+    async def update(self) -> None:
+        from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
+
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if not self._dirty:
+                return
+            self._dirty = False
+            experiment = self.experiment
+            try:
+                client = await store.client()
+                rows = await summary_rows(client, experiment.experiment_id)
+                data = json.dumps(rows)
+                description = f"Work units of experiment {experiment.experiment_id} ({experiment.experiment_title})"
+                if self._artifact_id is None:
+                    art = await client.create_artifact(ArtifactCreate(
+                        key=self.key, type="table", data=data, description=description,
+                        flow_run_id=experiment.flow_run_id))
+                    self._artifact_id = art.id
+                else:
+                    await client.update_artifact(self._artifact_id, ArtifactUpdate(data=data))
+            except Exception as e:
+                log.warning("could not update the summary artifact of experiment %s: %s", experiment.experiment_id, e)
+
+
+async def experiment_overview(experiment) -> dict[str, Any]:
+    """State, work units and timing of an experiment, for the CLI."""
+    client = await store.client()
+    run = await client.read_flow_run(experiment.flow_run_id)
+    rows = await summary_rows(client, experiment.experiment_id)
+    return {
+        "experiment_id": experiment.experiment_id,
+        "title": experiment.experiment_title,
+        "flow_run_id": str(experiment.flow_run_id),
+        "state": store.state_name(run),
+        "state_type": store.state_type(run),
+        "message": store.state_message(run),
+        "created": run.created,
+        "duration": format_duration(duration(run)),
+        "work_units": rows,
+    }
+
+
+async def job_states_by_work_unit(client, experiment_id: str) -> dict[str, list[str]]:
+    """{work unit id: ["<job>=<state name>", ...]}, jobs in the order of their runs' names."""
+    jobs = await store.experiment_runs(client, experiment_id, store.KIND_JOB)
+    per_wu: dict[str, list[str]] = {}
+    for j in sorted(jobs, key=lambda r: r.name):
+        wid = store.tag_value(j.tags, store.TAG_WORK_UNIT)
+        per_wu.setdefault(wid, []).append(f"{store.tag_value(j.tags, store.TAG_JOB)}={store.state_name(j)}")
+    return per_wu
