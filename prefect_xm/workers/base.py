@@ -25,7 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal, Optional, TypeVar
 from uuid import UUID
 
 import jinja2
@@ -47,7 +47,7 @@ from prefect.workers.base import (
     BaseWorker,
     BaseWorkerResult,
 )
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from prefect_xm.gang import gang_place
 from prefect_xm.workers.arrays import (
@@ -106,6 +106,24 @@ def check_format(pattern: "re.Pattern[str]", field: str, value: Optional[str], e
         raise ValueError(f"{field}: {value!r} is not valid; expected e.g. {example}")
     return value
 
+
+def _at_least_one(v: Optional[int], info: ValidationInfo) -> Optional[int]:
+    if v is not None and v < 1:
+        raise ValueError(f"{info.field_name}: {v!r} must be at least 1")
+    return v
+
+
+def _not_negative(v: Optional[int], info: ValidationInfo) -> Optional[int]:
+    if v is not None and v < 0:
+        raise ValueError(f"{info.field_name}: {v!r} must be 0 or more")
+    return v
+
+
+#: a job variable counting what a job has at least one of (nodes, CPUs, slots, tasks),
+#: its error naming the variable whichever scheduler's it is
+AtLeastOne = Annotated[Optional[int], AfterValidator(_at_least_one)]
+#: a job variable counting what a job may have none of (GPUs, requeues)
+ZeroOrMore = Annotated[Optional[int], AfterValidator(_not_negative)]
 
 #: what a batch job name may not hold, whatever the scheduler
 JOB_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
@@ -287,24 +305,10 @@ class BatchJobConfiguration(BaseJobConfiguration):
     ssh_block: Optional[str] = Field(default=None)
     submit_timeout: float = Field(default=60.0)
     execution: str = Field(default=ENGINE)
-    array_size_limit: int = Field(default=1000)
-    array_throttle: Optional[int] = Field(default=None)
+    array_size_limit: Annotated[int, AfterValidator(_at_least_one)] = Field(default=1000)
+    array_throttle: AtLeastOne = Field(default=None)
     requeue: bool = Field(default=False)
-    max_requeues: Optional[int] = Field(default=None)
-
-    @field_validator("array_size_limit", "array_throttle")
-    @classmethod
-    def _at_least_one(cls, v: Optional[int], info) -> Optional[int]:
-        if v is not None and v < 1:
-            raise ValueError(f"{info.field_name}: {v!r} must be at least 1")
-        return v
-
-    @field_validator("max_requeues")
-    @classmethod
-    def _not_negative(cls, v: Optional[int], info) -> Optional[int]:
-        if v is not None and v < 0:
-            raise ValueError(f"{info.field_name}: {v!r} must be 0 or more")
-        return v
+    max_requeues: ZeroOrMore = Field(default=None)
 
     @field_validator("execution")
     @classmethod

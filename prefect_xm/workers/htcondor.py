@@ -65,13 +65,19 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 from pydantic import Field, field_validator
 
-from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker, check_format
+from prefect_xm.workers.base import (
+    AtLeastOne,
+    BatchJobConfiguration,
+    BatchVariables,
+    BatchWorker,
+    ZeroOrMore,
+    check_format,
+)
 from prefect_xm.workers.scheduler import (
     CommandResult,
     JobState,
     JobStatus,
     Scheduler,
-    SchedulerError,
     SubmitRequest,
     TransientSchedulerError,
     chunked,
@@ -109,11 +115,6 @@ _TOO_MANY_JOBS = re.compile(
     r"|number of procs exceeds SUBMIT_MAX_PROCS_IN_CLUSTER"
 )
 
-_TRANSIENT_ERRORS = re.compile(
-    r"Failed to connect|Can't find address|Unable to contact|timed out|Connection refused|"
-    r"SECMAN|communicate with|temporarily unavailable|Failed to fetch ads|Failed to end classad message",
-    re.IGNORECASE,
-)
 _JOB_ID_RE = re.compile(r"^\d+\.\d+$")
 _CLUSTER_RE = re.compile(r"^\d+$")
 
@@ -351,13 +352,6 @@ def parse_condor_rm(stdout: str, stderr: str) -> dict[str, str]:
     return outcome
 
 
-def classify_error(result: CommandResult) -> SchedulerError:
-    text = (result.stderr.strip() or result.stdout.strip())
-    if _TRANSIENT_ERRORS.search(text):
-        return TransientSchedulerError(text, result)
-    return SchedulerError(text or f"{result.argv[0]} exited {result.returncode}", result)
-
-
 # -- the submit description -----------------------------------------------------
 
 
@@ -450,6 +444,11 @@ class HTCondorScheduler(Scheduler):
     template_name: ClassVar[str] = "htcondor.sh.j2"
     #: HTCondor reads no directives from the script (the submit description carries them)
     directive_prefix: ClassVar[str] = "#"
+    transient_errors: ClassVar[Optional["re.Pattern[str]"]] = re.compile(
+        r"Failed to connect|Can't find address|Unable to contact|timed out|Connection refused|"
+        r"SECMAN|communicate with|temporarily unavailable|Failed to fetch ads|Failed to end classad message",
+        re.IGNORECASE,
+    )
     terminal_batch_size: ClassVar[int] = 50
     #: completed jobs stay in condor_q this long (leave_in_queue), see the module docstring
     keep_completed: ClassVar[int] = 300
@@ -469,9 +468,6 @@ class HTCondorScheduler(Scheduler):
     def parse_submit(self, stdout: str) -> str:
         return parse_condor_submit(stdout)
 
-    def submit_error(self, result: CommandResult) -> SchedulerError:
-        return classify_error(result)
-
     def find_by_name_argv(self, job_name: str) -> list[str]:
         # the name is [A-Za-z0-9_.+-] and a uuid: safe inside a ClassAd string
         return ["condor_q", "-constraint", f'JobBatchName == "{job_name}"', "-af:j", "JobStatus"]
@@ -489,7 +485,7 @@ class HTCondorScheduler(Scheduler):
 
     def parse_status(self, result: CommandResult) -> dict[str, JobStatus]:
         if not result.ok:
-            raise classify_error(result)
+            raise self.classify_error(result)
         try:
             return parse_live_ads(result.stdout)
         except json.JSONDecodeError as exc:
@@ -515,7 +511,7 @@ class HTCondorScheduler(Scheduler):
 
     def parse_terminal(self, result: CommandResult) -> dict[str, JobStatus]:
         if not result.ok:
-            raise classify_error(result)
+            raise self.classify_error(result)
         return parse_json_ads(result.stdout)
 
     def cancel_argvs(self, job_id: str, grace_seconds: int) -> list[list[str]]:
@@ -532,12 +528,12 @@ class HTCondorScheduler(Scheduler):
             others = [line for line in f"{result.stdout}\n{result.stderr}".splitlines()
                       if line.strip() and "Couldn't find/remove all jobs in cluster" not in line]
             if others:
-                raise classify_error(result)
+                raise self.classify_error(result)
         if outcome in ("not_found", "already_removed"):
             return False
         if outcome == "removed" or result.ok:
             return True
-        raise classify_error(result)
+        raise self.classify_error(result)
 
     # -- arrays: a cluster of procs `queue N`, task k is `<cluster>.<k>` ----------------
     array_index_variable: ClassVar[Optional[str]] = ARRAY_INDEX_VARIABLE
@@ -572,13 +568,12 @@ _WORD_RE = re.compile(r"^[A-Za-z0-9_.@+-]+$")
 _SINGLE_LINE_RE = re.compile(r"^[^\n\r]*$")
 
 
-
 class HTCondorJobConfiguration(BatchJobConfiguration):
     universe: str = Field(default="vanilla")
-    request_cpus: Optional[int] = Field(default=None)
+    request_cpus: AtLeastOne = Field(default=None)
     request_memory: Optional[str] = Field(default=None)
     request_disk: Optional[str] = Field(default=None)
-    request_gpus: Optional[int] = Field(default=None)
+    request_gpus: ZeroOrMore = Field(default=None)
     requirements: Optional[str] = Field(default=None)
     accounting_group: Optional[str] = Field(default=None)
     time_limit: Optional[str] = Field(default=None)
@@ -616,13 +611,6 @@ class HTCondorJobConfiguration(BatchJobConfiguration):
         for line in v:
             if re.match(r"^\s*queue\b", line, re.IGNORECASE):
                 raise ValueError(f"extra_directives: {line!r}: the worker writes the one 'queue' line itself")
-        return v
-
-    @field_validator("request_cpus", "request_gpus")
-    @classmethod
-    def _positive(cls, v, info):
-        if v is not None and v < (0 if info.field_name == "request_gpus" else 1):
-            raise ValueError(f"{info.field_name}: {v!r} must be a positive integer")
         return v
 
 

@@ -34,15 +34,20 @@ from typing import ClassVar, Optional, Sequence
 
 from pydantic import Field, field_validator
 
-from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker, check_format
+from prefect_xm.workers.base import (
+    AtLeastOne,
+    BatchJobConfiguration,
+    BatchVariables,
+    BatchWorker,
+    ZeroOrMore,
+    check_format,
+)
 from prefect_xm.workers.scheduler import (
     CommandResult,
     JobState,
     JobStatus,
     Scheduler,
-    SchedulerError,
     SubmitRequest,
-    TransientSchedulerError,
     chunked,
 )
 
@@ -68,12 +73,6 @@ BKILL_EXIT_CODE = 130
 STATUS_COLUMNS = ("jobid", "stat", "exit_code", "exec_host", "job_name", "exit_reason", "pend_reason")
 DELIMITER = "^"
 
-_TRANSIENT_ERRORS = re.compile(
-    r"LSF is down|not responding|Failed in an LSF library call|Unable to contact|"
-    r"Communication time out|timed out|Connection refused|temporarily unavailable|"
-    r"Please wait|LIM is down|Master LIM is down|cannot connect",
-    re.IGNORECASE,
-)
 _JOB_ID_RE = re.compile(r"^\d+(?:\[\d+\])?$")
 _NOT_FOUND_RE = re.compile(r"Job <([^>]+)> is not found")
 #: an array element's id, `123[4]`
@@ -299,13 +298,6 @@ def parse_bkill(stdout: str, stderr: str) -> dict[str, str]:
     return outcome
 
 
-def classify_error(result: CommandResult) -> SchedulerError:
-    text = (result.stderr or result.stdout or "").strip()
-    if _TRANSIENT_ERRORS.search(text):
-        return TransientSchedulerError(text, result)
-    return SchedulerError(text or f"{result.argv[0]} exited {result.returncode}", result)
-
-
 # -- the Scheduler --------------------------------------------------------------
 
 
@@ -313,6 +305,12 @@ class LsfScheduler(Scheduler):
     name: ClassVar[str] = "lsf"
     template_name: ClassVar[str] = "lsf.sh.j2"
     directive_prefix: ClassVar[str] = "#BSUB"
+    transient_errors: ClassVar[Optional["re.Pattern[str]"]] = re.compile(
+        r"LSF is down|not responding|Failed in an LSF library call|Unable to contact|"
+        r"Communication time out|timed out|Connection refused|temporarily unavailable|"
+        r"Please wait|LIM is down|Master LIM is down|cannot connect",
+        re.IGNORECASE,
+    )
     #: bhist reads lsb.events: keep each call small
     terminal_batch_size: ClassVar[int] = 50
 
@@ -330,9 +328,6 @@ class LsfScheduler(Scheduler):
 
     def parse_submit(self, stdout: str) -> str:
         return parse_bsub(stdout)
-
-    def submit_error(self, result: CommandResult) -> SchedulerError:
-        return classify_error(result)
 
     def find_by_name_argv(self, job_name: str) -> list[str]:
         # an array's name, as array_submit_argv gave it to bsub (`-J name` lists its elements)
@@ -360,7 +355,7 @@ class LsfScheduler(Scheduler):
         other = [ln for ln in result.stderr.splitlines() if ln.strip() and not _NOT_FOUND_RE.search(ln)]
         if not other and (statuses or not_found_ids(result.stderr)):
             return statuses
-        raise classify_error(result)
+        raise self.classify_error(result)
 
     def terminal_argvs(self, job_ids: Sequence[str]) -> list[list[str]]:
         # While in CLEAN_PERIOD the status query itself carries the exit code and exit
@@ -373,7 +368,7 @@ class LsfScheduler(Scheduler):
         # bhist: "No matching job found"; bjobs -l: "Job <N> is not found"
         if result.ok or found or "No matching job found" in result.stderr or not_found_ids(result.stderr):
             return found
-        raise classify_error(result)
+        raise self.classify_error(result)
 
     def cancel_argvs(self, job_id: str, grace_seconds: int) -> list[list[str]]:
         # bkill is graceful by itself: SIGINT, SIGTERM, SIGKILL, JOB_TERMINATE_INTERVAL apart
@@ -394,7 +389,7 @@ class LsfScheduler(Scheduler):
             return False
         if outcome in ("terminated", "signaled", "in_progress") or result.ok:
             return True
-        raise classify_error(result)
+        raise self.classify_error(result)
 
     # -- arrays: one element is `<array>[<index>]` in bjobs, bhist and bkill
     array_index_variable: ClassVar[Optional[str]] = "LSB_JOBINDEX"
@@ -429,7 +424,6 @@ _WORD_RE = re.compile(r"^[A-Za-z0-9_.+:@/-]+$")
 _GPU_MODEL_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 
-
 def lsf_memory(value: str) -> str:
     """'16G' -> '16GB' (LSF wants KB/MB/GB/TB); a bare number stays in LSF_UNIT_FOR_LIMITS."""
     if value and value[-1] in "KMGT":
@@ -441,11 +435,11 @@ class LsfJobConfiguration(BatchJobConfiguration):
     queue: Optional[str] = Field(default=None)
     project: Optional[str] = Field(default=None)
     time_limit: Optional[str] = Field(default=None)
-    slots: Optional[int] = Field(default=None)
+    slots: AtLeastOne = Field(default=None)
     memory: Optional[str] = Field(default=None)
     reserve_memory: bool = Field(default=False)
     resources: Optional[str] = Field(default=None)
-    gpus: Optional[int] = Field(default=None)
+    gpus: ZeroOrMore = Field(default=None)
     gpu_model: Optional[str] = Field(default=None)
     hold: bool = Field(default=False)
 
@@ -475,13 +469,6 @@ class LsfJobConfiguration(BatchJobConfiguration):
         if v is not None and ("\n" in v or "\r" in v or '"' in v):
             raise ValueError(f"resources: {v!r} must be a single line without double quotes")
         return v or None
-
-    @field_validator("slots", "gpus")
-    @classmethod
-    def _positive(cls, v, info):
-        if v is not None and v < (0 if info.field_name == "gpus" else 1):
-            raise ValueError(f"{info.field_name}: {v!r} must be a positive integer")
-        return v
 
 
 class LsfVariables(BatchVariables):

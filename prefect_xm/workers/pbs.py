@@ -58,7 +58,14 @@ from typing import ClassVar, Literal, Optional, Sequence
 
 from pydantic import Field, field_validator
 
-from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker, check_format
+from prefect_xm.workers.base import (
+    AtLeastOne,
+    BatchJobConfiguration,
+    BatchVariables,
+    BatchWorker,
+    ZeroOrMore,
+    check_format,
+)
 from prefect_xm.workers.scheduler import (
     CommandResult,
     JobState,
@@ -66,7 +73,6 @@ from prefect_xm.workers.scheduler import (
     Scheduler,
     SchedulerError,
     SubmitRequest,
-    TransientSchedulerError,
     chunked,
 )
 
@@ -132,15 +138,6 @@ _ARRAY_TOO_LARGE = re.compile(r"Array job exceeds server or queue size limit|max
 _UNKNOWN_RE = re.compile(r"Unknown Job Id:?\s+(\S+)")
 # qstat: "qstat: 12.srv Job has finished, use -x ..."; qdel: "qdel: Job has finished 12.srv"
 _FINISHED_RE = re.compile(rf"({_JOB_ID})\s+Job has finished|Job has finished\s+({_JOB_ID})")
-# Errors meaning "the server did not answer": retry later, assume nothing. The exit
-# codes are the ones ERT retries qsub on (pbs_errno & 0xff).
-_TRANSIENT_ERRORS = re.compile(
-    r"pbs_iff|cannot connect to (?:host|server)|Connection refused|Invalid credential|"
-    r"Premature end of message|timed out|Socket timed out|Unable to contact slurm controller|"
-    r"temporarily unavailable|Communication failure",
-    re.IGNORECASE,
-)
-_TRANSIENT_CODES = {162, 171, 183}
 
 
 def exit_status_meaning(code: int, dialect: str = "pbspro") -> tuple[JobState, str, Optional[int]]:
@@ -323,13 +320,6 @@ def only_unknown_errors(stderr: str) -> bool:
     return all(_UNKNOWN_RE.search(ln) or "Job has finished" in ln for ln in lines)
 
 
-def classify_error(result: CommandResult) -> SchedulerError:
-    text = (result.stderr.strip() + "\n" + result.stdout.strip()).strip()
-    if result.returncode in _TRANSIENT_CODES or _TRANSIENT_ERRORS.search(text):
-        return TransientSchedulerError(text, result)
-    return SchedulerError(text or f"{result.argv[0]} exited {result.returncode}", result)
-
-
 # -- the Scheduler --------------------------------------------------------------
 
 
@@ -339,17 +329,28 @@ class PbsScheduler(Scheduler):
     name: ClassVar[str] = "pbs"
     template_name: ClassVar[str] = "pbs.sh.j2"
     directive_prefix: ClassVar[str] = "#PBS"
+    #: what says "the server did not answer"; the exit codes are the ones ERT retries
+    #: qsub on (pbs_errno & 0xff)
+    transient_errors: ClassVar[Optional["re.Pattern[str]"]] = re.compile(
+        r"pbs_iff|cannot connect to (?:host|server)|Connection refused|Invalid credential|"
+        r"Premature end of message|timed out|Socket timed out|Unable to contact slurm controller|"
+        r"temporarily unavailable|Communication failure",
+        re.IGNORECASE,
+    )
+    transient_codes: ClassVar[frozenset[int]] = frozenset({162, 171, 183})
     dialect: ClassVar[str] = "pbspro"
     terminal_batch_size: ClassVar[int] = 100
+
+    def error_text(self, result: CommandResult) -> str:
+        # both streams: PBS commands and the wrappers sites put around them differ in
+        # which one carries the error, and neither hides the other
+        return (result.stderr.strip() + "\n" + result.stdout.strip()).strip()
 
     def submit_argv(self, request: SubmitRequest) -> list[str]:
         return ["qsub", request.script_path]
 
     def parse_submit(self, stdout: str) -> str:
         return parse_qsub(stdout)
-
-    def submit_error(self, result: CommandResult) -> SchedulerError:
-        return classify_error(result)
 
     def find_by_name_argv(self, job_name: str) -> list[str]:
         return ["qselect", "-x", "-N", job_name]  # -x: finished jobs too
@@ -368,7 +369,7 @@ class PbsScheduler(Scheduler):
             return parse_qstat_json(result.stdout, self.dialect)  # partial answers too (rc 153)
         if result.ok or only_unknown_errors(result.stderr):
             return {}
-        raise classify_error(result)
+        raise self.classify_error(result)
 
     def terminal_argvs(self, job_ids: Sequence[str]) -> list[list[str]]:
         # Batches of jobs and arrays (an array's subjobs all in one -t); then one job
@@ -406,7 +407,7 @@ class PbsScheduler(Scheduler):
             return False
         if not text.strip():
             return False  # Slurm's Torque qdel: silent rc 1 for finished or unknown ids
-        raise classify_error(result)
+        raise self.classify_error(result)
 
     # -- arrays: `qsub -J`; the array is `123[].server`, a subjob `123[4].server` in
     # qstat (-t), qdel and tracejob
@@ -480,7 +481,7 @@ class TorqueScheduler(PbsScheduler):
             return parse_qstat_full(result.stdout, self.dialect)  # partial answers too (rc 153)
         if result.ok or only_unknown_errors(result.stderr):
             return {}
-        raise classify_error(result)
+        raise self.classify_error(result)
 
     def terminal_argvs(self, job_ids: Sequence[str]) -> list[list[str]]:
         # C records carry exit_status for keep_completed seconds; after that, tracejob.
@@ -501,16 +502,15 @@ _SIZE_RE = re.compile(r"^\d+(?:[kKmMgGtTpP]?[bBwW])?$")
 _WORD_RE = re.compile(r"^[A-Za-z0-9_.@+-]+$")
 
 
-
 class PbsJobConfiguration(BatchJobConfiguration):
     dialect: Literal["pbspro", "torque"] = Field(default="pbspro")
     queue: Optional[str] = Field(default=None)
     account: Optional[str] = Field(default=None)
     time_limit: Optional[str] = Field(default=None)
-    nodes: Optional[int] = Field(default=None)
-    cpus: Optional[int] = Field(default=None)
+    nodes: AtLeastOne = Field(default=None)
+    cpus: AtLeastOne = Field(default=None)
     memory: Optional[str] = Field(default=None)
-    gpus: Optional[int] = Field(default=None)
+    gpus: ZeroOrMore = Field(default=None)
     hold: bool = Field(default=False)
 
     @field_validator("time_limit")
@@ -527,13 +527,6 @@ class PbsJobConfiguration(BatchJobConfiguration):
     @classmethod
     def _word(cls, v, info):
         return check_format(_WORD_RE, info.field_name, v, "a single word")
-
-    @field_validator("nodes", "cpus", "gpus")
-    @classmethod
-    def _positive(cls, v, info):
-        if v is not None and v < (0 if info.field_name == "gpus" else 1):
-            raise ValueError(f"{info.field_name}: {v!r} must be a positive integer")
-        return v
 
 
 class PbsVariables(BatchVariables):

@@ -12,7 +12,14 @@ from typing import ClassVar, Optional, Sequence
 
 from pydantic import Field, field_validator
 
-from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker, check_format
+from prefect_xm.workers.base import (
+    AtLeastOne,
+    BatchJobConfiguration,
+    BatchVariables,
+    BatchWorker,
+    ZeroOrMore,
+    check_format,
+)
 from prefect_xm.workers.scheduler import (
     CommandResult,
     JobState,
@@ -20,7 +27,6 @@ from prefect_xm.workers.scheduler import (
     Scheduler,
     SchedulerError,
     SubmitRequest,
-    TransientSchedulerError,
     chunked,
     combine_parts,
 )
@@ -58,14 +64,6 @@ STATE_MAP: dict[str, JobState] = {
 # 123, 123_4, 123_[5-9%2], 123+0; never step ids (123.batch, 123.0, 123.ext+)
 _JOB_ID = r"\d+(?:_\d+|_\[[^\]\s]*\]|\+\d+)?"
 _JOB_ID_RE = re.compile(rf"^{_JOB_ID}$")
-
-# Errors meaning "the controller did not answer": retry later, assume nothing.
-_TRANSIENT_ERRORS = re.compile(
-    r"Socket timed out|Unable to contact slurm controller|Connection refused|"
-    r"Zero Bytes were transmitted|Communication connection failure|"
-    r"slurm_receive_msg|Transport endpoint|temporarily unavailable",
-    re.IGNORECASE,
-)
 
 
 def normalize_state(raw: str) -> tuple[str, str]:
@@ -240,13 +238,6 @@ def parse_sacct(
     return statuses
 
 
-def classify_error(result: CommandResult) -> SchedulerError:
-    text = (result.stderr or result.stdout).strip()
-    if _TRANSIENT_ERRORS.search(text):
-        return TransientSchedulerError(text, result)
-    return SchedulerError(text or f"{result.argv[0]} exited {result.returncode}", result)
-
-
 def combine_components(job_id: str, statuses: dict[str, JobStatus]) -> Optional[JobStatus]:
     """The status of a job as a whole when only its components are listed: array tasks
     (123_4) or het-job components (123+0). Not started until all have started; ended
@@ -262,6 +253,12 @@ class SlurmScheduler(Scheduler):
     name: ClassVar[str] = "slurm"
     template_name: ClassVar[str] = "slurm.sh.j2"
     directive_prefix: ClassVar[str] = "#SBATCH"
+    transient_errors: ClassVar[Optional["re.Pattern[str]"]] = re.compile(
+        r"Socket timed out|Unable to contact slurm controller|Connection refused|"
+        r"Zero Bytes were transmitted|Communication connection failure|"
+        r"slurm_receive_msg|Transport endpoint|temporarily unavailable",
+        re.IGNORECASE,
+    )
     status_fields: ClassVar[str] = "%i|%T|%r"
     # Bounded batches: one sacct over hundreds of ids can hang a slurmdbd.
     terminal_batch_size: ClassVar[int] = 100
@@ -271,9 +268,6 @@ class SlurmScheduler(Scheduler):
 
     def parse_submit(self, stdout: str) -> str:
         return parse_sbatch(stdout)
-
-    def submit_error(self, result: CommandResult) -> SchedulerError:
-        return classify_error(result)
 
     def find_by_name_argv(self, job_name: str) -> list[str]:
         return ["squeue", "-h", "-t", "all", "--name", job_name, "-o", "%i"]
@@ -287,7 +281,7 @@ class SlurmScheduler(Scheduler):
 
     def parse_status(self, result: CommandResult) -> dict[str, JobStatus]:
         if not result.ok:
-            raise classify_error(result)
+            raise self.classify_error(result)
         return parse_squeue(result.stdout)
 
     def lookup(self, job_id: str, statuses: dict[str, JobStatus]) -> Optional[JobStatus]:
@@ -310,7 +304,7 @@ class SlurmScheduler(Scheduler):
             err = result.stderr
             if "Invalid job id" in err or "accounting storage is disabled" in err.lower():
                 return {}
-            raise classify_error(result)
+            raise self.classify_error(result)
         if result.argv[0] == "scontrol":
             return parse_scontrol_show_job(text)
         columns = result.argv[result.argv.index("-o") + 1].split(",") if "-o" in result.argv else None
@@ -371,7 +365,7 @@ class SlurmScheduler(Scheduler):
             if "error:" in err:
                 raise SchedulerError(err.strip(), result)
             return True
-        raise classify_error(result)
+        raise self.classify_error(result)
 
 
 # -- job variables and the worker ------------------------------------------------
@@ -384,17 +378,16 @@ _MEMORY_RE = re.compile(r"^\d+[KMGT]?$")
 _DIRECTIVE_VALUE_RE = re.compile(r"^[^\n\r]*$")
 
 
-
 class SlurmJobConfiguration(BatchJobConfiguration):
     partition: Optional[str] = Field(default=None)
     account: Optional[str] = Field(default=None)
     qos: Optional[str] = Field(default=None)
     time_limit: Optional[str] = Field(default=None)
-    nodes: Optional[int] = Field(default=None)
-    ntasks: Optional[int] = Field(default=None)
-    cpus_per_task: Optional[int] = Field(default=None)
+    nodes: AtLeastOne = Field(default=None)
+    ntasks: AtLeastOne = Field(default=None)
+    cpus_per_task: AtLeastOne = Field(default=None)
     memory: Optional[str] = Field(default=None)
-    gpus: Optional[int] = Field(default=None)
+    gpus: ZeroOrMore = Field(default=None)
     gpu_type: Optional[str] = Field(default=None)
     constraint: Optional[str] = Field(default=None)
     het_job: bool = Field(default=True)
@@ -415,13 +408,6 @@ class SlurmJobConfiguration(BatchJobConfiguration):
         if v is not None and not re.match(r"^[^\s]+$", v) and info.field_name != "constraint":
             raise ValueError(f"{info.field_name}: {v!r} must be a single word")
         return check_format(_DIRECTIVE_VALUE_RE, info.field_name, v, "a single line")
-
-    @field_validator("nodes", "ntasks", "cpus_per_task", "gpus")
-    @classmethod
-    def _positive(cls, v, info):
-        if v is not None and v < (0 if info.field_name == "gpus" else 1):
-            raise ValueError(f"{info.field_name}: {v!r} must be a positive integer")
-        return v
 
 
 class SlurmVariables(BatchVariables):
