@@ -208,8 +208,8 @@ class DirectOutput:
     per poll while it runs, and the rest at its end (the worker's logger batches them
     to the API), each line one record of the JOB_OUTPUT_LOGGER logger."""
 
-    def __init__(self, worker: "BatchWorker", flow_run: "FlowRun", followed: "FollowedRun", logger) -> None:
-        self.worker, self.flow_run, self.followed, self.logger = worker, flow_run, followed, logger
+    def __init__(self, worker: "BatchWorker", followed: "FollowedRun", logger) -> None:
+        self.worker, self.followed, self.logger = worker, followed, logger
         self.offsets = {"job.out": 0, "job.err": 0}
         self.partial = {"job.out": b"", "job.err": b""}
         self._lock = asyncio.Lock()
@@ -634,7 +634,6 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             stderr_path=f"{run_dir}/job.err",
             command_argv=command_argv if command_argv is not None else shlex.split(configuration.command or ""),
             flow_run_id=str(flow_run.id),
-            directive=self.scheduler_for(configuration).directive_prefix,
             env_file=f"{run_dir}/{ENV_FILE}",
         )
         context.update(names or {})
@@ -975,7 +974,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         direct = followed.configuration.execution == DIRECT
         output = None
         if direct:
-            output = DirectOutput(self, flow_run, followed, self.job_output_logger(flow_run))
+            output = DirectOutput(self, followed, self.job_output_logger(flow_run))
             if followed.extra.get("resumed"):
                 try:
                     await output.skip_shipped(await self._output_lines_shipped(flow_run.id))

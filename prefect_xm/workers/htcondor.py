@@ -88,8 +88,6 @@ from prefect_xm.workers.scheduler import (
 JOB_STATUS = {1: "IDLE", 2: "RUNNING", 3: "REMOVED", 4: "COMPLETED", 5: "HELD", 6: "TRANSFERRING_OUTPUT", 7: "SUSPENDED"}
 STATE_MAP = {1: JobState.PENDING, 2: JobState.RUNNING, 3: JobState.CANCELLED, 4: JobState.COMPLETED,
              5: JobState.PENDING, 6: JobState.RUNNING, 7: JobState.RUNNING}
-#: the letters condor_q's table prints in its ST column
-ST_LETTERS = {"I": 1, "R": 2, "X": 3, "C": 4, "H": 5, ">": 6, "S": 7, "<": 2}
 #: HoldReasonCodes of holds a user asked for: UserRequest, SubmittedOnHold, SpoolingInput
 USER_HOLD_CODES = (1, 15, 16)
 #: JobExecuteExceeded: allowed_execute_duration reached
@@ -250,85 +248,6 @@ def parse_json_ads(output: str) -> dict[str, JobStatus]:
         return {}
     ads = json.loads(text)
     return _statuses(ads if isinstance(ads, list) else [ads])
-
-
-def parse_autoformat(output: str, attributes: Sequence[str]) -> dict[str, JobStatus]:
-    """`-af:j attr...` lines: '<cluster.proc> value value ...'; the last attribute may
-    hold blanks (a HoldReason)."""
-    statuses: dict[str, JobStatus] = {}
-    for line in output.splitlines():
-        parts = line.strip().split(None, len(attributes))
-        if len(parts) < len(attributes) + 1 or not _JOB_ID_RE.match(parts[0]):
-            continue
-        cluster, proc = parts[0].split(".")
-        ad: dict[str, Any] = {"ClusterId": cluster, "ProcId": proc}
-        ad.update({a: (None if v == "undefined" else v) for a, v in zip(attributes, parts[1:])})
-        status = ad_to_status(ad)
-        if status:
-            statuses[status.job_id] = status
-    return statuses
-
-
-def parse_condor_q_table(output: str) -> dict[str, str]:
-    """`condor_q -nobatch` rows: job id -> the ST letter (I R X C H > S ...)."""
-    states: dict[str, str] = {}
-    for line in output.splitlines():
-        parts = line.split()
-        if len(parts) >= 6 and _JOB_ID_RE.match(parts[0]) and re.match(r"^\d+\+\d\d:\d\d:\d\d$", parts[4]):
-            states[parts[0]] = parts[5]
-    return states
-
-
-def parse_condor_q_totals(output: str) -> dict[str, int]:
-    """The summary line: 'N jobs; a completed, b removed, c idle, d running, e held, f suspended'."""
-    m = re.search(r"^(\d+) jobs; (.*)$", output, re.M)
-    if not m:
-        return {}
-    totals = {"jobs": int(m.group(1))}
-    for count, word in re.findall(r"(\d+) (\w+)", m.group(2)):
-        totals[word] = int(count)
-    return totals
-
-
-def parse_hold_table(output: str) -> dict[str, dict[str, Any]]:
-    """`condor_q -hold` (25.0+ layout with CODE/SUB): id -> code, subcode, reason."""
-    held: dict[str, dict[str, Any]] = {}
-    for line in output.splitlines():
-        m = re.match(r"^\s*(\d+\.\d+)\s+(\S+)\s+\d+/\d+\s+\d\d:\d\d\s+(\d+)/(\d+)\s+(.*)$", line)
-        if m:
-            held[m.group(1)] = {"owner": m.group(2), "hold_reason_code": int(m.group(3)),
-                                "hold_reason_subcode": int(m.group(4)), "hold_reason": m.group(5).strip()}
-    return held
-
-
-def parse_event_log(text: str) -> dict[str, JobStatus]:
-    """The job event log (`log = ...`): the last termination/abort/hold event per job."""
-    statuses: dict[str, JobStatus] = {}
-    for event in re.split(r"(?m)^\.\.\.\s*$", text):
-        m = re.search(r"^(\d{3}) \((\d+)\.(\d+)\.\d+\) [^\n]*?(\S[^\n]*)$", event.strip(), re.M)
-        if not m:
-            continue
-        code, job_id = m.group(1), f"{int(m.group(2))}.{int(m.group(3))}"
-        if code == "005":
-            normal = re.search(r"Normal termination \(return value (\d+)\)", event)
-            sig = re.search(r"Abnormal termination \(signal (\d+)\)", event)
-            ad = {"ClusterId": m.group(2), "ProcId": m.group(3), "JobStatus": 4}
-            if normal:
-                ad["ExitCode"] = normal.group(1)
-            elif sig:
-                ad.update(ExitBySignal=True, ExitSignal=sig.group(1))
-            statuses[job_id] = ad_to_status(ad)
-        elif code == "009":
-            statuses[job_id] = JobStatus(job_id, JobState.CANCELLED, "REMOVED", "aborted")
-        elif code == "012":
-            reason = re.search(r"\n\s+(.+)", event)
-            statuses[job_id] = JobStatus(job_id, JobState.PENDING, "HELD", reason.group(1).strip() if reason else "")
-        elif code in ("000", "001"):
-            statuses.setdefault(job_id, JobStatus(job_id, JobState.PENDING if code == "000" else JobState.RUNNING,
-                                                  "IDLE" if code == "000" else "RUNNING"))
-            if code == "001":
-                statuses[job_id] = JobStatus(job_id, JobState.RUNNING, "RUNNING")
-    return statuses
 
 
 def parse_condor_rm(stdout: str, stderr: str) -> dict[str, str]:

@@ -28,7 +28,6 @@ Parsers are pure functions over command output (tests/test_lsf_parsers.py).
 
 from __future__ import annotations
 
-import json
 import re
 from typing import ClassVar, Optional, Sequence
 
@@ -182,43 +181,6 @@ def parse_bjobs_delimited(
     return statuses
 
 
-def parse_bjobs_json(output: str, job_ids: Sequence[str] = ()) -> dict[str, JobStatus]:
-    """Statuses from `bjobs -json -o ...`. A record without JOBID (the field was not
-    asked for) is the job named on the command line, when exactly one was."""
-    data = json.loads(output)
-    statuses: dict[str, JobStatus] = {}
-    for record in data.get("RECORDS", []):
-        if "ERROR" in record and "STAT" not in record:
-            continue  # "Job <1> is not found"
-        job_id = record.get("JOBID") or (job_ids[0] if len(job_ids) == 1 else "")
-        if not job_id:
-            continue
-        job_id = element_id(job_id, record.get("JOB_NAME", record.get("NAME", "")), record.get("JOBINDEX", ""))
-        statuses[job_id] = to_status(
-            job_id, record.get("STAT", ""), record.get("EXIT_CODE", ""),
-            record.get("EXIT_REASON", ""), record.get("PEND_REASON", ""),
-        )
-    return statuses
-
-
-def parse_bjobs_table(output: str) -> dict[str, JobStatus]:
-    """Statuses from bjobs' default or wide (-w) table: JOBID USER STAT ... Banner lines
-    before the header and wrapped EXEC_HOST continuation lines are skipped."""
-    statuses: dict[str, JobStatus] = {}
-    seen_header = False
-    for line in output.splitlines():
-        parts = line.split()
-        if not parts:
-            continue
-        if parts[0] == "JOBID":
-            seen_header = True
-            continue
-        if not seen_header or len(parts) < 3 or not _JOB_ID_RE.match(parts[0]):
-            continue
-        statuses[parts[0]] = to_status(parts[0], parts[2])
-    return statuses
-
-
 def unwrap_long(text: str) -> str:
     """`bjobs -l`, `bhist -l` and `bacct -l` wrap long lines at a fixed width, splitting
     words, and indent the continuation by 21 blanks (26 when the timestamps carry a
@@ -269,20 +231,6 @@ def _last_event_state(block: str) -> str:
     if re.search(r"Submitted from host", block):
         return "PEND"
     return ""
-
-
-def parse_bhist_summary(output: str) -> dict[str, dict[str, int]]:
-    """`bhist` (no -l): seconds spent in each state, per job id."""
-    rows: dict[str, dict[str, int]] = {}
-    header: list[str] = []
-    for line in output.splitlines():
-        parts = line.split()
-        if parts[:1] == ["JOBID"]:
-            header = parts
-            continue
-        if header and parts and _JOB_ID_RE.match(parts[0]) and len(parts) == len(header):
-            rows[parts[0]] = {h: int(v) for h, v in zip(header, parts) if v.isdigit() and h not in ("JOBID", "USER", "JOB_NAME")}
-    return rows
 
 
 def parse_bkill(stdout: str, stderr: str) -> dict[str, str]:
@@ -422,13 +370,6 @@ _RUN_LIMIT_RE = re.compile(r"^(?:\d+|\d+:[0-5]?\d)$")
 _MEMORY_RE = re.compile(r"^\d+(?:[KMGT]B?)?$")
 _WORD_RE = re.compile(r"^[A-Za-z0-9_.+:@/-]+$")
 _GPU_MODEL_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
-
-
-def lsf_memory(value: str) -> str:
-    """'16G' -> '16GB' (LSF wants KB/MB/GB/TB); a bare number stays in LSF_UNIT_FOR_LIMITS."""
-    if value and value[-1] in "KMGT":
-        return value + "B"
-    return value
 
 
 class LsfJobConfiguration(BatchJobConfiguration):

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import json
 import re
-import xml.etree.ElementTree as ET
 from typing import ClassVar, Literal, Optional, Sequence
 
 from pydantic import Field, field_validator
@@ -250,54 +249,6 @@ def parse_qstat_full(text: str, dialect: str = "pbspro") -> dict[str, JobStatus]
     return {job_id: job_status(job_id, attrs, dialect) for job_id, attrs in parse_qstat_full_records(text).items()}
 
 
-def parse_qstat_xml(text: str, dialect: str = "torque") -> dict[str, JobStatus]:
-    """Statuses from Torque's `qstat -x` (XML, one <Job> per job)."""
-    try:
-        root = ET.fromstring(text.strip())
-    except ET.ParseError as exc:
-        raise SchedulerError(f"qstat printed invalid XML: {exc}") from None
-    statuses: dict[str, JobStatus] = {}
-    for job in root.iter("Job"):
-        attrs = {child.tag: (child.text or "").strip() for child in job if len(child) == 0}
-        job_id = attrs.get("Job_Id", "")
-        if job_id:
-            statuses[job_id] = job_status(job_id, attrs, dialect)
-    return statuses
-
-
-def parse_qstat_table(text: str, dialect: str = "pbspro") -> dict[str, JobStatus]:
-    """Statuses from qstat's one-line-per-job formats (default, -a, -n1, -Ex -w): the
-    state is the column headed 'S' (located by the dashes under the header); lines
-    without a header (grep'd) take the second-to-last word. Truncated ids ('123.ser*')
-    are kept as printed."""
-    lines = text.splitlines()
-    spans: Optional[list[tuple[int, int]]] = None
-    state_col: Optional[int] = None
-    statuses: dict[str, JobStatus] = {}
-    for i, line in enumerate(lines):
-        if re.match(r"^-+(\s+-+)+\s*$", line):
-            spans = [(m.start(), m.end()) for m in re.finditer(r"-+", line)]
-            header = lines[i - 1] if i else ""
-            state_col = next(
-                (k for k, (a, b) in enumerate(spans) if header[a : b + 1].strip() == "S"), None
-            )
-            continue
-        words = line.split()
-        if not words or not re.match(r"^\d", words[0]):
-            continue
-        if spans is not None and state_col is not None:
-            a, b = spans[state_col]
-            native = line[a:b].strip()
-            if not re.match(r"^[A-Z]$", native) and len(words) >= len(spans):
-                native = words[state_col]  # misaligned columns: count words instead
-        elif len(words) >= 3:
-            native = words[-2]
-        else:
-            continue
-        statuses[words[0]] = job_status(words[0], {"job_state": native}, dialect)
-    return statuses
-
-
 def parse_tracejob(text: str, dialect: str = "torque") -> dict[str, JobStatus]:
     """A finished job's record from `tracejob ID` (the server's logs): 'Job: <id>' and
     the 'Exit_status=N' line."""
@@ -465,9 +416,6 @@ class TorqueScheduler(PbsScheduler):
             job_id for job_id, attrs in parse_qstat_full_records(stdout).items()
             if attrs.get("Job_Name") == job_name
         ]
-
-    def parse_find_by_name(self, stdout: str) -> list[str]:
-        return list(parse_qstat_full_records(stdout))
 
     def find_by_name_answered(self, result: CommandResult) -> bool:
         # Slurm's qstat exits 153, silently, when there is no job at all.

@@ -162,21 +162,6 @@ def parse_qstat_names(output: str) -> dict[str, str]:
     return names
 
 
-_TABLE_ROW_RE = re.compile(r"^\s*(\d+)\s+[\d.]+\s+\S+\s+\S+\s+([A-Za-z]+)\s")
-
-
-def parse_qstat_table(output: str) -> dict[str, JobStatus]:
-    """Statuses from qstat's default table (SGE, and Univa's with the jclass column)."""
-    statuses: dict[str, JobStatus] = {}
-    for line in output.splitlines():
-        m = _TABLE_ROW_RE.match(line)
-        if not m:
-            continue
-        job_id, code = m.groups()
-        statuses.setdefault(job_id, JobStatus(job_id, state_of(code), code, _reason_of(code)))
-    return statuses
-
-
 def parse_qacct_records(output: str) -> list[dict[str, str]]:
     """The records of `qacct -j`: key/value blocks separated by '=====' lines; the
     per-owner summary table some invocations append is ignored."""
@@ -305,9 +290,6 @@ class SgeScheduler(Scheduler):
         # qstat cannot filter a listing by name, and `qstat -j NAME` forgets finished
         # jobs: list live and recently finished (zombie, -s z) jobs, filter in jobs_named.
         return ["qstat", "-xml", "-s", "prsz"]
-
-    def parse_find_by_name(self, stdout: str) -> list[str]:
-        return list(parse_qstat_names(stdout))
 
     def jobs_named(self, job_name: str, stdout: str) -> list[str]:
         return [job_id for job_id, name in parse_qstat_names(stdout).items() if name == job_name]
