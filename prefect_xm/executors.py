@@ -12,11 +12,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
-import re
 from typing import Any, Mapping, Optional, Sequence
 
 from prefect_xm.core.job_blocks import Executor, ExecutorSpec
 from prefect_xm.core.resources import GiB, KiB, MiB, TiB, JobRequirements, ResourceType
+from prefect_xm import slurm_syntax
 
 
 def _check_requirements(value: Any, where: str) -> JobRequirements:
@@ -98,11 +98,6 @@ class SlurmSpec(ExecutorSpec):
         return "Slurm.Spec()"
 
 
-_SLURM_TIME = re.compile(
-    r"^(?:\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}|UNLIMITED|INFINITE)$"
-)
-
-
 def slurm_time(value: Any, field: str = "time") -> str:
     """A Slurm time limit from a str (Slurm syntax), int minutes or a timedelta."""
     if isinstance(value, bool):
@@ -119,7 +114,7 @@ def slurm_time(value: Any, field: str = "time") -> str:
         if value <= 0:
             raise ValueError(f"{field} must be a positive number of minutes, got {value!r}")
         return str(value)
-    if isinstance(value, str) and _SLURM_TIME.match(value.strip()):
+    if isinstance(value, str) and slurm_syntax.TIME.match(value.strip()):
         return value.strip()
     raise ValueError(
         f"{field}: {value!r} is not a Slurm time limit (examples: '90', '30:00', '1-02:00:00', "

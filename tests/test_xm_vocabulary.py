@@ -174,6 +174,11 @@ def test_slurm_units_and_errors():
     assert slurm_time("30:00") == "30:00"
     with pytest.raises(ValueError, match="two hours"):
         slurm_time("two hours")
+    # the executor and the xm-slurm worker take the same times (one definition)
+    from prefect_xm.workers.slurm import SlurmJobConfiguration
+
+    for value in ("unlimited", "INFINITE", "1-02:00:00", "90"):
+        assert slurm_time(value) == SlurmJobConfiguration(time_limit=value).time_limit == value
     with pytest.raises(ValueError, match="partition"):
         Slurm(partition="")
     with pytest.raises(ValueError, match="location"):

@@ -12,6 +12,7 @@ from typing import ClassVar, Optional, Sequence
 
 from pydantic import Field, field_validator
 
+from prefect_xm import slurm_syntax
 from prefect_xm.workers.base import (
     AtLeastOne,
     BatchJobConfiguration,
@@ -370,10 +371,6 @@ class SlurmScheduler(Scheduler):
 
 # -- job variables and the worker ------------------------------------------------
 
-_TIME_RE = re.compile(
-    r"^(?:\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}"
-    r"|UNLIMITED|INFINITE|unlimited|infinite)$"
-)
 _MEMORY_RE = re.compile(r"^\d+[KMGT]?$")
 _DIRECTIVE_VALUE_RE = re.compile(r"^[^\n\r]*$")
 
@@ -395,7 +392,7 @@ class SlurmJobConfiguration(BatchJobConfiguration):
     @field_validator("time_limit")
     @classmethod
     def _time_limit(cls, v):
-        return check_format(_TIME_RE, "time_limit", v, "'90' (minutes), '2:30:00', '1-12:00:00'")
+        return check_format(slurm_syntax.TIME, "time_limit", v, "'90' (minutes), '2:30:00', '1-12:00:00'")
 
     @field_validator("memory")
     @classmethod
@@ -422,7 +419,7 @@ class SlurmVariables(BatchVariables):
         default=None,
         title="Time limit",
         description="Wall-clock limit (--time): minutes, 'HH:MM:SS' or 'D-HH:MM:SS'.",
-        pattern=_TIME_RE.pattern,
+        pattern=slurm_syntax.TIME.pattern,
     )
     nodes: Optional[int] = Field(default=None, ge=1, title="Nodes", description="Number of nodes (--nodes).")
     ntasks: Optional[int] = Field(default=None, ge=1, title="Tasks", description="Number of tasks (--ntasks).")
