@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 from prefect_xm.workers.htcondor import _JOB_ID_RE as HTCONDOR_JOB_ID_RE
 from prefect_xm.workers.htcondor import ad_to_status
 from prefect_xm.workers.lsf import _JOB_ID_RE as LSF_JOB_ID_RE
-from prefect_xm.workers.lsf import element_id, to_status
+from prefect_xm.workers.lsf import record_status, to_status
 from prefect_xm.workers.pbs import job_status
 from prefect_xm.workers.scheduler import JobState, JobStatus, SchedulerError
 from prefect_xm.workers.sge import _reason_of as sge_reason_of
@@ -98,11 +98,8 @@ def parse_bjobs_json(output: str, job_ids: Sequence[str] = ()) -> dict[str, JobS
         job_id = record.get("JOBID") or (job_ids[0] if len(job_ids) == 1 else "")
         if not job_id:
             continue
-        job_id = element_id(job_id, record.get("JOB_NAME", record.get("NAME", "")), record.get("JOBINDEX", ""))
-        statuses[job_id] = to_status(
-            job_id, record.get("STAT", ""), record.get("EXIT_CODE", ""),
-            record.get("EXIT_REASON", ""), record.get("PEND_REASON", ""),
-        )
+        status = record_status(job_id, {k.lower(): v for k, v in record.items()})
+        statuses[status.job_id] = status
     return statuses
 
 

@@ -66,12 +66,7 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence
 from pydantic import Field, field_validator
 
 from prefect_xm.workers.base import (
-    AtLeastOne,
-    BatchJobConfiguration,
-    BatchVariables,
-    BatchWorker,
-    ZeroOrMore,
-    check_format,
+    AtLeastOne, BatchJobConfiguration, BatchVariables, BatchWorker, ZeroOrMore, check_format,
 )
 from prefect_xm.workers.scheduler import (
     CommandResult,

@@ -29,17 +29,12 @@ Parsers are pure functions over command output (tests/test_lsf_parsers.py).
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Optional, Sequence
+from typing import ClassVar, Mapping, Optional, Sequence
 
 from pydantic import Field, field_validator
 
 from prefect_xm.workers.base import (
-    AtLeastOne,
-    BatchJobConfiguration,
-    BatchVariables,
-    BatchWorker,
-    ZeroOrMore,
-    check_format,
+    AtLeastOne, BatchJobConfiguration, BatchVariables, BatchWorker, ZeroOrMore, check_format,
 )
 from prefect_xm.workers.scheduler import (
     CommandResult,
@@ -173,12 +168,17 @@ def parse_bjobs_delimited(
         job_id = row.get("jobid", "")
         if not _JOB_ID_RE.match(job_id):
             continue
-        job_id = element_id(job_id, row.get("job_name", row.get("name", "")), row.get("jobindex", ""))
-        statuses[job_id] = to_status(
-            job_id, row.get("stat", ""), row.get("exit_code", ""),
-            row.get("exit_reason", ""), row.get("pend_reason", ""),
-        )
+        status = record_status(job_id, row)
+        statuses[status.job_id] = status
     return statuses
+
+
+def record_status(job_id: str, record: Mapping[str, str]) -> JobStatus:
+    """A bjobs record (by its -o field names, lower case) in the common model, under the
+    id it stands for (an array element's, see element_id)."""
+    job_id = element_id(job_id, record.get("job_name", record.get("name", "")), record.get("jobindex", ""))
+    return to_status(job_id, record.get("stat", ""), record.get("exit_code", ""),
+                     record.get("exit_reason", ""), record.get("pend_reason", ""))
 
 
 def unwrap_long(text: str) -> str:

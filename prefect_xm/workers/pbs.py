@@ -58,12 +58,7 @@ from typing import ClassVar, Literal, Optional, Sequence
 from pydantic import Field, field_validator
 
 from prefect_xm.workers.base import (
-    AtLeastOne,
-    BatchJobConfiguration,
-    BatchVariables,
-    BatchWorker,
-    ZeroOrMore,
-    check_format,
+    AtLeastOne, BatchJobConfiguration, BatchVariables, BatchWorker, ZeroOrMore, check_format,
 )
 from prefect_xm.workers.scheduler import (
     CommandResult,

@@ -14,12 +14,7 @@ from pydantic import Field, field_validator
 
 from prefect_xm import slurm_syntax
 from prefect_xm.workers.base import (
-    AtLeastOne,
-    BatchJobConfiguration,
-    BatchVariables,
-    BatchWorker,
-    ZeroOrMore,
-    check_format,
+    AtLeastOne, BatchJobConfiguration, BatchVariables, BatchWorker, ZeroOrMore, check_format,
 )
 from prefect_xm.workers.scheduler import (
     CommandResult,
