@@ -108,7 +108,7 @@ def test_status_rows_of_elements_are_told_apart_by_their_job_name():  # hand-wri
 
 
 def test_json_records_of_elements():  # hand-written, in bjobs -json's documented form
-    from prefect_xm.workers.lsf import parse_bjobs_json
+    from other_formats import parse_bjobs_json
 
     out = json.dumps({"COMMAND": "bjobs", "JOBS": 3, "RECORDS": [
         {"JOBID": "812", "JOBINDEX": "1", "STAT": "DONE", "EXIT_CODE": ""},

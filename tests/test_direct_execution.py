@@ -74,7 +74,7 @@ def test_output_is_shipped_in_whole_lines_and_the_rest_at_the_end(tmp_path):
     lines: list[str] = []
     worker = SimpleNamespace(run_directory=lambda configuration, run_id: _value(str(tmp_path)))
     followed = SimpleNamespace(configuration=None, flow_run_id=None, transport=LocalTransport())
-    output = DirectOutput(worker, None, followed, SimpleNamespace(info=lines.append))
+    output = DirectOutput(worker, followed, SimpleNamespace(info=lines.append))
     (tmp_path / "job.out").write_bytes(b"one\ntw")
     asyncio.run(output.ship())
     assert lines == ["one"]
@@ -95,7 +95,7 @@ def test_a_successor_skips_the_lines_already_in_the_logs(tmp_path, monkeypatch, 
     lines: list[str] = []
     worker = SimpleNamespace(run_directory=lambda configuration, run_id: _value(str(tmp_path)))
     followed = SimpleNamespace(configuration=None, flow_run_id=None, transport=LocalTransport())
-    output = DirectOutput(worker, None, followed, SimpleNamespace(info=lines.append))
+    output = DirectOutput(worker, followed, SimpleNamespace(info=lines.append))
     (tmp_path / "job.out").write_bytes(b"one\ntwo\nthree is longer\nfour\nfi")
     (tmp_path / "job.err").write_bytes(b"e1\ne2\n")
     asyncio.run(output.skip_shipped({"job.out": 3, "job.err": 1}))

@@ -12,18 +12,13 @@ from conftest import VECTORS
 from prefect_xm.workers.htcondor import (
     HTCondorJobConfiguration,
     HTCondorScheduler,
-    ST_LETTERS,
     ad_to_status,
-    parse_autoformat,
-    parse_condor_q_table,
-    parse_condor_q_totals,
     parse_condor_rm,
     parse_condor_submit,
-    parse_event_log,
-    parse_hold_table,
     parse_json_ads,
     submit_description,
 )
+from other_formats import ST_LETTERS, parse_autoformat, parse_condor_q_table, parse_event_log
 from prefect_xm.workers.scheduler import CommandResult, JobState, SchedulerError, SubmitRequest, TransientSchedulerError
 
 VEC = {v["id"]: v for v in json.loads((VECTORS / "htcondor.json").read_text())["vectors"]}
@@ -66,23 +61,10 @@ def test_condor_q_letters_map_to_job_status():
     assert ST_LETTERS[states["22.0"]] == 4 and ST_LETTERS[states["24.0"]] == 5
 
 
-@pytest.mark.parametrize("vid", ["htcondor-005", "htcondor-006", "htcondor-007", "htcondor-008", "htcondor-013"])
-def test_condor_q_totals(vid):
-    v = VEC[vid]
-    totals = parse_condor_q_totals(v["output"])
-    for key, value in v["facts"]["totals"].items():
-        assert totals[key] == value
-
-
 def test_condor_q_batch_rows_have_no_per_job_states():
     # the default batch layout lists batches, not jobs: nothing a tracker could use
     assert parse_condor_q_table(VEC["htcondor-006"]["output"]) == {}
     assert parse_condor_q_table(VEC["htcondor-008"]["output"]) == {}
-
-
-def test_condor_q_hold_table():
-    v = VEC["htcondor-011"]
-    assert parse_hold_table(v["output"]) == v["facts"]["held"]
 
 
 def test_autoformat_status_and_holds():

@@ -10,6 +10,7 @@ import json
 import pytest
 
 from conftest import VECTORS
+from other_formats import parse_pbs_qstat_table, parse_pbs_qstat_xml
 from prefect_xm.workers.pbs import (
     DIALECTS,
     PbsJobConfiguration,
@@ -17,8 +18,6 @@ from prefect_xm.workers.pbs import (
     parse_qstat_full,
     parse_qstat_full_records,
     parse_qstat_json,
-    parse_qstat_table,
-    parse_qstat_xml,
     parse_qsub,
     parse_tracejob,
     unknown_ids,
@@ -105,14 +104,14 @@ def test_pbspro_finished_without_exit_status_in_grep_output():
 @pytest.mark.parametrize("vid", ["pbspro-005", "pbspro-013", "pbspro-015"])
 def test_qstat_tables_pbspro(vid):
     v = PBS[vid]
-    statuses = parse_qstat_table(v["output"], "pbspro")
+    statuses = parse_pbs_qstat_table(v["output"], "pbspro")
     assert {k: s.native_state for k, s in statuses.items()} == v["facts"]["states"]
 
 
 def test_partial_answer_with_unknown_id_rc153():
     v = PBS["pbspro-005"]
     assert unknown_ids(v["stderr"]) == v["facts"]["unknown_jobs"]
-    assert parse_qstat_table(v["output"])["1"].state == JobState.RUNNING
+    assert parse_pbs_qstat_table(v["output"])["1"].state == JobState.RUNNING
 
 
 @pytest.mark.parametrize("vid", ["pbspro-006", "torque-006"])
@@ -166,19 +165,19 @@ def test_torque_271_is_sigterm():
 @pytest.mark.parametrize("vid", ["torque-004", "torque-005"])
 def test_qstat_brief_lines_torque(vid):
     v = TQ[vid]
-    assert {k: s.native_state for k, s in parse_qstat_table(v["output"], "torque").items()} == v["facts"]["states"]
+    assert {k: s.native_state for k, s in parse_pbs_qstat_table(v["output"], "torque").items()} == v["facts"]["states"]
 
 
 def test_qstat_xml_torque_finished():
     v = TQ["torque-015"]
-    s = parse_qstat_xml(v["output"])[v["facts"]["job_id"]]
+    s = parse_pbs_qstat_xml(v["output"])[v["facts"]["job_id"]]
     assert s.native_state == v["facts"]["state"] and s.exit_code == v["facts"]["exit_status"]
     assert s.state == JobState.COMPLETED
 
 
 def test_qstat_xml_torque_held():
     v = TQ["torque-016"]
-    s = parse_qstat_xml(v["output"])[v["facts"]["job_id"]]
+    s = parse_pbs_qstat_xml(v["output"])[v["facts"]["job_id"]]
     assert s.native_state == "H" and s.state == JobState.PENDING
     assert f"Hold_Types={v['facts']['hold_types']}" in s.reason
 

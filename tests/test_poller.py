@@ -246,7 +246,7 @@ async def test_a_cancel_that_comes_after_the_job_ended_keeps_how_it_ended():
     worker = SlurmWorker(work_pool_name="late-cancel")
     followed = FollowedRun(flow_run_id=MagicMock(), job_id="7", poller=p, transport=t,
                            configuration=MagicMock(), tracked=job)
-    assert await worker.cancel_job("7", t, 0, JobState.PENDING, followed) is False
+    assert await worker.cancel_job(p.scheduler, "7", t, 0, JobState.PENDING, followed) is False
     await poll(p)
     assert job.status.state == JobState.COMPLETED, job.status
 

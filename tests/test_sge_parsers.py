@@ -18,13 +18,13 @@ from prefect_xm.workers.sge import (
     parse_qacct_records,
     parse_qstat_j_errors,
     parse_qstat_names,
-    parse_qstat_table,
     parse_qstat_xml,
     parse_qsub,
     state_of,
 )
 
 from conftest import REPO, VECTORS
+from other_formats import parse_sge_qstat_table
 
 VEC = {v["id"]: v for v in json.loads((VECTORS / "sge.json").read_text())["vectors"]}
 DATA = REPO / "tests" / "data" / "sge"
@@ -125,7 +125,7 @@ def test_qstat_xml_recorded_here():
 @pytest.mark.parametrize("vid", ["sge-007", "sge-008", "sge-009", "sge-010", "sge-011"])
 def test_qstat_table_states(vid):
     v = VEC[vid]
-    statuses = parse_qstat_table(v["output"])
+    statuses = parse_sge_qstat_table(v["output"])
     assert {k: s.native_state for k, s in statuses.items()} == v["facts"]["states"]
 
 

@@ -173,6 +173,11 @@ def test_slurm_units_and_errors():
     assert Slurm(time="30:00").job_variables() == {"time_limit": "30:00"}
     with pytest.raises(ValueError, match="two hours"):
         Slurm(time="two hours")
+    # the executor and the xm-slurm worker take the same times (the worker's rule checks both)
+    from prefect_xm.workers.slurm import SlurmJobConfiguration
+
+    for value in ("unlimited", "INFINITE", "1-02:00:00", "90"):
+        assert Slurm(time=value).job_variables()["time_limit"] == SlurmJobConfiguration(time_limit=value).time_limit == value
     with pytest.raises(ValueError, match="partition"):
         Slurm(partition="")
     with pytest.raises(ValueError, match="location"):

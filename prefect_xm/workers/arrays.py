@@ -28,14 +28,12 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from prefect_xm.workers.scheduler import SchedulerError
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
-
-    from prefect_xm.workers.base import BatchJobConfiguration, BatchWorker
 
 logger = logging.getLogger("prefect_xm.arrays")
 
@@ -83,12 +81,34 @@ def array_directory(base_run_dir: str, array_name: str) -> str:
     return f"{base_run_dir.rstrip('/')}/{array_name}"
 
 
+class RunConfiguration(Protocol):
+    """What of a run's job configuration (a BatchJobConfiguration) grouping reads.
+    Protocols, not base.py's classes: the worker uses this module, not the reverse."""
+
+    cluster: str
+    ssh_block: Optional[str]
+    array_size_limit: int
+
+
+class ArrayWorker(Protocol):
+    """What of the worker (a BatchWorker) the array submitter calls."""
+
+    def array_key(self, configuration: Any, flow_run: "FlowRun") -> tuple: ...
+
+    def runs_on_their_way(self) -> bool: ...
+
+    async def submit_single(self, flow_run: "FlowRun", configuration: Any, run_dir: str, command_argv: list[str],
+                            run_env: dict[str, str], logger: Any) -> str: ...
+
+    async def submit_array(self, tasks: list["ArrayTask"]) -> list[str]: ...
+
+
 @dataclass
 class ArrayTask:
     """One run waiting to join an array."""
 
     flow_run: "FlowRun"
-    configuration: "BatchJobConfiguration"
+    configuration: RunConfiguration
     run_dir: str
     argv: list[str]
     env: dict[str, str]
@@ -105,7 +125,7 @@ class ArraySubmitter:
     calls of its own: on a busy server, seconds), or `max_wait` after the first, should
     one never arrive: a sweep of 200 runs is one batch, a lone run does not wait."""
 
-    def __init__(self, worker: "BatchWorker", *, max_wait: float = 10.0):
+    def __init__(self, worker: ArrayWorker, *, max_wait: float = 10.0):
         self.worker = worker
         self.max_wait = max_wait
         self.waiting: list[ArrayTask] = []

@@ -25,7 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal, Optional, TypeVar
 from uuid import UUID
 
 import jinja2
@@ -47,7 +47,7 @@ from prefect.workers.base import (
     BaseWorker,
     BaseWorkerResult,
 )
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from prefect_xm.gang import gang_place
 from prefect_xm.workers.arrays import (
@@ -106,6 +106,24 @@ def check_format(pattern: "re.Pattern[str]", field: str, value: Optional[str], e
         raise ValueError(f"{field}: {value!r} is not valid; expected e.g. {example}")
     return value
 
+
+def _at_least_one(v: Optional[int], info: ValidationInfo) -> Optional[int]:
+    if v is not None and v < 1:
+        raise ValueError(f"{info.field_name}: {v!r} must be at least 1")
+    return v
+
+
+def _not_negative(v: Optional[int], info: ValidationInfo) -> Optional[int]:
+    if v is not None and v < 0:
+        raise ValueError(f"{info.field_name}: {v!r} must be 0 or more")
+    return v
+
+
+#: a job variable counting what a job has at least one of (nodes, CPUs, slots, tasks),
+#: its error naming the variable whichever scheduler's it is
+AtLeastOne = Annotated[Optional[int], AfterValidator(_at_least_one)]
+#: a job variable counting what a job may have none of (GPUs, requeues)
+ZeroOrMore = Annotated[Optional[int], AfterValidator(_not_negative)]
 
 #: what a batch job name may not hold, whatever the scheduler
 JOB_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
@@ -190,8 +208,8 @@ class DirectOutput:
     per poll while it runs, and the rest at its end (the worker's logger batches them
     to the API), each line one record of the JOB_OUTPUT_LOGGER logger."""
 
-    def __init__(self, worker: "BatchWorker", flow_run: "FlowRun", followed: "FollowedRun", logger) -> None:
-        self.worker, self.flow_run, self.followed, self.logger = worker, flow_run, followed, logger
+    def __init__(self, worker: "BatchWorker", followed: "FollowedRun", logger) -> None:
+        self.worker, self.followed, self.logger = worker, followed, logger
         self.offsets = {"job.out": 0, "job.err": 0}
         self.partial = {"job.out": b"", "job.err": b""}
         self._lock = asyncio.Lock()
@@ -287,24 +305,10 @@ class BatchJobConfiguration(BaseJobConfiguration):
     ssh_block: Optional[str] = Field(default=None)
     submit_timeout: float = Field(default=60.0)
     execution: str = Field(default=ENGINE)
-    array_size_limit: int = Field(default=1000)
-    array_throttle: Optional[int] = Field(default=None)
+    array_size_limit: Annotated[int, AfterValidator(_at_least_one)] = Field(default=1000)
+    array_throttle: AtLeastOne = Field(default=None)
     requeue: bool = Field(default=False)
-    max_requeues: Optional[int] = Field(default=None)
-
-    @field_validator("array_size_limit", "array_throttle")
-    @classmethod
-    def _at_least_one(cls, v: Optional[int], info) -> Optional[int]:
-        if v is not None and v < 1:
-            raise ValueError(f"{info.field_name}: {v!r} must be at least 1")
-        return v
-
-    @field_validator("max_requeues")
-    @classmethod
-    def _not_negative(cls, v: Optional[int], info) -> Optional[int]:
-        if v is not None and v < 0:
-            raise ValueError(f"{info.field_name}: {v!r} must be 0 or more")
-        return v
+    max_requeues: ZeroOrMore = Field(default=None)
 
     @field_validator("execution")
     @classmethod
@@ -577,12 +581,13 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
 
     def scheduler_for(self, configuration: BatchJobConfiguration) -> Scheduler:
         """The Scheduler for a run's job variables: `scheduler`, unless the worker type
-        has dialects chosen per pool or run (xm-pbs: PBS Pro or Torque)."""
+        has dialects chosen per pool or run (xm-pbs: PBS Pro or Torque). Every decision
+        about a run's job goes through this one (or its poller's, the same object)."""
         return self.scheduler
 
     async def poller_for(self, configuration: BatchJobConfiguration) -> JobPoller:
         scheduler = self.scheduler_for(configuration)
-        key = configuration.cluster if scheduler is self.scheduler else (configuration.cluster, id(scheduler))
+        key = (configuration.cluster, id(scheduler))
         if key not in self._pollers:
             self._pollers[key] = JobPoller(
                 scheduler,
@@ -609,7 +614,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             if "\n" not in custom and os.path.isfile(os.path.expanduser(custom)):
                 return Path(os.path.expanduser(custom)).read_text()
             return custom
-        return (TEMPLATES / self.scheduler.template_name).read_text()
+        return (TEMPLATES / self.scheduler_for(configuration).template_name).read_text()
 
     def render_script(
         self, configuration: BatchJobConfiguration, flow_run: "FlowRun", run_dir: str,
@@ -629,7 +634,6 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             stderr_path=f"{run_dir}/job.err",
             command_argv=command_argv if command_argv is not None else shlex.split(configuration.command or ""),
             flow_run_id=str(flow_run.id),
-            directive=self.scheduler.directive_prefix,
             env_file=f"{run_dir}/{ENV_FILE}",
         )
         context.update(names or {})
@@ -680,7 +684,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                 ArrayTask(flow_run, configuration, run_dir, command_argv, run_env, logger))
         else:
             job_id = await self.submit_single(flow_run, configuration, run_dir, command_argv, run_env, logger)
-        pid = self.scheduler.infrastructure_pid(configuration.cluster, job_id)
+        pid = self.scheduler_for(configuration).infrastructure_pid(configuration.cluster, job_id)
         followed = await self._start_following(flow_run.id, job_id, configuration)
         if task_status is not None:
             task_status.started(pid)
@@ -707,7 +711,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             variables=configuration.model_dump(exclude={"env"}),
         )
         job_id = await self.submit_job(request, transport, configuration, logger)
-        logger.info(f"Submitted {self.scheduler.name} job {job_id} ({request.job_name})")
+        logger.info(f"Submitted {self.scheduler_for(configuration).name} job {job_id} ({request.job_name})")
         return job_id
 
     # -- gangs as heterogeneous jobs ----------------------------------------------------------
@@ -753,7 +757,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
     async def _het_member_end(self, flow_run: "FlowRun", followed: FollowedRun, job: str, logger) -> bool:
         """A heterogeneous job's member ends as its own exit code says (the scheduler
         has one for the whole job). True if that settled the run's state."""
-        scheduler = self.scheduler_for(followed.configuration)
+        scheduler = followed.poller.scheduler
         if not scheduler.het_separator or not scheduler.is_het_component(followed.job_id):
             return False
         run_dir = await self.run_directory(followed.configuration, followed.flow_run_id)
@@ -921,10 +925,9 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         raise SubmissionError(f"{argv[0]} failed {attempts} times: {error}")
 
     async def _find_by_name(
-        self, job_name: str, transport: Transport, scheduler: Optional[Scheduler] = None, array: bool = False,
+        self, job_name: str, transport: Transport, scheduler: Scheduler, array: bool = False,
     ) -> Optional[str]:
         """The id of the live job by this name; of an array, the array's id."""
-        scheduler = scheduler or self.scheduler
         for _ in range(3):
             try:
                 result = await transport.run(scheduler.find_by_name_argv(job_name), timeout=30)
@@ -957,8 +960,9 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         return followed
 
     async def _follow(self, flow_run: "FlowRun", followed: FollowedRun, logger) -> BatchWorkerResult:
-        scheduler_name = self.scheduler.name
-        pid = self.scheduler.infrastructure_pid(followed.configuration.cluster, followed.job_id)
+        scheduler = followed.poller.scheduler
+        scheduler_name = scheduler.name
+        pid = scheduler.infrastructure_pid(followed.configuration.cluster, followed.job_id)
         # Prefect takes one InfrastructurePending per run (it refuses Pending -> Pending
         # under the same name), so the state carries the first real reason: Slurm says
         # "None" until its scheduler has looked at a new job (schedulers that give no
@@ -970,7 +974,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         direct = followed.configuration.execution == DIRECT
         output = None
         if direct:
-            output = DirectOutput(self, flow_run, followed, self.job_output_logger(flow_run))
+            output = DirectOutput(self, followed, self.job_output_logger(flow_run))
             if followed.extra.get("resumed"):
                 try:
                     await output.skip_shipped(await self._output_lines_shipped(flow_run.id))
@@ -1007,7 +1011,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                     logger.info(f"{scheduler_name} job {followed.job_id} is running ({status.native_state})")
                     if direct:
                         await self._mark_running(flow_run, f"{scheduler_name} job {followed.job_id} is running")
-            for argv in followed.poller.scheduler.cleanup_argvs(status):
+            for argv in scheduler.cleanup_argvs(status):
                 # e.g. SGE's Eqw: final for us, but the scheduler would keep it forever
                 result = await followed.transport.run(argv, timeout=60)
                 logger.info(f"Removed {scheduler_name} job {followed.job_id} ({' '.join(argv)}: rc {result.returncode})")
@@ -1066,7 +1070,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         """The scheduler put the job back in its queue (preemption, a failed node, an
         admin's requeue): its run goes back to Pending, named Requeued, and the same job is
         followed on; past max_requeues the job is removed and the run ends Crashed."""
-        job = f"{self.scheduler.name} job {followed.job_id}"
+        job = f"{followed.poller.scheduler.name} job {followed.job_id}"
         # how many times its script started (each start counts itself in the run directory,
         # so a worker that took over the job knows the earlier requeues too)
         started = await self._attempts_started(followed)
@@ -1084,7 +1088,8 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             logger.error(message)
             followed.cancel_requested = True
             followed.cancel_task = self._spawn(
-                self.cancel_job(followed.job_id, followed.transport, 30, status.state, followed))
+                self.cancel_job(followed.poller.scheduler, followed.job_id, followed.transport, 30, status.state,
+                                followed))
             return
         of = f" of {limit}" if limit is not None else ""
         message = (f"{job} went back to the queue ({status.describe()}): requeue {requeues}{of}. The same job "
@@ -1105,7 +1110,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
 
     async def _finish(self, flow_run: "FlowRun", followed: FollowedRun, status: JobStatus, logger) -> None:
         """The job has ended: make the run's state say what happened."""
-        job = f"{self.scheduler.name} job {followed.job_id}"
+        job = f"{followed.poller.scheduler.name} job {followed.job_id}"
         if "gave_up" in followed.extra:
             return  # Crashed already, past its requeues
         current = (await self.client.read_flow_run(flow_run.id)).state
@@ -1148,7 +1153,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
     async def _finish_direct(self, flow_run: "FlowRun", followed: FollowedRun, status: JobStatus, current,
                              logger) -> None:
         """A direct job's end is the run's end: nothing else will report it."""
-        job = f"{self.scheduler.name} job {followed.job_id}"
+        job = f"{followed.poller.scheduler.name} job {followed.job_id}"
         if current.is_final():
             return
         if await self._het_member_end(flow_run, followed, job, logger):
@@ -1166,7 +1171,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             return
         tail = await self._stderr_tail(followed)
         stderr = f"\nLast lines of the job's stderr ({followed.extra.get('stderr_path')}):\n{tail}" if tail else ""
-        if self.scheduler_for(followed.configuration).ended_by_program(status):
+        if followed.poller.scheduler.ended_by_program(status):
             state = Failed(message=f"{job}: the program exited with code {status.exit_code} "
                                    f"({status.describe()}).{stderr}")
         else:
@@ -1195,13 +1200,14 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
     async def kill_infrastructure(
         self, infrastructure_pid: str, configuration: C, grace_seconds: int = 30
     ) -> None:
+        scheduler = self.scheduler_for(configuration)
         scheduler_name, cluster, job_id = Scheduler.parse_infrastructure_pid(infrastructure_pid)
-        if scheduler_name != self.scheduler.name or cluster != configuration.cluster:
+        if scheduler_name != scheduler.name or cluster != configuration.cluster:
             raise InfrastructureNotAvailable(
-                f"{infrastructure_pid!r} is not a {self.scheduler.name} job on cluster {configuration.cluster!r}"
+                f"{infrastructure_pid!r} is not a {scheduler.name} job on cluster {configuration.cluster!r}"
             )
         followed = next((f for f in self._followed.values() if f.job_id == job_id and f.configuration.cluster == cluster), None)
-        array = self.scheduler_for(configuration).array_of(job_id)
+        array = scheduler.array_of(job_id)
         if array and (cluster, array) in self._array_cancels:
             # its whole array is being (or was) removed in one command; the task may
             # already be unfollowed, having ended by it: no command of its own
@@ -1219,12 +1225,14 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         if followed:
             followed.cancel_requested = True
         last = followed.tracked.status.state if followed else JobState.PENDING
-        gone = await self.cancel_job(job_id, await self.transport_for(configuration), grace_seconds, last, followed)
+        gone = await self.cancel_job(scheduler, job_id, await self.transport_for(configuration), grace_seconds, last,
+                                     followed)
         if not gone:
-            raise InfrastructureNotFound(f"{self.scheduler.name} job {job_id} not found")
+            raise InfrastructureNotFound(f"{scheduler.name} job {job_id} not found")
 
     async def cancel_job(
         self,
+        scheduler: Scheduler,
         job_id: str,
         transport: Transport,
         grace_seconds: float,
@@ -1233,7 +1241,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
     ) -> bool:
         """A grace signal first (if the job runs), then the kill. True if the scheduler
         accepted the cancel, False if it did not know the job."""
-        argvs = self.scheduler.cancel_argvs(job_id, int(grace_seconds))
+        argvs = scheduler.cancel_argvs(job_id, int(grace_seconds))
         if last_state == JobState.RUNNING and len(argvs) > 1:
             for argv in argvs[:-1]:
                 await transport.run(argv, timeout=60)
@@ -1242,7 +1250,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                 if followed.tracked.is_final:
                     return True
         result = await transport.run(argvs[-1], timeout=60)
-        accepted = self.scheduler.parse_cancel(result)
+        accepted = scheduler.parse_cancel(result)
         if followed:
             # A job removed while queued may leave no terminal record (SGE's qacct):
             # once it has left the queue, the poller knows it was cancelled.
@@ -1300,10 +1308,11 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
     def _cancel_on_its_own(self, followed: FollowedRun, run: "FlowRun") -> None:
         followed.cancel_requested = True
         self.get_flow_run_logger(run).info(
-            f"Flow run is cancelling: cancelling {self.scheduler.name} job {followed.job_id}"
+            f"Flow run is cancelling: cancelling {followed.poller.scheduler.name} job {followed.job_id}"
         )
         followed.cancel_task = self._spawn(
-            self.cancel_job(followed.job_id, followed.transport, 30, followed.tracked.status.state, followed)
+            self.cancel_job(followed.poller.scheduler, followed.job_id, followed.transport, 30,
+                            followed.tracked.status.state, followed)
         )
 
     def _array_settle(self, cluster: str, array: str) -> asyncio.Task:
@@ -1361,8 +1370,8 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             return self._array_cancels[key], []
         for run in runs:
             self.get_flow_run_logger(run).info(
-                f"Flow run is cancelling with the rest of its array: cancelling {self.scheduler.name} "
-                f"array {array} ({len(members)} tasks)")
+                f"Flow run is cancelling with the rest of its array: cancelling "
+                f"{members[0].poller.scheduler.name} array {array} ({len(members)} tasks)")
         task = self._spawn(self.cancel_array(array, members))
         self._array_cancels[key] = task
         for member in members:
@@ -1442,6 +1451,8 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                 scheduler_name, cluster, job_id = Scheduler.parse_infrastructure_pid(run.infrastructure_pid)
             except ValueError:
                 continue
+            # Before its configuration is read (API calls), the worker type's own scheduler
+            # tells which pids are its jobs: every dialect of a type carries its name.
             if scheduler_name != self.scheduler.name:
                 continue
             try:
@@ -1461,7 +1472,8 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             if run.state and run.state.type == StateType.CANCELLING:
                 followed.cancel_requested = True
                 followed.cancel_task = self._spawn(
-                    self.cancel_job(job_id, followed.transport, 30, JobState.UNKNOWN, followed)
+                    self.cancel_job(followed.poller.scheduler, job_id, followed.transport, 30, JobState.UNKNOWN,
+                                    followed)
                 )
             self._spawn(self._follow(run, followed, logger))
             adopted.append(run.id)
@@ -1490,16 +1502,17 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         except Exception as exc:
             self._logger.warning("Cannot check flow run %s for an unrecorded job: %s", run.id, exc)
             return
+        scheduler = self.scheduler_for(configuration)
         logger = self.get_flow_run_logger(run)
         if job_id is None:
-            message = (f"The worker stopped while submitting this run, and {self.scheduler.name} knows no job of "
+            message = (f"The worker stopped while submitting this run, and {scheduler.name} knows no job of "
                        f"it: it was never submitted, or its job ended long ago. Nothing was resubmitted.")
             await self.client.set_flow_run_state(run.id, Crashed(message=message))
             logger.error(message)
             return
-        pid = self.scheduler.infrastructure_pid(configuration.cluster, job_id)
+        pid = scheduler.infrastructure_pid(configuration.cluster, job_id)
         await self.client.update_flow_run(run.id, infrastructure_pid=pid)
-        logger.info(f"Found {self.scheduler.name} job {job_id} submitted by a worker that died; following it")
+        logger.info(f"Found {scheduler.name} job {job_id} submitted by a worker that died; following it")
         followed = await self._start_following(run.id, job_id, configuration)
         self._spawn(self._follow(run, followed, logger))
 

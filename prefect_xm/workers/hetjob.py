@@ -22,13 +22,10 @@ import asyncio
 import shlex
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Coroutine, Optional, Protocol
 
 from prefect_xm.gang import GangPlace
-from prefect_xm.workers.arrays import ArrayTask
-
-if TYPE_CHECKING:
-    from prefect_xm.workers.base import BatchWorker
+from prefect_xm.workers.arrays import ArrayTask, ArrayWorker
 
 #: written in a member's run directory by the heterogeneous job's script
 MEMBER_EXIT_FILE = "exit-code"
@@ -155,13 +152,21 @@ class HetMember(ArrayTask):
     place: Optional[GangPlace] = None
 
 
+class HetJobWorker(ArrayWorker, Protocol):
+    """What of the worker (a BatchWorker) the gatherer calls (see arrays.ArrayWorker)."""
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task: ...
+
+    async def submit_het_job(self, members: list[HetMember]) -> list[str]: ...
+
+
 class HetJobGatherer:
     """Holds gang members until their whole gang is here, then submits it as one job.
     A gang not complete within `max_wait` of its first member (a member on its way
     through another worker, or lost) goes as separate jobs: the launcher's gang start
     deadline still holds them together."""
 
-    def __init__(self, worker: "BatchWorker", *, max_wait: float = GATHER_SECONDS):
+    def __init__(self, worker: HetJobWorker, *, max_wait: float = GATHER_SECONDS):
         self.worker = worker
         self.max_wait = max_wait
         self.gangs: dict[str, list[HetMember]] = {}

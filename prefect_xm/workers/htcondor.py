@@ -74,13 +74,14 @@ from prefect_xm.workers.requirements import (
     whole_cpus,
     with_unit,
 )
-from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker, check_format
+from prefect_xm.workers.base import (
+    AtLeastOne, BatchJobConfiguration, BatchVariables, BatchWorker, ZeroOrMore, check_format,
+)
 from prefect_xm.workers.scheduler import (
     CommandResult,
     JobState,
     JobStatus,
     Scheduler,
-    SchedulerError,
     SubmitRequest,
     TransientSchedulerError,
     chunked,
@@ -91,8 +92,6 @@ from prefect_xm.workers.scheduler import (
 JOB_STATUS = {1: "IDLE", 2: "RUNNING", 3: "REMOVED", 4: "COMPLETED", 5: "HELD", 6: "TRANSFERRING_OUTPUT", 7: "SUSPENDED"}
 STATE_MAP = {1: JobState.PENDING, 2: JobState.RUNNING, 3: JobState.CANCELLED, 4: JobState.COMPLETED,
              5: JobState.PENDING, 6: JobState.RUNNING, 7: JobState.RUNNING}
-#: the letters condor_q's table prints in its ST column
-ST_LETTERS = {"I": 1, "R": 2, "X": 3, "C": 4, "H": 5, ">": 6, "S": 7, "<": 2}
 #: HoldReasonCodes of holds a user asked for: UserRequest, SubmittedOnHold, SpoolingInput
 USER_HOLD_CODES = (1, 15, 16)
 #: JobExecuteExceeded: allowed_execute_duration reached
@@ -118,11 +117,6 @@ _TOO_MANY_JOBS = re.compile(
     r"|number of procs exceeds SUBMIT_MAX_PROCS_IN_CLUSTER"
 )
 
-_TRANSIENT_ERRORS = re.compile(
-    r"Failed to connect|Can't find address|Unable to contact|timed out|Connection refused|"
-    r"SECMAN|communicate with|temporarily unavailable|Failed to fetch ads|Failed to end classad message",
-    re.IGNORECASE,
-)
 _JOB_ID_RE = re.compile(r"^\d+\.\d+$")
 _CLUSTER_RE = re.compile(r"^\d+$")
 
@@ -260,85 +254,6 @@ def parse_json_ads(output: str) -> dict[str, JobStatus]:
     return _statuses(ads if isinstance(ads, list) else [ads])
 
 
-def parse_autoformat(output: str, attributes: Sequence[str]) -> dict[str, JobStatus]:
-    """`-af:j attr...` lines: '<cluster.proc> value value ...'; the last attribute may
-    hold blanks (a HoldReason)."""
-    statuses: dict[str, JobStatus] = {}
-    for line in output.splitlines():
-        parts = line.strip().split(None, len(attributes))
-        if len(parts) < len(attributes) + 1 or not _JOB_ID_RE.match(parts[0]):
-            continue
-        cluster, proc = parts[0].split(".")
-        ad: dict[str, Any] = {"ClusterId": cluster, "ProcId": proc}
-        ad.update({a: (None if v == "undefined" else v) for a, v in zip(attributes, parts[1:])})
-        status = ad_to_status(ad)
-        if status:
-            statuses[status.job_id] = status
-    return statuses
-
-
-def parse_condor_q_table(output: str) -> dict[str, str]:
-    """`condor_q -nobatch` rows: job id -> the ST letter (I R X C H > S ...)."""
-    states: dict[str, str] = {}
-    for line in output.splitlines():
-        parts = line.split()
-        if len(parts) >= 6 and _JOB_ID_RE.match(parts[0]) and re.match(r"^\d+\+\d\d:\d\d:\d\d$", parts[4]):
-            states[parts[0]] = parts[5]
-    return states
-
-
-def parse_condor_q_totals(output: str) -> dict[str, int]:
-    """The summary line: 'N jobs; a completed, b removed, c idle, d running, e held, f suspended'."""
-    m = re.search(r"^(\d+) jobs; (.*)$", output, re.M)
-    if not m:
-        return {}
-    totals = {"jobs": int(m.group(1))}
-    for count, word in re.findall(r"(\d+) (\w+)", m.group(2)):
-        totals[word] = int(count)
-    return totals
-
-
-def parse_hold_table(output: str) -> dict[str, dict[str, Any]]:
-    """`condor_q -hold` (25.0+ layout with CODE/SUB): id -> code, subcode, reason."""
-    held: dict[str, dict[str, Any]] = {}
-    for line in output.splitlines():
-        m = re.match(r"^\s*(\d+\.\d+)\s+(\S+)\s+\d+/\d+\s+\d\d:\d\d\s+(\d+)/(\d+)\s+(.*)$", line)
-        if m:
-            held[m.group(1)] = {"owner": m.group(2), "hold_reason_code": int(m.group(3)),
-                                "hold_reason_subcode": int(m.group(4)), "hold_reason": m.group(5).strip()}
-    return held
-
-
-def parse_event_log(text: str) -> dict[str, JobStatus]:
-    """The job event log (`log = ...`): the last termination/abort/hold event per job."""
-    statuses: dict[str, JobStatus] = {}
-    for event in re.split(r"(?m)^\.\.\.\s*$", text):
-        m = re.search(r"^(\d{3}) \((\d+)\.(\d+)\.\d+\) [^\n]*?(\S[^\n]*)$", event.strip(), re.M)
-        if not m:
-            continue
-        code, job_id = m.group(1), f"{int(m.group(2))}.{int(m.group(3))}"
-        if code == "005":
-            normal = re.search(r"Normal termination \(return value (\d+)\)", event)
-            sig = re.search(r"Abnormal termination \(signal (\d+)\)", event)
-            ad = {"ClusterId": m.group(2), "ProcId": m.group(3), "JobStatus": 4}
-            if normal:
-                ad["ExitCode"] = normal.group(1)
-            elif sig:
-                ad.update(ExitBySignal=True, ExitSignal=sig.group(1))
-            statuses[job_id] = ad_to_status(ad)
-        elif code == "009":
-            statuses[job_id] = JobStatus(job_id, JobState.CANCELLED, "REMOVED", "aborted")
-        elif code == "012":
-            reason = re.search(r"\n\s+(.+)", event)
-            statuses[job_id] = JobStatus(job_id, JobState.PENDING, "HELD", reason.group(1).strip() if reason else "")
-        elif code in ("000", "001"):
-            statuses.setdefault(job_id, JobStatus(job_id, JobState.PENDING if code == "000" else JobState.RUNNING,
-                                                  "IDLE" if code == "000" else "RUNNING"))
-            if code == "001":
-                statuses[job_id] = JobStatus(job_id, JobState.RUNNING, "RUNNING")
-    return statuses
-
-
 def parse_condor_rm(stdout: str, stderr: str) -> dict[str, str]:
     """Per job id: 'removed' ('Job 1.0 marked for removal' / 'removed.'), 'not_found',
     'already_removed'."""
@@ -358,13 +273,6 @@ def parse_condor_rm(stdout: str, stderr: str) -> dict[str, str]:
     for m in re.finditer(r"Couldn't find/remove all jobs in cluster (\d+)", text):
         outcome.setdefault(m.group(1), "not_found")
     return outcome
-
-
-def classify_error(result: CommandResult) -> SchedulerError:
-    text = (result.stderr.strip() or result.stdout.strip())
-    if _TRANSIENT_ERRORS.search(text):
-        return TransientSchedulerError(text, result)
-    return SchedulerError(text or f"{result.argv[0]} exited {result.returncode}", result)
 
 
 # -- the submit description -----------------------------------------------------
@@ -459,6 +367,11 @@ class HTCondorScheduler(Scheduler):
     template_name: ClassVar[str] = "htcondor.sh.j2"
     #: HTCondor reads no directives from the script (the submit description carries them)
     directive_prefix: ClassVar[str] = "#"
+    transient_errors: ClassVar[Optional["re.Pattern[str]"]] = re.compile(
+        r"Failed to connect|Can't find address|Unable to contact|timed out|Connection refused|"
+        r"SECMAN|communicate with|temporarily unavailable|Failed to fetch ads|Failed to end classad message",
+        re.IGNORECASE,
+    )
     terminal_batch_size: ClassVar[int] = 50
     #: completed jobs stay in condor_q this long (leave_in_queue), see the module docstring
     keep_completed: ClassVar[int] = 300
@@ -478,9 +391,6 @@ class HTCondorScheduler(Scheduler):
     def parse_submit(self, stdout: str) -> str:
         return parse_condor_submit(stdout)
 
-    def submit_error(self, result: CommandResult) -> SchedulerError:
-        return classify_error(result)
-
     def find_by_name_argv(self, job_name: str) -> list[str]:
         # the name is [A-Za-z0-9_.+-] and a uuid: safe inside a ClassAd string
         return ["condor_q", "-constraint", f'JobBatchName == "{job_name}"', "-af:j", "JobStatus"]
@@ -498,7 +408,7 @@ class HTCondorScheduler(Scheduler):
 
     def parse_status(self, result: CommandResult) -> dict[str, JobStatus]:
         if not result.ok:
-            raise classify_error(result)
+            raise self.classify_error(result)
         try:
             return parse_live_ads(result.stdout)
         except json.JSONDecodeError as exc:
@@ -524,7 +434,7 @@ class HTCondorScheduler(Scheduler):
 
     def parse_terminal(self, result: CommandResult) -> dict[str, JobStatus]:
         if not result.ok:
-            raise classify_error(result)
+            raise self.classify_error(result)
         return parse_json_ads(result.stdout)
 
     def cancel_argvs(self, job_id: str, grace_seconds: int) -> list[list[str]]:
@@ -541,12 +451,12 @@ class HTCondorScheduler(Scheduler):
             others = [line for line in f"{result.stdout}\n{result.stderr}".splitlines()
                       if line.strip() and "Couldn't find/remove all jobs in cluster" not in line]
             if others:
-                raise classify_error(result)
+                raise self.classify_error(result)
         if outcome in ("not_found", "already_removed"):
             return False
         if outcome == "removed" or result.ok:
             return True
-        raise classify_error(result)
+        raise self.classify_error(result)
 
     # -- arrays: a cluster of procs `queue N`, task k is `<cluster>.<k>` ----------------
     array_index_variable: ClassVar[Optional[str]] = ARRAY_INDEX_VARIABLE
@@ -581,13 +491,12 @@ _WORD_RE = re.compile(r"^[A-Za-z0-9_.@+-]+$")
 _SINGLE_LINE_RE = re.compile(r"^[^\n\r]*$")
 
 
-
 class HTCondorJobConfiguration(BatchJobConfiguration):
     universe: str = Field(default="vanilla")
-    request_cpus: Optional[int] = Field(default=None)
+    request_cpus: AtLeastOne = Field(default=None)
     request_memory: Optional[str] = Field(default=None)
     request_disk: Optional[str] = Field(default=None)
-    request_gpus: Optional[int] = Field(default=None)
+    request_gpus: ZeroOrMore = Field(default=None)
     requirements: Optional[str] = Field(default=None)
     accounting_group: Optional[str] = Field(default=None)
     time_limit: Optional[str] = Field(default=None)
@@ -625,13 +534,6 @@ class HTCondorJobConfiguration(BatchJobConfiguration):
         for line in v:
             if re.match(r"^\s*queue\b", line, re.IGNORECASE):
                 raise ValueError(f"extra_directives: {line!r}: the worker writes the one 'queue' line itself")
-        return v
-
-    @field_validator("request_cpus", "request_gpus")
-    @classmethod
-    def _positive(cls, v, info):
-        if v is not None and v < (0 if info.field_name == "request_gpus" else 1):
-            raise ValueError(f"{info.field_name}: {v!r} must be a positive integer")
         return v
 
 

@@ -28,7 +28,6 @@ Parsers are pure functions over command output (tests/test_lsf_parsers.py).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Any, ClassVar, Mapping, Optional, Sequence
@@ -37,15 +36,15 @@ from pydantic import Field, field_validator
 
 from prefect_xm.core.resources import GiB, KiB, MiB, TiB, JobRequirements
 from prefect_xm.workers.requirements import limit_seconds, single_replica, untyped_gpus, whole_cpus, with_unit
-from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker, check_format
+from prefect_xm.workers.base import (
+    AtLeastOne, BatchJobConfiguration, BatchVariables, BatchWorker, ZeroOrMore, check_format,
+)
 from prefect_xm.workers.scheduler import (
     CommandResult,
     JobState,
     JobStatus,
     Scheduler,
-    SchedulerError,
     SubmitRequest,
-    TransientSchedulerError,
     chunked,
 )
 
@@ -71,12 +70,6 @@ BKILL_EXIT_CODE = 130
 STATUS_COLUMNS = ("jobid", "stat", "exit_code", "exec_host", "job_name", "exit_reason", "pend_reason")
 DELIMITER = "^"
 
-_TRANSIENT_ERRORS = re.compile(
-    r"LSF is down|not responding|Failed in an LSF library call|Unable to contact|"
-    r"Communication time out|timed out|Connection refused|temporarily unavailable|"
-    r"Please wait|LIM is down|Master LIM is down|cannot connect",
-    re.IGNORECASE,
-)
 _JOB_ID_RE = re.compile(r"^\d+(?:\[\d+\])?$")
 _NOT_FOUND_RE = re.compile(r"Job <([^>]+)> is not found")
 #: an array element's id, `123[4]`
@@ -178,49 +171,17 @@ def parse_bjobs_delimited(
         job_id = row.get("jobid", "")
         if not _JOB_ID_RE.match(job_id):
             continue
-        job_id = element_id(job_id, row.get("job_name", row.get("name", "")), row.get("jobindex", ""))
-        statuses[job_id] = to_status(
-            job_id, row.get("stat", ""), row.get("exit_code", ""),
-            row.get("exit_reason", ""), row.get("pend_reason", ""),
-        )
+        status = record_status(job_id, row)
+        statuses[status.job_id] = status
     return statuses
 
 
-def parse_bjobs_json(output: str, job_ids: Sequence[str] = ()) -> dict[str, JobStatus]:
-    """Statuses from `bjobs -json -o ...`. A record without JOBID (the field was not
-    asked for) is the job named on the command line, when exactly one was."""
-    data = json.loads(output)
-    statuses: dict[str, JobStatus] = {}
-    for record in data.get("RECORDS", []):
-        if "ERROR" in record and "STAT" not in record:
-            continue  # "Job <1> is not found"
-        job_id = record.get("JOBID") or (job_ids[0] if len(job_ids) == 1 else "")
-        if not job_id:
-            continue
-        job_id = element_id(job_id, record.get("JOB_NAME", record.get("NAME", "")), record.get("JOBINDEX", ""))
-        statuses[job_id] = to_status(
-            job_id, record.get("STAT", ""), record.get("EXIT_CODE", ""),
-            record.get("EXIT_REASON", ""), record.get("PEND_REASON", ""),
-        )
-    return statuses
-
-
-def parse_bjobs_table(output: str) -> dict[str, JobStatus]:
-    """Statuses from bjobs' default or wide (-w) table: JOBID USER STAT ... Banner lines
-    before the header and wrapped EXEC_HOST continuation lines are skipped."""
-    statuses: dict[str, JobStatus] = {}
-    seen_header = False
-    for line in output.splitlines():
-        parts = line.split()
-        if not parts:
-            continue
-        if parts[0] == "JOBID":
-            seen_header = True
-            continue
-        if not seen_header or len(parts) < 3 or not _JOB_ID_RE.match(parts[0]):
-            continue
-        statuses[parts[0]] = to_status(parts[0], parts[2])
-    return statuses
+def record_status(job_id: str, record: Mapping[str, str]) -> JobStatus:
+    """A bjobs record (by its -o field names, lower case) in the common model, under the
+    id it stands for (an array element's, see element_id)."""
+    job_id = element_id(job_id, record.get("job_name", record.get("name", "")), record.get("jobindex", ""))
+    return to_status(job_id, record.get("stat", ""), record.get("exit_code", ""),
+                     record.get("exit_reason", ""), record.get("pend_reason", ""))
 
 
 def unwrap_long(text: str) -> str:
@@ -275,20 +236,6 @@ def _last_event_state(block: str) -> str:
     return ""
 
 
-def parse_bhist_summary(output: str) -> dict[str, dict[str, int]]:
-    """`bhist` (no -l): seconds spent in each state, per job id."""
-    rows: dict[str, dict[str, int]] = {}
-    header: list[str] = []
-    for line in output.splitlines():
-        parts = line.split()
-        if parts[:1] == ["JOBID"]:
-            header = parts
-            continue
-        if header and parts and _JOB_ID_RE.match(parts[0]) and len(parts) == len(header):
-            rows[parts[0]] = {h: int(v) for h, v in zip(header, parts) if v.isdigit() and h not in ("JOBID", "USER", "JOB_NAME")}
-    return rows
-
-
 def parse_bkill(stdout: str, stderr: str) -> dict[str, str]:
     """Per job id: 'terminated', 'signaled', 'in_progress' (a large array's bkill goes on
     in mbatchd), 'already_finished' or 'not_found'."""
@@ -302,13 +249,6 @@ def parse_bkill(stdout: str, stderr: str) -> dict[str, str]:
     return outcome
 
 
-def classify_error(result: CommandResult) -> SchedulerError:
-    text = (result.stderr or result.stdout or "").strip()
-    if _TRANSIENT_ERRORS.search(text):
-        return TransientSchedulerError(text, result)
-    return SchedulerError(text or f"{result.argv[0]} exited {result.returncode}", result)
-
-
 # -- the Scheduler --------------------------------------------------------------
 
 
@@ -316,6 +256,12 @@ class LsfScheduler(Scheduler):
     name: ClassVar[str] = "lsf"
     template_name: ClassVar[str] = "lsf.sh.j2"
     directive_prefix: ClassVar[str] = "#BSUB"
+    transient_errors: ClassVar[Optional["re.Pattern[str]"]] = re.compile(
+        r"LSF is down|not responding|Failed in an LSF library call|Unable to contact|"
+        r"Communication time out|timed out|Connection refused|temporarily unavailable|"
+        r"Please wait|LIM is down|Master LIM is down|cannot connect",
+        re.IGNORECASE,
+    )
     #: bhist reads lsb.events: keep each call small
     terminal_batch_size: ClassVar[int] = 50
 
@@ -333,9 +279,6 @@ class LsfScheduler(Scheduler):
 
     def parse_submit(self, stdout: str) -> str:
         return parse_bsub(stdout)
-
-    def submit_error(self, result: CommandResult) -> SchedulerError:
-        return classify_error(result)
 
     def find_by_name_argv(self, job_name: str) -> list[str]:
         # an array's name, as array_submit_argv gave it to bsub (`-J name` lists its elements)
@@ -363,7 +306,7 @@ class LsfScheduler(Scheduler):
         other = [ln for ln in result.stderr.splitlines() if ln.strip() and not _NOT_FOUND_RE.search(ln)]
         if not other and (statuses or not_found_ids(result.stderr)):
             return statuses
-        raise classify_error(result)
+        raise self.classify_error(result)
 
     def terminal_argvs(self, job_ids: Sequence[str]) -> list[list[str]]:
         # While in CLEAN_PERIOD the status query itself carries the exit code and exit
@@ -376,7 +319,7 @@ class LsfScheduler(Scheduler):
         # bhist: "No matching job found"; bjobs -l: "Job <N> is not found"
         if result.ok or found or "No matching job found" in result.stderr or not_found_ids(result.stderr):
             return found
-        raise classify_error(result)
+        raise self.classify_error(result)
 
     def cancel_argvs(self, job_id: str, grace_seconds: int) -> list[list[str]]:
         # bkill is graceful by itself: SIGINT, SIGTERM, SIGKILL, JOB_TERMINATE_INTERVAL apart
@@ -397,7 +340,7 @@ class LsfScheduler(Scheduler):
             return False
         if outcome in ("terminated", "signaled", "in_progress") or result.ok:
             return True
-        raise classify_error(result)
+        raise self.classify_error(result)
 
     # -- arrays: one element is `<array>[<index>]` in bjobs, bhist and bkill
     array_index_variable: ClassVar[Optional[str]] = "LSB_JOBINDEX"
@@ -432,23 +375,15 @@ _WORD_RE = re.compile(r"^[A-Za-z0-9_.+:@/-]+$")
 _GPU_MODEL_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 
-
-def lsf_memory(value: str) -> str:
-    """'16G' -> '16GB' (LSF wants KB/MB/GB/TB); a bare number stays in LSF_UNIT_FOR_LIMITS."""
-    if value and value[-1] in "KMGT":
-        return value + "B"
-    return value
-
-
 class LsfJobConfiguration(BatchJobConfiguration):
     queue: Optional[str] = Field(default=None)
     project: Optional[str] = Field(default=None)
     time_limit: Optional[str] = Field(default=None)
-    slots: Optional[int] = Field(default=None)
+    slots: AtLeastOne = Field(default=None)
     memory: Optional[str] = Field(default=None)
     reserve_memory: bool = Field(default=False)
     resources: Optional[str] = Field(default=None)
-    gpus: Optional[int] = Field(default=None)
+    gpus: ZeroOrMore = Field(default=None)
     gpu_model: Optional[str] = Field(default=None)
     hold: bool = Field(default=False)
 
@@ -478,13 +413,6 @@ class LsfJobConfiguration(BatchJobConfiguration):
         if v is not None and ("\n" in v or "\r" in v or '"' in v):
             raise ValueError(f"resources: {v!r} must be a single line without double quotes")
         return v or None
-
-    @field_validator("slots", "gpus")
-    @classmethod
-    def _positive(cls, v, info):
-        if v is not None and v < (0 if info.field_name == "gpus" else 1):
-            raise ValueError(f"{info.field_name}: {v!r} must be a positive integer")
-        return v
 
 
 class LsfVariables(BatchVariables):

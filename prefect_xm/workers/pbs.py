@@ -53,14 +53,15 @@ from __future__ import annotations
 
 import json
 import re
-import xml.etree.ElementTree as ET
 from typing import Any, ClassVar, Literal, Mapping, Optional, Sequence
 
 from pydantic import Field, field_validator
 
 from prefect_xm.core.resources import GiB, KiB, MiB, TiB, JobRequirements
 from prefect_xm.workers.requirements import limit_seconds, hours_minutes_seconds, untyped_gpus, whole_cpus, with_unit
-from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker, check_format
+from prefect_xm.workers.base import (
+    AtLeastOne, BatchJobConfiguration, BatchVariables, BatchWorker, ZeroOrMore, check_format,
+)
 from prefect_xm.workers.scheduler import (
     CommandResult,
     JobState,
@@ -68,7 +69,6 @@ from prefect_xm.workers.scheduler import (
     Scheduler,
     SchedulerError,
     SubmitRequest,
-    TransientSchedulerError,
     chunked,
 )
 
@@ -134,15 +134,6 @@ _ARRAY_TOO_LARGE = re.compile(r"Array job exceeds server or queue size limit|max
 _UNKNOWN_RE = re.compile(r"Unknown Job Id:?\s+(\S+)")
 # qstat: "qstat: 12.srv Job has finished, use -x ..."; qdel: "qdel: Job has finished 12.srv"
 _FINISHED_RE = re.compile(rf"({_JOB_ID})\s+Job has finished|Job has finished\s+({_JOB_ID})")
-# Errors meaning "the server did not answer": retry later, assume nothing. The exit
-# codes are the ones ERT retries qsub on (pbs_errno & 0xff).
-_TRANSIENT_ERRORS = re.compile(
-    r"pbs_iff|cannot connect to (?:host|server)|Connection refused|Invalid credential|"
-    r"Premature end of message|timed out|Socket timed out|Unable to contact slurm controller|"
-    r"temporarily unavailable|Communication failure",
-    re.IGNORECASE,
-)
-_TRANSIENT_CODES = {162, 171, 183}
 
 
 def exit_status_meaning(code: int, dialect: str = "pbspro") -> tuple[JobState, str, Optional[int]]:
@@ -255,54 +246,6 @@ def parse_qstat_full(text: str, dialect: str = "pbspro") -> dict[str, JobStatus]
     return {job_id: job_status(job_id, attrs, dialect) for job_id, attrs in parse_qstat_full_records(text).items()}
 
 
-def parse_qstat_xml(text: str, dialect: str = "torque") -> dict[str, JobStatus]:
-    """Statuses from Torque's `qstat -x` (XML, one <Job> per job)."""
-    try:
-        root = ET.fromstring(text.strip())
-    except ET.ParseError as exc:
-        raise SchedulerError(f"qstat printed invalid XML: {exc}") from None
-    statuses: dict[str, JobStatus] = {}
-    for job in root.iter("Job"):
-        attrs = {child.tag: (child.text or "").strip() for child in job if len(child) == 0}
-        job_id = attrs.get("Job_Id", "")
-        if job_id:
-            statuses[job_id] = job_status(job_id, attrs, dialect)
-    return statuses
-
-
-def parse_qstat_table(text: str, dialect: str = "pbspro") -> dict[str, JobStatus]:
-    """Statuses from qstat's one-line-per-job formats (default, -a, -n1, -Ex -w): the
-    state is the column headed 'S' (located by the dashes under the header); lines
-    without a header (grep'd) take the second-to-last word. Truncated ids ('123.ser*')
-    are kept as printed."""
-    lines = text.splitlines()
-    spans: Optional[list[tuple[int, int]]] = None
-    state_col: Optional[int] = None
-    statuses: dict[str, JobStatus] = {}
-    for i, line in enumerate(lines):
-        if re.match(r"^-+(\s+-+)+\s*$", line):
-            spans = [(m.start(), m.end()) for m in re.finditer(r"-+", line)]
-            header = lines[i - 1] if i else ""
-            state_col = next(
-                (k for k, (a, b) in enumerate(spans) if header[a : b + 1].strip() == "S"), None
-            )
-            continue
-        words = line.split()
-        if not words or not re.match(r"^\d", words[0]):
-            continue
-        if spans is not None and state_col is not None:
-            a, b = spans[state_col]
-            native = line[a:b].strip()
-            if not re.match(r"^[A-Z]$", native) and len(words) >= len(spans):
-                native = words[state_col]  # misaligned columns: count words instead
-        elif len(words) >= 3:
-            native = words[-2]
-        else:
-            continue
-        statuses[words[0]] = job_status(words[0], {"job_state": native}, dialect)
-    return statuses
-
-
 def parse_tracejob(text: str, dialect: str = "torque") -> dict[str, JobStatus]:
     """A finished job's record from `tracejob ID` (the server's logs): 'Job: <id>' and
     the 'Exit_status=N' line."""
@@ -325,13 +268,6 @@ def only_unknown_errors(stderr: str) -> bool:
     return all(_UNKNOWN_RE.search(ln) or "Job has finished" in ln for ln in lines)
 
 
-def classify_error(result: CommandResult) -> SchedulerError:
-    text = (result.stderr.strip() + "\n" + result.stdout.strip()).strip()
-    if result.returncode in _TRANSIENT_CODES or _TRANSIENT_ERRORS.search(text):
-        return TransientSchedulerError(text, result)
-    return SchedulerError(text or f"{result.argv[0]} exited {result.returncode}", result)
-
-
 # -- the Scheduler --------------------------------------------------------------
 
 
@@ -341,17 +277,28 @@ class PbsScheduler(Scheduler):
     name: ClassVar[str] = "pbs"
     template_name: ClassVar[str] = "pbs.sh.j2"
     directive_prefix: ClassVar[str] = "#PBS"
+    #: what says "the server did not answer"; the exit codes are the ones ERT retries
+    #: qsub on (pbs_errno & 0xff)
+    transient_errors: ClassVar[Optional["re.Pattern[str]"]] = re.compile(
+        r"pbs_iff|cannot connect to (?:host|server)|Connection refused|Invalid credential|"
+        r"Premature end of message|timed out|Socket timed out|Unable to contact slurm controller|"
+        r"temporarily unavailable|Communication failure",
+        re.IGNORECASE,
+    )
+    transient_codes: ClassVar[frozenset[int]] = frozenset({162, 171, 183})
     dialect: ClassVar[str] = "pbspro"
     terminal_batch_size: ClassVar[int] = 100
+
+    def error_text(self, result: CommandResult) -> str:
+        # both streams: PBS commands and the wrappers sites put around them differ in
+        # which one carries the error, and neither hides the other
+        return (result.stderr.strip() + "\n" + result.stdout.strip()).strip()
 
     def submit_argv(self, request: SubmitRequest) -> list[str]:
         return ["qsub", request.script_path]
 
     def parse_submit(self, stdout: str) -> str:
         return parse_qsub(stdout)
-
-    def submit_error(self, result: CommandResult) -> SchedulerError:
-        return classify_error(result)
 
     def find_by_name_argv(self, job_name: str) -> list[str]:
         return ["qselect", "-x", "-N", job_name]  # -x: finished jobs too
@@ -370,7 +317,7 @@ class PbsScheduler(Scheduler):
             return parse_qstat_json(result.stdout, self.dialect)  # partial answers too (rc 153)
         if result.ok or only_unknown_errors(result.stderr):
             return {}
-        raise classify_error(result)
+        raise self.classify_error(result)
 
     def terminal_argvs(self, job_ids: Sequence[str]) -> list[list[str]]:
         # Batches of jobs and arrays (an array's subjobs all in one -t); then one job
@@ -408,7 +355,7 @@ class PbsScheduler(Scheduler):
             return False
         if not text.strip():
             return False  # Slurm's Torque qdel: silent rc 1 for finished or unknown ids
-        raise classify_error(result)
+        raise self.classify_error(result)
 
     # -- arrays: `qsub -J`; the array is `123[].server`, a subjob `123[4].server` in
     # qstat (-t), qdel and tracejob
@@ -467,9 +414,6 @@ class TorqueScheduler(PbsScheduler):
             if attrs.get("Job_Name") == job_name
         ]
 
-    def parse_find_by_name(self, stdout: str) -> list[str]:
-        return list(parse_qstat_full_records(stdout))
-
     def find_by_name_answered(self, result: CommandResult) -> bool:
         # Slurm's qstat exits 153, silently, when there is no job at all.
         return result.ok or (result.returncode == 153 and not result.stdout.strip() and not result.stderr.strip())
@@ -482,7 +426,7 @@ class TorqueScheduler(PbsScheduler):
             return parse_qstat_full(result.stdout, self.dialect)  # partial answers too (rc 153)
         if result.ok or only_unknown_errors(result.stderr):
             return {}
-        raise classify_error(result)
+        raise self.classify_error(result)
 
     def terminal_argvs(self, job_ids: Sequence[str]) -> list[list[str]]:
         # C records carry exit_status for keep_completed seconds; after that, tracejob.
@@ -503,16 +447,15 @@ _SIZE_RE = re.compile(r"^\d+(?:[kKmMgGtTpP]?[bBwW])?$")
 _WORD_RE = re.compile(r"^[A-Za-z0-9_.@+-]+$")
 
 
-
 class PbsJobConfiguration(BatchJobConfiguration):
     dialect: Literal["pbspro", "torque"] = Field(default="pbspro")
     queue: Optional[str] = Field(default=None)
     account: Optional[str] = Field(default=None)
     time_limit: Optional[str] = Field(default=None)
-    nodes: Optional[int] = Field(default=None)
-    cpus: Optional[int] = Field(default=None)
+    nodes: AtLeastOne = Field(default=None)
+    cpus: AtLeastOne = Field(default=None)
     memory: Optional[str] = Field(default=None)
-    gpus: Optional[int] = Field(default=None)
+    gpus: ZeroOrMore = Field(default=None)
     hold: bool = Field(default=False)
 
     @field_validator("time_limit")
@@ -529,13 +472,6 @@ class PbsJobConfiguration(BatchJobConfiguration):
     @classmethod
     def _word(cls, v, info):
         return check_format(_WORD_RE, info.field_name, v, "a single word")
-
-    @field_validator("nodes", "cpus", "gpus")
-    @classmethod
-    def _positive(cls, v, info):
-        if v is not None and v < (0 if info.field_name == "gpus" else 1):
-            raise ValueError(f"{info.field_name}: {v!r} must be a positive integer")
-        return v
 
 
 class PbsVariables(BatchVariables):

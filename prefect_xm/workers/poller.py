@@ -66,7 +66,6 @@ class JobPoller:
         self.command_timeout = command_timeout
         self.jobs: dict[str, TrackedJob] = {}
         self.failing_since: Optional[float] = None
-        self.polls = 0
         self._wakeup = asyncio.Event()
         self._task: Optional[asyncio.Task] = None
 
@@ -128,7 +127,6 @@ class JobPoller:
         if not live:
             return
         ids = [j.job_id for j in live]
-        self.polls += 1
         try:
             result = await self.transport.run(
                 self.scheduler.status_argv(ids), timeout=self.command_timeout

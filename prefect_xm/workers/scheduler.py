@@ -109,6 +109,26 @@ class Scheduler:
     #: tracejob); the poller offers the least recently asked jobs first
     per_id_lookups: ClassVar[int] = 10
 
+    #: what a command prints when the scheduler did not answer (its controller down,
+    #: unreachable or slow): retry later, assume nothing
+    transient_errors: ClassVar[Optional["re.Pattern[str]"]] = None
+    #: exit codes that say the same
+    transient_codes: ClassVar[frozenset[int]] = frozenset()
+
+    # -- errors -----------------------------------------------------------------
+    def error_text(self, result: CommandResult) -> str:
+        """What a failed command said: its stderr, else its stdout."""
+        return result.stderr.strip() or result.stdout.strip()
+
+    def classify_error(self, result: CommandResult) -> SchedulerError:
+        """A failed command's error, in the scheduler's words: TransientSchedulerError
+        when the scheduler did not answer (transient_errors, transient_codes)."""
+        text = self.error_text(result)
+        if result.returncode in self.transient_codes or (
+                self.transient_errors is not None and self.transient_errors.search(text)):
+            return TransientSchedulerError(text, result)
+        return SchedulerError(text or f"{result.argv[0]} exited {result.returncode}", result)
+
     # -- submission -------------------------------------------------------------
     def submit_argv(self, request: SubmitRequest) -> list[str]:
         raise NotImplementedError
@@ -124,7 +144,7 @@ class Scheduler:
     def submit_error(self, result: CommandResult) -> SchedulerError:
         """Classify a failed submission: TransientSchedulerError means 'maybe accepted,
         check and retry'; anything else is the scheduler's verdict, shown verbatim."""
-        return SchedulerError(result.stderr.strip() or result.stdout.strip(), result)
+        return self.classify_error(result)
 
     def find_by_name_argv(self, job_name: str) -> list[str]:
         """A query listing the ids of live jobs with this name (before a retried submit)."""

@@ -39,13 +39,14 @@ from prefect_xm.workers.requirements import (
     whole_cpus,
     with_unit,
 )
-from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker, check_format
+from prefect_xm.workers.base import (
+    AtLeastOne, BatchJobConfiguration, BatchVariables, BatchWorker, ZeroOrMore, check_format,
+)
 from prefect_xm.workers.scheduler import (
     CommandResult,
     JobState,
     JobStatus,
     Scheduler,
-    SchedulerError,
     SubmitRequest,
     TransientSchedulerError,
     chunked,
@@ -54,13 +55,6 @@ from prefect_xm.workers.scheduler import (
 
 # -- state model ----------------------------------------------------------------
 
-# Errors meaning "qmaster did not answer": retry later, assume nothing.
-_TRANSIENT_ERRORS = re.compile(
-    r"unable to contact qmaster|commlib error|failed receiving gdi request|"
-    r"got select error|Connection refused|timed out|can't unpack gdi request|"
-    r"error: failed to|no (?:route|connection)|temporarily unavailable",
-    re.IGNORECASE,
-)
 
 _JOB_ID_RE = re.compile(r"^\d+(?:\.\d+)?$")
 
@@ -173,21 +167,6 @@ def parse_qstat_names(output: str) -> dict[str, str]:
     return names
 
 
-_TABLE_ROW_RE = re.compile(r"^\s*(\d+)\s+[\d.]+\s+\S+\s+\S+\s+([A-Za-z]+)\s")
-
-
-def parse_qstat_table(output: str) -> dict[str, JobStatus]:
-    """Statuses from qstat's default table (SGE, and Univa's with the jclass column)."""
-    statuses: dict[str, JobStatus] = {}
-    for line in output.splitlines():
-        m = _TABLE_ROW_RE.match(line)
-        if not m:
-            continue
-        job_id, code = m.groups()
-        statuses.setdefault(job_id, JobStatus(job_id, state_of(code), code, _reason_of(code)))
-    return statuses
-
-
 def parse_qacct_records(output: str) -> list[dict[str, str]]:
     """The records of `qacct -j`: key/value blocks separated by '=====' lines; the
     per-owner summary table some invocations append is ignored."""
@@ -281,13 +260,6 @@ def parse_qstat_j_errors(output: str) -> dict[str, JobStatus]:
     return statuses
 
 
-def classify_error(result: CommandResult) -> SchedulerError:
-    text = (result.stderr or result.stdout).strip()
-    if _TRANSIENT_ERRORS.search(text):
-        return TransientSchedulerError(text, result)
-    return SchedulerError(text or f"{result.argv[0]} exited {result.returncode}", result)
-
-
 def combine_tasks(job_id: str, statuses: Mapping[str, JobStatus]) -> Optional[JobStatus]:
     """An array job as a whole from its tasks ('ID.N'): not started until all have
     started, ended only when all have ended, failed if any failed."""
@@ -302,6 +274,12 @@ class SgeScheduler(Scheduler):
     name: ClassVar[str] = "sge"
     template_name: ClassVar[str] = "sge.sh.j2"
     directive_prefix: ClassVar[str] = "#$"
+    transient_errors: ClassVar[Optional["re.Pattern[str]"]] = re.compile(
+        r"unable to contact qmaster|commlib error|failed receiving gdi request|"
+        r"got select error|Connection refused|timed out|can't unpack gdi request|"
+        r"error: failed to|no (?:route|connection)|temporarily unavailable",
+        re.IGNORECASE,
+    )
     # qstat -j over many ids prints every job's full record: bounded batches.
     error_batch_size: ClassVar[int] = 50
 
@@ -313,16 +291,10 @@ class SgeScheduler(Scheduler):
     def parse_submit(self, stdout: str) -> str:
         return parse_qsub(stdout)
 
-    def submit_error(self, result: CommandResult) -> SchedulerError:
-        return classify_error(result)
-
     def find_by_name_argv(self, job_name: str) -> list[str]:
         # qstat cannot filter a listing by name, and `qstat -j NAME` forgets finished
         # jobs: list live and recently finished (zombie, -s z) jobs, filter in jobs_named.
         return ["qstat", "-xml", "-s", "prsz"]
-
-    def parse_find_by_name(self, stdout: str) -> list[str]:
-        return list(parse_qstat_names(stdout))
 
     def jobs_named(self, job_name: str, stdout: str) -> list[str]:
         return [job_id for job_id, name in parse_qstat_names(stdout).items() if name == job_name]
@@ -340,7 +312,7 @@ class SgeScheduler(Scheduler):
 
     def parse_status(self, result: CommandResult) -> dict[str, JobStatus]:
         if not result.ok:
-            raise classify_error(result)
+            raise self.classify_error(result)
         try:
             return parse_qstat_xml(result.stdout)
         except ET.ParseError as exc:
@@ -383,12 +355,12 @@ class SgeScheduler(Scheduler):
             if not result.ok and "do not exist" in (result.stderr + result.stdout):
                 return {}
             if not result.ok:
-                raise classify_error(result)
+                raise self.classify_error(result)
             return parse_qstat_j_errors(result.stdout)
         if not result.ok:
             if "not found" in result.stderr or "not found" in result.stdout:
                 return {}  # not (yet) in the accounting file
-            raise classify_error(result)
+            raise self.classify_error(result)
         return parse_qacct(result.stdout)
 
     def cleanup_argvs(self, status: JobStatus) -> list[list[str]]:
@@ -431,7 +403,7 @@ class SgeScheduler(Scheduler):
             return False
         if result.ok:
             return True
-        raise classify_error(result)
+        raise self.classify_error(result)
 
 
 # -- job variables and the worker ------------------------------------------------
@@ -441,15 +413,14 @@ _MEMORY_RE = re.compile(r"^\d+(?:\.\d+)?[KkMmGgTt]?$")
 _WORD_RE = re.compile(r"^[A-Za-z0-9_.@+*,-]+$")
 
 
-
 class SgeJobConfiguration(BatchJobConfiguration):
     queue: Optional[str] = Field(default=None)
     project: Optional[str] = Field(default=None)
     time_limit: Optional[str] = Field(default=None)
     memory: Optional[str] = Field(default=None)
-    slots: Optional[int] = Field(default=None)
+    slots: AtLeastOne = Field(default=None)
     parallel_environment: Optional[str] = Field(default="smp")
-    gpus: Optional[int] = Field(default=None)
+    gpus: ZeroOrMore = Field(default=None)
     gpu_resource: str = Field(default="gpu")
     shell: str = Field(default="/bin/bash")
 
@@ -472,13 +443,6 @@ class SgeJobConfiguration(BatchJobConfiguration):
     @classmethod
     def _shell(cls, v):
         return check_format(re.compile(r"^/[^\s]+$"), "shell", v, "'/bin/bash'")
-
-    @field_validator("slots", "gpus")
-    @classmethod
-    def _positive(cls, v, info):
-        if v is not None and v < (0 if info.field_name == "gpus" else 1):
-            raise ValueError(f"{info.field_name}: {v!r} must be a positive integer")
-        return v
 
 
 class SgeVariables(BatchVariables):

@@ -15,7 +15,9 @@ from pydantic import Field, field_validator
 
 from prefect_xm.core.resources import JobRequirements
 from prefect_xm.workers.requirements import limit_seconds, whole_cpus, with_unit
-from prefect_xm.workers.base import BatchJobConfiguration, BatchVariables, BatchWorker, check_format
+from prefect_xm.workers.base import (
+    AtLeastOne, BatchJobConfiguration, BatchVariables, BatchWorker, ZeroOrMore, check_format,
+)
 from prefect_xm.workers.scheduler import (
     CommandResult,
     JobState,
@@ -23,7 +25,6 @@ from prefect_xm.workers.scheduler import (
     Scheduler,
     SchedulerError,
     SubmitRequest,
-    TransientSchedulerError,
     chunked,
     combine_parts,
 )
@@ -61,14 +62,6 @@ STATE_MAP: dict[str, JobState] = {
 # 123, 123_4, 123_[5-9%2], 123+0; never step ids (123.batch, 123.0, 123.ext+)
 _JOB_ID = r"\d+(?:_\d+|_\[[^\]\s]*\]|\+\d+)?"
 _JOB_ID_RE = re.compile(rf"^{_JOB_ID}$")
-
-# Errors meaning "the controller did not answer": retry later, assume nothing.
-_TRANSIENT_ERRORS = re.compile(
-    r"Socket timed out|Unable to contact slurm controller|Connection refused|"
-    r"Zero Bytes were transmitted|Communication connection failure|"
-    r"slurm_receive_msg|Transport endpoint|temporarily unavailable",
-    re.IGNORECASE,
-)
 
 
 def normalize_state(raw: str) -> tuple[str, str]:
@@ -243,13 +236,6 @@ def parse_sacct(
     return statuses
 
 
-def classify_error(result: CommandResult) -> SchedulerError:
-    text = (result.stderr or result.stdout).strip()
-    if _TRANSIENT_ERRORS.search(text):
-        return TransientSchedulerError(text, result)
-    return SchedulerError(text or f"{result.argv[0]} exited {result.returncode}", result)
-
-
 def combine_components(job_id: str, statuses: dict[str, JobStatus]) -> Optional[JobStatus]:
     """The status of a job as a whole when only its components are listed: array tasks
     (123_4) or het-job components (123+0). Not started until all have started; ended
@@ -265,6 +251,12 @@ class SlurmScheduler(Scheduler):
     name: ClassVar[str] = "slurm"
     template_name: ClassVar[str] = "slurm.sh.j2"
     directive_prefix: ClassVar[str] = "#SBATCH"
+    transient_errors: ClassVar[Optional["re.Pattern[str]"]] = re.compile(
+        r"Socket timed out|Unable to contact slurm controller|Connection refused|"
+        r"Zero Bytes were transmitted|Communication connection failure|"
+        r"slurm_receive_msg|Transport endpoint|temporarily unavailable",
+        re.IGNORECASE,
+    )
     status_fields: ClassVar[str] = "%i|%T|%r"
     # Bounded batches: one sacct over hundreds of ids can hang a slurmdbd.
     terminal_batch_size: ClassVar[int] = 100
@@ -274,9 +266,6 @@ class SlurmScheduler(Scheduler):
 
     def parse_submit(self, stdout: str) -> str:
         return parse_sbatch(stdout)
-
-    def submit_error(self, result: CommandResult) -> SchedulerError:
-        return classify_error(result)
 
     def find_by_name_argv(self, job_name: str) -> list[str]:
         return ["squeue", "-h", "-t", "all", "--name", job_name, "-o", "%i"]
@@ -290,7 +279,7 @@ class SlurmScheduler(Scheduler):
 
     def parse_status(self, result: CommandResult) -> dict[str, JobStatus]:
         if not result.ok:
-            raise classify_error(result)
+            raise self.classify_error(result)
         return parse_squeue(result.stdout)
 
     def lookup(self, job_id: str, statuses: dict[str, JobStatus]) -> Optional[JobStatus]:
@@ -313,7 +302,7 @@ class SlurmScheduler(Scheduler):
             err = result.stderr
             if "Invalid job id" in err or "accounting storage is disabled" in err.lower():
                 return {}
-            raise classify_error(result)
+            raise self.classify_error(result)
         if result.argv[0] == "scontrol":
             return parse_scontrol_show_job(text)
         columns = result.argv[result.argv.index("-o") + 1].split(",") if "-o" in result.argv else None
@@ -374,18 +363,21 @@ class SlurmScheduler(Scheduler):
             if "error:" in err:
                 raise SchedulerError(err.strip(), result)
             return True
-        raise classify_error(result)
+        raise self.classify_error(result)
 
 
 # -- job variables and the worker ------------------------------------------------
 
-_TIME_RE = re.compile(
-    r"^(?:\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}"
-    r"|UNLIMITED|INFINITE|unlimited|infinite)$"
-)
 _MEMORY_RE = re.compile(r"^\d+[KMGT]?$")
 _DIRECTIVE_VALUE_RE = re.compile(r"^[^\n\r]*$")
 
+
+#: --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or no limit (Slurm reads
+#: UNLIMITED and INFINITE in any case)
+TIME_LIMIT = re.compile(
+    r"^(?:\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}"
+    r"|UNLIMITED|INFINITE|unlimited|infinite)$"
+)
 
 
 class SlurmJobConfiguration(BatchJobConfiguration):
@@ -393,11 +385,11 @@ class SlurmJobConfiguration(BatchJobConfiguration):
     account: Optional[str] = Field(default=None)
     qos: Optional[str] = Field(default=None)
     time_limit: Optional[str] = Field(default=None)
-    nodes: Optional[int] = Field(default=None)
-    ntasks: Optional[int] = Field(default=None)
-    cpus_per_task: Optional[int] = Field(default=None)
+    nodes: AtLeastOne = Field(default=None)
+    ntasks: AtLeastOne = Field(default=None)
+    cpus_per_task: AtLeastOne = Field(default=None)
     memory: Optional[str] = Field(default=None)
-    gpus: Optional[int] = Field(default=None)
+    gpus: ZeroOrMore = Field(default=None)
     gpu_type: Optional[str] = Field(default=None)
     constraint: Optional[str] = Field(default=None)
     het_job: bool = Field(default=True)
@@ -405,7 +397,7 @@ class SlurmJobConfiguration(BatchJobConfiguration):
     @field_validator("time_limit")
     @classmethod
     def _time_limit(cls, v):
-        return check_format(_TIME_RE, "time_limit", v, "'90' (minutes), '2:30:00', '1-12:00:00'")
+        return check_format(TIME_LIMIT, "time_limit", v, "'90' (minutes), '2:30:00', '1-12:00:00'")
 
     @field_validator("memory")
     @classmethod
@@ -418,13 +410,6 @@ class SlurmJobConfiguration(BatchJobConfiguration):
         if v is not None and not re.match(r"^[^\s]+$", v) and info.field_name != "constraint":
             raise ValueError(f"{info.field_name}: {v!r} must be a single word")
         return check_format(_DIRECTIVE_VALUE_RE, info.field_name, v, "a single line")
-
-    @field_validator("nodes", "ntasks", "cpus_per_task", "gpus")
-    @classmethod
-    def _positive(cls, v, info):
-        if v is not None and v < (0 if info.field_name == "gpus" else 1):
-            raise ValueError(f"{info.field_name}: {v!r} must be a positive integer")
-        return v
 
 
 class SlurmVariables(BatchVariables):
@@ -439,7 +424,7 @@ class SlurmVariables(BatchVariables):
         default=None,
         title="Time limit",
         description="Wall-clock limit (--time): minutes, 'HH:MM:SS' or 'D-HH:MM:SS'.",
-        pattern=_TIME_RE.pattern,
+        pattern=TIME_LIMIT.pattern,
     )
     nodes: Optional[int] = Field(default=None, ge=1, title="Nodes", description="Number of nodes (--nodes).")
     ntasks: Optional[int] = Field(default=None, ge=1, title="Tasks", description="Number of tasks (--ntasks).")
