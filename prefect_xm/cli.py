@@ -144,7 +144,7 @@ def cmd_list(limit: Optional[int]) -> int:
         wu_text = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "-"
         created = ov["created"].strftime("%Y-%m-%d %H:%M:%S") if ov["created"] else "-"
         state = ov["state"] + (" (launcher gone)" if ov["message"].startswith(GONE_MESSAGE) else "")
-        table.add_row(e.experiment_id, e.experiment_title, f"[{_style(ov['state'])}]{state}[/]",
+        table.add_row(str(e.experiment_id), e.experiment_title, f"[{_style(ov['state'])}]{state}[/]",
                       wu_text, created, ov["duration"])
     _console().print(table)
     return 0

@@ -92,7 +92,7 @@ def test_stop_cancels_a_running_experiment(api, tmp_path):
         [exe] = experiment.package([xm.Packageable(xm.Command([sys.executable, "-c", code]), xm_local.Local.Spec())])
         wu = experiment.add(xm.Job(exe, xm_local.Local(), args=[str(tmp_path / "pid")]))
         wait_for(lambda: wu.get_status().is_running, timeout=120, what="the work unit to run")
-        stopped = _cli(api, "stop", experiment.experiment_id)
+        stopped = _cli(api, "stop", str(experiment.experiment_id))
         assert stopped.returncode == 0, stopped.stderr[-3000:]
         assert "Cancelled" in stopped.stdout
     assert wu.get_status().is_cancelled

@@ -152,6 +152,7 @@ def test_product_sweep_of_job_groups(api, tmp_path):
             )
             experiment.add(group, args=xm.get_args_for_all_jobs(group, hp))
     exp_id = experiment.experiment_id
+    assert isinstance(exp_id, int) and xm_local.get_experiment(exp_id).experiment_id == exp_id  # as XManager's
     assert len(experiment.work_units) == 6
     for wid, wu in experiment.work_units.items():
         assert wu.get_status().is_completed, (wid, wu.get_status())

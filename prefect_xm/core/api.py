@@ -14,7 +14,6 @@ import concurrent.futures
 import datetime
 import logging
 import os
-import secrets
 from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence, Union
 from uuid import UUID
 
@@ -92,7 +91,7 @@ class WorkUnit:
 
     # XManager names
     @property
-    def experiment_id(self) -> str:
+    def experiment_id(self) -> store.ExperimentId:
         return self.experiment.experiment_id
 
     @property
@@ -274,7 +273,7 @@ class Experiment:
     work unit launched here and ends the experiment run Completed (or Failed/Cancelled).
     """
 
-    def __init__(self, experiment_id: str, experiment_title: str, flow_run_id: UUID) -> None:
+    def __init__(self, experiment_id: store.ExperimentId, experiment_title: str, flow_run_id: UUID) -> None:
         self.experiment_id = experiment_id
         self.experiment_title = experiment_title
         self.flow_run_id = flow_run_id
@@ -479,7 +478,7 @@ class Experiment:
             self._next_id += 1
             wu = WorkUnit(self, wid, parameters, None, identity=identity)
             self._work_units[wid] = wu
-        tags = [store.TAG_XM, store.TAG_KIND + kind, store.TAG_EXPERIMENT + self.experiment_id, wu.unit_tag,
+        tags = [store.TAG_XM, store.TAG_KIND + kind, store.experiment_tag(self.experiment_id), wu.unit_tag,
                 store.TAG_JOB_COUNT + str(len(members)), store.TAG_IMPORTANCE + role.importance.value]
         if ident_tag:
             tags.append(ident_tag)
@@ -782,7 +781,7 @@ class _GeneratorWorkUnit:
         self.work_unit_id = work_unit_id
 
     @property
-    def experiment_id(self) -> str:
+    def experiment_id(self) -> store.ExperimentId:
         return self.experiment.experiment_id
 
     @property
@@ -850,8 +849,8 @@ async def _create(experiment_title: str, identity: Optional[str]) -> Experiment:
         found = await store.read_runs(client, tags=[store.TAG_KIND + store.KIND_EXPERIMENT, tag], limit=1)
         if found:
             return _experiment_from_run(found[0])
-    exp_id = secrets.token_hex(4)
-    tags = [store.TAG_XM, store.TAG_KIND + store.KIND_EXPERIMENT, store.TAG_EXPERIMENT + exp_id]
+    exp_id = store.new_experiment_id()
+    tags = [store.TAG_XM, store.TAG_KIND + store.KIND_EXPERIMENT, store.experiment_tag(exp_id)]
     if identity is not None:
         tags.append(store.identity_tag(identity, store.TAG_EXPERIMENT_IDENTITY))
     run = await client.create_flow_run(
@@ -869,9 +868,10 @@ async def adopt_flow_run(flow_run_id: UUID, experiment_title: str) -> Experiment
     tags it, names it after the title, returns its Experiment (the flow drives it)."""
     client = await store.client()
     run = await client.read_flow_run(flow_run_id)
-    exp_id = store.tag_value(run.tags or [], store.TAG_EXPERIMENT) or secrets.token_hex(4)
+    tagged = store.tag_value(run.tags or [], store.TAG_EXPERIMENT)
+    exp_id = store.experiment_id_of(tagged) if tagged else store.new_experiment_id()
     tags = list(dict.fromkeys(list(run.tags or []) + [store.TAG_XM, store.TAG_KIND + store.KIND_EXPERIMENT,
-                                                       store.TAG_EXPERIMENT + exp_id]))
+                                                       store.experiment_tag(exp_id)]))
     await client.update_flow_run(flow_run_id, name=experiment_title, tags=tags)
     exp = Experiment(exp_id, experiment_title, flow_run_id)
     exp._loaded = True
@@ -896,7 +896,7 @@ async def drive_adopted(experiment: Experiment, add_work_units: Callable[[Experi
 
 
 def _experiment_from_run(run) -> Experiment:
-    exp_id = store.tag_value(run.tags, store.TAG_EXPERIMENT)
+    exp_id = store.experiment_id_of(store.tag_value(run.tags, store.TAG_EXPERIMENT))
     return Experiment(exp_id, run.name, run.id)
 
 

@@ -97,7 +97,7 @@ async def submit(client, unit, m: Member, gang_place: Sequence[str] = ()) -> Non
 
     from prefect_xm.flows.job_runner import run_job
 
-    tags = [store.TAG_XM, store.TAG_KIND + store.KIND_JOB, store.TAG_EXPERIMENT + unit.experiment_id,
+    tags = [store.TAG_XM, store.TAG_KIND + store.KIND_JOB, store.experiment_tag(unit.experiment_id),
             unit.unit_tag, *gang_place, store.TAG_JOB + m.key]
     name = f"{unit.experiment.experiment_title}-{unit.unit_label}-{m.key}"
     link = await store.link_task_run(client, unit.flow_run_id, f"job-{m.key}", "xm.job", m.key)

@@ -1,7 +1,7 @@
 """The store: Prefect holds every experiment's state, as flow runs and their tags.
 
 - the experiment is a flow run of ``xm-experiment`` named after its title and tagged
-  ``xm``, ``xm-kind:experiment``, ``xm-experiment:<id>``; its id is a short hex string;
+  ``xm``, ``xm-kind:experiment``, ``xm-experiment:<id>``; its id is an int, as XManager's (nine digits);
 - each work unit is a flow run of ``xm-work-unit`` (a subflow of the experiment run,
   linked through a task run in it) tagged ``xm-kind:work-unit``, ``xm-work-unit:<n>`` and,
   with an identity, ``xm-identity:<identity>``; its parameters are its args;
@@ -18,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from typing import Iterable, Optional, Sequence
+import secrets
+from typing import Iterable, Optional, Sequence, Union
 from uuid import UUID
 
 from prefect.client.schemas.objects import StateType
@@ -34,6 +35,25 @@ KIND_WORK_UNIT = "work-unit"
 KIND_JOB = "job"
 TAG_EXPERIMENT = "xm-experiment:"
 TAG_EXPERIMENT_IDENTITY = "xm-experiment-identity:"
+
+#: what an experiment is known by: an int (experiments made before ids were ints keep
+#: their hex string)
+ExperimentId = Union[int, str]
+
+
+def new_experiment_id() -> int:
+    """Nine random digits: XManager's ids are ints, and an id must be unique without a
+    counter to share between launchers on different machines."""
+    return 100_000_000 + secrets.randbelow(900_000_000)
+
+
+def experiment_id_of(tag_value: str) -> ExperimentId:
+    """The id an experiment's tag names: an int where the tag is one, exactly."""
+    return int(tag_value) if tag_value.isdigit() and str(int(tag_value)) == tag_value else tag_value
+
+
+def experiment_tag(experiment_id: ExperimentId) -> str:
+    return TAG_EXPERIMENT + str(experiment_id)
 TAG_WORK_UNIT = "xm-work-unit:"
 TAG_IDENTITY = "xm-identity:"
 TAG_JOB = "xm-job:"
@@ -97,10 +117,10 @@ async def read_runs(client, *, tags: Sequence[str], ids: Optional[Sequence[UUID]
         offset += len(batch)
 
 
-async def experiment_runs(client, experiment_id: str, kind: str = KIND_WORK_UNIT, unit_tag: Optional[str] = None):
+async def experiment_runs(client, experiment_id: ExperimentId, kind: str = KIND_WORK_UNIT, unit_tag: Optional[str] = None):
     """The runs of one kind (work units, auxiliary units, jobs) of an experiment; with
     `unit_tag`, only those of that unit."""
-    tags = [TAG_KIND + kind, TAG_EXPERIMENT + experiment_id]
+    tags = [TAG_KIND + kind, experiment_tag(experiment_id)]
     if unit_tag is not None:
         tags.append(unit_tag)
     return await read_runs(client, tags=tags)

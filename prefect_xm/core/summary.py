@@ -36,7 +36,7 @@ def print_progress(experiment, counts: Mapping[str, int]) -> None:
 PROGRESS_HOOK = None if os.environ.get("PREFECT_XM_PROGRESS", "1").lower() in ("0", "false", "no") else print_progress
 
 
-async def work_unit_counts(client, experiment_id: str) -> dict[str, int]:
+async def work_unit_counts(client, experiment_id: store.ExperimentId) -> dict[str, int]:
     """{state name: how many work units are in it}."""
     counts: dict[str, int] = {}
     for r in await store.experiment_runs(client, experiment_id):
@@ -73,7 +73,7 @@ def args_text(args: Any) -> str:
     return json.dumps(args)
 
 
-async def summary_rows(client, experiment_id: str) -> list[dict[str, Any]]:
+async def summary_rows(client, experiment_id: store.ExperimentId) -> list[dict[str, Any]]:
     """One row per work unit: its args, state, duration and message."""
     from prefect.client.schemas.objects import StateType
 
@@ -173,7 +173,7 @@ async def experiment_overview(experiment) -> dict[str, Any]:
     }
 
 
-async def job_states_by_work_unit(client, experiment_id: str) -> dict[str, list[str]]:
+async def job_states_by_work_unit(client, experiment_id: store.ExperimentId) -> dict[str, list[str]]:
     """{work unit id: ["<job>=<state name>", ...]}, jobs in the order of their runs' names."""
     jobs = await store.experiment_runs(client, experiment_id, store.KIND_JOB)
     per_wu: dict[str, list[str]] = {}
