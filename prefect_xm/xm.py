@@ -6,7 +6,7 @@ A launch script written for XManager ports by changing its imports to
 
 from prefect_xm.core import job_operators
 from prefect_xm.core.args import SequentialArgs, ShellSafeArg, UserArgs, merge_args, to_argv
-from prefect_xm.core.api import Experiment, WorkUnit
+from prefect_xm.core.api import Experiment, LaunchedJob, WorkUnit, WorkUnitCompletedAwaitable
 from prefect_xm.core.job_blocks import (
     BazelBinary,
     BazelContainer,
@@ -76,6 +76,7 @@ from prefect_xm.core.status import (
     ExperimentUnitNotCompletedError,
     ExperimentUnitStatus,
     NotFoundError,
+    ReloadError,
 )
 
 
@@ -106,5 +107,6 @@ __all__ = [
     "ModuleName", "Packageable", "PythonContainer", "ResourceType", "SequentialArgs", "ShellSafeArg", "TB",
     "TiB", "UserArgs", "WorkUnit", "WorkUnitStatus", "bazel_binary", "bazel_container", "binary", "container",
     "dockerfile_container", "get_args_for_all_jobs", "job_operators", "PB", "PiB",
+    "LaunchedJob", "ReloadError", "WorkUnitCompletedAwaitable",
     "mCPU", "merge_args", "python_container", "run_in_asyncio_loop", "to_argv", "vCPU",
 ]

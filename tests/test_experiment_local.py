@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import os
 import subprocess
@@ -503,6 +505,15 @@ async def test_async_launch_script_with_a_job_generator(api, tmp_path):
         assert await wu.wait_until_complete() is wu  # XManager's: the unit itself
         assert wu.get_status().is_completed
         assert wu.args == {"lr": 0.5, "steps": 3}
+        # XManager's completion events: coroutines that name their work unit
+        events = [u.wait_until_complete() for u in (plain, wu)]
+        assert all(isinstance(e, xm.WorkUnitCompletedAwaitable) for e in events)
+        assert [e.work_unit for e in events] == [plain, wu]
+        assert {await done for done in asyncio.as_completed(events)} == {plain, wu}
+        launched = wu.launched_jobs
+        assert [j.name for j in launched] == ["evaluator", "trainer"]
+        assert all(isinstance(j, xm.LaunchedJob) and (j.logs is None or "/runs/flow-run/" in j.logs)
+                   for j in launched)
     assert plain.get_status().is_completed
     jobs = _runs("xm-kind:job", f"xm-experiment:{experiment.experiment_id}", "xm-work-unit:1")
     assert sorted((j.tags[-1], tuple(j.parameters["args"])) for j in jobs) == [

@@ -383,3 +383,4 @@ def test_xmanagers_job_operators_walk_a_job_structure():
     [clique] = xm.job_operators.aggregate_constraint_cliques(copied)
     assert clique.constraint is deadline and clique.jobs == [copied.jobs["actors"].jobs["actor"]]
     assert xm.PiB == 1024**5 and xm.PB == 10**15
+    assert issubclass(xm.ReloadError, xm.ExperimentUnitError)

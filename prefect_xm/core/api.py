@@ -10,7 +10,9 @@ runs, their tags and the reads of them are the store's (prefect_xm.core.store).
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import concurrent.futures
+import dataclasses
 import datetime
 import logging
 import os
@@ -53,6 +55,41 @@ CREATION_CONCURRENCY = int(os.environ.get("PREFECT_XM_CREATION_CONCURRENCY", "8"
 
 # ------------------------------------------------------------------------ work units
 
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LaunchedJob:
+    """XManager's read-only view of a job added to a work unit."""
+
+    name: str
+    address: Optional[str] = None
+    logs: Optional[str] = None
+
+
+class WorkUnitCompletedAwaitable(collections.abc.Coroutine):
+    """XManager's awaitable of a work unit's completion (`wait_until_complete()` in async
+    code): a coroutine, so asyncio.create_task and asyncio.wait take it, that gives its
+    work unit, or raises ExperimentUnitError."""
+
+    def __init__(self, work_unit: "WorkUnit", awaitable: Callable[[], Awaitable[Any]]) -> None:
+        self.work_unit = work_unit
+        self._coroutine = self._wait(awaitable)
+
+    async def _wait(self, awaitable: Callable[[], Awaitable[Any]]) -> "WorkUnit":
+        await awaitable()
+        return self.work_unit
+
+    def __await__(self):
+        return self._coroutine.__await__()
+
+    def send(self, value: Any) -> Any:
+        return self._coroutine.send(value)
+
+    def throw(self, *args: Any) -> Any:
+        return self._coroutine.throw(*args)
+
+    def close(self) -> None:
+        self._coroutine.close()
 
 class WorkUnit:
     """One trial of an experiment (a Job or a gang-scheduled JobGroup)."""
@@ -165,10 +202,30 @@ class WorkUnit:
         raise error(f"work unit {self.work_unit_id} {status}", work_unit=self)
 
     def wait_until_complete(self) -> Any:
-        """Waits until the work unit is final and returns it, as XManager does (awaitable
-        in async code); raises ExperimentUnitFailedError when a job failed and
-        ExperimentUnitNotCompletedError when it was stopped. `get_status()` tells more."""
-        return dual(self._wait_completed)
+        """Waits until the work unit is final and returns it, as XManager does; raises
+        ExperimentUnitFailedError when a job failed and ExperimentUnitNotCompletedError
+        when it was stopped. `get_status()` tells more. In async code, a
+        WorkUnitCompletedAwaitable: its `work_unit` says which unit it waits for."""
+        if not in_event_loop():
+            return Runtime.get().run(self._wait_completed())
+        return WorkUnitCompletedAwaitable(self, lambda: Runtime.get().arun(self._wait_completed()))
+
+    @property
+    def launched_jobs(self) -> list[LaunchedJob]:
+        """XManager's view of the unit's jobs: one per Job added (each member of a group),
+        its address where it runs (the worker's infrastructure id: `slurm:<cluster>:<job>`,
+        a process id) and its logs (the job's flow run in the Prefect UI)."""
+        async def read() -> list[LaunchedJob]:
+            from prefect.settings import PREFECT_UI_URL
+
+            ui = PREFECT_UI_URL.value()
+            runs = await self._job_runs()
+            return [LaunchedJob(name=store.tag_value(r.tags, store.TAG_JOB) or r.name,
+                                address=r.infrastructure_pid,
+                                logs=f"{ui.rstrip('/')}/runs/flow-run/{r.id}" if ui else None)
+                    for r in sorted(runs, key=lambda r: store.tag_value(r.tags, store.TAG_JOB) or r.name)]
+
+        return Runtime.get().run(read())
 
     async def _request_stop(self, reason: str = "stopped by the user", mark: Optional[StateType] = None) -> None:
         from prefect.states import Cancelling

@@ -70,5 +70,9 @@ class ExperimentUnitNotCompletedError(ExperimentUnitError):
     """The work unit ended neither running nor completed: stopped by a user, for example."""
 
 
+class ReloadError(ExperimentUnitError):
+    """XManager's error of a failed reload check (its XReload); nothing here raises it."""
+
+
 class NotFoundError(KeyError):
     """An experiment or work unit that does not exist."""
