@@ -20,11 +20,14 @@ from prefect_xm.core.job_blocks import Executor, ExecutorSpec
 from prefect_xm.core.resources import GiB, KiB, MiB, TiB, JobRequirements, ResourceType
 
 
-def _check_requirements(value: Any, where: str) -> JobRequirements:
+def _check_requirements(value: Any, where: str, clusters: bool = False) -> JobRequirements:
     if value is None:
         return JobRequirements()
     if not isinstance(value, JobRequirements):
         raise ValueError(f"{where}.requirements must be xm.JobRequirements, got {value!r}")
+    if value.cluster is not None and not clusters:
+        raise ValueError(f"{where}: JobRequirements(cluster={value.cluster!r}) is for the batch executors "
+                         f"(Slurm, SGE, PBS, LSF, HTCondor); {where} chooses where it runs by its work pool")
     return value
 
 
@@ -124,7 +127,7 @@ class _BatchExecutor(Executor):
                    common: Mapping[str, Any], job_variables: Optional[Mapping[str, Any]],
                    work_pool: Optional[str]) -> None:
         name = type(self).__name__
-        self.requirements = _check_requirements(requirements, name)
+        self.requirements = _check_requirements(requirements, name, clusters=True)
         if self.requirements.location is not None:
             raise ValueError(
                 f"{name}: JobRequirements.location={self.requirements.location!r} is not supported; "
@@ -174,6 +177,9 @@ class _BatchExecutor(Executor):
         chosen = {f: getattr(self, f) for f in (*self.options, *COMMON_OPTIONS) if getattr(self, f) is not None}
         out: dict[str, Any] = scheduler.requirements_variables(self.requirements, chosen)
         out.update(chosen)
+        if self.requirements.cluster is not None:
+            # one pool, several clusters: each is its login node's SSH Connection block
+            out["ssh_block"] = self.requirements.cluster
         if self.time is not None:
             try:
                 out["time_limit"] = scheduler.time_limit(self.time)

@@ -121,3 +121,16 @@ def test_slurm_accepts_what_its_worker_accepts():
     """One rule for a time limit, the worker's: the executor once refused 'unlimited'."""
     assert xm_local.Slurm(time="unlimited").job_variables() == {"time_limit": "unlimited"}
     assert xm_local.Slurm(time="30:00").partition is None and xm_local.Slurm(partition="gpu").partition == "gpu"
+
+
+def test_a_jobs_cluster_is_its_login_nodes_ssh_block():
+    """xm-slurm's JobRequirements(cluster=...): one pool, the cluster named per job."""
+    assert xm_local.Slurm(R(cpu=1, cluster="mila")).job_variables() == {"cpus_per_task": 1, "ssh_block": "mila"}
+    assert xm_local.SGE(R(cluster="hpc2")).job_variables() == {"ssh_block": "hpc2"}
+    assert "cluster='mila'" in repr(R(cluster="mila")) and R(cluster="a") != R(cluster="b")
+    with pytest.raises(ValueError, match="job variable 'ssh_block' given both"):
+        xm_local.LSF(R(cluster="a"), job_variables={"ssh_block": "b"})
+    with pytest.raises(ValueError, match=r"Local: JobRequirements\(cluster='mila'\) is for the batch executors"):
+        xm_local.Local(R(cluster="mila"))
+    with pytest.raises(ValueError, match="cluster must be a non-empty string"):
+        R(cluster="")

@@ -239,7 +239,9 @@ class JobRequirements:
     """Resources a job needs: ``JobRequirements(cpu=4, memory=16*GiB, a100=2, replicas=2)``.
 
     Also accepts a positional mapping ``{ResourceType.CPU: 4, 'ram': '8GiB'}`` as in
-    XManager, ``ram=`` as an alias of ``memory=``, and ``location=``.
+    XManager, ``ram=`` as an alias of ``memory=``, and ``location=``. ``cluster=`` (as
+    xm-slurm users write it) names the batch cluster the job runs on: the batch executors
+    reach it through the SSH Connection block of that name.
     """
 
     def __init__(
@@ -249,6 +251,7 @@ class JobRequirements:
         location: Optional[str] = None,
         replicas: Optional[int] = None,
         service_tier: Optional[ServiceTier] = None,
+        cluster: Optional[str] = None,
         **kw_resources: Any,
     ) -> None:
         self.task_requirements: ResourceDict = ResourceDict()
@@ -289,6 +292,9 @@ class JobRequirements:
         if location is not None and (not isinstance(location, str) or not location.strip()):
             raise ValueError(f"JobRequirements: location must be a non-empty string, got {location!r}")
         self.location = location
+        if cluster is not None and (not isinstance(cluster, str) or not cluster.strip()):
+            raise ValueError(f"JobRequirements: cluster must be a non-empty string, got {cluster!r}")
+        self.cluster = cluster
         self.replicas = 1 if replicas is None else _positive_number("replicas", replicas, integer=True)
 
     # Convenience accessors.
@@ -319,6 +325,7 @@ class JobRequirements:
             isinstance(other, JobRequirements)
             and self.task_requirements == other.task_requirements
             and self.location == other.location
+            and self.cluster == other.cluster
             and self.replicas == other.replicas
         )
 
@@ -326,6 +333,8 @@ class JobRequirements:
         parts = [f"{r.value}={v!r}" for r, v in self.task_requirements.items()]
         if self.location:
             parts.append(f"location={self.location!r}")
+        if self.cluster:
+            parts.append(f"cluster={self.cluster!r}")
         if self.service_tier is not ServiceTier.PROD:
             parts.append(f"service_tier=xm.{self.service_tier}")
         if self.replicas != 1:
