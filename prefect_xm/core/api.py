@@ -66,6 +66,16 @@ class LaunchedJob:
     logs: Optional[str] = None
 
 
+
+class AddedWorkUnits(list):
+    """The work units of `add(job, args=[...])`: a list, awaitable as one WorkUnit is, so
+    `await experiment.add(job, args=[...])` works in async launch scripts."""
+
+    def __await__(self):
+        async def me():
+            return self
+        return me().__await__()
+
 class WorkUnitCompletedAwaitable(collections.abc.Coroutine):
     """XManager's awaitable of a work unit's completion (`wait_until_complete()` in async
     code): a coroutine, so asyncio.create_task and asyncio.wait take it, that gives its
@@ -462,7 +472,8 @@ class Experiment:
         """`add(job, args=[{...}, {...}])`: a work unit per args (as xm-slurm has it; on a
         batch pool the worker submits them as one array). Every args is checked before any
         work unit is added."""
-        return [self.add(job, args, role=role) for args in self._checked_args_list(job, args_list, identity)]
+        return AddedWorkUnits(self.add(job, args, role=role)
+                              for args in self._checked_args_list(job, args_list, identity))
 
     @staticmethod
     def _checked_args_list(job: Any, args_list: Sequence[Any], identity: Optional[str]) -> Sequence[Any]:
