@@ -58,7 +58,7 @@ from typing import Any, ClassVar, Literal, Mapping, Optional, Sequence
 from pydantic import Field, field_validator
 
 from prefect_xm.core.resources import GiB, KiB, MiB, TiB, JobRequirements
-from prefect_xm.workers.requirements import limit_seconds, hours_minutes_seconds, untyped_gpus, whole_cpus, with_unit
+from prefect_xm.workers.requirements import hours_minutes_seconds_limit, untyped_gpus, whole_cpus, with_unit
 from prefect_xm.workers.base import (
     AtLeastOne, BatchJobConfiguration, BatchVariables, BatchWorker, ZeroOrMore, check_format,
 )
@@ -549,7 +549,5 @@ def requirements_variables(requirements: JobRequirements, options: Mapping[str, 
     return out
 
 
-def time_limit(value: Any) -> str:
-    """walltime ('H:MM:SS') from an int of minutes, a timedelta or a str in PBS's syntax."""
-    seconds = limit_seconds(value, "time")
-    return value.strip() if seconds is None else hours_minutes_seconds(seconds)
+#: walltime ('H:MM:SS') from an int of minutes, a timedelta or a str
+time_limit = hours_minutes_seconds_limit

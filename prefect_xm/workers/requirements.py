@@ -40,6 +40,13 @@ def hours_minutes_seconds(seconds: int) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
+def hours_minutes_seconds_limit(value: Any) -> str:
+    """A time limit as 'H:MM:SS' (SGE's h_rt, PBS's walltime, HTCondor's run-time limit)
+    from an int of minutes, a timedelta, or a str already in the scheduler's syntax."""
+    seconds = limit_seconds(value, "time")
+    return value.strip() if seconds is None else hours_minutes_seconds(seconds)
+
+
 def with_unit(num_bytes: int, units: Sequence[tuple[int, str]] = BINARY_UNITS) -> str:
     """Bytes in the largest unit that divides them, else whole MiB rounded up:
     16 GiB -> '16G', 1.5 GiB -> '1536M' (suffixes as ``units`` gives them)."""

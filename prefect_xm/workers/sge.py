@@ -32,8 +32,7 @@ from pydantic import Field, field_validator
 
 from prefect_xm.core.resources import JobRequirements
 from prefect_xm.workers.requirements import (
-    limit_seconds,
-    hours_minutes_seconds,
+    hours_minutes_seconds_limit,
     single_replica,
     untyped_gpus,
     whole_cpus,
@@ -511,7 +510,5 @@ def requirements_variables(requirements: JobRequirements, options: Mapping[str, 
     return out
 
 
-def time_limit(value: Any) -> str:
-    """h_rt ('H:MM:SS') from an int of minutes, a timedelta or a str in SGE's syntax."""
-    seconds = limit_seconds(value, "time")
-    return value.strip() if seconds is None else hours_minutes_seconds(seconds)
+#: h_rt ('H:MM:SS') from an int of minutes, a timedelta or a str
+time_limit = hours_minutes_seconds_limit
