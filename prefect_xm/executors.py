@@ -435,10 +435,33 @@ def _check_str_dict(owner: str, field: str, value: Any) -> None:
 class ContainerSpec(ExecutorSpec):
     """Package for an executor that runs the job in a container image (Docker,
     Kubernetes, Vertex AI): the job runner runs inside the image, which must have
-    prefect-xm installed."""
+    prefect-xm installed. An ``xm.python_container`` is built into such an image at
+    package() (prefect_xm.core.images) and pushed to ``push_image_tag``; Docker on this
+    machine's engine needs no registry, a cluster pulls from one."""
+
+    #: package() builds an image of a python_container for it
+    builds_images = True
+
+    def __init__(self, push_image_tag: Optional[str] = None, *, executor_name: str = "ContainerSpec",
+                 needs_registry: bool = False) -> None:
+        _check_str(f"{executor_name}.Spec", "push_image_tag", push_image_tag)
+        self.push_image_tag = push_image_tag
+        self.executor_name = executor_name
+        self.needs_registry = needs_registry
+
+    def image_destination(self, path: str) -> Optional[str]:
+        """Where the image of the code at ``path`` goes: push_image_tag, or None (the
+        local engine) where that is enough."""
+        if self.push_image_tag is None and self.needs_registry:
+            raise ValueError(
+                f"python_container(path={path!r}) on {self.executor_name}: the image built at package() must be "
+                f"pushed where the cluster pulls it from: give {self.executor_name}.Spec(push_image_tag="
+                f"'<registry>/<name>:<tag>')")
+        return self.push_image_tag
 
     def __repr__(self) -> str:
-        return "ContainerSpec()"
+        tag = f"push_image_tag={self.push_image_tag!r}" if self.push_image_tag else ""
+        return f"{self.executor_name}.Spec({tag})" if self.executor_name != "ContainerSpec" else f"ContainerSpec({tag})"
 
 
 class _ContainerExecutor(Executor):
@@ -482,10 +505,7 @@ class _ContainerExecutor(Executor):
 
     @classmethod
     def Spec(cls, push_image_tag: Optional[str] = None) -> ContainerSpec:  # noqa: N802
-        if push_image_tag is not None:
-            raise ValueError(f"{cls.__name__}.Spec(push_image_tag={push_image_tag!r}): prefect-xm builds and pushes "
-                             f"no images; push yours and give it as {cls.__name__}(image=...) or xm.container(...)")
-        return ContainerSpec()
+        return ContainerSpec(push_image_tag, executor_name=cls.__name__, needs_registry=cls is not Docker)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(work_pool={self.work_pool!r}, job_variables={self.job_variables()!r})"

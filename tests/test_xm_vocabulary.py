@@ -294,8 +294,8 @@ def test_xm_local_names_of_xmanager_exist_with_its_signatures_or_say_what_is_not
         xm_local.Kubernetes(tpu_capability=xm_local.TpuCapability(tpu_runtime_version="2.12"))
     with pytest.raises(ValueError, match="tensorboard"):
         xm_local.Vertex(tensorboard=xm_local.TensorboardCapability(name="tb"))
-    with pytest.raises(ValueError, match="push_image_tag='gcr.io/p/img:1'.*no images"):
-        xm_local.Kubernetes.Spec(push_image_tag="gcr.io/p/img:1")
+    # where package() pushes a python_container's image (tests/test_images.py)
+    assert xm_local.Kubernetes.Spec(push_image_tag="gcr.io/p/img:1").push_image_tag == "gcr.io/p/img:1"
     assert xm_local.KubernetesSpec is xm_local.VertexSpec is xm_local.CaipSpec and xm_local.Caip is xm_local.Vertex
 
 

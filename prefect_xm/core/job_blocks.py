@@ -310,6 +310,12 @@ def package_spec(packageable: Packageable) -> Executable:
         image = None if getattr(packageable.executor_spec, "runs_locally", False) else spec.base_image
         if not os.path.isdir(path):
             raise ValueError(f"PythonContainer.path: {spec.path!r} (resolved to {path}) is not a directory")
+        if getattr(packageable.executor_spec, "builds_images", False):
+            # Docker, Kubernetes, Vertex AI: the code goes into an image built now, as XManager does
+            from prefect_xm.core.images import WORKDIR, build_image
+
+            image = build_image(spec, path, spec.name, packageable.executor_spec.image_destination(spec.path))
+            path = WORKDIR
         if isinstance(spec.entrypoint, ModuleName):
             return Executable(kind="module", module=spec.entrypoint.module_name, path=path, image=image, **common)
         return Executable(kind="commands", commands=list(spec.entrypoint.commands), path=path, image=image, **common)

@@ -1,0 +1,75 @@
+"""xm.python_container on the container executors: the image built at package(), as
+XManager builds it. There is no Docker engine on these machines: the build context and
+the Dockerfile are tested here, and the build's refusal without an engine (clear, at
+package(), before anything is added)."""
+
+from __future__ import annotations
+
+import prefect
+import pytest
+
+from prefect_xm import xm, xm_local
+from prefect_xm.core.images import PACKAGE_HOME, WORKDIR, build_context, content_tag, default_base_image
+from prefect_xm.core.job_blocks import package_spec
+
+
+@pytest.fixture
+def code(tmp_path):
+    code = tmp_path / "project"
+    (code / ".git").mkdir(parents=True)
+    (code / ".git" / "HEAD").write_text("ref")
+    (code / "cifar10.py").write_text("print('train')\n")
+    (code / "requirements.txt").write_text("numpy\n")
+    return code
+
+
+def test_the_build_context_holds_the_code_prefect_xm_and_xmanagers_dockerfile(code, tmp_path):
+    spec = xm.PythonContainer(entrypoint=xm.ModuleName("cifar10"), path=str(code), base_image="pytorch/pytorch:2.3")
+    context = build_context(spec, str(code), tmp_path / "context")
+    lines = (context / "Dockerfile").read_text().splitlines()
+    assert lines[0] == "FROM pytorch/pytorch:2.3"
+    # the job runner runs inside the image: prefect-xm's dependencies, Prefect as here
+    assert lines[1].startswith("RUN python -m pip install --no-cache-dir ")
+    assert f"'prefect=={prefect.__version__}'" in lines[1]
+    assert "asyncssh" in lines[1] and "prefect-docker" not in lines[1]  # no extras
+    assert lines[2:] == [f"COPY prefect-xm/ {PACKAGE_HOME}/", f"ENV PYTHONPATH={PACKAGE_HOME}", f"WORKDIR {WORKDIR}",
+                         f"COPY code/ {WORKDIR}/",
+                         "RUN if [ -f requirements.txt ]; then python -m pip install --no-cache-dir -r requirements.txt; fi"]
+    assert (context / "code" / "cifar10.py").read_text() == "print('train')\n"
+    assert not (context / "code" / ".git").exists()
+    assert (context / "prefect-xm" / "prefect_xm" / "flows" / "job_runner.py").is_file()
+
+
+def test_docker_instructions_replace_the_code_steps_and_the_base_image_defaults_to_this_python(code, tmp_path):
+    spec = xm.PythonContainer(entrypoint=xm.ModuleName("cifar10"), path=str(code),
+                              docker_instructions=["COPY code/cifar10.py cifar10.py", "RUN true"])
+    lines = (build_context(spec, str(code), tmp_path / "c") / "Dockerfile").read_text().splitlines()
+    assert lines[0] == f"FROM {default_base_image()}" and lines[-2:] == ["COPY code/cifar10.py cifar10.py", "RUN true"]
+    assert f"COPY code/ {WORKDIR}/" not in lines
+
+
+def test_the_images_tag_follows_its_content(code, tmp_path):
+    spec = xm.PythonContainer(entrypoint=xm.ModuleName("cifar10"), path=str(code))
+    first = content_tag(build_context(spec, str(code), tmp_path / "a"))
+    assert content_tag(build_context(spec, str(code), tmp_path / "b")) == first
+    (code / "cifar10.py").write_text("print('changed')\n")
+    assert content_tag(build_context(spec, str(code), tmp_path / "c")) != first
+
+
+def test_package_builds_the_image_and_says_clearly_when_no_engine_answers(code, tmp_path, monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
+    packageable = xm.python_container(executor_spec=xm_local.Docker.Spec(), path=str(code),
+                                      entrypoint=xm.ModuleName("cifar10"))
+    with pytest.raises(ValueError) as raised:
+        package_spec(packageable)
+    message = str(raised.value)
+    assert f"python_container(path={str(code)!r})" in message and "building image xm-cifar10:" in message
+    assert "xm.container(" in message
+    # a cluster pulls from a registry: Kubernetes and Vertex need somewhere to push it
+    for executor in (xm_local.Kubernetes, xm_local.Vertex):
+        with pytest.raises(ValueError, match=rf"give {executor.__name__}.Spec\(push_image_tag="):
+            package_spec(xm.python_container(executor_spec=executor.Spec(), path=str(code),
+                                             entrypoint=xm.ModuleName("cifar10")))
+    # Local and the batch executors run the code where it is: nothing is built
+    assert package_spec(xm.python_container(executor_spec=xm_local.Local.Spec(), path=str(code),
+                                            entrypoint=xm.ModuleName("cifar10"))).path == str(code)
