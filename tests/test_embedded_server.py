@@ -89,3 +89,28 @@ def test_two_launch_scripts_starting_together_on_a_fresh_home(tmp_path):
     outs = [_assert_sweep_completed(proc, log) for proc, log in runs]
     # the database is found missing (and created) once: the check is made under the lock
     assert sum("first run: creating its database" in out for out in outs) == 1, outs
+
+
+def test_an_xmanager_style_launch_script_on_the_embedded_default(tmp_path):
+    """The XManager-style launch script of the Slurm test (tests/xmanager_style_launcher.py)
+    with no cluster and no server: Local jobs, Prefect's embedded server on a new home."""
+    import json
+
+    code, out = tmp_path / "code", tmp_path / "out"
+    code.mkdir(), out.mkdir()
+    (code / "train.py").write_text(
+        "import json, os, sys, uuid\n"
+        f"open(os.path.join({str(out)!r}, uuid.uuid4().hex), 'w').write(json.dumps(sys.argv[1:]))\n")
+    cli = str(Path(sys.executable).parent / "prefect-xm")
+    result = subprocess.run([cli, "launch", str(REPO / "tests" / "xmanager_style_launcher.py"), "--",
+                             "--xm_launch_mode=local", f"--code={code}"],
+                            env=_embedded_env(tmp_path / "prefect-home"), capture_output=True, text=True,
+                            timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    completed = sorted(line.split(" ", 2)[1:] for line in result.stdout.splitlines() if line.startswith("COMPLETED"))
+    assert completed == [["1", "['train']"], ["2", "['train']"], ["3", "['evaluator', 'learner']"],
+                         ["4", "['train']"]], result.stdout
+    assert sorted(json.loads(p.read_text()) for p in out.iterdir()) == sorted([
+        ["--steps=2", "--role=sweep", "--lr=0.1"], ["--steps=2", "--role=sweep", "--lr=0.01"],
+        ["--steps=2", "--role=gang"], ["--steps=2", "--role=gang"],
+        ["--steps=2", "--role=generated", "--lr=0.5"]])

@@ -352,57 +352,6 @@ def test_a_gang_not_started_within_its_deadline_is_cancelled_whole_naming_who_ne
     wait_for(gone, timeout=60, what=f"Slurm jobs {job_ids} to leave the queue")
 
 
-XMANAGER_STYLE_LAUNCHER = '''
-"""A launch script as XManager users write them (absl flags, python_container, a sweep
-given to add() as a list, a JobGroup, a job generator, completion events), with only
-its imports changed."""
-import asyncio
-import datetime
-
-from absl import app
-from absl import flags
-from prefect_xm import xm  # was: from xmanager import xm
-from prefect_xm import xm_local  # was: from xmanager import xm_local
-
-_POOL = flags.DEFINE_string("pool", None, "The work pool of the cluster.")
-_CODE = flags.DEFINE_string("code", None, "The trainer's directory.")
-_RUN_DIR = flags.DEFINE_string("run_dir", None, "The worker's run directory.")
-
-
-async def main_async():
-    executor = xm_local.Slurm(
-        requirements=xm.JobRequirements(cpu=1, memory=256 * xm.MiB),
-        time=datetime.timedelta(minutes=10), partition="debug", work_pool=_POOL.value,
-        job_variables={"run_dir": _RUN_DIR.value})
-    async with xm_local.create_experiment(experiment_title="xmanager-style") as experiment:
-        [trainer] = experiment.package([xm.python_container(
-            executor_spec=xm_local.Slurm.Spec(), path=_CODE.value, entrypoint=xm.ModuleName("train"),
-            args={"steps": 2})])
-        sweep = await experiment.add(xm.Job(trainer, executor), args=[
-            {"args": {"role": "sweep", "lr": lr}} for lr in (0.1, 0.01)])
-        group = xm.JobGroup(learner=xm.Job(trainer, executor), evaluator=xm.Job(trainer, executor))
-        gang = await experiment.add(group, args=xm.get_args_for_all_jobs(group, {"role": "gang"}))
-
-        async def make_job(work_unit: xm.WorkUnit, **hparams):
-            work_unit.add(xm.Job(trainer, executor, args={"role": "generated", **hparams}))
-
-        generated = await experiment.add(make_job, args={"lr": 0.5})
-        events = [wu.wait_until_complete() for wu in (*sweep, gang, generated)]
-        for done in asyncio.as_completed(events):
-            wu = await done
-            print("COMPLETED", wu.work_unit_id, sorted(j.name for j in wu.launched_jobs), flush=True)
-    print("EXPERIMENT", experiment.experiment_id, flush=True)
-
-
-def main(argv):
-    del argv
-    asyncio.run(main_async())
-
-
-if __name__ == "__main__":
-    app.run(main)
-'''
-
 
 def test_an_xmanager_style_launch_script_runs_on_slurm_with_only_its_imports_changed(
         slurm_pool, prefect_server, tmp_path):
@@ -414,8 +363,7 @@ def test_an_xmanager_style_launch_script_runs_on_slurm_with_only_its_imports_cha
     (code / "train.py").write_text(
         "import json, os, sys, uuid\n"
         f"open(os.path.join({str(out)!r}, uuid.uuid4().hex), 'w').write(json.dumps(sys.argv[1:]))\n")
-    script = tmp_path / "launcher.py"
-    script.write_text(XMANAGER_STYLE_LAUNCHER)
+    script = Path(__file__).parent / "xmanager_style_launcher.py"
     cli = str(Path(sys.executable).parent / "prefect-xm")
     result = subprocess.run([cli, "launch", str(script), "--", "--xm_launch_mode=local", "--xm_wrap_late_bindings",
                              f"--pool={pool}", f"--code={code}", f"--run_dir={root / 'runs'}"],
