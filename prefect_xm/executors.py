@@ -2,9 +2,11 @@
 
 An executor is a Prefect work pool plus that pool's job variables. ``Local`` is the
 embedded default (no pool: the job-runner flow runs in the launching process, the
-program in a subprocess). ``Slurm`` targets an ``xm-slurm`` work pool. Job variables are
-checked against the pool's variable schema (read from the Prefect API) before anything
-is submitted, because Prefect silently drops job variables a pool does not declare.
+program in a subprocess). ``Slurm``, ``SGE``, ``PBS``, ``LSF`` and ``HTCondor`` target our
+workers' pools, ``Docker``, ``Kubernetes`` and ``Vertex`` the stock ones, ``WorkPool`` any.
+Job variables are checked against the pool's variable schema (core/deployments.py, read
+from the Prefect API) before anything is submitted, because Prefect silently drops job
+variables a pool does not declare.
 """
 
 from __future__ import annotations
@@ -342,37 +344,6 @@ class HTCondor(_BatchExecutor):
 
 #: XManager-era name of the Slurm executor's spec
 SlurmSpec = BatchSpec
-
-
-# ------------------------------------------------------------ schema validation
-
-
-
-def validate_job_variables(
-    pool_name: str,
-    variables: Mapping[str, Any],
-    properties: Mapping[str, Any],
-    definitions: Optional[Mapping[str, Any]] = None,
-) -> None:
-    """Raises ValueError naming the variable, its value and the pool if a variable is
-    unknown to the pool's schema or breaks it (type, pattern, minimum, enum...), as the
-    Prefect server would when the job's run is created: here, before anything is submitted."""
-    import jsonschema
-
-    unknown = [k for k in variables if k not in properties]
-    if unknown:
-        raise ValueError(
-            f"job variable(s) {', '.join(f'{k!r}={variables[k]!r}' for k in unknown)} are not defined "
-            f"by work pool {pool_name!r}; " + (f"it accepts: {', '.join(sorted(properties))}" if properties
-                                               else "it declares no job variables")
-        )
-    for key, value in variables.items():
-        schema = {**(properties[key] or {}), "definitions": dict(definitions or {}), "$defs": dict(definitions or {})}
-        error = jsonschema.exceptions.best_match(
-            jsonschema.Draft202012Validator(schema).iter_errors(value)
-        )
-        if error is not None:
-            raise ValueError(f"job variable {key!r}={value!r} for work pool {pool_name!r}: {error.message}")
 
 
 # ------------------------------------------------------------- any work pool

@@ -9,7 +9,7 @@ import datetime
 import pytest
 
 from prefect_xm import xm, xm_local
-from prefect_xm.executors import validate_job_variables
+from prefect_xm.core.deployments import validate_job_variables
 from prefect_xm.workers.htcondor import HTCondorWorker
 from prefect_xm.workers.lsf import LsfJobConfiguration, LsfWorker
 from prefect_xm.workers.pbs import PbsJobConfiguration, PbsWorker

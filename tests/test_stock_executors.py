@@ -21,9 +21,9 @@ from prefect_xm.executors import (
     Docker,
     Kubernetes,
     Vertex,
-    validate_job_variables,
     vertex_machine,
 )
+from prefect_xm.core.deployments import validate_job_variables
 
 from conftest import REPO
 

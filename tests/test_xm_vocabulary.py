@@ -6,7 +6,8 @@ import re
 import pytest
 
 from prefect_xm import xm, xm_local
-from prefect_xm.executors import Slurm, validate_job_variables
+from prefect_xm.core.deployments import validate_job_variables
+from prefect_xm.executors import Slurm
 
 
 # ------------------------------------------------------------------ args

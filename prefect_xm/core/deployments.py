@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 from uuid import UUID
 
 from prefect_xm.core import store
@@ -38,11 +38,36 @@ async def pool_variables_schema(pool_name: str) -> dict[str, Any]:
     return schema
 
 
+def validate_job_variables(
+    pool_name: str,
+    variables: Mapping[str, Any],
+    properties: Mapping[str, Any],
+    definitions: Optional[Mapping[str, Any]] = None,
+) -> None:
+    """Raises ValueError naming the variable, its value and the pool if a variable is
+    unknown to the pool's schema or breaks it (type, pattern, minimum, enum...), as the
+    Prefect server would when the job's run is created: here, before anything is submitted."""
+    import jsonschema
+
+    unknown = [k for k in variables if k not in properties]
+    if unknown:
+        raise ValueError(
+            f"job variable(s) {', '.join(f'{k!r}={variables[k]!r}' for k in unknown)} are not defined "
+            f"by work pool {pool_name!r}; " + (f"it accepts: {', '.join(sorted(properties))}" if properties
+                                               else "it declares no job variables")
+        )
+    for key, value in variables.items():
+        schema = {**(properties[key] or {}), "definitions": dict(definitions or {}), "$defs": dict(definitions or {})}
+        error = jsonschema.exceptions.best_match(
+            jsonschema.Draft202012Validator(schema).iter_errors(value)
+        )
+        if error is not None:
+            raise ValueError(f"job variable {key!r}={value!r} for work pool {pool_name!r}: {error.message}")
+
+
 async def check_pool_jobs(members: Mapping[str, Job]) -> None:
     """Raises ValueError, naming the job, when a job's pool is out of reach or refuses
     its job variables; before anything of its work unit is submitted."""
-    from prefect_xm.executors import validate_job_variables
-
     for key, job in members.items():
         pool = job.executor.work_pool_name
         if pool is None:
