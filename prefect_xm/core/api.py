@@ -101,7 +101,27 @@ class WorkUnitCompletedAwaitable(collections.abc.Coroutine):
     def close(self) -> None:
         self._coroutine.close()
 
-class WorkUnit:
+class UnitNames:
+    """XManager's names of a work unit, from its experiment and id: the unit itself and
+    what a job generator receives as it (before the unit exists) say the same."""
+
+    experiment: "Experiment"
+    work_unit_id: int
+
+    @property
+    def experiment_id(self) -> store.ExperimentId:
+        return self.experiment.experiment_id
+
+    @property
+    def experiment_unit_name(self) -> str:
+        return f"{self.experiment_id}_{self.work_unit_id}"
+
+    def get_full_job_name(self, job_name: str) -> str:
+        """A job's full name, as XManager spells it: `<experiment id>_<work unit id>_<job>`."""
+        return f"{self.experiment_unit_name}_{job_name}"
+
+
+class WorkUnit(UnitNames):
     """One trial of an experiment (a Job or a gang-scheduled JobGroup)."""
 
     def __init__(self, experiment: "Experiment", work_unit_id: int, args: Any, flow_run_id: Optional[UUID],
@@ -136,14 +156,6 @@ class WorkUnit:
         assert self.flow_run_id is not None
         return self.flow_run_id
 
-    # XManager names
-    @property
-    def experiment_id(self) -> store.ExperimentId:
-        return self.experiment.experiment_id
-
-    @property
-    def experiment_unit_name(self) -> str:
-        return f"{self.experiment_id}_{self.work_unit_id}"
 
     @property
     def context(self) -> MetadataContext:
@@ -164,10 +176,6 @@ class WorkUnit:
     @property
     def unit_label(self) -> str:
         return f"wu{self.work_unit_id}"
-
-    def get_full_job_name(self, job_name: str) -> str:
-        """A job's full name, as XManager spells it: `<experiment id>_<work unit id>_<job>`."""
-        return f"{self.experiment_unit_name}_{job_name}"
 
     def __repr__(self) -> str:
         return f"WorkUnit(experiment_id={self.experiment_id!r}, work_unit_id={self.work_unit_id}, args={self.args!r})"
@@ -839,7 +847,7 @@ class Experiment:
         return Runtime.get().run(go())
 
 
-class _GeneratorWorkUnit:
+class _GeneratorWorkUnit(UnitNames):
     """What a job generator receives as `work_unit`: collects its `add` calls, and knows
     the id the work unit will get (XManager predicts it too) for names built from it."""
 
@@ -847,17 +855,6 @@ class _GeneratorWorkUnit:
         self._jobs: dict[str, Union[Job, JobGroup]] = {}
         self.experiment = experiment
         self.work_unit_id = work_unit_id
-
-    @property
-    def experiment_id(self) -> store.ExperimentId:
-        return self.experiment.experiment_id
-
-    @property
-    def experiment_unit_name(self) -> str:
-        return f"{self.experiment_id}_{self.work_unit_id}"
-
-    def get_full_job_name(self, job_name: str) -> str:
-        return f"{self.experiment_unit_name}_{job_name}"
 
     def add(self, job: Union[Job, JobGroup], args: Optional[Mapping[str, Any]] = None) -> Any:
         resolved = apply_args(job, args)

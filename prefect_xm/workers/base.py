@@ -143,6 +143,8 @@ API_PAGE = 200
 #: array task waits in steps while more of its array keep following, for so long at most
 ARRAY_CANCEL_STEP = 1.0
 ARRAY_CANCEL_SETTLE = 30.0
+#: how long a whole array's cancel is remembered after it ended
+ARRAY_CANCEL_KEPT = 600.0
 #: states of a run whose job may still be live, that a worker may have to take over
 RECOVERABLE_STATES = frozenset({StateType.PENDING, StateType.RUNNING, StateType.CANCELLING})
 #: `execution` job variable: Prefect's flow engine on the node, or the job's program itself
@@ -1374,6 +1376,10 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                 f"{members[0].poller.scheduler.name} array {array} ({len(members)} tasks)")
         task = self._spawn(self.cancel_array(array, members))
         self._array_cancels[key] = task
+        # kept a while for Prefect's late asks about its tasks (no second command), then
+        # dropped: a long-lived worker sees many stopped arrays
+        task.add_done_callback(lambda _: asyncio.get_running_loop().call_later(
+            ARRAY_CANCEL_KEPT, self._array_cancels.pop, key, None))
         for member in members:
             member.cancel_requested = True
             member.cancel_task = task
