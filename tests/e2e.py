@@ -6,6 +6,7 @@ start`, deployments, the Prefect API; the scheduler is the real one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -166,6 +167,22 @@ def create_pool(server: PrefectServer, name: str, worker_type: str, *, cli: bool
                 name=name, type=worker_type, base_job_template=worker_class.get_default_base_job_template()))
 
     asyncio.run(create())
+
+
+@contextlib.contextmanager
+def worker_pool(server: PrefectServer, root: Path, worker_type: str):
+    """A new pool of `worker_type`, created as a user would (the CLI), with a worker of it
+    running for as long as the block lasts; yields the pool's name."""
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()
+    pool = f"{worker_type}-{uuid.uuid4().hex[:6]}"
+    create_pool(server, pool, worker_type, cli=True)
+    worker = WorkerProcess(server, pool, worker_type, root).start()
+    try:
+        yield pool
+    finally:
+        worker.stop()
 
 
 async def deploy(entrypoint: str, pool: str, name: str, job_variables: dict | None = None):

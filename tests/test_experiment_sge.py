@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sys
-import uuid
 
 import pytest
 
@@ -18,20 +17,12 @@ pytestmark = [pytest.mark.sge, pytest.mark.e2e]
 
 @pytest.fixture(scope="module")
 def sge_pool(prefect_server, tmp_path_factory):
-    from prefect.context import refresh_global_settings_context
-
-    from e2e import WorkerProcess, create_pool
+    from e2e import worker_pool
 
     require_service("sge", sge_is_up(), "start it with `bash scripts/sge-cluster.sh start`")
-    refresh_global_settings_context()
     root = tmp_path_factory.mktemp("xm-sge-sweep")
-    pool = f"xm-sge-{uuid.uuid4().hex[:6]}"
-    create_pool(prefect_server, pool, "xm-sge", cli=True)  # as a user would
-    worker = WorkerProcess(prefect_server, pool, "xm-sge", root).start()
-    try:
+    with worker_pool(prefect_server, root, "xm-sge") as pool:
         yield pool, root
-    finally:
-        worker.stop()
 
 
 def test_a_sweep_with_job_requirements_runs_on_sge_as_asked(sge_pool, tmp_path):

@@ -23,20 +23,12 @@ def _slurm_is_up() -> bool:
 
 @pytest.fixture(scope="module")
 def slurm_pool(prefect_server, tmp_path_factory):
-    from prefect.context import refresh_global_settings_context
-
-    from e2e import WorkerProcess, create_pool
+    from e2e import worker_pool
 
     require_service("slurm", _slurm_is_up(), "start it with `bash scripts/slurm-cluster.sh start`")
-    refresh_global_settings_context()
     root = tmp_path_factory.mktemp("xm-slurm-sweep")
-    pool = f"xm-slurm-{uuid.uuid4().hex[:6]}"
-    create_pool(prefect_server, pool, "xm-slurm", cli=True)  # as a user would
-    worker = WorkerProcess(prefect_server, pool, "xm-slurm", root).start()
-    try:
+    with worker_pool(prefect_server, root, "xm-slurm") as pool:
         yield pool, root
-    finally:
-        worker.stop()
 
 
 def test_product_sweep_of_job_groups_on_slurm(slurm_pool, tmp_path):
