@@ -297,10 +297,9 @@ async def test_a_refusal_of_the_file_system_is_not_retried(sshd, tmp_path):
     """Not a connection problem (here: the parent is a file): one clear error at once."""
     t = transport(sshd)
     (tmp_path / "not-a-dir").write_text("")
-    started = time.monotonic()
     with pytest.raises(TransientSchedulerError, match=f"cannot write {tmp_path}/not-a-dir/job.sh on .*: SFTP"):
         await t.write_file(str(tmp_path / "not-a-dir" / "job.sh"), "x", 0o700)
-    assert time.monotonic() - started < 5 and t.connects == 1
+    assert t.connects == 1  # no reconnection, no retry
     assert await t.read_tail(str(tmp_path / "not-a-dir" / "job.err")) is None
     await t.close()
 
@@ -414,7 +413,6 @@ async def test_no_known_hosts_anywhere_is_a_clear_refusal_not_retried(sshd, tmp_
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     t = transport(sshd, known_hosts=None)
-    started = time.monotonic()
     for attempt in (t.run(["true"]), t.write_file(str(tmp_path / "job.sh"), "x", 0o700)):
         with pytest.raises(SSHError) as info:
             await attempt
@@ -423,7 +421,6 @@ async def test_no_known_hosts_anywhere_is_a_clear_refusal_not_retried(sshd, tmp_
         assert f"host key of 127.0.0.1:{sshd.port} is not trusted" in message
         assert f"{home}/.ssh/known_hosts does not exist" in message and "Refusing to connect" in message
         assert "Known hosts" in message and f"ssh-keyscan -p {sshd.port} 127.0.0.1" in message
-    assert time.monotonic() - started < 2
     assert "Connection from" not in sshd.log.read_text()  # refused before connecting: nothing to retry
 
     t = transport(sshd, known_hosts=str(tmp_path / "missing_known_hosts"))
