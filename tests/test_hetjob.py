@@ -160,3 +160,21 @@ async def test_members_on_different_clusters_go_as_separate_jobs():
     gatherer = HetJobGatherer(worker, max_wait=30)
     await asyncio.gather(gatherer.submit(_member("a", 0, 2, "c1")), gatherer.submit(_member("b", 1, 2, "c2")))
     assert sorted(worker.calls) == [("single", "a"), ("single", "b")]
+
+
+async def test_a_gang_one_member_of_which_goes_its_own_way_does_not_wait_for_it():
+    """One member's job variables turn heterogeneous jobs off: the others, here already
+    or still to come, go as separate jobs at once, not after the gather time."""
+    from prefect_xm.workers.hetjob import HetJobGatherer
+
+    worker = _Worker()
+    gatherer = HetJobGatherer(worker, max_wait=3600)
+    first = _member("a", 0, 3)
+    waiting = asyncio.ensure_future(gatherer.submit(first))
+    await asyncio.sleep(0)
+    assert worker.calls == []  # held for its gang
+    gatherer.not_coming(GangPlace("g", 1, 3))
+    assert await asyncio.wait_for(waiting, 60) == "job-a"
+    assert await asyncio.wait_for(gatherer.submit(_member("c", 2, 3)), 60) == "job-c"
+    assert worker.calls == [("single", "a"), ("single", "c")]
+    assert "member 1 of the gang goes as a job of its own" in first.log.warnings[0]

@@ -678,7 +678,10 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             command_argv = shlex.split(configuration.command or "")
         run_dir = await self.run_directory(configuration, flow_run.id)
         place = gang_place(flow_run.tags or [])
-        if place is not None and self.forms_het_jobs(configuration):
+        one_job_with_its_gang = place is not None and self.forms_het_jobs(configuration)
+        if place is not None and not one_job_with_its_gang:
+            self._het_jobs.not_coming(place)  # its gang-mates need not wait for it
+        if one_job_with_its_gang:
             job_id = await self._het_jobs.submit(
                 HetMember(flow_run, configuration, run_dir, command_argv, run_env, logger, place=place))
         elif self.may_join_array(configuration):

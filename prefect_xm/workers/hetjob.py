@@ -171,9 +171,16 @@ class HetJobGatherer:
         self.max_wait = max_wait
         self.gangs: dict[str, list[HetMember]] = {}
         self._first: dict[str, float] = {}
+        #: gangs one member of which goes its own way (see not_coming), since when
+        self._apart: dict[str, float] = {}
 
     async def submit(self, member: HetMember) -> str:
         gang = member.place.gang
+        if gang in self._apart:
+            member.log.warning("a member of the gang goes as a job of its own (heterogeneous jobs off for it): "
+                               "submitted as separate jobs (the work unit's start deadline still holds the gang together)")
+            self.worker._spawn(self._submit_separately([member]))
+            return await asyncio.shield(member.job_id)
         members = self.gangs.setdefault(gang, [])
         members.append(member)
         if len(members) == 1:
@@ -183,6 +190,21 @@ class HetJobGatherer:
             self._take(gang)
             self.worker._spawn(self._submit(sorted(members, key=lambda m: m.place.index)))
         return await asyncio.shield(member.job_id)
+
+    def not_coming(self, place: GangPlace) -> None:
+        """A member of this gang reached the worker but goes its own way (its job
+        variables turn heterogeneous jobs off): the gang cannot be one job, so its members
+        here, and those still to come, go as separate jobs now instead of after max_wait."""
+        now = time.monotonic()
+        self._apart = {g: t for g, t in self._apart.items() if now - t < 10 * self.max_wait}
+        self._apart[place.gang] = now
+        members = self._take(place.gang)
+        for m in members:
+            m.log.warning(f"member {place.index} of the gang goes as a job of its own (heterogeneous jobs off "
+                          f"for it): submitted as separate jobs (the work unit's start deadline still holds "
+                          f"the gang together)")
+        if members:
+            self.worker._spawn(self._submit_separately(members))
 
     def _take(self, gang: str) -> list[HetMember]:
         self._first.pop(gang, None)
