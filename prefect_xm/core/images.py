@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import re
 import shutil
 import sys
 import tempfile
@@ -101,7 +102,8 @@ def build_image(spec: Any, path: str, name: str, push_image_tag: Optional[str]) 
                 else (push_image_tag, "", "")
             tag = tag or content_tag(context)
         else:
-            image_name, tag = f"xm-{name}".lower(), content_tag(context)
+            # (a repository name: lower case, digits and . _ - only)
+            image_name, tag = "xm-" + re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._"), content_tag(context)
         try:
             build_docker_image(image_name=image_name, tag=tag, dockerfile=str(context / "Dockerfile"),
                                path=str(context))
