@@ -65,6 +65,22 @@ os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "9")
 os.environ["PREFECT_HOME"] = str(_SERVER_HOME)
 
 
+def cluster_is_up(script: str) -> bool:
+    """`scripts/<script> status` (slurm-cluster.sh, sge-cluster.sh, ...), asked again for a
+    while when it says no: on a machine busy with the suite a node can miss its
+    controller's ping, or sinfo its timeout, for a moment; a service that is really
+    missing stays missing. Its last reason is printed (shown with a failure)."""
+    deadline = time.monotonic() + (120 if IN_CI else 10)
+    while True:
+        status = subprocess.run(["bash", str(REPO / "scripts" / script), "status"], capture_output=True, text=True)
+        if status.returncode == 0:
+            return True
+        if time.monotonic() >= deadline:
+            print(f"{script} status: {status.stderr.strip()[-500:]}")
+            return False
+        time.sleep(3)
+
+
 def require_service(name: str, available: bool, how: str) -> None:
     """Skip locally when a real service is missing; fail in CI, where a skip proves nothing."""
     if available:

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, require_service, wait_for
+from conftest import cluster_is_up, require_service, wait_for
 from prefect_xm.flows.job_runner import build_argv
 from prefect_xm.workers.base import DirectOutput, SubmissionError, direct_program
 from prefect_xm.workers.scheduler import JobState, JobStatus, Scheduler
@@ -111,8 +111,7 @@ async def _value(v):
 
 
 def _slurm_is_up() -> bool:
-    status = subprocess.run(["bash", str(REPO / "scripts" / "slurm-cluster.sh"), "status"], capture_output=True)
-    return status.returncode == 0
+    return cluster_is_up("slurm-cluster.sh")
 
 
 @pytest.mark.slurm

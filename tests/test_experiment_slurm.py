@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, require_service
+from conftest import cluster_is_up, require_service
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
 
 def _slurm_is_up() -> bool:
-    status = subprocess.run(["bash", str(REPO / "scripts" / "slurm-cluster.sh"), "status"], capture_output=True)
-    return status.returncode == 0
+    return cluster_is_up("slurm-cluster.sh")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import tempfile
 import pytest
 
 from batch_suite import BatchWorkerSuite, RequeueScenario, SchedulerHarness
-from conftest import REPO
+from conftest import REPO, cluster_is_up
 from prefect_xm.workers.pbs import DIALECTS
 
 pytestmark = [pytest.mark.e2e]
@@ -68,9 +68,8 @@ class TestPbsProWorker(BatchWorkerSuite, RequeueScenario):
 
 
 def torque_wrappers_work() -> bool:
-    slurm = subprocess.run(["bash", str(REPO / "scripts" / "slurm-cluster.sh"), "status"], capture_output=True)
     wrappers = subprocess.run(["bash", str(REPO / "scripts" / "torque-wrappers.sh"), "status"], capture_output=True)
-    return slurm.returncode == 0 and wrappers.returncode == 0
+    return cluster_is_up("slurm-cluster.sh") and wrappers.returncode == 0
 
 
 TORQUE = PbsHarness(

@@ -3,22 +3,18 @@
 
 from __future__ import annotations
 
-import subprocess
 
 import pytest
 
 from batch_suite import BatchWorkerSuite, RequeueScenario, SchedulerHarness
-from conftest import REPO, wait_for
+from conftest import cluster_is_up, wait_for
 from prefect_xm.workers.sge import SgeScheduler
 
 pytestmark = [pytest.mark.sge, pytest.mark.e2e]
 
 
 def sge_is_up() -> bool:
-    status = subprocess.run(["bash", str(REPO / "scripts" / "sge-cluster.sh"), "status"], capture_output=True, text=True)
-    if status.returncode != 0:
-        print(f"sge-cluster.sh status: {status.stderr.strip()[-500:]}")  # shown with a failure
-    return status.returncode == 0
+    return cluster_is_up("sge-cluster.sh")
 
 
 SGE = SchedulerHarness(

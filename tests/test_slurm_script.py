@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, require_service
+from conftest import cluster_is_up, require_service
 from prefect_xm.workers.base import ScriptTemplateError
 from prefect_xm.workers.scheduler import SubmitRequest
 from prefect_xm.workers.slurm import SlurmJobConfiguration, SlurmWorker
@@ -37,7 +37,7 @@ FULL = dict(
 
 
 def slurm_up() -> bool:
-    return subprocess.run(["bash", str(REPO / "scripts/slurm-cluster.sh"), "status"], capture_output=True).returncode == 0
+    return cluster_is_up("slurm-cluster.sh")
 
 
 def render(**variables) -> str:

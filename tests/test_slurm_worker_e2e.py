@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
 
 import pytest
 
 from batch_suite import BatchWorkerSuite, RequeueScenario, SchedulerHarness
-from conftest import REPO
+from conftest import cluster_is_up
 from prefect_xm.workers.slurm import SlurmScheduler
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
 
 def slurm_is_up() -> bool:
-    status = subprocess.run(["bash", str(REPO / "scripts" / "slurm-cluster.sh"), "status"], capture_output=True)
-    return status.returncode == 0
+    return cluster_is_up("slurm-cluster.sh")
 
 
 SLURM = SchedulerHarness(
