@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import re
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import pydantic
@@ -644,13 +645,34 @@ class TpuCapability:
     tpu_runtime_version: str
 
 
+#: The base job template with TensorBoard variables that Vertex AI pools for prefect-xm use.
+VERTEX_BASE_JOB_TEMPLATE = "deployments/vertex-ai-tensorboard-base-job-template.json"
+TENSORBOARD_RESOURCE = re.compile(r"^projects/[^/]+/locations/[^/]+/tensorboards/[^/]+$")
+
+
 @dataclasses.dataclass
 class TensorboardCapability:
-    """XManager's Vertex AI TensorBoard integration (Vertex refuses it: the vertex-ai
-    pool's job template has no TensorBoard variable)."""
+    """XManager's Vertex AI TensorBoard integration: the job's CustomJob writes to the
+    TensorBoard instance ``name`` (its resource name,
+    ``projects/PROJECT/locations/REGION/tensorboards/ID``), with its output, logs under
+    ``logs/``, in ``base_output_directory`` (``gs://`` added when missing, as XManager
+    does)."""
 
     name: str
     base_output_directory: Optional[str] = None
+
+    def job_variables(self) -> dict[str, Any]:
+        if not isinstance(self.name, str) or not TENSORBOARD_RESOURCE.match(self.name):
+            raise ValueError(f"TensorboardCapability.name={self.name!r} is not a TensorBoard resource name "
+                             f"(projects/PROJECT/locations/REGION/tensorboards/ID), which Vertex AI needs")
+        directory = self.base_output_directory
+        if not isinstance(directory, str) or not directory.strip("/"):
+            # XManager falls back on its staging bucket; prefect-xm has none
+            raise ValueError(f"TensorboardCapability.base_output_directory={directory!r}: give the gs:// directory "
+                             f"Vertex AI writes the job's output and TensorBoard logs under")
+        if not directory.startswith("gs://"):
+            directory = "gs://" + directory.lstrip("/")
+        return {"tensorboard": self.name, "base_output_directory": {"output_uri_prefix": directory}}
 
 
 class Kubernetes(_ContainerExecutor):
@@ -817,22 +839,30 @@ class Vertex(_ContainerExecutor):
     A100 80GB x4 -> a2-ultragpu-4g, H100 x8 -> a3-highgpu-8g, T4 -> n1-standard-*, L4 ->
     g2-standard-*) with ``accelerator_type``/``accelerator_count``;
     ``JobRequirements.location`` -> ``region``; ``time`` (timedelta or minutes) ->
-    ``maximum_run_time_hours`` (rounded up). An impossible combination raises ValueError.
+    ``maximum_run_time_hours`` (rounded up); ``tensorboard`` (XManager's
+    TensorboardCapability) -> ``tensorboard`` and ``base_output_directory``, variables
+    the stock template lacks: create the pool with
+    ``deployments/vertex-ai-tensorboard-base-job-template.json``. An impossible
+    combination raises ValueError.
     """
 
     default_pool = "vertex-ai"
 
-    def __init__(self, requirements: Optional[JobRequirements] = None, *, image: Optional[str] = None,
+    def __init__(self, requirements: Optional[JobRequirements] = None,
+                 tensorboard: Optional[TensorboardCapability] = None, *, image: Optional[str] = None,
                  time: Any = None, service_account_name: Optional[str] = None,
                  env: Optional[Mapping[str, str]] = None, job_variables: Optional[Mapping[str, Any]] = None,
                  work_pool: str = "vertex-ai", **xmanager_options: Any) -> None:
         super().__init__(requirements, image, env, job_variables, work_pool)
         _check_str("Vertex", "service_account_name", service_account_name)
+        if tensorboard is not None and not isinstance(tensorboard, TensorboardCapability):
+            raise ValueError(f"Vertex.tensorboard must be an xm_local.TensorboardCapability, got {tensorboard!r}")
         unsupported = sorted(k for k, v in xmanager_options.items() if v)
-        if unsupported:  # XManager's tensorboard=, pull_images=...
+        if unsupported:  # e.g. pull_images=
             raise ValueError(f"Vertex: option(s) {', '.join(unsupported)} are not supported by prefect-xm")
         self.max_hours = None if time is None else _hours(time, "Vertex.time")
         self.service_account_name = service_account_name
+        self.tensorboard = tensorboard
         self.machine = vertex_machine(self.requirements)
         self.job_variables()  # fail early
 
@@ -848,4 +878,6 @@ class Vertex(_ContainerExecutor):
             out["maximum_run_time_hours"] = self.max_hours
         if self.service_account_name is not None:
             out["service_account_name"] = self.service_account_name
+        if self.tensorboard is not None:
+            out.update(self.tensorboard.job_variables())
         return out

@@ -90,13 +90,16 @@ def test_deploy_all_creates_the_declared_work_pools(deployed):
         for name, pool_type in POOLS.items():
             pool = client.read_work_pool(name)
             assert pool.type == pool_type
-            if name != "kubernetes":  # the worker type's own default template
+            if name not in ("kubernetes", "vertex-ai"):  # the worker type's own default template
                 assert pool.base_job_template == run_coro_as_sync(
                     get_default_base_job_template_for_infrastructure_type(pool_type)), name
         k8s = client.read_work_pool("kubernetes")
         assert k8s.base_job_template == json.loads(
             (DEPLOYMENTS / "kubernetes-gpu-base-job-template.json").read_text())
         assert {"gpu_count", "node_selector"} <= set(k8s.base_job_template["variables"]["properties"])
+        vertex = client.read_work_pool("vertex-ai")
+        assert vertex.base_job_template == json.loads(
+            (DEPLOYMENTS / "vertex-ai-tensorboard-base-job-template.json").read_text())
 
 
 def test_deploy_all_again_leaves_existing_pools_as_they_are(deployed):

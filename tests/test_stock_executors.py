@@ -18,6 +18,7 @@ import pytest
 from prefect_xm import xm, xm_local
 from prefect_xm.executors import (
     KUBERNETES_BASE_JOB_TEMPLATE,
+    VERTEX_BASE_JOB_TEMPLATE,
     Docker,
     Kubernetes,
     Vertex,
@@ -197,14 +198,19 @@ def gcp_credentials() -> dict:
     return {"service_account_info": _fake_service_account()}
 
 
-async def _vertex_job_spec(variables: dict, credentials: dict):
+def _vertex_template() -> dict:
+    return json.loads((REPO / VERTEX_BASE_JOB_TEMPLATE).read_text())
+
+
+async def _vertex_job_spec(variables: dict, credentials: dict, template: dict | None = None):
     """(region, the CustomJob spec dict the worker builds its request from, the CustomJob
-    proto the worker's own _build_job_spec sends to Vertex AI)."""
+    proto the worker's own _build_job_spec sends to Vertex AI), from the stock template
+    unless another is given."""
     import copy
 
     from prefect_gcp.workers.vertex import VertexAIWorker, VertexAIWorkerJobConfiguration
 
-    template = VertexAIWorker.get_default_base_job_template()
+    template = template or VertexAIWorker.get_default_base_job_template()
     _check_schema("vertex-ai", template, variables)
     config = await VertexAIWorkerJobConfiguration.from_template_and_values(
         template, dict(variables, credentials=credentials))
@@ -237,6 +243,65 @@ async def test_vertex_machine_accelerators_region_and_time_limit(gcp_credentials
     assert wp.container_spec.image_uri == "gcr.io/p/train:1"
     assert proto.scheduling.timeout == datetime.timedelta(hours=6)
     assert proto.service_account == "trainer@xm-test.iam.gserviceaccount.com"
+
+
+TENSORBOARD = "projects/xm-test/locations/us-central1/tensorboards/42"
+
+
+async def test_vertex_tensorboard_reaches_the_custom_job_as_xmanager_sends_it(gcp_credentials):
+    """XManager's CustomJob.submit(tensorboard=...) with base_output_dir: the same two
+    fields of the CustomJobSpec, through our pool template and the worker's own builder."""
+    ex = xm_local.Vertex(xm.JobRequirements(t4=1, location="us-central1"), xm_local.TensorboardCapability(
+        name=TENSORBOARD, base_output_directory="xm-bucket/exp-1"), image="gcr.io/p/train:1")
+    variables = ex.job_variables()
+    assert variables["tensorboard"] == TENSORBOARD
+    assert variables["base_output_directory"] == {"output_uri_prefix": "gs://xm-bucket/exp-1"}  # gs:// added
+    _, spec, proto = await _vertex_job_spec(variables, gcp_credentials, _vertex_template())
+    assert spec["tensorboard"] == TENSORBOARD
+    assert proto.tensorboard == TENSORBOARD
+    assert proto.base_output_directory.output_uri_prefix == "gs://xm-bucket/exp-1"
+    assert proto.service_account == "trainer@xm-test.iam.gserviceaccount.com"  # Vertex needs one with a board
+
+
+async def test_vertex_without_tensorboard_on_our_template_sends_neither_field(gcp_credentials):
+    variables = Vertex(xm.JobRequirements(cpu=4, location="us-central1"), image="gcr.io/p/train:1").job_variables()
+    assert not {"tensorboard", "base_output_directory"} & set(variables)
+    _, _, proto = await _vertex_job_spec(variables, gcp_credentials, _vertex_template())
+    assert "tensorboard" not in proto and "base_output_directory" not in proto
+    assert proto.worker_pool_specs[0].machine_spec.machine_type == "n1-standard-4"
+
+
+def test_vertex_template_is_the_stock_template_plus_tensorboard_variables():
+    from prefect_gcp.workers.vertex import VertexAIWorker
+
+    stock = VertexAIWorker.get_default_base_job_template()
+    ours = _vertex_template()
+    props = ours["variables"]["properties"]
+    assert set(props) - set(stock["variables"]["properties"]) == {"tensorboard", "base_output_directory"}
+    assert props["tensorboard"]["title"] == "TensorBoard" and props["tensorboard"]["description"]
+    for key, value in stock["variables"]["properties"].items():
+        assert props[key] == value, key
+    assert {k: v for k, v in ours["job_configuration"]["job_spec"].items()
+            if k not in ("tensorboard", "base_output_directory")} == stock["job_configuration"]["job_spec"]
+
+
+def test_tensorboard_needs_our_vertex_template_and_a_well_formed_board():
+    from prefect_gcp.workers.vertex import VertexAIWorker
+
+    board = xm_local.TensorboardCapability(name=TENSORBOARD, base_output_directory="gs://b/d")
+    variables = Vertex(tensorboard=board, image="i").job_variables()
+    stock = VertexAIWorker.get_default_base_job_template()["variables"]["properties"]
+    with pytest.raises(ValueError, match="'tensorboard'"):
+        validate_job_variables("vertex-ai", variables, stock)
+    ours = _vertex_template()["variables"]["properties"]
+    validate_job_variables("vertex-ai", variables, ours)
+    with pytest.raises(ValueError, match="'base_output_directory'"):  # the schema's own check, as the UI's
+        validate_job_variables("vertex-ai", {"base_output_directory": {"output_uri_prefix": "/tmp/x"}}, ours)
+    for bad, words in [(dict(name="tb", base_output_directory="gs://b/d"), ["TensorboardCapability.name='tb'"]),
+                       (dict(name=TENSORBOARD), ["TensorboardCapability.base_output_directory=None", "gs://"])]:
+        with pytest.raises(ValueError) as e:
+            Vertex(tensorboard=xm_local.TensorboardCapability(**bad), image="i")
+        assert all(w in str(e.value) for w in words), str(e.value)
 
 
 @pytest.mark.parametrize("requirements, machine", [

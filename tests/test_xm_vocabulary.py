@@ -293,7 +293,10 @@ def test_xm_local_names_of_xmanager_exist_with_its_signatures_or_say_what_is_not
         xm_local.Kubernetes(cloud_provider="EKS")
     with pytest.raises(ValueError, match="tpu_capability"):
         xm_local.Kubernetes(tpu_capability=xm_local.TpuCapability(tpu_runtime_version="2.12"))
-    with pytest.raises(ValueError, match="tensorboard"):
+    board = xm_local.TensorboardCapability(name="projects/p/locations/us-central1/tensorboards/1",
+                                           base_output_directory="gs://bucket/logs")
+    assert xm_local.Vertex(xm.JobRequirements(), board).job_variables()["tensorboard"] == board.name
+    with pytest.raises(ValueError, match="TensorboardCapability.name='tb'"):
         xm_local.Vertex(tensorboard=xm_local.TensorboardCapability(name="tb"))
     # where package() pushes a python_container's image (tests/test_images.py)
     assert xm_local.Kubernetes.Spec(push_image_tag="gcr.io/p/img:1").push_image_tag == "gcr.io/p/img:1"
