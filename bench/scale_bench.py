@@ -3,6 +3,7 @@ through `experiment.add`, held in the queue until all are tracked, then released
 figures against the goals of issue 15; asserts nothing.
 
     .venv/bin/python bench/scale_bench.py [--trials 1000] [--interval 5] [--sqlite] [--idle 30]
+                                          [--login-install]
 
 Needs `bash scripts/slurm-cluster.sh start` and (unless --sqlite) `bash
 scripts/postgres-cluster.sh start`. The Prefect server is Prefect's own app behind a
@@ -14,6 +15,13 @@ first add() to every job run created and to every job queued; with all N held: t
 worker's RSS, its API requests and squeue calls per poll; after release, seconds to all
 final; Prefect API requests per trial (launcher, worker); runs not Completed; then the
 idle worker's CPU share and RSS.
+
+`prefect worker start` imports every Prefect collection installed beside it (the
+`prefect.collections` entry point): in this repository's .venv, with the extras for the
+Docker, Kubernetes and Vertex AI executors, that is about 250 MB of prefect-gcp and
+prefect-kubernetes in every worker. `--login-install` runs both workers from a virtualenv
+holding prefect-xm alone (.venv-login, made once), as the README tells a login node to
+install it.
 """
 
 from __future__ import annotations
@@ -35,6 +43,28 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ["PREFECT_CLIENT_CUSTOM_HEADERS"] = json.dumps({"X-XM-Bench": "launcher"})
 
 from sweep_bench import MEMORY, cpu_seconds, raw_sbatch  # noqa: E402
+
+
+LOGIN_VENV = REPO / ".venv-login"
+
+
+def login_install() -> str:
+    """The Python of a virtualenv with prefect-xm and no extras (the verified versions)."""
+    python = LOGIN_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(LOGIN_VENV)], check=True)
+    pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                          "-c", str(REPO / "constraints.txt"), "-e", str(REPO)], capture_output=True, text=True)
+    if pip.returncode != 0:  # (its warnings about this machine's package mirrors are noise)
+        sys.exit(f"making {LOGIN_VENV} failed:\n{pip.stdout}{pip.stderr}")
+    return str(python)
+
+
+def collections_of(python: str) -> list[str]:
+    """The Prefect collections a worker started with ``python`` imports."""
+    code = ("from importlib.metadata import entry_points; "
+            "print(' '.join(sorted(e.name for e in entry_points(group='prefect.collections'))))")
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.split()
 
 
 def rss_mb(pid: int) -> float:
@@ -89,7 +119,10 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=5.0)
     parser.add_argument("--sqlite", action="store_true", help="a SQLite-backed server (Prefect's default)")
     parser.add_argument("--idle", type=float, default=30.0, help="seconds the idle worker is watched")
+    parser.add_argument("--login-install", action="store_true",
+                        help="run the workers from a virtualenv with prefect-xm alone, as on a login node")
     args = parser.parse_args()
+    worker_python = login_install() if args.login_install else sys.executable
     n = args.trials
     if not args.sqlite and "PREFECT_XM_TEST_POSTGRES" not in os.environ:
         url = subprocess.run(["bash", str(REPO / "scripts" / "postgres-cluster.sh"), "url"],
@@ -112,13 +145,15 @@ def main() -> None:
     pool = "scale-slurm"
     create_pool(server, pool, "xm-slurm")
     wrappers = CountingWrappers(root, ["sbatch", "squeue"])
-    worker = WorkerProcess(server, pool, "xm-slurm", root, path_prefix=wrappers.dir,
+    worker = WorkerProcess(server, pool, "xm-slurm", root, path_prefix=wrappers.dir, python=worker_python,
                            PREFECT_XM_POLL_INTERVAL=str(args.interval),
                            PREFECT_WORKER_QUERY_SECONDS=str(args.interval),
                            PREFECT_CLIENT_CUSTOM_HEADERS=json.dumps({"X-XM-Bench": "worker"})).start()
     backend = "SQLite" if args.sqlite else "PostgreSQL"
     print(f"{n} trials; Prefect server on {backend}; Slurm poll and worker query every {args.interval:g} s; "
           f"{os.cpu_count()} cores", flush=True)
+    print(f"workers run from {worker_python}, importing the Prefect collections "
+          f"{', '.join(collections_of(worker_python))}", flush=True)
     peak_rss = [0.0]
     sampling = [True]
     own_reads = [0]  # this bench's reads, sent as "launcher" too (one process, one header)
@@ -194,7 +229,7 @@ def main() -> None:
             print(f"work units not Completed: {len(bad)}" + (f" (first: {bad[0]})" if bad else ""))
 
         time.sleep(2 * args.interval)
-        stock = WorkerProcess(server, "scale-process", "process", root,
+        stock = WorkerProcess(server, "scale-process", "process", root, python=worker_python,
                               PREFECT_WORKER_QUERY_SECONDS=str(args.interval)).start()
         cpu0, stock_cpu0 = cpu_seconds(worker.proc.pid), cpu_seconds(stock.proc.pid)
         time.sleep(args.idle)

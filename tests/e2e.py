@@ -79,8 +79,11 @@ class WorkerProcess:
     """`prefect worker start` for a pool, as a subprocess with its own log."""
 
     def __init__(self, server: PrefectServer, pool: str, worker_type: str, workdir: Path,
-                 name: str | None = None, path_prefix: Path | None = None, **env: str):
+                 name: str | None = None, path_prefix: Path | None = None, python: str | None = None,
+                 **env: str):
         self.server = server
+        #: the Python (of an install) that runs the worker: this one by default
+        self.python = python or sys.executable
         self.pool = pool
         self.worker_type = worker_type
         self.name = name or f"worker-{uuid.uuid4().hex[:6]}"
@@ -102,7 +105,7 @@ class WorkerProcess:
             **self.extra_env,  # a test's (or a benchmark's) own settings win
         })
         env["PATH"] = os.pathsep.join(
-            [str(self.path_prefix)] * bool(self.path_prefix) + [str(Path(sys.executable).parent), env["PATH"]]
+            [str(self.path_prefix)] * bool(self.path_prefix) + [str(Path(self.python).parent), env["PATH"]]
         )
         # a replacement worker of the same name must not overwrite its predecessor's log
         n = len(self.logs)
@@ -110,7 +113,7 @@ class WorkerProcess:
             n += 1
         self.logs.append(log)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "worker", "start", "--pool", self.pool,
+            [self.python, "-m", "prefect", "worker", "start", "--pool", self.pool,
              "--type", self.worker_type, "--name", self.name],
             env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
         )
