@@ -12,6 +12,9 @@ bash scripts/sge-cluster.sh start
 bash scripts/sshd-package.sh
 bash scripts/chromium.sh
 bash scripts/postgres-cluster.sh start
+# The Docker-compatible engine tests/test_images_engine.py builds python_container images in
+# (podman's API), with its local base image (made once per machine: no registry here).
+bash scripts/podman-engine.sh start
 # Each test process's Prefect server gets a PostgreSQL database of its own (a copy of a
 # migrated template: tests/conftest.py). On SQLite, servers whose workers submit while
 # tests create runs answer `database is locked` and clients back off for seconds.

@@ -1,7 +1,7 @@
 """xm.python_container on the container executors: the image built at package(), as
-XManager builds it. There is no Docker engine on these machines: the build context and
-the Dockerfile are tested here, and the build's refusal without an engine (clear, at
-package(), before anything is added)."""
+XManager builds it. The build context and the Dockerfile are tested here, and the
+build's refusal without an engine (clear, at package(), before anything is added); the
+build itself, in a real engine (podman's Docker API), in tests/test_images_engine.py."""
 
 from __future__ import annotations
 

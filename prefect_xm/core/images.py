@@ -105,8 +105,12 @@ def build_image(spec: Any, path: str, name: str, push_image_tag: Optional[str]) 
             # (a repository name: lower case, digits and . _ - only)
             image_name, tag = "xm-" + re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._"), content_tag(context)
         try:
+            # As `docker build` does by default: the base image is pulled only when the
+            # engine lacks it, so one made or loaded locally is used as it is (prefect-docker
+            # asks for pull=True, which fails for an image no registry has), and intermediate
+            # containers are removed (docker-py's default is rm=False: they stay behind).
             build_docker_image(image_name=image_name, tag=tag, dockerfile=str(context / "Dockerfile"),
-                               path=str(context))
+                               path=str(context), pull=False, rm=True)
             if push_image_tag:
                 push_docker_image(image_name=image_name, tag=tag)
         except Exception as e:  # the engine's or the registry's refusal, as it said it
