@@ -104,7 +104,7 @@ start_service() {
 # The first deb mirror apt uses for this release (no host name written here).
 mirror() {
     apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 2>/dev/null |
-        awk -v s="$(codename)" '$2 == s { print $1; exit }'
+        awk -v s="$(codename)" '$2 == s && !found { print $1; found = 1 }'
 }
 
 make_base_image() {
