@@ -426,7 +426,7 @@ class ContainerSpec(ExecutorSpec):
         local engine) where that is enough."""
         if self.push_image_tag is None and self.needs_registry:
             raise ValueError(
-                f"python_container(path={path!r}) on {self.executor_name}: the image built at package() must be "
+                f"the image built at package() from {path!r} for {self.executor_name} must be "
                 f"pushed where the cluster pulls it from: give {self.executor_name}.Spec(push_image_tag="
                 f"'<registry>/<name>:<tag>')")
         return self.push_image_tag

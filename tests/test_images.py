@@ -73,3 +73,29 @@ def test_package_builds_the_image_and_says_clearly_when_no_engine_answers(code, 
     # Local and the batch executors run the code where it is: nothing is built
     assert package_spec(xm.python_container(executor_spec=xm_local.Local.Spec(), path=str(code),
                                             entrypoint=xm.ModuleName("cifar10"))).path == str(code)
+
+
+def test_a_dockerfiles_image_gets_the_job_runner_layered_on_keeping_its_user(tmp_path, monkeypatch):
+    from prefect_xm.core.images import job_runner_layer, runtime_requirements
+
+    layer = job_runner_layer("xm-tool-dockerfile:abc", runtime_requirements(), "app")
+    lines = layer.splitlines()
+    assert lines[:2] == ["FROM xm-tool-dockerfile:abc", "USER root"]
+    assert any(line.startswith("RUN python -m pip install") and "'prefect==" in line for line in lines)
+    # the entrypoint goes (Prefect's command starts the job runner); the user it ran as stays
+    assert lines[-3:] == ["USER app", "ENTRYPOINT []", "CMD []"]
+    assert "USER" not in job_runner_layer("i:1", [], "").split("USER root", 1)[1]
+
+    # without an engine: the error names the Dockerfile's directory and what failed
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
+    (tmp_path / "tool").mkdir()
+    (tmp_path / "tool" / "Dockerfile").write_text("FROM scratch\n")
+    with pytest.raises(ValueError) as raised:
+        package_spec(xm.dockerfile_container(xm_local.Docker.Spec(), str(tmp_path / "tool")))
+    assert f"dockerfile_container(path={str(tmp_path / 'tool')!r})" in str(raised.value)
+    assert "building image xm-tool-dockerfile:" in str(raised.value)
+    with pytest.raises(ValueError, match="Dockerfile .*Dockerfile.gpu' is not a file"):
+        package_spec(xm.dockerfile_container(xm_local.Docker.Spec(), str(tmp_path / "tool"),
+                                             str(tmp_path / "tool" / "Dockerfile.gpu")))
+    with pytest.raises(ValueError, match=r"give Vertex.Spec\(push_image_tag="):
+        package_spec(xm.dockerfile_container(xm_local.Vertex.Spec(), str(tmp_path / "tool")))

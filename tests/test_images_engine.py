@@ -74,9 +74,49 @@ def test_package_builds_the_python_container_and_the_image_runs_its_code(engine,
         assert _podman("run", "--rm", "--network=none", image, "python", "-m", executable.module,
                        "--lr=0.1").strip() == "trained with ['--lr=0.1']"
     finally:
-        # Earlier builds of this image go (this one stays: its layers are the next run's cache).
-        repository = image.rsplit(":", 1)[0]
-        stale = [ref for ref in _podman("images", "--format", "{{.Repository}}:{{.Tag}}").split()
-                 if ref.rsplit(":", 1)[0].rsplit("/", 1)[-1] == repository and not ref.endswith(":" + image.split(":")[1])]
-        if stale:
-            _podman("rmi", *stale)
+        _remove_older_builds(image)
+
+
+def _remove_older_builds(image: str) -> None:
+    """Earlier builds of this image go (this one stays: its layers are the next run's cache)."""
+    repository, tag = image.rsplit(":", 1)
+    stale = [ref for ref in _podman("images", "--format", "{{.Repository}}:{{.Tag}}").split()
+             if ref.rsplit(":", 1)[0].rsplit("/", 1)[-1] == repository and not ref.endswith(":" + tag)]
+    if stale:
+        _podman("rmi", *stale)
+
+
+def test_package_builds_a_dockerfile_container_whose_entrypoint_is_the_jobs_command(engine, prefect_server, tmp_path,
+                                                                                    monkeypatch):
+    """XManager's examples/dockerfile shape: a Dockerfile with an ENTRYPOINT, the job's args
+    after it. The user's image is built as written, the job runner goes on top."""
+    from prefect.context import refresh_global_settings_context
+
+    from prefect_xm import xm, xm_local
+
+    refresh_global_settings_context()
+    docker_host, base_image = engine
+    context = tmp_path / "tool-image"
+    context.mkdir()
+    (context / "tool.py").write_text("import os, sys\nprint(os.getcwd(), os.environ['TOOL_MODE'], sys.argv[1:])\n")
+    (context / "Dockerfile").write_text(f"FROM {base_image}\nWORKDIR /app\nCOPY tool.py tool.py\n"
+                                        f"ENV TOOL_MODE=fast\nENTRYPOINT [\"python\", \"tool.py\"]\n")
+    monkeypatch.setenv("DOCKER_HOST", docker_host)
+
+    with xm_local.create_experiment(experiment_title="dockerfile-build") as experiment:
+        [executable] = experiment.package([xm.dockerfile_container(xm_local.Docker.Spec(), str(context))])
+
+    image = executable.image
+    assert image.startswith("xm-tool-image:") and executable.kind == "command"
+    assert executable.command == ["python", "tool.py"]  # the image's ENTRYPOINT
+    try:
+        assert json.loads(_podman("image", "inspect", "--format", "{{json .Config.Entrypoint}}", image)) in (None, [])
+        # what the job runner runs inside the image: the entrypoint and the job's args, in its WORKDIR and ENV
+        assert _podman("run", "--rm", "--network=none", image, *executable.command, "--a=1").strip() == \
+            "/app fast ['--a=1']"
+        probe = "import prefect, prefect_xm.flows.job_runner; print(prefect.__version__)"
+        assert _podman("run", "--rm", "--network=none", image, "python", "-c", probe).strip().splitlines()[-1] == \
+            prefect.__version__
+    finally:
+        _remove_older_builds(image)
+        _remove_older_builds("xm-tool-image-dockerfile:" + image.split(":", 1)[1].split("-", 1)[0])

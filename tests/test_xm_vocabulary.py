@@ -237,10 +237,12 @@ def test_xmanagers_factory_functions_make_packageables_with_its_signatures(tmp_p
     assert c.executable_spec.image_path == "docker://alpine:3"
     for make, target in ((lambda: xm.bazel_binary(spec, "//cifar:train"), "//cifar:train"),
                          (lambda: xm.bazel_container(spec, label="//cifar:image.tar"), "//cifar:image.tar"),
-                         (lambda: xm.dockerfile_container(spec, path="."), "'.'")):
+                         (lambda: package_spec(xm.dockerfile_container(spec, path=".")), "'.'")):
         with pytest.raises(NotImplementedError, match="build it yourself|build the image") as raised:
             make()
         assert target in str(raised.value)
+    d = xm.dockerfile_container(xm_local.Docker.Spec(), "image-dir", "image-dir/Dockerfile.gpu", args=["--x=1"])
+    assert d.executable_spec == xm.Dockerfile(path="image-dir", dockerfile="image-dir/Dockerfile.gpu")
 
 
 def test_an_empty_job_group_is_filled_afterwards_and_refused_only_if_still_empty():

@@ -152,7 +152,11 @@ class BazelContainer(ExecutableSpec):
 
 @dataclasses.dataclass
 class Dockerfile(ExecutableSpec):
-    """XManager's image built from a Dockerfile: package() refuses it (no build step here)."""
+    """XManager's image built from a Dockerfile (``dockerfile``, default
+    ``<path>/Dockerfile``, with ``path`` as the build context): built at package() for
+    the container executors, with the job runner layered on; the image's ENTRYPOINT is
+    the job's command (its CMD is not used: the job's args replace it, as with
+    ``docker run IMAGE ARGS``)."""
 
     path: str = "."
     dockerfile: Optional[str] = None
@@ -291,9 +295,21 @@ def package_spec(packageable: Packageable) -> Executable:
     spec = packageable.executable_spec
     if isinstance(spec, (BazelBinary, BazelContainer)):
         raise no_build_step("bazel_binary" if isinstance(spec, BazelBinary) else "bazel_container", repr(spec.label))
-    if isinstance(spec, Dockerfile):
-        raise no_build_step("dockerfile_container", repr(spec.path))
     common = dict(name=spec.name, args=packageable.args, env_vars=dict(packageable.env_vars))
+    if isinstance(spec, Dockerfile):
+        if not getattr(packageable.executor_spec, "builds_images", False):
+            raise NotImplementedError(
+                f"xm.dockerfile_container({spec.path!r}): a Dockerfile is built into an image for the container "
+                f"executors (xm_local.Docker, Kubernetes, Vertex), not for "
+                f"{type(packageable.executor_spec).__name__}; build the image yourself and use "
+                f"xm.container(image_path=...)")
+        from prefect_xm.core.images import build_dockerfile_image
+
+        built = build_dockerfile_image(_resolve_path(spec.path), spec.dockerfile and _resolve_path(spec.dockerfile),
+                                       spec.name, packageable.executor_spec.image_destination(spec.path))
+        if built.entrypoint:  # `docker run IMAGE ARGS`: the entrypoint with the job's args
+            return Executable(kind="command", command=built.entrypoint, image=built.reference, **common)
+        return Executable(kind="container", image=built.reference, **common)  # the args are the command
     if isinstance(spec, Binary):
         path = spec.path
         if os.sep in path and not os.path.isabs(path):

@@ -1,7 +1,8 @@
 """XManager's factory functions: a spec and where it runs, as one Packageable.
 
 Same names and signatures as `xmanager.xm.packagables`; what has no build step here
-(Bazel, a Dockerfile) is refused with the reason, not taken for something else.
+(Bazel; a Dockerfile outside the container executors) is refused with the reason, not
+taken for something else.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from prefect_xm.core.job_blocks import (
     Binary,
     CommandList,
     Container,
+    Dockerfile,
     ExecutorSpec,
     ModuleName,
     Packageable,
@@ -59,4 +61,6 @@ def bazel_container(executor_spec: ExecutorSpec, label: str, bazel_args: Collect
 
 def dockerfile_container(executor_spec: ExecutorSpec, path: str = ".", dockerfile: Optional[str] = None, *,
                          args: Any = None, env_vars: Mapping[str, str] = _NO_ENV) -> Packageable:
-    raise no_build_step("dockerfile_container", repr(path))
+    """An image built from a Dockerfile at package() (container executors only)."""
+    return Packageable(Dockerfile(path=path, dockerfile=dockerfile), executor_spec, args=args,
+                       env_vars=dict(env_vars))
