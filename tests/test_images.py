@@ -99,3 +99,27 @@ def test_a_dockerfiles_image_gets_the_job_runner_layered_on_keeping_its_user(tmp
                                              str(tmp_path / "tool" / "Dockerfile.gpu")))
     with pytest.raises(ValueError, match=r"give Vertex.Spec\(push_image_tag="):
         package_spec(xm.dockerfile_container(xm_local.Vertex.Spec(), str(tmp_path / "tool")))
+
+
+def test_use_deep_module_imports_the_module_under_its_code_directorys_name(tmp_path):
+    """XManager's layout: launcher.py and cifar10.py in local_container_gpu/, entrypoint
+    ModuleName('local_container_gpu.cifar10') with use_deep_module=True."""
+    import os
+    import subprocess
+
+    from prefect_xm.flows.job_runner import build_argv
+
+    code = tmp_path / "local_container_gpu"
+    code.mkdir()
+    (code / "cifar10.py").write_text("import sys; print('deep', __name__, sys.argv[1:])\n")
+    packageable = xm.python_container(executor_spec=xm_local.Local.Spec(), path=str(code),
+                                      entrypoint=xm.ModuleName("local_container_gpu.cifar10"), use_deep_module=True)
+    exe = package_spec(packageable)
+    assert exe.path == str(tmp_path)
+    params = exe.runner_parameters(xm.SequentialArgs.from_collection(["--lr=0.1"]), {})
+    argv, env = build_argv(params["executable"], params["args"])
+    done = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, cwd="/")
+    assert done.stdout.strip() == "deep __main__ ['--lr=0.1']", done.stderr
+    # in an image the code goes to /workdir/<its name>, as XManager's default steps put it
+    text = (build_context(packageable.executable_spec, str(code), tmp_path / "ctx") / "Dockerfile").read_text()
+    assert f"COPY code/ {WORKDIR}/local_container_gpu/" in text and f"WORKDIR {WORKDIR}\n" in text

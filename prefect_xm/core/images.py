@@ -62,17 +62,21 @@ def job_runner_steps(requirements: list[str]) -> list[str]:
 
 
 def dockerfile(base_image: Optional[str], docker_instructions: Optional[list[str]],
-               requirements: list[str]) -> str:
+               requirements: list[str], deep_module_dir: Optional[str] = None) -> str:
     """XManager's python_container image: without docker_instructions, the code copied to
-    the workdir and its requirements.txt installed; with them, they replace those steps."""
+    the workdir and its requirements.txt installed; with them, they replace those steps.
+    With use_deep_module (``deep_module_dir``, the code's directory name) the code goes
+    to ``/workdir/<its name>``, as XManager puts it, so ``<its name>.module`` imports."""
+    code_dir = f"{WORKDIR}/{deep_module_dir}" if deep_module_dir else WORKDIR
+    requirements_txt = f"{deep_module_dir}/requirements.txt" if deep_module_dir else "requirements.txt"
     lines = [
         f"FROM {base_image or default_base_image()}",
         *job_runner_steps(requirements),
         f"WORKDIR {WORKDIR}",
     ]
     lines += docker_instructions if docker_instructions is not None else [
-        f"COPY code/ {WORKDIR}/",
-        "RUN if [ -f requirements.txt ]; then python -m pip install --no-cache-dir -r requirements.txt; fi",
+        f"COPY code/ {code_dir}/",
+        f"RUN if [ -f {requirements_txt} ]; then python -m pip install --no-cache-dir -r {requirements_txt}; fi",
     ]
     return "\n".join(lines) + "\n"
 
@@ -88,7 +92,9 @@ def build_context(spec: Any, path: str, dest: Path) -> Path:
     Dockerfile, code/ and prefect-xm/ (this prefect-xm's package, as it runs here)."""
     shutil.copytree(path, dest / "code", ignore=IGNORED)
     _copy_prefect_xm(dest)
-    (dest / "Dockerfile").write_text(dockerfile(spec.base_image, spec.docker_instructions, runtime_requirements()))
+    deep = os.path.basename(os.path.abspath(path)) if getattr(spec, "use_deep_module", False) else None
+    (dest / "Dockerfile").write_text(dockerfile(spec.base_image, spec.docker_instructions, runtime_requirements(),
+                                                deep))
     return dest
 
 

@@ -332,6 +332,9 @@ def package_spec(packageable: Packageable) -> Executable:
 
             image = build_image(spec, path, spec.name, packageable.executor_spec.image_destination(spec.path))
             path = WORKDIR
+        elif spec.use_deep_module:
+            # XManager's deep module: `<code dir name>.module` imports, from the code's parent
+            path = os.path.dirname(path)
         if isinstance(spec.entrypoint, ModuleName):
             return Executable(kind="module", module=spec.entrypoint.module_name, path=path, image=image, **common)
         return Executable(kind="commands", commands=list(spec.entrypoint.commands), path=path, image=image, **common)
