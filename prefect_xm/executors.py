@@ -465,8 +465,8 @@ class _ContainerExecutor(Executor):
         self.work_pool = work_pool or self.default_pool
         acc = self.requirements.accelerator
         if acc is not None and acc.is_tpu:
-            raise ValueError(f"{owner}: accelerator {acc.value}={self.requirements.accelerator_count} "
-                             f"is not available on {owner}")
+            raise ValueError(f"{owner}: accelerator {acc.value}={self.requirements.accelerator_count}: prefect-xm "
+                             f"runs no TPUs on {owner} (its pool templates have no TPU variables)")
         if self.requirements.replicas != 1:
             raise ValueError(f"{owner}: replicas={self.requirements.replicas} is not supported (one container "
                              f"per job); use an xm.JobGroup of jobs")
