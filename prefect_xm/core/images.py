@@ -176,11 +176,11 @@ def build_image(spec: Any, path: str, name: str, push_image_tag: Optional[str]) 
 @dataclasses.dataclass(frozen=True)
 class DockerfileImage:
     """An image built from the user's Dockerfile with the job runner layered on, and what
-    the user's image runs: its ENTRYPOINT (the job's command) and WORKDIR."""
+    the user's image runs: its ENTRYPOINT (the job's command; the container starts in the
+    image's own WORKDIR)."""
 
     reference: str
     entrypoint: list[str]
-    workdir: str
 
 
 def build_dockerfile_image(path: str, dockerfile_path: Optional[str], name: str,
@@ -212,5 +212,4 @@ def build_dockerfile_image(path: str, dockerfile_path: Optional[str], name: str,
                hint="the job runner runs inside the image, so the Dockerfile's image needs `python` with pip; ")
         if push_image_tag:
             _push(what, image_name, tag)
-    return DockerfileImage(f"{image_name}:{tag}", list(config.get("Entrypoint") or []),
-                           config.get("WorkingDir") or "/")
+    return DockerfileImage(f"{image_name}:{tag}", list(config.get("Entrypoint") or []))
