@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import random
 import threading
 from typing import Any, Coroutine, Optional, TypeVar
-from urllib.parse import urlsplit
 
 T = TypeVar("T")
 
@@ -60,90 +58,16 @@ class Runtime:
             if self._client is None:
                 from prefect.client.orchestration import get_client
 
+                from prefect_xm.api_client import absorb_busy_answers
                 from prefect_xm.core.embedded_server import ensure_api
 
                 # Before any Prefect client exists: with no PREFECT_API_URL, our own start
                 # of the embedded server replaces Prefect's (which times out on a first run).
                 await asyncio.to_thread(ensure_api)
-                client = get_client(httpx_settings=local_server_httpx_settings())
+                client = absorb_busy_answers(get_client())
                 await client.__aenter__()
                 self._client = client
         return self._client
-
-
-#: Quick retries of a 503 before Prefect's client sees it (and waits 2 s, then 4 s...).
-LOCK_RETRY_DELAYS = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
-
-
-def local_server_httpx_settings() -> Optional[dict[str, Any]]:
-    """httpx settings for a Prefect server on this machine (the embedded one, or a
-    `prefect server start`): SQLite-backed, it answers 503 when a write meets another's
-    snapshot (SQLITE_BUSY_SNAPSHOT, which busy_timeout does not wait out), and Prefect's
-    client backs off 2 s before its first retry, while the conflict is gone in
-    milliseconds: each experiment.add() stalled 2 s that way. None (Prefect's defaults)
-    for any other server: its TLS and proxy settings stay Prefect's to apply."""
-    import httpx
-    from prefect.settings import get_current_settings
-
-    url = get_current_settings().api.url
-    if not url or urlsplit(url).scheme != "http" or urlsplit(url).hostname not in ("127.0.0.1", "localhost", "::1"):
-        return None
-    # The limits Prefect sets on its own transport, which a custom transport replaces.
-    limits = httpx.Limits(max_connections=16, max_keepalive_connections=8, keepalive_expiry=25)
-    return {"transport": _RetryLockConflicts(httpx.AsyncHTTPTransport(limits=limits))}
-
-
-#: POST routes of Prefect's API that only read (filters, counts, pages).
-_READING_POSTS = frozenset({"filter", "count", "paginate", "history"})
-
-
-def _writes(request) -> bool:
-    if request.method in ("GET", "HEAD", "OPTIONS"):
-        return False
-    return not (request.method == "POST" and request.url.path.rstrip("/").rsplit("/", 1)[-1] in _READING_POSTS)
-
-
-class _RetryLockConflicts:
-    """An httpx transport that retries 503 answers a few times within about a second,
-    and once a server has answered one, sends it this client's writes one at a time.
-
-    A 503 says the server is SQLite-backed: it takes one write at a time anyway, and
-    concurrent ones only meet each other's locks. A 200-trial sweep creating eight work
-    units at once made about seven attempts per run (each a conflict, each a retry) and
-    slowed to a crawl; queued here, each write goes through at its first attempt. Reads
-    stay concurrent, and a server that never answers 503 (PostgreSQL) is never queued."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self._one_write_at_a_time: Optional[asyncio.Lock] = None
-
-    async def handle_async_request(self, request):
-        if self._one_write_at_a_time is not None and _writes(request):
-            async with self._one_write_at_a_time:
-                return await self._send(request)
-        return await self._send(request)
-
-    async def _send(self, request):
-        for delay in LOCK_RETRY_DELAYS:
-            response = await self.inner.handle_async_request(request)
-            if response.status_code != 503:
-                return response
-            await response.aread()
-            await response.aclose()
-            if self._one_write_at_a_time is None:
-                self._one_write_at_a_time = asyncio.Lock()
-            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-        return await self.inner.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-    async def __aenter__(self):
-        await self.inner.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.inner.__aexit__(*exc)
 
 
 def in_event_loop() -> bool:

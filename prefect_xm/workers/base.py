@@ -49,6 +49,7 @@ from prefect.workers.base import (
 )
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
+from prefect_xm.api_client import absorb_busy_answers
 from prefect_xm.gang import gang_place
 from prefect_xm.workers.arrays import (
     GROUPING_DIR,
@@ -549,6 +550,9 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
     # -- lifecycle ------------------------------------------------------------------
     async def setup(self) -> None:
         await super().setup()
+        # Prefect's worker crashes a run it is submitting when its client has retried a
+        # busy server's 503 five times; ours waits such answers out (api_client).
+        absorb_busy_answers(self._client)
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise(), name="xm-supervisor")
 
     async def teardown(self, *exc_info: Any) -> None:

@@ -1,6 +1,7 @@
-"""The runtime's Prefect client for a server on this machine: a SQLite-backed server
-answers 503 on a write conflict, and those are retried within a second instead of after
-Prefect's 2 s back-off."""
+"""prefect-xm's Prefect clients (the launcher's and the worker's): a SQLite-backed server
+answers 503 on a write conflict; those are retried within a second at first, instead of
+after Prefect's 2 s back-off, and for as long as the patience allows, instead of Prefect's
+five tries (after which its worker crashed the run it was submitting)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import asyncio
 import httpx
 import pytest
 
-from prefect_xm.core import runtime
+from prefect_xm import api_client
 
 
 class _Answers(httpx.AsyncBaseTransport):
@@ -33,10 +34,10 @@ def test_conflicts_are_retried_quickly_with_the_same_request(monkeypatch):
         waits.append(delay)
         await real_sleep(0)
 
-    monkeypatch.setattr(runtime.asyncio, "sleep", recorded_sleep)
+    monkeypatch.setattr(api_client.asyncio, "sleep", recorded_sleep)
 
     async def post():
-        async with httpx.AsyncClient(transport=runtime._RetryLockConflicts(inner), base_url="http://127.0.0.1:1") as c:
+        async with httpx.AsyncClient(transport=api_client.BusyServerTransport(inner), base_url="http://127.0.0.1:1") as c:
             return await c.post("/api/task_runs/", json={"name": "link"})
 
     response = asyncio.run(post())
@@ -44,33 +45,63 @@ def test_conflicts_are_retried_quickly_with_the_same_request(monkeypatch):
     assert inner.bodies == [b'{"name":"link"}'] * 3
     # the waits it chose (jittered around the first two delays), not Prefect's 2 s + 4 s;
     # measured as the delays asked for, not as wall time (these machines are noisy)
-    assert len(waits) == 2 and all(0.5 * d <= w <= 1.5 * d for w, d in zip(waits, runtime.LOCK_RETRY_DELAYS))
-    assert sum(runtime.LOCK_RETRY_DELAYS) < 2.0  # all its retries, on average, within Prefect's first wait
+    assert len(waits) == 2 and all(0.5 * d <= w <= 1.5 * d for w, d in zip(waits, api_client.QUICK_RETRY_DELAYS))
+    assert sum(api_client.QUICK_RETRY_DELAYS) < 2.0  # all its retries, on average, within Prefect's first wait
 
 
-def test_a_lasting_503_reaches_prefects_own_retries():
-    inner = _Answers([503] * (len(runtime.LOCK_RETRY_DELAYS) + 1))
+def test_a_busy_server_is_waited_out_past_prefects_retries(monkeypatch):
+    # 30 answers of 503: Prefect's client alone gives up after 5 retries
+    inner = _Answers([503] * 30 + [201])
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recorded_sleep(delay):
+        waits.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr(api_client.asyncio, "sleep", recorded_sleep)
+
+    async def patch():
+        async with httpx.AsyncClient(transport=api_client.BusyServerTransport(inner, patience=600),
+                                     base_url="http://127.0.0.1:1") as c:
+            return await c.patch("/api/flow_runs/x/labels", json={"a": "b"})
+
+    assert asyncio.run(patch()).status_code == 201
+    assert len(inner.bodies) == 31
+    # quick at first, then about a second apart (jittered)
+    quick = len(api_client.QUICK_RETRY_DELAYS)
+    assert all(0.5 * api_client.SLOW_RETRY_DELAY <= w <= 1.5 * api_client.SLOW_RETRY_DELAY for w in waits[quick:])
+
+
+def test_past_its_patience_a_503_reaches_prefects_own_retries():
+    inner = _Answers([503] * 10)
 
     async def get():
-        async with httpx.AsyncClient(transport=runtime._RetryLockConflicts(inner), base_url="http://127.0.0.1:1") as c:
+        async with httpx.AsyncClient(transport=api_client.BusyServerTransport(inner, patience=0),
+                                     base_url="http://127.0.0.1:1") as c:
             return await c.get("/api/health")
 
     assert asyncio.run(get()).status_code == 503
-    assert len(inner.bodies) == len(runtime.LOCK_RETRY_DELAYS) + 1
+    assert len(inner.bodies) == 1
 
 
-@pytest.mark.parametrize("url,local", [
-    ("http://127.0.0.1:4200/api", True),
-    ("http://localhost:4200/api", True),
-    ("https://api.prefect.cloud/api/accounts/a/workspaces/w", False),
-    ("http://prefect.internal:4200/api", False),
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:4200/api",
+    "https://api.prefect.cloud/api/accounts/a/workspaces/w",
+    "http://prefect.internal:4200/api",
 ])
-def test_only_servers_on_this_machine_get_the_transport(url, local):
+def test_any_servers_client_keeps_prefects_transport_inside(url):
+    """Prefect's transport (its TLS, proxies and connection retries) stays, wrapped."""
+    import httpx as _httpx
+    from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: url}):
-        settings = runtime.local_server_httpx_settings()
-    assert (settings is not None) == local
+        client = api_client.absorb_busy_answers(get_client())
+    transport = client._client._transport
+    assert isinstance(transport, api_client.BusyServerTransport)
+    assert isinstance(transport.inner, _httpx.AsyncHTTPTransport)
+    assert api_client.absorb_busy_answers(client)._client._transport is transport  # once
 
 
 class _Concurrency(httpx.AsyncBaseTransport):
@@ -86,7 +117,7 @@ class _Concurrency(httpx.AsyncBaseTransport):
         if self.first:
             self.first = False
             return httpx.Response(503)
-        kind = "write" if runtime._writes(request) else "read"
+        kind = "write" if api_client.writes(request) else "read"
         self.in_flight[kind] += 1
         self.most[kind] = max(self.most[kind], self.in_flight[kind])
         await asyncio.sleep(0.05)
@@ -99,7 +130,7 @@ def _requests_at_once(after_a_conflict: bool) -> dict[str, int]:
     inner.first = after_a_conflict
 
     async def burst():
-        async with httpx.AsyncClient(transport=runtime._RetryLockConflicts(inner), base_url="http://127.0.0.1:1") as c:
+        async with httpx.AsyncClient(transport=api_client.BusyServerTransport(inner), base_url="http://127.0.0.1:1") as c:
             if after_a_conflict:
                 await c.post("/api/flow_runs/", json={})
             await asyncio.gather(*[c.post("/api/flow_runs/", json={}) for _ in range(8)],
@@ -121,7 +152,7 @@ def test_a_server_that_never_conflicts_gets_concurrent_writes():
 
 def test_reads_and_writes_of_prefects_api():
     def writes(method, path):
-        return runtime._writes(httpx.Request(method, f"http://127.0.0.1:1{path}"))
+        return api_client.writes(httpx.Request(method, f"http://127.0.0.1:1{path}"))
 
     assert writes("POST", "/api/flow_runs/") and writes("POST", "/api/flow_runs/x/set_state")
     assert writes("PATCH", "/api/flow_runs/x") and writes("DELETE", "/api/flow_runs/x")
