@@ -134,21 +134,49 @@ class Created:
 
 async def create_flow_runs_from_deployment(client, deployment_id: UUID, runs: Sequence[Any]) -> list[Created]:
     """Creates flow runs of one deployment, 100 to a request; `runs` are Prefect's
-    DeploymentFlowRunCreate (or dicts of its fields). Answers per run, in order."""
+    DeploymentFlowRunCreate (or dicts of its fields). Answers per run, in order.
+
+    The route makes its runs in one transaction. A run refused by the database (a
+    parent task run that does not exist) breaks that transaction: the runs answered
+    CREATED before it were rolled back, and those after it fail with "closed
+    transaction". So when a request answers any failure, the runs it called created
+    are read back, and every run but the first failure is sent again."""
     from prefect.client.schemas.actions import DeploymentFlowRunCreate
 
-    out: list[Created] = []
-    for chunk in _chunks(list(runs), CREATE_BULK_LIMIT):
-        body = [(r if isinstance(r, DeploymentFlowRunCreate) else DeploymentFlowRunCreate(**r)).model_dump(
-            mode="json", exclude_unset=True) for r in chunk]
-        response = await client._client.post(f"/deployments/{deployment_id}/create_flow_run/bulk", json=body)
-        results = response.json().get("results", [])
-        if len(results) != len(chunk):
-            raise RuntimeError(f"bulk creation from deployment {deployment_id} answered {len(results)} results "
-                               f"for {len(chunk)} runs")
-        out.extend(Created(UUID(r["flow_run_id"]) if r.get("flow_run_id") else None, r.get("error"))
-                   for r in results)
-    return out
+    bodies = [(r if isinstance(r, DeploymentFlowRunCreate) else DeploymentFlowRunCreate(**r)).model_dump(
+        mode="json", exclude_unset=True) for r in runs]
+    out: list[Optional[Created]] = [None] * len(bodies)
+    for chunk in _chunks(list(range(len(bodies))), CREATE_BULK_LIMIT):
+        waiting = list(chunk)
+        while waiting:
+            response = await client._client.post(f"/deployments/{deployment_id}/create_flow_run/bulk",
+                                                 json=[bodies[i] for i in waiting])
+            results = response.json().get("results", [])
+            if len(results) != len(waiting):
+                raise RuntimeError(f"bulk creation from deployment {deployment_id} answered {len(results)} results "
+                                   f"for {len(waiting)} runs")
+            created = {i: UUID(r["flow_run_id"]) for i, r in zip(waiting, results) if r.get("flow_run_id")}
+            failed = [(i, r.get("error") or "refused") for i, r in zip(waiting, results) if not r.get("flow_run_id")]
+            if not failed:
+                for i, run_id in created.items():
+                    out[i] = Created(run_id)
+                break
+            existing = set(await _existing_flow_runs(client, list(created.values()))) if created else set()
+            for i, run_id in created.items():
+                if run_id in existing:
+                    out[i] = Created(run_id)
+            cause, error = failed[0]
+            out[cause] = Created(None, error)
+            waiting = [i for i in waiting if out[i] is None]
+    return [c if c is not None else Created(None, "not answered") for c in out]
+
+
+async def _existing_flow_runs(client, ids: Sequence[UUID]) -> list[UUID]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(ids))),
+                                       limit=len(ids))
+    return [r.id for r in runs]
 
 
 @dataclass
@@ -172,9 +200,9 @@ async def set_flow_run_states(client, flow_run_ids: Sequence[UUID], state, force
     orchestrated: Prefect's rules apply unless `force`). Answers per run; a run the
     server did not find has no answer."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.states import to_state_create
 
-    state_create = state.to_state_create().model_dump(mode="json", exclude_unset=True) \
-        if hasattr(state, "to_state_create") else state
+    state_create = to_state_create(state).model_dump(mode="json", exclude_unset=True)
     out: list[StateSet] = []
     for chunk in _chunks(list(dict.fromkeys(flow_run_ids)), SET_STATE_BULK_LIMIT):
         body = {"flow_runs": FlowRunFilter(id=FlowRunFilterId(any_=list(chunk))).model_dump(mode="json", exclude_unset=True),
@@ -185,3 +213,128 @@ async def set_flow_run_states(client, flow_run_ids: Sequence[UUID], state, force
             out.append(StateSet(UUID(r["flow_run_id"]), r.get("status", ""), s.get("type"), s.get("name"),
                                 (r.get("details") or {}).get("reason")))
     return out
+
+
+class CoalescedCreations:
+    """Flow-run creations from deployments asked for one at a time (a launcher creating a
+    sweep's work units concurrently) and sent together: what is asked within `linger`
+    seconds of the last request, up to 100 per deployment, goes in one bulk request.
+
+    `create` answers the new run's id, or raises the server's reason for refusing it.
+    """
+
+    def __init__(self, client, linger: float = 0.05, most_wait: float = 0.5) -> None:
+        self.client = client
+        self.linger = linger
+        self.most_wait = most_wait
+        self._waiting: dict[UUID, list[tuple[Any, asyncio.Future]]] = {}
+        self._flusher: Optional[asyncio.Task] = None
+        self._asked = asyncio.Event()
+
+    async def create(self, deployment_id: UUID, run) -> UUID:
+        future = asyncio.get_running_loop().create_future()
+        batch = self._waiting.setdefault(deployment_id, [])
+        batch.append((run, future))
+        if len(batch) >= CREATE_BULK_LIMIT:
+            self._send(deployment_id)
+        else:
+            self._asked.set()
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.ensure_future(self._flush_when_quiet())
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # Its request may be on its way all the same: a run created for a caller that
+            # is gone must not wait in its pool's queue for a worker to start it.
+            asyncio.ensure_future(self._cancel_when_created(future))
+            raise
+
+    async def _cancel_when_created(self, future: asyncio.Future) -> None:
+        from prefect.states import Cancelled
+
+        try:
+            flow_run_id = await future
+        except BaseException:
+            return
+        await self.client.set_flow_run_state(
+            flow_run_id, Cancelled(message="its launcher stopped before the run was submitted"), force=True)
+
+    async def _flush_when_quiet(self) -> None:
+        loop = asyncio.get_running_loop()
+        first = loop.time()
+        while self._waiting:
+            self._asked.clear()
+            remaining = self.most_wait - (loop.time() - first)
+            try:
+                await asyncio.wait_for(self._asked.wait(), timeout=max(0.0, min(self.linger, remaining)))
+            except asyncio.TimeoutError:
+                pass
+            if not self._asked.is_set() or loop.time() - first >= self.most_wait:
+                for deployment_id in list(self._waiting):
+                    self._send(deployment_id)
+                first = loop.time()
+
+    def _send(self, deployment_id: UUID) -> None:
+        batch = self._waiting.pop(deployment_id, [])
+        if batch:
+            asyncio.ensure_future(self._create(deployment_id, batch))
+
+    async def _create(self, deployment_id: UUID, batch: list[tuple[Any, asyncio.Future]]) -> None:
+        try:
+            created = await create_flow_runs_from_deployment(self.client, deployment_id, [r for r, _ in batch])
+        except BaseException as e:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        for (_, future), c in zip(batch, created):
+            if future.done():
+                continue
+            if c.flow_run_id is not None:
+                future.set_result(c.flow_run_id)
+            else:
+                future.set_exception(RuntimeError(f"Prefect refused to create the flow run: {c.error}"))
+
+
+def read_once_per_batch(prefect_client, seconds: float = 10.0):
+    """Makes a Prefect client read each deployment and flow at most once per `seconds`
+    (concurrent reads of one share a request). Prefect's worker reads a run's deployment
+    twice and its flow once for every run it submits; a sweep's runs share both, and
+    this turns three reads a run into three a batch. A deployment changed meanwhile is
+    seen at most `seconds` late. Returns the client. Idempotent."""
+    if getattr(prefect_client, "_xm_reads_once", False):
+        return prefect_client
+    for method in ("read_deployment", "read_flow"):
+        setattr(prefect_client, method, _ReadOnce(getattr(prefect_client, method), seconds))
+    prefect_client._xm_reads_once = True
+    return prefect_client
+
+
+class _ReadOnce:
+    def __init__(self, read, seconds: float) -> None:
+        self.read = read
+        self.seconds = seconds
+        self._answers: dict[Any, tuple[float, asyncio.Future]] = {}
+
+    async def __call__(self, object_id, *args, **kwargs):
+        if args or kwargs:
+            return await self.read(object_id, *args, **kwargs)
+        now = time.monotonic()
+        # forget answers past their time (a long-lived worker reads many deployments)
+        for key in [k for k, (t, _) in self._answers.items() if now - t > self.seconds]:
+            del self._answers[key]
+        held = self._answers.get(object_id)
+        if held is None:
+            held = (now, asyncio.ensure_future(self.read(object_id)))
+            self._answers[object_id] = held
+        try:
+            answer = await asyncio.shield(held[1])
+        except Exception:
+            if self._answers.get(object_id) is held:
+                del self._answers[object_id]  # an error is not kept: the next caller asks again
+            raise
+        # each caller its own copy: Prefect's worker merges a run's env into the
+        # deployment's job variables in place
+        return answer.model_copy(deep=True) if hasattr(answer, "model_copy") else answer

@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 bash scripts/bootstrap.sh
+# The oldest Prefect we support (pyproject.toml), in a venv of its own: the tests that
+# touch Prefect's API shapes run on it too (see the end of this script).
+bash scripts/bootstrap.sh .venv-prefect38 constraints-prefect-3.8.txt
 bash scripts/slurm-cluster.sh start
 bash scripts/torque-wrappers.sh >/dev/null  # Slurm's Torque qsub/qstat/qdel, unpacked beside the system
 bash scripts/sge-cluster.sh start
@@ -24,4 +27,26 @@ export PREFECT_XM_TEST_POSTGRES=${PREFECT_XM_TEST_POSTGRES-$(bash scripts/postgr
 # Side by side: most of the suite waits on polls and process starts, not on the CPU.
 # Each pytest-xdist process has its own Prefect server; they share Slurm, SGE and sshd.
 # A class or module runs on one process (loadscope): its pool, worker or browser is shared.
-exec .venv/bin/python -m pytest -ra -n "${PREFECT_XM_TEST_PROCESSES:-6}" --dist loadscope --durations=25 "$@"
+pytest_args=(-ra --dist loadscope -p no:cacheprovider)
+if [ $# -gt 0 ] || [ "${PREFECT_XM_TEST_OLDEST_PREFECT:-1}" = 0 ]; then
+    exec .venv/bin/python -m pytest "${pytest_args[@]}" -n "${PREFECT_XM_TEST_PROCESSES:-6}" --durations=25 "$@"
+fi
+# The whole suite on the current Prefect (.venv, constraints.txt) and, beside it, the
+# tests that touch Prefect's API shapes (the workers, the job runner, the experiment on
+# the embedded server and on Slurm) on the oldest supported one (.venv-prefect38,
+# constraints-prefect-3.8.txt). A Prefect release that breaks us fails here, by name.
+oldest_log=$(mktemp /tmp/prefect-xm-oldest-prefect.XXXXXX.log)
+.venv-prefect38/bin/python -c 'import prefect; print(f"oldest supported Prefect: {prefect.__version__}")'
+.venv-prefect38/bin/python -m pytest "${pytest_args[@]}" -n "${PREFECT_XM_TEST_OLDEST_PROCESSES:-2}" \
+    tests/test_api_client.py tests/test_job_runner.py tests/test_worker_schemas.py \
+    tests/test_slurm_worker_e2e.py tests/test_worker_recovery.py tests/test_embedded_server.py \
+    tests/test_experiment_local.py tests/test_experiment_slurm.py >"$oldest_log" 2>&1 &
+oldest=$!
+rc=0
+.venv/bin/python -c 'import prefect; print(f"current Prefect: {prefect.__version__}")'
+.venv/bin/python -m pytest "${pytest_args[@]}" -n "${PREFECT_XM_TEST_PROCESSES:-6}" --durations=25 || rc=$?
+oldest_rc=0
+wait "$oldest" || oldest_rc=$?
+echo "=== the same tests on the oldest supported Prefect ($(.venv-prefect38/bin/python -c 'import prefect; print(prefect.__version__)')): exit $oldest_rc ==="
+cat "$oldest_log"
+[ "$rc" = 0 ] && [ "$oldest_rc" = 0 ]

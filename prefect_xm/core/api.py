@@ -21,6 +21,7 @@ from uuid import UUID
 
 from prefect.client.schemas.objects import StateType
 
+from prefect_xm.api_client import CoalescedCreations
 from prefect_xm.core import orchestration, store, summary
 from prefect_xm.core.args import jsonable
 from prefect_xm.core.deployments import check_pool_jobs
@@ -362,6 +363,8 @@ class Experiment:
         self._stopped = False
         self._creating: Optional[asyncio.Semaphore] = None
         self._reads = orchestration.SharedReads()
+        #: job runs on pools, created 100 to a request (made with the runtime's client)
+        self._creations: Optional[CoalescedCreations] = None
         self._heartbeat: Optional[asyncio.Task] = None
 
     def __repr__(self) -> str:
@@ -592,8 +595,12 @@ class Experiment:
     async def _run_work_unit(self, wu: WorkUnit, members: list[Member],
                              create: Optional[Callable[[], Awaitable[None]]] = None) -> None:
         """Creates the work unit's run (`create`), submits its gang, and watches it to its
-        end; the creations and submissions hold one of the experiment's creation slots."""
+        end."""
         client = await store.client()
+        if self._creations is None:
+            self._creations = CoalescedCreations(client)
+        # The slots bound the one-at-a-time creations (the unit's run and the links); the
+        # job runs on pools wait outside them, so a sweep's gather into bulk requests.
         async with self._creation_slots():
             if create is not None:
                 try:
@@ -606,7 +613,11 @@ class Experiment:
                 finally:
                     if wu._created is not None and not wu._created.done():
                         wu._created.set_result(None)
-            outcomes = [] if self._stopped else await orchestration.submit_gang(client, wu, members)
+            if not self._stopped:
+                # (a link that failed is tried again by submit_gang, which reports its error)
+                await asyncio.gather(*(orchestration.link(client, wu, m) for m in members if m.flow_run_id is None),
+                                     return_exceptions=True)
+        outcomes = [] if self._stopped else await orchestration.submit_gang(client, wu, members, self._creations)
         await orchestration.watch_gang(client, wu, members, outcomes, reads=self._reads,
                                        stopped=lambda: self._stopped)
         self._summary.mark_dirty()

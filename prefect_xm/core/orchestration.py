@@ -90,29 +90,48 @@ class SharedReads:
         self._snapshot = (started, watched, {r.id: r for r in runs})
 
 
-async def submit(client, unit, m: Member, gang_place: Sequence[str] = ()) -> None:
+async def link(client, unit, m: Member) -> None:
+    """The task run in the work unit's run that the member's run hangs from (the UI's
+    subflow link); made before the run, which points at it."""
+    if m.link_id is None:
+        m.link_id = (await store.link_task_run(client, unit.flow_run_id, f"job-{m.key}", "xm.job", m.key)).id
+
+
+async def submit(client, unit, m: Member, gang_place: Sequence[str] = (), creations=None) -> None:
     """Creates a member's flow run: here for a Local job, from its pool's job-runner
-    deployment otherwise."""
-    from prefect.states import Pending
+    deployment otherwise; through `creations` (api_client.CoalescedCreations), a
+    sweep's runs on one pool go to the server 100 to a request."""
+    from prefect.client.schemas.actions import DeploymentFlowRunCreate
+    from prefect.states import Pending, Scheduled, to_state_create
 
     from prefect_xm.flows.job_runner import run_job
 
     tags = [store.TAG_XM, store.TAG_KIND + store.KIND_JOB, store.experiment_tag(unit.experiment_id),
             unit.unit_tag, *gang_place, store.TAG_JOB + m.key]
     name = f"{unit.experiment.experiment_title}-{unit.unit_label}-{m.key}"
-    link = await store.link_task_run(client, unit.flow_run_id, f"job-{m.key}", "xm.job", m.key)
-    m.link_id = link.id
+    await link(client, unit, m)
     if m.is_local:
         run = await client.create_flow_run(run_job, name=name, parameters=m.params, tags=tags,
-                                           parent_task_run_id=link.id, state=Pending())
+                                           parent_task_run_id=m.link_id, state=Pending())
+        m.flow_run_id = run.id
+        return
+    pool = m.job.executor.work_pool_name
+    deployment_id = await ensure_job_runner_deployment(pool)
+    create = DeploymentFlowRunCreate(
+        name=name, parameters=m.params, tags=tags, parent_task_run_id=m.link_id, state=to_state_create(Scheduled()),
+        job_variables=m.job.executor.job_variables_for(m.job.executable),
+        # one run per member however often the request is sent (a retried bulk request)
+        idempotency_key=f"prefect-xm:{unit.flow_run_id}:{m.key}",
+    )
+    if creations is None:
+        from prefect_xm.api_client import create_flow_runs_from_deployment
+
+        [created] = await create_flow_runs_from_deployment(client, deployment_id, [create])
+        if created.flow_run_id is None:
+            raise RuntimeError(f"Prefect refused to create the flow run: {created.error}")
+        m.flow_run_id = created.flow_run_id
     else:
-        pool = m.job.executor.work_pool_name
-        deployment_id = await ensure_job_runner_deployment(pool)
-        run = await client.create_flow_run_from_deployment(
-            deployment_id, parameters=m.params, name=name, tags=tags, parent_task_run_id=link.id,
-            job_variables=m.job.executor.job_variables_for(m.job.executable),
-        )
-    m.flow_run_id = run.id
+        m.flow_run_id = await creations.create(deployment_id, create)
 
 
 async def start_local(client, unit, m: Member) -> None:
@@ -177,7 +196,7 @@ async def cancel_members(client, members: Sequence[Member], reason: str) -> None
                 m.local_task.cancel()
 
 
-async def submit_gang(client, unit, members: Sequence[Member]) -> list[Any]:
+async def submit_gang(client, unit, members: Sequence[Member], creations=None) -> list[Any]:
     """Submits every member not submitted yet, before any is started or watched; returns
     each submission's outcome (None, or the exception it raised).
 
@@ -189,7 +208,8 @@ async def submit_gang(client, unit, members: Sequence[Member]) -> list[Any]:
                 and len({m.job.executor.work_pool_name for m in members}) == 1)
     places = {m.key: gang_tags(str(unit.flow_run_id), i, len(members)) if one_pool else []
               for i, m in enumerate(members)}
-    return await asyncio.gather(*(submit(client, unit, m, places[m.key]) for m in members if m.flow_run_id is None),
+    return await asyncio.gather(*(submit(client, unit, m, places[m.key], creations)
+                                  for m in members if m.flow_run_id is None),
                                 return_exceptions=True)
 
 
@@ -277,7 +297,10 @@ async def watch_gang(client, unit, members: list[Member], outcomes: Sequence[Any
                 final_type = StateType.FAILED
                 break
             if not running_set and all(m.state_type in (StateType.RUNNING, StateType.COMPLETED) for m in members):
-                await client.set_flow_run_state(unit.flow_run_id, Running(message="every job is running"), force=True)
+                # Proposed, not forced: a stop() that turned the unit Cancelling after this
+                # poll's read must not be overwritten (Prefect refuses Cancelling -> Running),
+                # or the gang would run on to its end.
+                await client.set_flow_run_state(unit.flow_run_id, Running(message="every job is running"))
                 running_set = True
             if all(m.state_type == StateType.COMPLETED for m in members):
                 final_type, message = StateType.COMPLETED, f"{len(members)} job(s) completed"

@@ -49,7 +49,7 @@ from prefect.workers.base import (
 )
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
-from prefect_xm.api_client import absorb_busy_answers
+from prefect_xm.api_client import absorb_busy_answers, read_once_per_batch
 from prefect_xm.gang import gang_place
 from prefect_xm.workers.arrays import (
     GROUPING_DIR,
@@ -511,6 +511,8 @@ class FollowedRun:
     tracked: TrackedJob
     cancel_requested: bool = False
     cancel_task: Optional[asyncio.Task] = None
+    #: this worker has put the run in Running (a direct job has no engine to say so)
+    marked_running: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -553,6 +555,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         # Prefect's worker crashes a run it is submitting when its client has retried a
         # busy server's 503 five times; ours waits such answers out (api_client).
         absorb_busy_answers(self._client)
+        read_once_per_batch(self._client)
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise(), name="xm-supervisor")
 
     async def teardown(self, *exc_info: Any) -> None:
@@ -774,7 +777,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                          await followed.transport.read_tail(f"{run_dir}/{GANG_STOP_FILE}", 200))
         if not end.known:
             return False
-        await self._mark_running(flow_run, f"{job} started")  # a job too quick to be seen running
+        await self._mark_running(flow_run, followed, f"{job} started")  # a job too quick to be seen running
         if end.stopped_by is not None:
             # The member that ended the gang says so first: the work unit names it, not this one.
             stopper = await self._wait_for_final(end.stopped_by, timeout=max(30.0, 3 * self.poll_interval))
@@ -1019,7 +1022,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                 elif status.state == JobState.RUNNING:
                     logger.info(f"{scheduler_name} job {followed.job_id} is running ({status.native_state})")
                     if direct:
-                        await self._mark_running(flow_run, f"{scheduler_name} job {followed.job_id} is running")
+                        await self._mark_running(flow_run, followed, f"{scheduler_name} job {followed.job_id} is running")
             for argv in scheduler.cleanup_argvs(status):
                 # e.g. SGE's Eqw: final for us, but the scheduler would keep it forever
                 result = await followed.transport.run(argv, timeout=60)
@@ -1061,18 +1064,19 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
 
     async def _propose_infrastructure_pending(self, flow_run: "FlowRun", message: str, logger) -> Optional[bool]:
         """True: the run shows the message; False: not this time (try again); None: the
-        run is no longer Pending, nothing to announce."""
+        run is no longer Pending, nothing to announce. Proposed without a read first:
+        Prefect refuses a Pending state to a run that is Running, Cancelling or final,
+        and answers with the state it is in."""
         try:
-            current = await self.client.read_flow_run(flow_run.id)
-            if current.state is None or current.state.type != StateType.PENDING:
-                return None
-            result = await self.client.set_flow_run_state(
-                flow_run.id, InfrastructurePending(message=message)
-            )
+            result = await self.client.set_flow_run_state(flow_run.id, InfrastructurePending(message=message))
         except Exception as e:
             logger.warning(f"could not mark the run InfrastructurePending yet ({type(e).__name__}: {e}); will retry")
             return False
-        return result.status.value == "ACCEPT" if hasattr(result, "status") else True
+        if result.status.value == "ACCEPT":
+            return True
+        if result.state is not None and result.state.type != StateType.PENDING:
+            return None
+        return False
 
     async def _requeued(self, flow_run: "FlowRun", followed: FollowedRun, status: JobStatus,
                         output: Optional[DirectOutput], logger) -> None:
@@ -1168,7 +1172,8 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         if await self._het_member_end(flow_run, followed, job, logger):
             return
         if status.state == JobState.COMPLETED:
-            await self._mark_running(flow_run, f"{job} started")  # a job too quick to be seen running
+            # a job too quick to be seen running (the state just read says so)
+            await self._mark_running(flow_run, followed, f"{job} started", current=current)
             await self.client.set_flow_run_state(
                 flow_run.id, Completed(message=f"{job} exited with code 0"), force=True)
             logger.info(f"{job} exited with code 0")
@@ -1188,11 +1193,18 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         await self.client.set_flow_run_state(flow_run.id, state, force=True)
         logger.error(state.message)
 
-    async def _mark_running(self, flow_run: "FlowRun", message: str) -> None:
-        """Running, once, for a run still Pending (a direct job has no engine to say so)."""
-        current = (await self.client.read_flow_run(flow_run.id)).state
-        if current is not None and current.type == StateType.PENDING:
-            await self.client.set_flow_run_state(flow_run.id, Running(message=message), force=True)
+    async def _mark_running(self, flow_run: "FlowRun", followed: FollowedRun, message: str, current=None) -> None:
+        """Running, once, for a run still Pending (a direct job has no engine to say so).
+        Proposed, not forced, unless `current` (just read) says it is Pending: Prefect
+        refuses Running to a run that is Cancelling or final, so no read is needed first."""
+        if followed.marked_running:
+            return
+        if current is not None:
+            if current.type == StateType.PENDING:
+                await self.client.set_flow_run_state(flow_run.id, Running(message=message), force=True)
+        else:
+            await self.client.set_flow_run_state(flow_run.id, Running(message=message))
+        followed.marked_running = True
 
     async def _stderr_tail(self, followed: FollowedRun, lines: int = 20) -> str:
         path = f"{await self.run_directory(followed.configuration, followed.flow_run_id)}/job.err"

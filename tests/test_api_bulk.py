@@ -1,0 +1,183 @@
+"""The bulk routes Prefect's client does not wrap, as prefect_xm.api_client calls them,
+against the real Prefect server: runs created 100 to a request and answered per run,
+states set 50 to a request and orchestrated per run, and a worker's reads of a
+deployment shared by a batch."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from prefect_xm import api_client
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def api(prefect_server):
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()
+    return prefect_server
+
+
+async def _deployment(client, pool_type: str = "process") -> uuid.UUID:
+    from prefect import flow
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    pool = f"bulk-{uuid.uuid4().hex[:8]}"
+    await client.create_work_pool(WorkPoolCreate(name=pool, type=pool_type))
+
+    @flow(name=f"bulk-{pool}")
+    def noop():
+        pass
+
+    flow_id = await client.create_flow(noop)
+    return await client.create_deployment(flow_id=flow_id, name="d", work_pool_name=pool, entrypoint="x.py:noop")
+
+
+class _Counting:
+    """Counts the requests a client sends, by method and route."""
+
+    def __init__(self, client) -> None:
+        self.seen: list[str] = []
+        inner = client._client._transport
+
+        async def handle(request, inner=inner):
+            self.seen.append(f"{request.method} {request.url.path}")
+            return await inner.handle_async_request(request)
+
+        class T:
+            handle_async_request = staticmethod(handle)
+
+            async def aclose(self):
+                await inner.aclose()
+
+            async def __aexit__(self, *exc):
+                await inner.__aexit__(*exc)
+
+        client._client._transport = T()
+
+
+def test_a_sweep_of_250_runs_is_three_requests_and_each_run_is_answered(api):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentFlowRunCreate
+    from prefect.states import Scheduled, to_state_create
+
+    async def go():
+        async with get_client() as client:
+            deployment_id = await _deployment(client)
+            counting = _Counting(client)
+            runs = [DeploymentFlowRunCreate(name=f"trial-{i}", parameters={}, tags=["xm", f"t{i}"],
+                                            state=to_state_create(Scheduled()), idempotency_key=f"k-{i}")
+                    for i in range(250)]
+            created = await api_client.create_flow_runs_from_deployment(client, deployment_id, runs)
+            requests = list(counting.seen)
+            again = await api_client.create_flow_runs_from_deployment(client, deployment_id, runs[:3])
+            read = await client.read_flow_run(created[7].flow_run_id)
+            return created, requests, again, read
+
+    created, requests, again, read = asyncio.run(go())
+    assert len(created) == 250 and all(c.flow_run_id and not c.error for c in created)
+    assert len({c.flow_run_id for c in created}) == 250
+    assert len(requests) == 3 and all(r.startswith("POST /api/deployments/") and r.endswith("/create_flow_run/bulk")
+                                      for r in requests), requests
+    assert read.name == "trial-7" and "t7" in read.tags and read.state.is_scheduled()
+    # sent again (a retried request): the same runs, not new ones
+    assert [a.flow_run_id for a in again] == [c.flow_run_id for c in created[:3]]
+
+
+def test_a_refused_run_is_answered_with_its_reason_and_the_others_are_created(api):
+    """A run the database refuses (its parent task run does not exist) rolls back the
+    runs of its request that came before it and fails those after it: each of those is
+    sent again, and every id answered is a run that exists."""
+    from prefect.client.orchestration import get_client
+
+    async def go():
+        async with get_client() as client:
+            deployment_id = await _deployment(client)
+            created = await api_client.create_flow_runs_from_deployment(client, deployment_id, [
+                {"name": "before"},
+                {"name": "dangling", "parent_task_run_id": str(uuid.uuid4())},  # no such task run
+                {"name": "after"},
+                {"name": "dangling-too", "parent_task_run_id": str(uuid.uuid4())},
+                {"name": "last"},
+            ])
+            names = {c.flow_run_id: (await client.read_flow_run(c.flow_run_id)).name for c in created if c.flow_run_id}
+            return created, names
+
+    (before, dangling, after, bad, last), names = asyncio.run(go())
+    assert dangling.flow_run_id is None and dangling.error
+    assert bad.flow_run_id is None and bad.error
+    assert [names.get(c.flow_run_id) for c in (before, after, last)] == ["before", "after", "last"]
+
+
+def test_coalesced_creations_go_in_bulk_and_each_caller_gets_its_run(api):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentFlowRunCreate
+
+    async def go():
+        async with get_client() as client:
+            deployment_id = await _deployment(client)
+            counting = _Counting(client)
+            creations = api_client.CoalescedCreations(client)
+            ids = await asyncio.gather(*(creations.create(deployment_id, DeploymentFlowRunCreate(name=f"c-{i}"))
+                                         for i in range(130)))
+            runs = {i: await client.read_flow_run(i) for i in ids[:5]}
+            return ids, counting.seen, runs
+
+    ids, seen, runs = asyncio.run(go())
+    assert len(set(ids)) == 130
+    assert sum("create_flow_run/bulk" in s for s in seen) == 2, seen  # 100 + 30
+    assert [runs[i].name for i in ids[:5]] == [f"c-{i}" for i in range(5)]
+
+
+def test_bulk_states_are_orchestrated_per_run(api):
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Pending, Running
+
+    async def go():
+        async with get_client() as client:
+            deployment_id = await _deployment(client)
+            created = await api_client.create_flow_runs_from_deployment(
+                client, deployment_id, [{"name": f"s-{i}"} for i in range(60)])
+            ids = [c.flow_run_id for c in created]
+            # one of them is cancelled already: Prefect refuses Pending for it
+            await client.set_flow_run_state(ids[0], Cancelled(), force=True)
+            counting = _Counting(client)
+            answers = await api_client.set_flow_run_states(client, ids, Pending())
+            requests = list(counting.seen)
+            running = await api_client.set_flow_run_states(client, ids[1:3], Running(message="started"))
+            states = [(await client.read_flow_run(i)).state for i in ids[:3]]
+            return ids, answers, requests, running, states
+
+    ids, answers, requests, running, states = asyncio.run(go())
+    by_id = {a.flow_run_id: a for a in answers}
+    assert len(requests) == 2, requests  # 50 + 10
+    assert set(by_id) == set(ids)
+    assert not by_id[ids[0]].accepted and by_id[ids[0]].state_type == "CANCELLED"
+    assert all(by_id[i].accepted and by_id[i].state_type == "PENDING" for i in ids[1:])
+    assert all(r.accepted for r in running)
+    assert states[0].is_cancelled() and states[1].is_running() and states[1].message == "started"
+
+
+def test_a_batch_reads_its_deployment_and_flow_once_and_each_caller_gets_its_own_copy(api):
+    from prefect.client.orchestration import get_client
+
+    async def go():
+        async with get_client() as client:
+            deployment_id = await _deployment(client)
+            api_client.read_once_per_batch(client, seconds=60)
+            counting = _Counting(client)
+            deployments = await asyncio.gather(*(client.read_deployment(deployment_id) for _ in range(20)))
+            deployments[0].job_variables["env"] = {"MINE": "1"}  # as Prefect's worker merges a run's env
+            later = await client.read_deployment(deployment_id)
+            await client.read_flow(later.flow_id)
+            await client.read_flow(later.flow_id)
+            return counting.seen, later
+
+    seen, later = asyncio.run(go())
+    assert len(seen) == 2 and seen[0].startswith("GET /api/deployments/") and seen[1].startswith("GET /api/flows/"), seen
+    assert "env" not in (later.job_variables or {})
