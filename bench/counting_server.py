@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import threading
+from typing import Optional
 import time
 
 ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -52,3 +53,33 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+#: what a request does, by its route (the order matters: the first match wins)
+KINDS = (
+    ("labels", re.compile(r"^PATCH /api/flow_runs/\{id\}/labels$")),
+    ("state", re.compile(r"^POST /api/(flow_runs|task_runs)/(\{id\}/set_state|bulk_set_state)$")),
+    ("creation", re.compile(r"^POST /api/(flow_runs/?|task_runs/?|deployments/\{id\}/create_flow_run(/bulk)?)$")),
+    ("logs", re.compile(r"^POST /api/logs/?$")),
+    ("read", re.compile(r"^(GET .*|POST .*/(filter|count|paginate|history)/?)$")),
+)
+
+
+def by_kind(counts: dict, role: str) -> dict[str, int]:
+    """A role's requests by what they do: creation, state, read, logs, labels, other."""
+    out = {kind: 0 for kind, _ in KINDS} | {"other": 0}
+    for key, n in counts.items():
+        who, _, request = key.partition(" ")
+        if who != role:
+            continue
+        kind = next((k for k, pattern in KINDS if pattern.match(request)), "other")
+        out[kind] += n
+    return out
+
+
+def per_trial(counts: dict, role: str, trials: int, minus: Optional[dict] = None) -> str:
+    kinds = by_kind(counts, role)
+    if minus:
+        kinds = {k: n - by_kind(minus, role).get(k, 0) for k, n in kinds.items()}
+    total = sum(kinds.values())
+    return f"{role} {total / trials:.1f} (" + ", ".join(f"{k} {n / trials:.2f}" for k, n in kinds.items()) + ")"

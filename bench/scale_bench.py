@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ["PREFECT_CLIENT_CUSTOM_HEADERS"] = json.dumps({"X-XM-Bench": "launcher"})
 
+from counting_server import per_trial  # noqa: E402
 from sweep_bench import MEMORY, cpu_seconds, raw_sbatch  # noqa: E402
 
 
@@ -171,6 +172,7 @@ def main() -> None:
               flush=True)
         time.sleep(2 * args.interval)
         idle_before = requests(counts, "worker")
+        idle_counts = json.loads(counts.read_text()) if counts.exists() else {}
 
         executor = xm_local.Slurm(work_pool=pool, job_variables={
             "execution": "direct", "memory": MEMORY, "extra_directives": ["--hold"]})
@@ -222,6 +224,11 @@ def main() -> None:
         worker_requests = requests(counts, "worker") - idle_before
         print(f"Prefect API requests per trial: launcher {launcher / n:.1f}, worker {worker_requests / n:.1f}; "
               f"worker peak RSS {peak_rss[0]:.0f} MB", flush=True)
+        now_counts = json.loads(counts.read_text())
+        # (this bench's own reads are sent as the launcher's: taken off its reads)
+        print("  by kind, per trial: " + per_trial(now_counts, "launcher", n,
+                                                   minus={"launcher GET /bench-own-reads": own_reads[0]}), flush=True)
+        print("  by kind, per trial: " + per_trial(now_counts, "worker", n, minus=idle_counts), flush=True)
         if crashed:
             print(f"the launch script died: {crashed}")
         else:

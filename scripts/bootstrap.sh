@@ -11,17 +11,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${1:-.venv}
 constraints=${2:-constraints.txt}
-if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
-fi
 built_from() {
-    { sha256sum "$constraints" pyproject.toml; python3 -c 'import sys; print(sys.version)'; readlink -f "$(command -v python3)"; } |
+    { sha256sum "$constraints" pyproject.toml; python3 --version; readlink -f "$(command -v python3)"; } |
         sha256sum | cut -d' ' -f1
 }
 stamp="$venv/.prefect-xm-built-from"
 want=$(built_from)
 if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
+fi
+if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
 fi
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 rm -f "$stamp"
