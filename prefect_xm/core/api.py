@@ -620,8 +620,7 @@ class Experiment:
         outcomes = [] if self._stopped else await orchestration.submit_gang(client, wu, members, self._creations)
         await orchestration.watch_gang(client, wu, members, outcomes, reads=self._reads,
                                        stopped=lambda: self._stopped)
-        self._summary.mark_dirty()
-        await self._summary.update()
+        self._summary.mark_dirty()  # (rewritten in the background; at once when the experiment ends)
 
     # ---------------------------------------------------------------- summary
 

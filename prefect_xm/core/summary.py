@@ -105,15 +105,24 @@ async def summary_rows(client, experiment_id: store.ExperimentId) -> list[dict[s
     return rows
 
 
+#: seconds between two rewrites of the summary while work units end (each rewrite reads
+#: every work unit: a 1,000-unit sweep rewrote it after each unit's end)
+REWRITE_SECONDS = float(os.environ.get("PREFECT_XM_SUMMARY_SECONDS", "5"))
+
+
 class SummaryArtifact:
-    """The experiment's table artifact (key ``xm-summary-<id>``), rewritten whenever it is
-    marked out of date; one rewrite at a time, and none while it is current."""
+    """The experiment's table artifact (key ``xm-summary-<id>``), rewritten when it is
+    marked out of date, at most once per REWRITE_SECONDS (refresh() at once); one
+    rewrite at a time, and none while it is current."""
 
     def __init__(self, experiment) -> None:
         self.experiment = experiment
         self._artifact_id: Optional[UUID] = None
         self._lock: Optional[asyncio.Lock] = None
         self._dirty = False
+        self._last_rewrite: Optional[float] = None  # (loop time)
+        self._wanted_now: Optional[asyncio.Event] = None
+        self._scheduled: Optional[asyncio.Future] = None  # the background rewrite, one at a time
 
     @property
     def key(self) -> str:
@@ -122,22 +131,41 @@ class SummaryArtifact:
     def mark_dirty(self) -> None:
         """Marks it out of date and rewrites it in the background (on the running loop)."""
         self._dirty = True
-        asyncio.ensure_future(self.update())
+        if self._scheduled is None or self._scheduled.done():
+            self._scheduled = asyncio.ensure_future(self._rewrite_while_dirty())
+
+    async def _rewrite_while_dirty(self) -> None:
+        while self._dirty:
+            await self.update()
 
     async def refresh(self) -> None:
-        """Rewrites it now."""
+        """Rewrites it now (a rewrite waiting for its interval goes at once)."""
         self._dirty = True
-        await self.update()
+        if self._wanted_now is not None:
+            self._wanted_now.set()
+        await self.update(at_once=True)
 
-    async def update(self) -> None:
+    async def update(self, at_once: bool = False) -> None:
         from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
 
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
+            loop = asyncio.get_running_loop()
+            if not self._dirty:
+                return
+            if not at_once and self._last_rewrite is not None:
+                # what ends meanwhile is in this rewrite; the callers waiting behind it find it current
+                self._wanted_now = asyncio.Event()
+                try:
+                    await asyncio.wait_for(self._wanted_now.wait(),
+                                           max(0.0, self._last_rewrite + REWRITE_SECONDS - loop.time()))
+                except asyncio.TimeoutError:
+                    pass
             if not self._dirty:
                 return
             self._dirty = False
+            self._last_rewrite = loop.time()
             experiment = self.experiment
             try:
                 client = await store.client()
