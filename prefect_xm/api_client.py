@@ -338,3 +338,50 @@ class _ReadOnce:
         # each caller its own copy: Prefect's worker merges a run's env into the
         # deployment's job variables in place
         return answer.model_copy(deep=True) if hasattr(answer, "model_copy") else answer
+
+
+class CoalescedStates:
+    """State proposals asked for one run at a time (a worker submitting a batch of runs
+    it picked up together) and sent together: the same state proposed within `linger`
+    seconds goes in one bulk request, 50 runs to a request, each run still orchestrated.
+
+    `propose` answers the run's StateSet, or None when the server did not answer for it
+    (the caller then proposes it alone)."""
+
+    def __init__(self, client, linger: float = 0.05) -> None:
+        self.client = client
+        self.linger = linger
+        self._waiting: dict[tuple, list[tuple[UUID, asyncio.Future]]] = {}
+        self._states: dict[tuple, Any] = {}
+
+    async def propose(self, flow_run_id: UUID, state, force: bool = False) -> Optional[StateSet]:
+        key = (state.type, state.name, state.message, force)
+        batch = self._waiting.get(key)
+        if batch is None:
+            batch = self._waiting[key] = []
+            self._states[key] = state
+            asyncio.get_running_loop().call_later(self.linger, self._send, key)
+        future = asyncio.get_running_loop().create_future()
+        batch.append((flow_run_id, future))
+        if len(batch) >= SET_STATE_BULK_LIMIT:
+            self._send(key)
+        return await asyncio.shield(future)
+
+    def _send(self, key: tuple) -> None:
+        batch = self._waiting.pop(key, None)
+        state = self._states.pop(key, None)
+        if batch:
+            asyncio.ensure_future(self._set(batch, state, key[3]))
+
+    async def _set(self, batch: list[tuple[UUID, asyncio.Future]], state, force: bool) -> None:
+        try:
+            answers = {a.flow_run_id: a for a in await set_flow_run_states(
+                self.client, [i for i, _ in batch], state, force=force)}
+        except Exception as e:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+            return
+        for flow_run_id, future in batch:
+            if not future.done():
+                future.set_result(answers.get(flow_run_id))

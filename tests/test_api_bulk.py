@@ -181,3 +181,26 @@ def test_a_batch_reads_its_deployment_and_flow_once_and_each_caller_gets_its_own
     seen, later = asyncio.run(go())
     assert len(seen) == 2 and seen[0].startswith("GET /api/deployments/") and seen[1].startswith("GET /api/flows/"), seen
     assert "env" not in (later.job_variables or {})
+
+
+def test_coalesced_states_go_in_bulk_and_each_run_gets_its_own_answer(api):
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Pending
+
+    async def go():
+        async with get_client() as client:
+            deployment_id = await _deployment(client)
+            created = await api_client.create_flow_runs_from_deployment(
+                client, deployment_id, [{"name": f"p-{i}"} for i in range(70)])
+            ids = [c.flow_run_id for c in created]
+            await client.set_flow_run_state(ids[3], Cancelled(), force=True)
+            counting = _Counting(client)
+            states = api_client.CoalescedStates(client)
+            answers = await asyncio.gather(*(states.propose(i, Pending()) for i in ids))
+            return ids, answers, counting.seen
+
+    ids, answers, seen = asyncio.run(go())
+    assert sum("bulk_set_state" in s for s in seen) == 2 and len(seen) == 2, seen  # 50 + 20
+    assert [a.flow_run_id for a in answers] == ids
+    assert not answers[3].accepted and answers[3].state_type == "CANCELLED"
+    assert all(a.accepted and a.state_type == "PENDING" for k, a in enumerate(answers) if k != 3)

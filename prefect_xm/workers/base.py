@@ -49,7 +49,7 @@ from prefect.workers.base import (
 )
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
-from prefect_xm.api_client import absorb_busy_answers, read_once_per_batch
+from prefect_xm.api_client import CoalescedStates, absorb_busy_answers, read_once_per_batch
 from prefect_xm.gang import gang_place
 from prefect_xm.workers.arrays import (
     GROUPING_DIR,
@@ -548,6 +548,8 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         self._array_settles: dict[tuple[str, str], asyncio.Task] = {}
         self._arrays = ArraySubmitter(self, max_wait=_env_float("PREFECT_XM_ARRAY_MAX_WAIT", 10.0))
         self._het_jobs = HetJobGatherer(self, max_wait=_env_float("PREFECT_XM_GANG_GATHER", 60.0))
+        #: Pending and Submitting for the runs Prefect submits together, in bulk (see setup)
+        self._states: Optional[CoalescedStates] = None
 
     # -- lifecycle ------------------------------------------------------------------
     async def setup(self) -> None:
@@ -556,6 +558,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         # busy server's 503 five times; ours waits such answers out (api_client).
         absorb_busy_answers(self._client)
         read_once_per_batch(self._client)
+        self._states = CoalescedStates(self._client)
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise(), name="xm-supervisor")
 
     async def teardown(self, *exc_info: Any) -> None:
@@ -568,6 +571,41 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         for transport in self._transports.values():
             await transport.close()
         await super().teardown(*exc_info)
+
+    # -- Prefect's per-run submission states, sent for a batch at once ------------------
+    async def _propose_pending_state(self, flow_run: "FlowRun") -> bool:
+        """Prefect proposes Pending to each run it submits, a request each; the runs it
+        picked up together (a sweep's) go in one request here, each still orchestrated
+        (a run another worker took, or one cancelled meanwhile, is refused as before)."""
+        from prefect.states import Pending
+
+        try:
+            answer = await self._states.propose(flow_run.id, Pending()) if self._states else None
+        except Exception as e:
+            self.get_flow_run_logger(flow_run).warning(
+                f"bulk Pending failed ({type(e).__name__}: {e}); proposing it for this run alone")
+            answer = None
+        if answer is None or answer.status == "WAIT":  # (WAIT: Prefect's own method waits as asked)
+            return await super()._propose_pending_state(flow_run)
+        if answer.accepted and answer.state_type == StateType.PENDING.value:
+            return True
+        self.get_flow_run_logger(flow_run).info(
+            f"Aborted submission of flow run '{flow_run.id}': the server answered {answer.status} "
+            f"with its state {answer.state_type!r}" + (f" ({answer.reason})" if answer.reason else ""))
+        return False
+
+    async def _propose_submitting_state(self, flow_run: "FlowRun") -> None:
+        """Prefect's Submitting, for a batch at once (as Prefect, a failure is only logged)."""
+        from prefect.states import Pending
+
+        try:
+            if self._states is not None:
+                await self._states.propose(flow_run.id, Pending(name="Submitting"))
+                return
+        except Exception as e:
+            self._logger.debug(f"Failed to update flow run '{flow_run.id}' to Submitting state: {e}")
+            return
+        await super()._propose_submitting_state(flow_run)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
