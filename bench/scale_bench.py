@@ -192,7 +192,9 @@ def main() -> None:
                         own_reads[0] += len(runs) // 200 + 1
                         if created is None and len(runs) == n:
                             created = time.monotonic() - started
-                        if len(runs) == n and all(r.infrastructure_pid for r in runs):
+                        # (a run crashed before it was submitted never gets a job: it is counted at the end)
+                        if len(runs) == n and all(r.infrastructure_pid or (r.state and r.state.is_final())
+                                                  for r in runs):
                             break
                         time.sleep(2)
                 queued = time.monotonic() - started
@@ -210,8 +212,13 @@ def main() -> None:
                       f"squeue per poll {(sq1 - sq0) * args.interval / window:.2f}, "
                       f"CPU {(cpu1 - cpu0) / window * 100:.1f}% of a core", flush=True)
 
+                lost = [r for r in runs if not r.infrastructure_pid]
+                if lost:
+                    print(f"{len(lost)} of {n} job runs never reached Slurm: {lost[0].state.name}: "
+                          f"{(lost[0].state.message or '')[:200]}", flush=True)
                 arrays[:] = sorted({SlurmScheduler().array_of(j) or j for j in
-                                 (Scheduler.parse_infrastructure_pid(r.infrastructure_pid)[2] for r in runs)})
+                                 (Scheduler.parse_infrastructure_pid(r.infrastructure_pid)[2] for r in runs
+                                  if r.infrastructure_pid)})
                 released = time.monotonic()
                 subprocess.run(["scontrol", "release", ",".join(arrays)], check=True, capture_output=True)
                 statuses = experiment.wait_until_complete()
