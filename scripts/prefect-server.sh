@@ -205,7 +205,13 @@ start_topology() {
         log "answering at $(api)"
         return
     fi
-    running && die "a server runs already (pid $(cat "$PIDFILE")) but not as this topology: stop it first"
+    if running && [ ! -f "$STATE/workers" ]; then
+        die "a single-process server runs already (pid $(cat "$PIDFILE")): stop it first"
+    fi
+    if running || alive "$SERVICES_PIDFILE" || alive "$REDIS_PIDFILE"; then
+        log "not every process of the topology runs: restarting them all"
+        stop
+    fi
     install -d -m 0700 "$STATE"
     local started=$SECONDS
     prepare_database
