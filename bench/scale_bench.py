@@ -3,12 +3,16 @@ through `experiment.add`, held in the queue until all are tracked, then released
 figures against the goals of issue 15; asserts nothing.
 
     .venv/bin/python bench/scale_bench.py [--trials 1000] [--interval 5] [--sqlite] [--idle 30]
-                                          [--login-install]
+                                          [--login-install] [--topology N]
 
 Needs `bash scripts/slurm-cluster.sh start` and (unless --sqlite) `bash
 scripts/postgres-cluster.sh start`. The Prefect server is Prefect's own app behind a
 request-counting middleware (bench/counting_server.py); the worker and the launcher name
-themselves in a header, so requests are counted per client.
+themselves in a header, so requests are counted per client. `--topology N` runs the
+server as Prefect's multi-process topology instead (`scripts/prefect-server.sh start
+--workers N`: N API processes, the services apart, Redis; needs redis-server and
+prefect-redis), whose API requests are not counted (printed as nan): the middleware wraps
+one process.
 
 Figures: raw sbatch of the same jobs (the scheduler's limit, for scale); seconds from the
 first add() to every job run created and to every job queued; with all N held: the
@@ -75,9 +79,20 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def start_server(root: Path, sqlite: bool):
+def start_server(root: Path, sqlite: bool, topology: int = 0):
+    """(server, stop, the request counts file or None, what it runs on)"""
     import conftest
 
+    if topology:
+        import topology as topologies
+
+        lacking = topologies.missing()
+        if lacking:
+            sys.exit(f"--topology: {lacking}")
+        topo = topologies.Topology(root / "topology", workers=topology)
+        server = topo.start()
+        return server, topo.stop, None, (f"PostgreSQL, {topology} API processes, services apart, Redis "
+                                         f"({topo.start_seconds:.0f} s to start)")
     database = None if sqlite else conftest._create_postgres_database()
     port = conftest.free_port()
     env = dict(os.environ, PREFECT_HOME=str(root / "server"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
@@ -92,10 +107,19 @@ def start_server(root: Path, sqlite: bool):
                             env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     server = conftest.PrefectServer(root / "server", port, proc)
     conftest._wait_healthy(proc, server.api_url, log)
-    return server, database, counts
+
+    def stop() -> None:
+        proc.terminate()
+        proc.wait(30)
+        if database:
+            conftest._drop_postgres_database(database[0])
+
+    return server, stop, counts, "SQLite" if sqlite else "PostgreSQL"
 
 
-def requests(counts: Path, role: str) -> int:
+def requests(counts: Path | None, role: str) -> float:
+    if counts is None:
+        return float("nan")  # not counted (--topology)
     time.sleep(1.2)  # the server writes its counts every second
     data = json.loads(counts.read_text()) if counts.exists() else {}
     return sum(n for key, n in data.items() if key.startswith(role + " "))
@@ -122,6 +146,8 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=30.0, help="seconds the idle worker is watched")
     parser.add_argument("--login-install", action="store_true",
                         help="run the workers from a virtualenv with prefect-xm alone, as on a login node")
+    parser.add_argument("--topology", type=int, default=0, metavar="N",
+                        help="the server as N API processes, services apart and Redis (prefect-server.sh --workers N)")
     args = parser.parse_args()
     worker_python = login_install() if args.login_install else sys.executable
     n = args.trials
@@ -133,7 +159,7 @@ def main() -> None:
     from e2e import CountingWrappers, WorkerProcess, create_pool
 
     root = Path(tempfile.mkdtemp(prefix="xm-scale-bench-"))
-    server, database, counts = start_server(root, args.sqlite)
+    server, stop_server, counts, backend = start_server(root, args.sqlite, args.topology)
     os.environ.update(PREFECT_API_URL=server.api_url, PREFECT_HOME=str(server.home))
     from prefect.client.orchestration import get_client
     from prefect.context import refresh_global_settings_context
@@ -144,13 +170,16 @@ def main() -> None:
 
     refresh_global_settings_context()
     pool = "scale-slurm"
-    create_pool(server, pool, "xm-slurm")
     wrappers = CountingWrappers(root, ["sbatch", "squeue"])
-    worker = WorkerProcess(server, pool, "xm-slurm", root, path_prefix=wrappers.dir, python=worker_python,
-                           PREFECT_XM_POLL_INTERVAL=str(args.interval),
-                           PREFECT_WORKER_QUERY_SECONDS=str(args.interval),
-                           PREFECT_CLIENT_CUSTOM_HEADERS=json.dumps({"X-XM-Bench": "worker"})).start()
-    backend = "SQLite" if args.sqlite else "PostgreSQL"
+    try:
+        create_pool(server, pool, "xm-slurm")
+        worker = WorkerProcess(server, pool, "xm-slurm", root, path_prefix=wrappers.dir, python=worker_python,
+                               PREFECT_XM_POLL_INTERVAL=str(args.interval),
+                               PREFECT_WORKER_QUERY_SECONDS=str(args.interval),
+                               PREFECT_CLIENT_CUSTOM_HEADERS=json.dumps({"X-XM-Bench": "worker"})).start()
+    except BaseException:
+        stop_server()  # (the topology's processes must not outlive the bench)
+        raise
     print(f"{n} trials; Prefect server on {backend}; Slurm poll and worker query every {args.interval:g} s; "
           f"{os.cpu_count()} cores", flush=True)
     print(f"workers run from {worker_python}, importing the Prefect collections "
@@ -257,12 +286,7 @@ def main() -> None:
         worker.stop()
         if arrays:  # (a failed run must not leave held jobs behind)
             subprocess.run(["scancel", *arrays], capture_output=True)
-        server.proc.terminate()
-        server.proc.wait(30)
-        if database:
-            import conftest
-
-            conftest._drop_postgres_database(database[0])
+        stop_server()
 
 
 if __name__ == "__main__":

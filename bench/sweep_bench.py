@@ -3,10 +3,13 @@ jobs (the scheduler's own limit), prefect-xm with direct execution (arrays), and
 engine path. Prints figures; asserts nothing.
 
     .venv/bin/python bench/sweep_bench.py [--trials 20 200] [--engine-trials 20] [--interval 5]
+                                          [--topology N]
 
 Needs `bash scripts/slurm-cluster.sh start` and `bash scripts/postgres-cluster.sh start`
 (the Prefect server runs on a PostgreSQL database of its own, as in production; without
-PostgreSQL it runs on SQLite).
+PostgreSQL it runs on SQLite). `--topology N` runs the server as Prefect's multi-process
+topology instead (`scripts/prefect-server.sh start --workers N`: N API processes, the
+services apart, Redis; needs PostgreSQL, redis-server and prefect-redis).
 
 Before each size, `floor`: the seconds a bare client takes to create the same runs (the
 four writes per trial that prefect-xm makes too) on this server, with no worker: the
@@ -41,9 +44,19 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MEMORY = "100M"
 
 
-def start_server(root: Path):
+def start_server(root: Path, topology: int = 0):
+    """(server, stop, what it runs on)"""
     import conftest
 
+    if topology:
+        import topology as topologies
+
+        lacking = topologies.missing()
+        if lacking:
+            sys.exit(f"--topology: {lacking}")
+        topo = topologies.Topology(root / "topology", workers=topology)
+        server = topo.start()
+        return server, topo.stop, f"PostgreSQL, {topology} API processes, services apart, Redis ({topo.start_seconds:.0f} s to start)"
     database = conftest._create_postgres_database()
     port = conftest.free_port()
     env = dict(os.environ, PREFECT_HOME=str(root / "server"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
@@ -58,7 +71,14 @@ def start_server(root: Path):
                             start_new_session=True)
     server = conftest.PrefectServer(root / "server", port, proc)
     conftest._wait_healthy(proc, server.api_url, log)
-    return server, database, "PostgreSQL" if database else "SQLite"
+
+    def stop() -> None:
+        proc.terminate()
+        proc.wait(30)
+        if database:
+            conftest._drop_postgres_database(database[0])
+
+    return server, stop, "PostgreSQL" if database else "SQLite"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -174,29 +194,32 @@ def main() -> None:
     parser.add_argument("--engine-trials", type=int, nargs="*", default=[20],
                         help="sizes also run on the engine path (seconds of CPU per job: keep them small)")
     parser.add_argument("--interval", type=float, default=5.0)
+    parser.add_argument("--topology", type=int, default=0, metavar="N",
+                        help="the server as N API processes, services apart and Redis (prefect-server.sh --workers N)")
     args = parser.parse_args()
 
     from e2e import CountingWrappers, WorkerProcess, create_pool
 
     root = Path(tempfile.mkdtemp(prefix="xm-sweep-bench-"))
-    server, database, backend = start_server(root)
-    os.environ.update(PREFECT_API_URL=server.api_url, PREFECT_HOME=str(server.home))
-    from prefect.context import refresh_global_settings_context
-
-    refresh_global_settings_context()
-    pool = "bench-slurm"
-    create_pool(server, pool, "xm-slurm")
-    idle_pool = "bench-slurm-no-worker"
-    create_pool(server, idle_pool, "xm-slurm")
-    wrappers = CountingWrappers(root, ["sbatch", "squeue"])
-    worker = WorkerProcess(server, pool, "xm-slurm", root, path_prefix=wrappers.dir,
-                           PREFECT_XM_POLL_INTERVAL=str(args.interval),
-                           PREFECT_WORKER_QUERY_SECONDS=str(args.interval)).start()
-    print(f"Prefect server on {backend}; Slurm poll and worker query every {args.interval:g} s; "
-          f"{os.cpu_count()} cores")
-    print(f"{'mode':<8} {'trials':>6} {'adds s':>7} {'created s':>9} {'queued s':>9} {'final s':>8} {'x raw':>6} "
-          f"{'sbatch':>7} {'squeue/poll':>11} {'worker CPU s':>12}")
+    server, stop_server, backend = start_server(root, args.topology)
+    worker = None
     try:
+        os.environ.update(PREFECT_API_URL=server.api_url, PREFECT_HOME=str(server.home))
+        from prefect.context import refresh_global_settings_context
+
+        refresh_global_settings_context()
+        pool = "bench-slurm"
+        create_pool(server, pool, "xm-slurm")
+        idle_pool = "bench-slurm-no-worker"
+        create_pool(server, idle_pool, "xm-slurm")
+        wrappers = CountingWrappers(root, ["sbatch", "squeue"])
+        worker = WorkerProcess(server, pool, "xm-slurm", root, path_prefix=wrappers.dir,
+                               PREFECT_XM_POLL_INTERVAL=str(args.interval),
+                               PREFECT_WORKER_QUERY_SECONDS=str(args.interval)).start()
+        print(f"Prefect server on {backend}; Slurm poll and worker query every {args.interval:g} s; "
+              f"{os.cpu_count()} cores")
+        print(f"{'mode':<8} {'trials':>6} {'adds s':>7} {'created s':>9} {'queued s':>9} {'final s':>8} {'x raw':>6} "
+              f"{'sbatch':>7} {'squeue/poll':>11} {'worker CPU s':>12}")
         for n in args.trials:
             raw = raw_sbatch(n, root)
             print(f"{'raw':<8} {n:>6} {'':>7} {'':>9} {raw['queued']:>9.1f} {raw['final']:>8.1f} {1.0:>6.2f} "
@@ -213,14 +236,9 @@ def main() -> None:
                       f"{r['final'] / raw['final']:>6.2f} {r['submits']:>7} {r['squeues'] / polls:>11.2f} "
                       f"{r['cpu']:>12.1f}{note}", flush=True)
     finally:
-        worker.stop()
-        server.proc.terminate()
-        server.proc.wait(30)
-        if database:
-            import conftest
-
-            conftest._drop_postgres_database(database[0])
-
+        if worker is not None:
+            worker.stop()
+        stop_server()
 
 if __name__ == "__main__":
     main()

@@ -15,6 +15,12 @@ bash scripts/sge-cluster.sh start
 bash scripts/sshd-package.sh
 bash scripts/chromium.sh
 bash scripts/postgres-cluster.sh start
+# tests/test_production_topology.py starts Prefect's multi-process topology (scripts/prefect-server.sh
+# start --workers 2), which runs a redis-server of its own: only the package is needed here.
+if ! command -v redis-server >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi
 # The Docker-compatible engine tests/test_images_engine.py builds python_container images in
 # (podman's API), with its local base image (made once per machine: no registry here).
 # The newest of these services: if it cannot start, the suite still runs, and the image

@@ -84,7 +84,7 @@ def test_slurm_array_commands():
     assert s.array_submit_argv(req, 20, 4)[2] == "--array=1-20%4"
     assert s.array_task_id("812", 3) == "812_3"
     assert s.array_of("812_3") == "812" and s.array_of("812_[4-9%2]") == "812" and s.array_of("812") is None
-    assert s.cancel_argvs("812_3", 30)[-1] == ["scancel", "812_3"]
+    assert s.cancel_argvs("812_3", 30)[-1] == ["scancel", "--verbose", "812_3"]
     refused = SchedulerError("sbatch: error: Batch job submission failed: Invalid job array specification")
     assert s.array_too_large(refused)
     assert not s.array_too_large(SchedulerError("sbatch: error: invalid partition specified: nope"))

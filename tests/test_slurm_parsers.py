@@ -176,12 +176,50 @@ def test_exit_code_field():
 
 
 def test_scancel_outcomes():
+    # silent success: only what a scancel without --verbose says (the worker never runs one)
     assert S.parse_cancel(CommandResult(["scancel"], 0, "", "")) is True
     assert S.parse_cancel(result("slurm-012", ("scancel",))) is False  # unknown id
     assert S.parse_cancel(result("slurm-018", ("scancel",))) is False  # already completed
     assert S.parse_cancel(result("slurm-017", ("scancel",))) is True
     with pytest.raises(SchedulerError, match="permission denied"):
         S.parse_cancel(result("slurm-013", ("scancel",)))
+
+
+# scancel of Slurm 22.05.8 on these machines, verbatim (stdout empty, exit 0 in every case).
+# Without --verbose, a job that ended and one that never existed print nothing and exit 0,
+# the same as a cancel that worked: only --verbose tells them apart.
+SCANCEL_22_05 = {
+    # `scancel 12`, job 12 (`true`) ended and gone from squeue; `scancel 99999999`
+    "ended, no --verbose": ("scancel 12", ""),
+    "never existed, no --verbose": ("scancel 99999999", ""),
+    "ended": ("scancel --verbose 12",
+              "scancel: Terminating job 12\n"
+              "scancel: error: Kill job error on job id 12: Job/step already completing or completed\n"),
+    "never existed": ("scancel --verbose 99999999",
+                      "scancel: Terminating job 99999999\n"
+                      "scancel: error: Kill job error on job id 99999999: Invalid job id specified\n"),
+    "held": ("scancel --verbose 14", "scancel: Terminating job 14\n"),
+    "running": ("scancel --verbose 15", "scancel: Terminating job 15\n"),
+    "array task": ("scancel --verbose 16_1", "scancel: Terminating job 16_1\n"),
+    "array task already removed with its array": (
+        "scancel --verbose 16_1",
+        "scancel: Terminating job 16_1\nscancel: error: Kill job error on job id 16_1: Invalid job id specified\n"),
+}
+
+
+@pytest.mark.parametrize("case, accepted", [
+    ("ended", False), ("never existed", False), ("array task already removed with its array", False),
+    ("held", True), ("running", True), ("array task", True),
+])
+def test_scancel_verbose_on_slurm_22_05_says_whether_there_was_anything_to_cancel(case, accepted):
+    command, stderr = SCANCEL_22_05[case]
+    assert S.parse_cancel(CommandResult(command.split(), 0, "", stderr)) is accepted
+
+
+def test_the_kill_is_asked_verbose_because_silence_is_ambiguous():
+    assert SCANCEL_22_05["ended, no --verbose"][1] == SCANCEL_22_05["never existed, no --verbose"][1] == ""
+    kill = S.cancel_argvs("12", 30)[-1]
+    assert kill[0] == "scancel" and "--verbose" in kill and kill[-1] == "12"
 
 
 def test_sbatch_rejections_are_not_retried():
