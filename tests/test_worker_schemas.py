@@ -123,3 +123,122 @@ def test_time_limit_pattern_in_the_form(registered, worker_type, good, bad):
     assert pattern, f"{worker_type}: time_limit has no pattern"
     assert [v for v in good if not re.search(pattern, v)] == []
     assert [v for v in bad if re.search(pattern, v)] == []
+
+
+# -- the variables schema as stored is compacted (prefect_xm/workers/schema.py) -----------------------------------
+
+def _workers():
+    from prefect_xm.workers.htcondor import HTCondorWorker
+    from prefect_xm.workers.lsf import LsfWorker
+    from prefect_xm.workers.pbs import PbsWorker
+    from prefect_xm.workers.sge import SgeWorker
+    from prefect_xm.workers.slurm import SlurmWorker
+
+    return {w.type: w for w in (SlurmWorker, SgeWorker, PbsWorker, LsfWorker, HTCondorWorker)}
+
+
+def _pydantic_variables(worker) -> dict:
+    """The variables schema as Prefect's BaseVariables writes it, before `compact`."""
+    from prefect.workers.base import BaseVariables
+
+    return BaseVariables.model_json_schema.__func__(worker.job_configuration_variables)
+
+
+@pytest.mark.parametrize("worker_type", TYPES)
+def test_each_variable_resolves_to_what_pydantic_wrote(worker_type):
+    # What both UIs show: a $ref'd property is its definition merged with its own keys.
+    # So the form, its titles and its checks (minimum, pattern, enum) are the ones the
+    # fields declare; only `"default": null` is gone.
+    worker = _workers()[worker_type]
+    variables = worker.get_default_base_job_template()["variables"]
+    written = _pydantic_variables(worker)["properties"]
+    definitions = variables.get("definitions", {})
+    assert list(variables["properties"]) == list(written)
+    for name, prop in variables["properties"].items():
+        if "$ref" in prop:
+            ref = prop["$ref"].removeprefix("#/definitions/")
+            prop = {**definitions[ref], **{k: v for k, v in prop.items() if k != "$ref"}}
+        expected = {k: v for k, v in written[name].items() if not (k == "default" and v is None)}
+        assert prop == expected, name
+
+
+@pytest.mark.parametrize("worker_type", TYPES)
+def test_prefects_preprocessing_leaves_shared_types_alone(worker_type):
+    # The server's final check runs the metaschema over the schema after
+    # preprocess_schema, which turns an optional property with a "type" into
+    # anyOf[type, null]: a variable that refers to its type stays one subschema there.
+    from prefect.utilities.schema_tools.validation import preprocess_schema
+
+    variables = _workers()[worker_type].get_default_base_job_template()["variables"]
+    preprocessed = preprocess_schema(variables, allow_none_with_default=True)["properties"]
+    referring = [name for name, prop in variables["properties"].items() if "$ref" in prop]
+    assert len(referring) >= 20, referring
+    assert all(preprocessed[name] == variables["properties"][name] for name in referring)
+    assert not [n for n, p in variables["properties"].items() if p.get("default", 0) is None]
+
+
+@pytest.mark.parametrize("values", [
+    {}, {"partition": "gpu", "nodes": 2, "time_limit": "1:00:00", "modules": ["cuda"], "het_job": False},
+    {"run_dir": "/scratch/runs", "array_size_limit": 10, "execution": "direct", "env": {"A": "1"}},
+    {"partition": None, "nodes": None},
+])
+def test_the_worker_gets_the_same_configuration(values):
+    # Prefect's worker fills the configuration from the variables' non-null defaults
+    # and the values; a placeholder without either is dropped and the configuration
+    # field's own default applies: the same configuration as from Pydantic's schema.
+    import asyncio
+
+    worker = _workers()["xm-slurm"]
+    template = worker.get_default_base_job_template()
+    as_written = {**template, "variables": _pydantic_variables(worker)}
+
+    def configuration(t):
+        config = asyncio.run(worker.job_configuration.from_template_and_values(t, values, client=object()))
+        return config.model_dump(mode="json")
+
+    assert configuration(template) == configuration(as_written)
+
+
+@pytest.mark.parametrize("variables,field,reason", [
+    ({"nodes": 0}, "nodes", "less than the minimum of 1"),
+    ({"nodes": "two"}, "nodes", "is not valid under any of the given schemas"),
+    ({"time_limit": "1h"}, "time_limit", "does not match"),
+    ({"execution": "both"}, "execution", "is not one of"),
+    ({"modules": "cuda"}, "modules", "is not of type 'array'"),
+    ({"array_size_limit": 0}, "array_size_limit", "less than the minimum of 1"),
+])
+def test_a_wrong_job_variable_is_named_by_the_server_and_before_submitting(variables, field, reason):
+    import asyncio
+
+    from prefect.server.api.validation import _validate_work_pool_job_variables
+    from prefect.utilities.schema_tools import ValidationError
+
+    from prefect_xm.core.deployments import validate_job_variables
+
+    template = _workers()["xm-slurm"].get_default_base_job_template()
+    # the server's check when a run is created from a deployment (no block reference
+    # among the defaults, so no database session is needed)
+    with pytest.raises(ValidationError) as server:
+        asyncio.run(_validate_work_pool_job_variables(None, "hpc", template, {}, variables,
+                                                      ignore_required=False, ignore_invalid_defaults=True))
+    assert f"Validation failed for field '{field}'" in str(server.value)
+    assert reason in str(server.value)
+    # prefect-xm's own check, before anything of the work unit is submitted
+    with pytest.raises(ValueError) as client:
+        validate_job_variables("hpc", variables, template["variables"]["properties"],
+                               template["variables"].get("definitions"))
+    assert f"job variable {field!r}=" in str(client.value) and "'hpc'" in str(client.value)
+
+
+def test_an_optional_job_variable_may_be_none():
+    import asyncio
+
+    from prefect.server.api.validation import _validate_work_pool_job_variables
+
+    from prefect_xm.core.deployments import validate_job_variables
+
+    template = _workers()["xm-slurm"].get_default_base_job_template()
+    values = {"partition": None, "nodes": None, "gpus": None, "time_limit": None, "array_throttle": None}
+    asyncio.run(_validate_work_pool_job_variables(None, "hpc", template, {}, values,
+                                                  ignore_required=False, ignore_invalid_defaults=True))
+    validate_job_variables("hpc", values, template["variables"]["properties"], template["variables"]["definitions"])
