@@ -44,7 +44,7 @@ fi
 oldest_log=$(mktemp /tmp/prefect-xm-oldest-prefect.XXXXXX.log)
 .venv-prefect38/bin/python -c 'import prefect; print(f"oldest supported Prefect: {prefect.__version__}")'
 .venv-prefect38/bin/python -m pytest "${pytest_args[@]}" -n "${PREFECT_XM_TEST_OLDEST_PROCESSES:-2}" \
-    tests/test_api_client.py tests/test_job_runner.py tests/test_worker_schemas.py \
+    tests/test_prefect_contract.py tests/test_api_client.py tests/test_api_bulk.py tests/test_job_runner.py tests/test_worker_schemas.py \
     tests/test_slurm_worker_e2e.py tests/test_worker_recovery.py tests/test_embedded_server.py \
     tests/test_experiment_local.py tests/test_experiment_slurm.py >"$oldest_log" 2>&1 &
 oldest=$!
