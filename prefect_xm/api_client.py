@@ -24,7 +24,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 from uuid import UUID
 
 #: Quick retries of a 503 first (Prefect's client waits 2 s, then 4 s...)...
@@ -54,6 +54,12 @@ def writes(request) -> bool:
     return not (request.method == "POST" and request.url.path.rstrip("/").rsplit("/", 1)[-1] in _READING_POSTS)
 
 
+def _retry_delays() -> Iterator[float]:
+    yield from QUICK_RETRY_DELAYS
+    while True:
+        yield SLOW_RETRY_DELAY
+
+
 class BusyServerTransport:
     """An httpx transport around Prefect's own that waits out 503 answers (see the module
     docstring), sending a server's writes one at a time once it has answered one."""
@@ -70,9 +76,7 @@ class BusyServerTransport:
         return await self._send(request)
 
     def _delays(self) -> Iterable[float]:
-        yield from QUICK_RETRY_DELAYS
-        while True:
-            yield SLOW_RETRY_DELAY
+        return _retry_delays()
 
     async def _send(self, request):
         give_up = time.monotonic() + self.patience
@@ -136,6 +140,10 @@ async def create_flow_runs_from_deployment(client, deployment_id: UUID, runs: Se
     """Creates flow runs of one deployment, 100 to a request; `runs` are Prefect's
     DeploymentFlowRunCreate (or dicts of its fields). Answers per run, in order.
 
+    A database busy with other writers (SQLite's "database is locked", PostgreSQL's
+    serialization failures) is answered inside the route's results, not as a 503: the
+    runs not created are sent again, as a busy server's requests are.
+
     The route makes its runs in one transaction. A run refused by the database (a
     parent task run that does not exist) breaks that transaction: the runs answered
     CREATED before it were rolled back, and those after it fail with "closed
@@ -146,6 +154,8 @@ async def create_flow_runs_from_deployment(client, deployment_id: UUID, runs: Se
     bodies = [(r if isinstance(r, DeploymentFlowRunCreate) else DeploymentFlowRunCreate(**r)).model_dump(
         mode="json", exclude_unset=True) for r in runs]
     out: list[Optional[Created]] = [None] * len(bodies)
+    give_up = time.monotonic() + busy_server_patience()
+    delays = _retry_delays()
     for chunk in _chunks(list(range(len(bodies))), CREATE_BULK_LIMIT):
         waiting = list(chunk)
         while waiting:
@@ -165,10 +175,23 @@ async def create_flow_runs_from_deployment(client, deployment_id: UUID, runs: Se
             for i, run_id in created.items():
                 if run_id in existing:
                     out[i] = Created(run_id)
-            cause, error = failed[0]
-            out[cause] = Created(None, error)
+            busy = [error for _, error in failed if _server_was_busy(error)]
+            if busy and time.monotonic() < give_up:
+                # (the route answers 200 with the database's refusal inside: no 503 to wait out)
+                await asyncio.sleep(next(delays) * random.uniform(0.5, 1.5))
+            else:
+                cause, error = failed[0]
+                out[cause] = Created(None, error)
             waiting = [i for i in waiting if out[i] is None]
     return [c if c is not None else Created(None, "not answered") for c in out]
+
+
+#: the database's words for "busy with other writers: try again"
+_BUSY_DATABASE = ("database is locked", "could not serialize access", "deadlock detected")
+
+
+def _server_was_busy(error: str) -> bool:
+    return any(words in error for words in _BUSY_DATABASE)
 
 
 async def _existing_flow_runs(client, ids: Sequence[UUID]) -> list[UUID]:

@@ -6,6 +6,7 @@ five tries (after which its worker crashed the run it was submitting)."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import httpx
 import pytest
@@ -158,3 +159,56 @@ def test_reads_and_writes_of_prefects_api():
     assert writes("PATCH", "/api/flow_runs/x") and writes("DELETE", "/api/flow_runs/x")
     assert not writes("POST", "/api/flow_runs/filter") and not writes("POST", "/api/task_runs/count/")
     assert not writes("GET", "/api/flow_runs/x")
+
+
+class _BulkServer:
+    """A stand-in for the bulk creation route as Prefect's server answers it when its
+    database is busy: 200, with the database's refusal inside the results; a refusal
+    rolls back the runs of its request answered before it."""
+
+    def __init__(self, busy_answers: int) -> None:
+        self.busy_answers = busy_answers
+        self.requests: list[list[str]] = []
+        self.stored: dict = {}
+        outer = self
+
+        class Http:
+            async def post(self, url, json):
+                names = [r["name"] for r in json]
+                outer.requests.append(names)
+                results, rolled_back = [], []
+                for k, name in enumerate(names):
+                    if outer.busy_answers and k == 1:
+                        outer.busy_answers -= 1
+                        results.append({"status": "FAILED", "error": "(sqlite3.OperationalError) database is locked"})
+                        results += [{"status": "FAILED", "error": "Can't operate on closed transaction"}] * (len(names) - 2)
+                        for r in rolled_back:
+                            outer.stored.pop(r)
+                        break
+                    run_id = uuid.uuid4()
+                    outer.stored[run_id] = name
+                    rolled_back.append(run_id)
+                    results.append({"status": "CREATED", "flow_run_id": str(run_id)})
+                return httpx.Response(200, json={"results": results})
+
+        self._client = Http()
+
+    async def read_flow_runs(self, flow_run_filter, limit):
+        class Run:
+            def __init__(self, i):
+                self.id = i
+        return [Run(i) for i in flow_run_filter.id.any_ if i in self.stored]
+
+
+def test_a_busy_database_inside_bulk_results_is_waited_out_and_no_run_is_made_twice(monkeypatch):
+    async def no_wait(delay):
+        return None
+
+    monkeypatch.setattr(api_client.asyncio, "sleep", no_wait)
+    server = _BulkServer(busy_answers=3)
+    created = asyncio.run(api_client.create_flow_runs_from_deployment(
+        server, uuid.uuid4(), [{"name": f"r{i}"} for i in range(5)]))
+    assert all(c.flow_run_id for c in created), created
+    assert [server.stored[c.flow_run_id] for c in created] == [f"r{i}" for i in range(5)]
+    assert len(server.stored) == 5  # the rolled-back ones were made once, when sent again
+    assert len(server.requests) == 4
