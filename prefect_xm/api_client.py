@@ -226,16 +226,29 @@ async def set_flow_run_states(client, flow_run_ids: Sequence[UUID], state, force
     from prefect.states import to_state_create
 
     state_create = to_state_create(state).model_dump(mode="json", exclude_unset=True)
-    out: list[StateSet] = []
+    give_up = time.monotonic() + busy_server_patience()
+    delays = _retry_delays()
+    out: dict[UUID, StateSet] = {}
     for chunk in _chunks(list(dict.fromkeys(flow_run_ids)), SET_STATE_BULK_LIMIT):
-        body = {"flow_runs": FlowRunFilter(id=FlowRunFilterId(any_=list(chunk))).model_dump(mode="json", exclude_unset=True),
-                "state": state_create, "force": force, "limit": len(chunk)}
-        response = await client._client.post("/flow_runs/bulk_set_state", json=body)
-        for r in response.json().get("results", []):
-            s = r.get("state") or {}
-            out.append(StateSet(UUID(r["flow_run_id"]), r.get("status", ""), s.get("type"), s.get("name"),
-                                (r.get("details") or {}).get("reason")))
-    return out
+        waiting = list(chunk)
+        while waiting:
+            body = {"flow_runs": FlowRunFilter(id=FlowRunFilterId(any_=waiting)).model_dump(mode="json", exclude_unset=True),
+                    "state": state_create, "force": force, "limit": len(waiting)}
+            response = await client._client.post("/flow_runs/bulk_set_state", json=body)
+            for r in response.json().get("results", []):
+                s = r.get("state") or {}
+                answer = StateSet(UUID(r["flow_run_id"]), r.get("status", ""), s.get("type"), s.get("name"),
+                                  (r.get("details") or {}).get("reason"))
+                out[answer.flow_run_id] = answer
+            # A run whose transaction met a busy database is answered ABORT with the
+            # database's words (its state unchanged): it goes again, as a 503 would.
+            busy = [i for i in waiting if i in out and out[i].status == "ABORT"
+                    and _server_was_busy(out[i].reason or "")]
+            if not busy or time.monotonic() >= give_up:
+                break
+            await asyncio.sleep(next(delays) * random.uniform(0.5, 1.5))
+            waiting = busy
+    return [out[i] for i in dict.fromkeys(flow_run_ids) if i in out]
 
 
 class CoalescedCreations:

@@ -212,3 +212,33 @@ def test_a_busy_database_inside_bulk_results_is_waited_out_and_no_run_is_made_tw
     assert [server.stored[c.flow_run_id] for c in created] == [f"r{i}" for i in range(5)]
     assert len(server.stored) == 5  # the rolled-back ones were made once, when sent again
     assert len(server.requests) == 4
+
+
+def test_a_busy_database_inside_bulk_state_answers_is_waited_out(monkeypatch):
+    async def no_wait(delay):
+        return None
+
+    monkeypatch.setattr(api_client.asyncio, "sleep", no_wait)
+    ids = [uuid.uuid4() for _ in range(3)]
+    sent: list[list[str]] = []
+
+    class Http:
+        async def post(self, url, json):
+            asked = json["flow_runs"]["id"]["any_"]
+            sent.append(asked)
+            results = []
+            for i in asked:
+                busy = i == str(ids[1]) and len(sent) < 3
+                results.append({"flow_run_id": i, "status": "ABORT" if busy else "ACCEPT",
+                                "state": None if busy else {"type": "PENDING", "name": "Pending"},
+                                "details": {"reason": "(sqlite3.OperationalError) database is locked"} if busy else {}})
+            return httpx.Response(200, json={"results": results})
+
+    class Client:
+        _client = Http()
+
+    from prefect.states import Pending
+
+    answers = asyncio.run(api_client.set_flow_run_states(Client(), ids, Pending()))
+    assert [a.flow_run_id for a in answers] == ids and all(a.accepted for a in answers), answers
+    assert sent[1:] == [[str(ids[1])], [str(ids[1])]]  # only the busy one went again
