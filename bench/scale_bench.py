@@ -86,13 +86,8 @@ def start_server(root: Path, sqlite: bool, topology: int = 0):
     if topology:
         import topology as topologies
 
-        lacking = topologies.missing()
-        if lacking:
-            sys.exit(f"--topology: {lacking}")
-        topo = topologies.Topology(root / "topology", workers=topology)
-        server = topo.start()
-        return server, topo.stop, None, (f"PostgreSQL, {topology} API processes, services apart, Redis "
-                                         f"({topo.start_seconds:.0f} s to start)")
+        server, stop, backend = topologies.start_for_bench(root, topology)
+        return server, stop, None, backend
     database = None if sqlite else conftest._create_postgres_database()
     port = conftest.free_port()
     env = dict(os.environ, PREFECT_HOME=str(root / "server"), PREFECT_SERVER_ANALYTICS_ENABLED="false")

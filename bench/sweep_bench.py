@@ -51,12 +51,7 @@ def start_server(root: Path, topology: int = 0):
     if topology:
         import topology as topologies
 
-        lacking = topologies.missing()
-        if lacking:
-            sys.exit(f"--topology: {lacking}")
-        topo = topologies.Topology(root / "topology", workers=topology)
-        server = topo.start()
-        return server, topo.stop, f"PostgreSQL, {topology} API processes, services apart, Redis ({topo.start_seconds:.0f} s to start)"
+        return topologies.start_for_bench(root, topology)
     database = conftest._create_postgres_database()
     port = conftest.free_port()
     env = dict(os.environ, PREFECT_HOME=str(root / "server"), PREFECT_SERVER_ANALYTICS_ENABLED="false")

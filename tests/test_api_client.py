@@ -26,16 +26,23 @@ class _Answers(httpx.AsyncBaseTransport):
         return httpx.Response(self.codes.pop(0), json={"n": len(self.bodies)})
 
 
-def test_conflicts_are_retried_quickly_with_the_same_request(monkeypatch):
-    inner = _Answers([503, 503, 201])
-    waits: list[float] = []
+@pytest.fixture
+def waits(monkeypatch) -> list[float]:
+    """The waits the transport asks for, recorded instead of slept (these machines are
+    too noisy for wall time)."""
+    asked: list[float] = []
     real_sleep = asyncio.sleep
 
     async def recorded_sleep(delay):
-        waits.append(delay)
+        asked.append(delay)
         await real_sleep(0)
 
     monkeypatch.setattr(api_client.asyncio, "sleep", recorded_sleep)
+    return asked
+
+
+def test_conflicts_are_retried_quickly_with_the_same_request(waits):
+    inner = _Answers([503, 503, 201])
 
     async def post():
         async with httpx.AsyncClient(transport=api_client.BusyServerTransport(inner), base_url="http://127.0.0.1:1") as c:
@@ -50,17 +57,9 @@ def test_conflicts_are_retried_quickly_with_the_same_request(monkeypatch):
     assert sum(api_client.QUICK_RETRY_DELAYS) < 2.0  # all its retries, on average, within Prefect's first wait
 
 
-def test_a_busy_server_is_waited_out_past_prefects_retries(monkeypatch):
+def test_a_busy_server_is_waited_out_past_prefects_retries(waits):
     # 30 answers of 503: Prefect's client alone gives up after 5 retries
     inner = _Answers([503] * 30 + [201])
-    waits: list[float] = []
-    real_sleep = asyncio.sleep
-
-    async def recorded_sleep(delay):
-        waits.append(delay)
-        await real_sleep(0)
-
-    monkeypatch.setattr(api_client.asyncio, "sleep", recorded_sleep)
 
     async def patch():
         async with httpx.AsyncClient(transport=api_client.BusyServerTransport(inner, patience=600),

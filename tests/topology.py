@@ -145,3 +145,17 @@ class Topology:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def start_for_bench(root, workers: int):
+    """A topology for a benchmark: (server, its stop, what it runs on); exits saying what
+    is missing."""
+    import sys
+
+    lacking = missing()
+    if lacking:
+        sys.exit(f"--topology: {lacking}")
+    topo = Topology(root / "topology", workers=workers)
+    server = topo.start()
+    return server, topo.stop, (f"PostgreSQL, {workers} API processes, services apart, Redis "
+                               f"({topo.start_seconds:.0f} s to start)")
