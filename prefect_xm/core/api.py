@@ -21,6 +21,7 @@ from uuid import UUID
 
 from prefect.client.schemas.objects import StateType
 
+from prefect_xm import api_client
 from prefect_xm.api_client import CoalescedCreations
 from prefect_xm.core import orchestration, store, summary
 from prefect_xm.core.args import jsonable
@@ -571,9 +572,9 @@ class Experiment:
             client = await store.client()
             link = await store.link_task_run(client, self.flow_run_id, f"{kind}-{wid}",
                                              f"xm.{kind.replace('-', '_')}", str(wid))
-            run = await client.create_flow_run(
-                xm_work_unit, name=f"{self.experiment_title}-{wu.unit_label}", parameters=parameters, tags=tags,
-                parent_task_run_id=link.id, state=Pending(),
+            run = await api_client.create_flow_run(
+                client, xm_work_unit, name=f"{self.experiment_title}-{wu.unit_label}", parameters=parameters,
+                tags=tags, parent_task_run_id=link.id, state=Pending(),
             )
             wu.flow_run_id, wu.link_task_run_id = run.id, link.id
 

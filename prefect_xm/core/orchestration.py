@@ -19,6 +19,7 @@ from uuid import UUID
 
 from prefect.client.schemas.objects import StateType
 
+from prefect_xm import api_client
 from prefect_xm.core import store
 from prefect_xm.core.deployments import ensure_job_runner_deployment
 from prefect_xm.core.job_blocks import Job
@@ -111,8 +112,8 @@ async def submit(client, unit, m: Member, gang_place: Sequence[str] = (), creati
     name = f"{unit.experiment.experiment_title}-{unit.unit_label}-{m.key}"
     await link(client, unit, m)
     if m.is_local:
-        run = await client.create_flow_run(run_job, name=name, parameters=m.params, tags=tags,
-                                           parent_task_run_id=m.link_id, state=Pending())
+        run = await api_client.create_flow_run(client, run_job, name=name, parameters=m.params, tags=tags,
+                                               parent_task_run_id=m.link_id, state=Pending())
         m.flow_run_id = run.id
         return
     pool = m.job.executor.work_pool_name
