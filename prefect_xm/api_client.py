@@ -254,12 +254,14 @@ async def set_flow_run_states(client, flow_run_ids: Sequence[UUID], state, force
 class CoalescedCreations:
     """Flow-run creations from deployments asked for one at a time (a launcher creating a
     sweep's work units concurrently) and sent together: what is asked within `linger`
-    seconds of the last request, up to 100 per deployment, goes in one bulk request.
+    seconds of the last request (one second at most), up to 100 per deployment, goes in
+    one bulk request. (A launcher on a SQLite server sends its other writes one at a
+    time, about one trial's every 150 ms here: a shorter wait made batches of one.)
 
     `create` answers the new run's id, or raises the server's reason for refusing it.
     """
 
-    def __init__(self, client, linger: float = 0.05, most_wait: float = 0.5) -> None:
+    def __init__(self, client, linger: float = 0.2, most_wait: float = 1.0) -> None:
         self.client = client
         self.linger = linger
         self.most_wait = most_wait

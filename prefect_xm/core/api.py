@@ -640,7 +640,9 @@ class Experiment:
             else:
                 last = None
                 while True:
-                    done, _ = await asyncio.wait({gathered}, timeout=POLL_SECONDS)
+                    # (a read of every unit: spaced out as the shared reads are, by its pages)
+                    pages = -(-len(self._work_units) // store.READ_PAGE)
+                    done, _ = await asyncio.wait({gathered}, timeout=POLL_SECONDS * max(1.0, pages / 2))
                     try:
                         counts = await summary.work_unit_counts(await store.client(), self.experiment_id)
                         if counts != last:
@@ -654,9 +656,17 @@ class Experiment:
         if failed:
             raise RuntimeError(f"{len(failed)} work unit(s) could not be created: " + "; ".join(
                 f"work unit {wid}: {type(e).__name__}: {e}" for wid, e in sorted(failed.items())))
+        # one paged read for every unit (not a read each); a unit not yet final (one this
+        # launcher does not drive) is waited for on its own
+        client = await store.client()
+        units = sorted(self._work_units.items())
+        runs = {r.id: r for r in await store.read_runs(client, tags=[], ids=[wu.flow_run_id for _, wu in units
+                                                                              if wu.flow_run_id is not None])}
         statuses = {}
-        for wid, wu in sorted(self._work_units.items()):
-            statuses[wid] = await wu._wait()
+        for wid, wu in units:
+            run = runs.get(wu.flow_run_id)
+            status = ExperimentUnitStatus.from_state(run.state) if run is not None and run.state else None
+            statuses[wid] = status if status is not None and status.is_final else await wu._wait()
         return statuses
 
     def wait_until_complete(self) -> Any:

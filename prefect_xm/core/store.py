@@ -99,6 +99,10 @@ async def client():
     return await Runtime.get().client()
 
 
+#: runs read per request (Prefect's server answers at most 200)
+READ_PAGE = 200
+
+
 async def read_runs(client, *, tags: Sequence[str], ids: Optional[Sequence[UUID]] = None, limit: Optional[int] = None,
                     sort=None):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterTags
@@ -107,7 +111,7 @@ async def read_runs(client, *, tags: Sequence[str], ids: Optional[Sequence[UUID]
                       id=FlowRunFilterId(any_=list(ids)) if ids is not None else None)
     out = []
     offset = 0
-    page = 200
+    page = READ_PAGE
     while True:
         batch = await client.read_flow_runs(flow_run_filter=f, limit=page if limit is None else min(page, limit - len(out)),
                                             offset=offset, sort=sort)
