@@ -49,7 +49,7 @@ from prefect.workers.base import (
 )
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
-from prefect_xm.api_client import CoalescedStates, absorb_busy_answers, read_once_per_batch
+from prefect_xm.api_client import CoalescedStates, StateSet, absorb_busy_answers, read_once_per_batch
 from prefect_xm.gang import gang_place
 from prefect_xm.workers.arrays import (
     GROUPING_DIR,
@@ -580,6 +580,26 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             await transport.close()
         await super().teardown(*exc_info)
 
+    # -- states, sent for a batch at once where they match --------------------------------
+    def state_label(self, followed: FollowedRun) -> str:
+        """What a run's state messages call its job: an array's tasks all say "<scheduler>
+        array <id> task", so the states they take together match and go in one request
+        (the task's own id is its infrastructure pid, and its log lines name it)."""
+        scheduler = followed.poller.scheduler
+        array = scheduler.array_of(followed.job_id)
+        return f"{scheduler.name} array {array} task" if array else f"{scheduler.name} job {followed.job_id}"
+
+    async def _set_state(self, flow_run_id: UUID, state, force: bool = False):
+        """Proposes (or with `force`, sets) a run's state, in one bulk request with the
+        runs taking the same state at the same time; answers Prefect's verdict
+        (accepted, state_type)."""
+        answer = await self._states.propose(flow_run_id, state, force=force) if self._states else None
+        if answer is not None and not (answer.status == "ABORT" and answer.state_type is None):
+            return answer
+        result = await self.client.set_flow_run_state(flow_run_id, state, force=force)
+        return StateSet(flow_run_id, result.status.value, result.state.type.value if result.state else None,
+                        result.state.name if result.state else None)
+
     # -- Prefect's per-run submission states, sent for a batch at once ------------------
     async def _propose_pending_state(self, flow_run: "FlowRun") -> bool:
         """Prefect proposes Pending to each run it submits, a request each; the runs it
@@ -1059,7 +1079,8 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                 if status.state == JobState.PENDING:
                     message = f"{scheduler_name} job {followed.job_id} is queued: {status.describe()}"
                     if announce and status.reason not in ("None", "(null)"):
-                        announce = await self._propose_infrastructure_pending(flow_run, message, logger) is False
+                        announce = await self._propose_infrastructure_pending(
+                            flow_run, f"{self.state_label(followed)} is queued: {status.describe()}", logger) is False
                         announce_attempts += 1
                         retry_announce = announce and announce_attempts < 10
                     if message != logged:
@@ -1068,7 +1089,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
                 elif status.state == JobState.RUNNING:
                     logger.info(f"{scheduler_name} job {followed.job_id} is running ({status.native_state})")
                     if direct:
-                        await self._mark_running(flow_run, followed, f"{scheduler_name} job {followed.job_id} is running")
+                        await self._mark_running(flow_run, followed, f"{self.state_label(followed)} is running")
             for argv in scheduler.cleanup_argvs(status):
                 # e.g. SGE's Eqw: final for us, but the scheduler would keep it forever
                 result = await followed.transport.run(argv, timeout=60)
@@ -1114,13 +1135,13 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         Prefect refuses a Pending state to a run that is Running, Cancelling or final,
         and answers with the state it is in."""
         try:
-            result = await self.client.set_flow_run_state(flow_run.id, InfrastructurePending(message=message))
+            answer = await self._set_state(flow_run.id, InfrastructurePending(message=message))
         except Exception as e:
             logger.warning(f"could not mark the run InfrastructurePending yet ({type(e).__name__}: {e}); will retry")
             return False
-        if result.status.value == "ACCEPT":
+        if answer.accepted:
             return True
-        if result.state is not None and result.state.type != StateType.PENDING:
+        if answer.state_type is not None and answer.state_type != StateType.PENDING.value:
             return None
         return False
 
@@ -1218,10 +1239,10 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         if await self._het_member_end(flow_run, followed, job, logger):
             return
         if status.state == JobState.COMPLETED:
+            label = self.state_label(followed)
             # a job too quick to be seen running (the state just read says so)
-            await self._mark_running(flow_run, followed, f"{job} started", current=current)
-            await self.client.set_flow_run_state(
-                flow_run.id, Completed(message=f"{job} exited with code 0"), force=True)
+            await self._mark_running(flow_run, followed, f"{label} started", current=current)
+            await self._set_state(flow_run.id, Completed(message=f"{label} exited with code 0"), force=True)
             logger.info(f"{job} exited with code 0")
             return
         if status.state == JobState.CANCELLED:
@@ -1247,9 +1268,9 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
             return
         if current is not None:
             if current.type == StateType.PENDING:
-                await self.client.set_flow_run_state(flow_run.id, Running(message=message), force=True)
+                await self._set_state(flow_run.id, Running(message=message), force=True)
         else:
-            await self.client.set_flow_run_state(flow_run.id, Running(message=message))
+            await self._set_state(flow_run.id, Running(message=message))
         followed.marked_running = True
 
     async def _stderr_tail(self, followed: FollowedRun, lines: int = 20) -> str:
