@@ -617,6 +617,7 @@ class RequeueScenario:
         requeued = [ln for ln in history.splitlines() if " PENDING Requeued: " in ln]
         assert len(requeued) == 1 and "requeue 1 of 2" in requeued[0], history
         assert "PREFECT_XM_ATTEMPT=2" in requeued[0], history
+        assert " RUNNING " in history.split(requeued[0], 1)[1], history  # its next attempt runs again
         assert job_id_of(fr) == jobs[0]
         logs = wait_for(lambda: (lambda t: t if "attempt 2" in t else None)(logs_of(resumed.id)), 60,
                         what="the second attempt's output")

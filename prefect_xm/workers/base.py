@@ -1177,6 +1177,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         # force: a run goes back from Running only this way (and the engine of a flow the
         # scheduler stopped may have said Crashed; the job is not over)
         await self.client.set_flow_run_state(flow_run.id, Pending(name="Requeued", message=message), force=True)
+        followed.marked_running = False  # its next attempt is Running again when it starts
         logger.warning(message)
         if output is not None:
             await output.restart()
