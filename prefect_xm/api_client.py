@@ -166,7 +166,8 @@ async def create_flow_runs_from_deployment(client, deployment_id: UUID, runs: Se
                 raise RuntimeError(f"bulk creation from deployment {deployment_id} answered {len(results)} results "
                                    f"for {len(waiting)} runs")
             created = {i: UUID(r["flow_run_id"]) for i, r in zip(waiting, results) if r.get("flow_run_id")}
-            failed = [(i, r.get("error") or "refused") for i, r in zip(waiting, results) if not r.get("flow_run_id")]
+            failed = [(i, database_error(r.get("error") or "refused")) for i, r in zip(waiting, results)
+                      if not r.get("flow_run_id")]
             if not failed:
                 for i, run_id in created.items():
                     out[i] = Created(run_id)
@@ -184,6 +185,13 @@ async def create_flow_runs_from_deployment(client, deployment_id: UUID, runs: Se
                 out[cause] = Created(None, error)
             waiting = [i for i in waiting if out[i] is None]
     return [c if c is not None else Created(None, "not answered") for c in out]
+
+
+def database_error(error: str) -> str:
+    """A bulk route's per-run error without the statement and parameters SQLAlchemy
+    appends: those hold the run's parameters (a job's env among them), which must not
+    reach a state message or a log."""
+    return error.split("\n[SQL:", 1)[0].split("\n[parameters:", 1)[0].strip()
 
 
 #: the database's words for "busy with other writers: try again"
@@ -237,8 +245,9 @@ async def set_flow_run_states(client, flow_run_ids: Sequence[UUID], state, force
             response = await client._client.post("/flow_runs/bulk_set_state", json=body)
             for r in response.json().get("results", []):
                 s = r.get("state") or {}
+                reason = (r.get("details") or {}).get("reason")
                 answer = StateSet(UUID(r["flow_run_id"]), r.get("status", ""), s.get("type"), s.get("name"),
-                                  (r.get("details") or {}).get("reason"))
+                                  database_error(reason) if reason else reason)
                 out[answer.flow_run_id] = answer
             # A run whose transaction met a busy database is answered ABORT with the
             # database's words (its state unchanged): it goes again, as a 503 would.

@@ -241,3 +241,10 @@ def test_a_busy_database_inside_bulk_state_answers_is_waited_out(monkeypatch):
     answers = asyncio.run(api_client.set_flow_run_states(Client(), ids, Pending()))
     assert [a.flow_run_id for a in answers] == ids and all(a.accepted for a in answers), answers
     assert sent[1:] == [[str(ids[1])], [str(ids[1])]]  # only the busy one went again
+
+
+def test_a_bulk_routes_database_error_keeps_no_statement_or_parameters():
+    error = ("(sqlite3.OperationalError) database is locked\n[SQL: INSERT INTO flow_run (parameters) VALUES (?)]\n"
+             "[parameters: {'env': {'WANDB_API_KEY': 'secret-value'}}]\n(Background on this error at: https://x)")
+    assert api_client.database_error(error) == "(sqlite3.OperationalError) database is locked"
+    assert api_client._server_was_busy(api_client.database_error(error))
