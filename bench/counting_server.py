@@ -83,3 +83,12 @@ def per_trial(counts: dict, role: str, trials: int, minus: Optional[dict] = None
         kinds = {k: n - by_kind(minus, role).get(k, 0) for k, n in kinds.items()}
     total = sum(kinds.values())
     return f"{role} {total / trials:.1f} (" + ", ".join(f"{k} {n / trials:.2f}" for k, n in kinds.items()) + ")"
+
+
+def by_route(counts: dict, role: str, trials: int, minus: Optional[dict] = None, floor: float = 0.05) -> str:
+    """A role's requests per trial by route, the costliest first (those under `floor` left out):
+    which route the next cut is in."""
+    minus = minus or {}
+    rows = sorted(((n - minus.get(key, 0)) / trials, key.partition(" ")[2]) for key, n in counts.items()
+                  if key.startswith(role + " "))
+    return "; ".join(f"{route} {n:.2f}" for n, route in reversed(rows) if n >= floor)

@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ["PREFECT_CLIENT_CUSTOM_HEADERS"] = json.dumps({"X-XM-Bench": "launcher"})
 
-from counting_server import per_trial  # noqa: E402
+from counting_server import by_route, per_trial  # noqa: E402
 from sweep_bench import MEMORY, cpu_seconds, raw_sbatch  # noqa: E402
 
 
@@ -260,6 +260,9 @@ def main() -> None:
         print("  by kind, per trial: " + per_trial(now_counts, "launcher", n,
                                                    minus={"launcher GET /bench-own-reads": own_reads[0]}), flush=True)
         print("  by kind, per trial: " + per_trial(now_counts, "worker", n, minus=idle_counts), flush=True)
+        own = {"launcher POST /api/flow_runs/filter": own_reads[0]}  # (the bench's own reads)
+        print("  by route, per trial: launcher: " + by_route(now_counts, "launcher", n, minus=own), flush=True)
+        print("  by route, per trial: worker: " + by_route(now_counts, "worker", n, minus=idle_counts), flush=True)
         if crashed:
             print(f"the launch script died: {crashed}")
         else:

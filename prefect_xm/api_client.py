@@ -35,6 +35,8 @@ SLOW_RETRY_DELAY = 1.0
 #: the bulk routes' limits (Prefect's server: BULK_CREATE_LIMIT, BULK_OPERATION_LIMIT)
 CREATE_BULK_LIMIT = 100
 SET_STATE_BULK_LIMIT = 50
+#: runs a filter read answers at most (PREFECT_API_DEFAULT_LIMIT)
+READ_LIMIT = 200
 
 
 def busy_server_patience() -> float:
@@ -414,6 +416,16 @@ class CoalescedStates:
             self._send(key)
         return await asyncio.shield(future)
 
+    async def set(self, flow_run_id: UUID, state, force: bool = False) -> StateSet:
+        """Proposes (or with `force`, sets) a run's state in the batch of its matching
+        states, or alone when the bulk answer is missing for it; answers Prefect's verdict."""
+        answer = await self.propose(flow_run_id, state, force=force)
+        if answer is not None and not (answer.status == "ABORT" and answer.state_type is None):
+            return answer
+        result = await self.client.set_flow_run_state(flow_run_id, state, force=force)
+        return StateSet(flow_run_id, result.status.value, result.state.type.value if result.state else None,
+                        result.state.name if result.state else None)
+
     def _send(self, key: tuple) -> None:
         batch = self._waiting.pop(key, None)
         state = self._states.pop(key, None)
@@ -434,21 +446,42 @@ class CoalescedStates:
                 future.set_result(answers.get(flow_run_id))
 
 
-async def create_flow_run(client, flow, *, name: str, parameters: dict, tags: Sequence[str],
-                          parent_task_run_id: Optional[UUID], state):
-    """Prefect's client.create_flow_run, less its request per call that upserts the flow
-    (`POST /flows/`, once a trial in a sweep): the flow's id is asked once per client."""
-    from prefect.client.schemas.actions import FlowCreate, FlowRunCreate
-    from prefect.client.schemas.objects import FlowRun, FlowRunPolicy
-    from prefect.states import to_state_create
+class CoalescedRunReads:
+    """Reads of single flow runs asked at the same time (an array's tasks ending in one
+    poll) sent as one filter request, 200 runs to a request. A run the answer lacks is
+    read alone (so a run that is gone raises as Prefect's read does)."""
 
-    ids = client.__dict__.setdefault("_xm_flow_ids", {})
-    if flow.name not in ids:
-        response = await client._client.post("/flows/", json=FlowCreate(name=flow.name).model_dump(mode="json"))
-        ids[flow.name] = UUID(response.json()["id"])
-    create = FlowRunCreate(
-        flow_id=ids[flow.name], flow_version=flow.version, name=name, parameters=parameters, context={},
-        tags=list(tags), parent_task_run_id=parent_task_run_id, state=to_state_create(state),
-        empirical_policy=FlowRunPolicy(retries=flow.retries, retry_delay=int(flow.retry_delay_seconds or 0)))
-    response = await client._client.post("/flow_runs/", json=create.model_dump(mode="json", exclude_unset=True))
-    return FlowRun.model_validate(response.json())
+    def __init__(self, client, linger: float = 0.2) -> None:
+        self.client = client
+        self.linger = linger
+        self._waiting: dict[UUID, list[asyncio.Future]] = {}
+
+    async def read(self, flow_run_id: UUID):
+        if not self._waiting:
+            asyncio.get_running_loop().call_later(self.linger, self._send)
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(flow_run_id, []).append(future)
+        if len(self._waiting) >= READ_LIMIT:
+            self._send()
+        run = await asyncio.shield(future)
+        return run if run is not None else await self.client.read_flow_run(flow_run_id)
+
+    def _send(self) -> None:
+        batch, self._waiting = self._waiting, {}
+        if batch:
+            asyncio.ensure_future(self._read(batch))
+
+    async def _read(self, batch: dict[UUID, list[asyncio.Future]]) -> None:
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        try:
+            runs = await self.client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(batch))), limit=len(batch))
+            found = {r.id: r for r in runs}
+        except Exception:
+            found = {}  # (each caller reads alone, and meets the error itself)
+        for flow_run_id, futures in batch.items():
+            for future in futures:
+                if not future.done():
+                    future.set_result(found.get(flow_run_id))
+

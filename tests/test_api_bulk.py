@@ -204,3 +204,26 @@ def test_coalesced_states_go_in_bulk_and_each_run_gets_its_own_answer(api):
     assert [a.flow_run_id for a in answers] == ids
     assert not answers[3].accepted and answers[3].state_type == "CANCELLED"
     assert all(a.accepted and a.state_type == "PENDING" for k, a in enumerate(answers) if k != 3)
+
+
+def test_coalesced_run_reads_go_200_to_a_request_and_a_run_that_is_gone_raises_as_prefects_read(api):
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    async def go():
+        async with get_client() as client:
+            deployment_id = await _deployment(client)
+            created = await api_client.create_flow_runs_from_deployment(
+                client, deployment_id, [{"name": f"r-{i}"} for i in range(250)])
+            ids = [c.flow_run_id for c in created]
+            counting = _Counting(client)
+            reads = api_client.CoalescedRunReads(client)
+            runs = await asyncio.gather(*(reads.read(i) for i in ids), reads.read(ids[5]))
+            with pytest.raises(ObjectNotFound):
+                await reads.read(uuid.uuid4())
+            return ids, runs, counting.seen
+
+    ids, runs, seen = asyncio.run(go())
+    assert [r.id for r in runs] == ids + [ids[5]] and runs[0].name == "r-0"
+    # 200 + 50 in two filter requests; the unknown run: its own filter, then Prefect's read
+    assert seen.count("POST /api/flow_runs/filter") == 3 and len(seen) == 4, seen

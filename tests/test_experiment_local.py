@@ -29,6 +29,11 @@ def api(prefect_server):
     return prefect_server
 
 
+def _job_tag(run) -> str:
+    """The run's xm-job:<key> tag (a run made from a deployment holds its tags unordered)."""
+    return next(t for t in run.tags if t.startswith("xm-job:"))
+
+
 def _runs(*tags):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
@@ -218,7 +223,7 @@ def test_gang_member_failure_cancels_the_others(api, tmp_path):
         ))
     status = wu.get_status()
     assert status.is_failed and "failer" in status.message and "exited with code 1" in status.message, status
-    jobs = {j.tags[-1]: j for j in _runs("xm-kind:job", f"xm-experiment:{experiment.experiment_id}")}
+    jobs = {_job_tag(j): j for j in _runs("xm-kind:job", f"xm-experiment:{experiment.experiment_id}")}
     assert jobs["xm-job:failer"].state.is_failed()
     assert jobs["xm-job:sleeper"].state.is_cancelled(), jobs["xm-job:sleeper"].state
     assert "failer" in jobs["xm-job:sleeper"].state.message
@@ -253,7 +258,7 @@ def test_gang_member_whose_run_cannot_be_created_leaves_no_other_member_behind(a
     status = wu.get_status()
     assert status.state_type == "CRASHED" and "injected" in status.message, status
     jobs = _runs("xm-kind:job", f"xm-experiment:{experiment.experiment_id}")
-    assert [j.tags[-1] for j in jobs] == ["xm-job:late"], jobs
+    assert [_job_tag(j) for j in jobs] == ["xm-job:late"], jobs
     assert jobs[0].state.is_cancelled(), jobs[0].state
 
 
@@ -263,19 +268,21 @@ def test_add_returns_before_the_server_is_asked_and_the_runs_follow(api, monkeyp
     import asyncio
 
     from prefect_xm import xm, xm_local
-    from prefect_xm.core import api, store
+    from prefect_xm.core import api
+    from prefect_xm.task_run_links import TaskRunLinks
 
-    real_link = store.link_task_run
+    real_link = TaskRunLinks.create
     released = asyncio.Event()
     seen_before_release = []
 
-    async def held_link(client, parent_flow_run_id, name, key, dynamic_key):
+    async def held_link(self, parent_flow_run_id, name, key, dynamic_key):
         if key == "xm.work_unit":
             seen_before_release.append(name)
             await released.wait()
-        return await real_link(client, parent_flow_run_id, name, key, dynamic_key)
+        return await real_link(self, parent_flow_run_id, name, key, dynamic_key)
 
-    monkeypatch.setattr(store, "link_task_run", held_link)
+    monkeypatch.setattr(TaskRunLinks, "create", held_link)
+    monkeypatch.setattr(api, "CREATION_CONCURRENCY", 8)  # (fewer than the adds: the bound shows)
     with xm_local.create_experiment(experiment_title="quick-adds") as experiment:
         [true] = experiment.package([xm.Packageable(xm.Binary("/bin/true"), xm_local.Local.Spec())])
         wus = [experiment.add(xm.Job(true, xm_local.Local(), args={"seed": i})) for i in range(12)]
@@ -299,16 +306,16 @@ async def _set(event):
 
 def test_a_work_unit_that_cannot_be_created_surfaces_on_it_and_at_the_end(api, monkeypatch):
     from prefect_xm import xm, xm_local
-    from prefect_xm.core import store
+    from prefect_xm.task_run_links import TaskRunLinks
 
-    real_link = store.link_task_run
+    real_link = TaskRunLinks.create
 
-    async def refusing_link(client, parent_flow_run_id, name, key, dynamic_key):
+    async def refusing_link(self, parent_flow_run_id, name, key, dynamic_key):
         if name == "work-unit-2":
             raise RuntimeError("injected: the API refused work unit 2")
-        return await real_link(client, parent_flow_run_id, name, key, dynamic_key)
+        return await real_link(self, parent_flow_run_id, name, key, dynamic_key)
 
-    monkeypatch.setattr(store, "link_task_run", refusing_link)
+    monkeypatch.setattr(TaskRunLinks, "create", refusing_link)
     experiment = xm_local.create_experiment(experiment_title="creation-error")
     with pytest.raises(RuntimeError, match="work unit 2: RuntimeError: injected"):
         with experiment:
@@ -516,7 +523,7 @@ async def test_async_launch_script_with_a_job_generator(api, tmp_path):
                    for j in launched)
     assert plain.get_status().is_completed
     jobs = _runs("xm-kind:job", f"xm-experiment:{experiment.experiment_id}", "xm-work-unit:1")
-    assert sorted((j.tags[-1], tuple(j.parameters["args"])) for j in jobs) == [
+    assert sorted((_job_tag(j), tuple(j.parameters["args"])) for j in jobs) == [
         ("xm-job:evaluator", ("--lr=0.5",)), ("xm-job:trainer", ("--lr=0.5", "--steps=3"))]
 
 

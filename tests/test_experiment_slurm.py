@@ -16,6 +16,11 @@ from conftest import cluster_is_up, require_service
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
 
+def _job_tag(run) -> str:
+    """The run's xm-job:<key> tag (a run made from a deployment holds its tags unordered)."""
+    return next(t for t in run.tags if t.startswith("xm-job:"))
+
+
 def _slurm_is_up() -> bool:
     return cluster_is_up("slurm-cluster.sh")
 
@@ -331,7 +336,7 @@ def test_a_gang_not_started_within_its_deadline_is_cancelled_whole_naming_who_ne
     with get_client(sync_client=True) as c:
         def jobs():
             tags = [f"xm-experiment:{experiment.experiment_id}", "xm-kind:job"]
-            return {r.tags[-1]: r for r in c.read_flow_runs(
+            return {_job_tag(r): r for r in c.read_flow_runs(
                 flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags)))}
         wait_for(lambda: all(r.state.is_cancelled() for r in jobs().values()), timeout=120,
                  what="both members' runs Cancelled")

@@ -21,11 +21,9 @@ from uuid import UUID
 
 from prefect.client.schemas.objects import StateType
 
-from prefect_xm import api_client
-from prefect_xm.api_client import CoalescedCreations
 from prefect_xm.core import orchestration, store, summary
 from prefect_xm.core.args import jsonable
-from prefect_xm.core.deployments import check_pool_jobs
+from prefect_xm.core.deployments import check_pool_jobs, ensure_in_launcher_deployment
 from prefect_xm.core.job_blocks import (
     DEFAULT_START_DEADLINE_SECONDS,
     Executable,
@@ -52,8 +50,10 @@ log = logging.getLogger("prefect_xm")
 
 #: Experiments created or opened in this process (the CLI prints their results).
 OPENED: list = []
-#: work units whose runs are created at once in the background (experiment.add returns at once)
-CREATION_CONCURRENCY = int(os.environ.get("PREFECT_XM_CREATION_CONCURRENCY", "8"))
+#: work units whose runs are created at once in the background (experiment.add returns at
+#: once): a bulk request's worth, so each step of their creation (links, unit runs, job
+#: runs) goes to the server as one request for all of them
+CREATION_CONCURRENCY = int(os.environ.get("PREFECT_XM_CREATION_CONCURRENCY", "100"))
 
 # ------------------------------------------------------------------------ work units
 
@@ -364,8 +364,8 @@ class Experiment:
         self._stopped = False
         self._creating: Optional[asyncio.Semaphore] = None
         self._reads = orchestration.SharedReads()
-        #: job runs on pools, created 100 to a request (made with the runtime's client)
-        self._creations: Optional[CoalescedCreations] = None
+        #: what the work units write together (made with the runtime's client)
+        self._writes: Optional[orchestration.Writes] = None
         self._heartbeat: Optional[asyncio.Task] = None
 
     def __repr__(self) -> str:
@@ -533,7 +533,8 @@ class Experiment:
 
     async def _add(self, members: dict[str, Job], display_args: Any, identity: Optional[str],
                    start_deadline: float, role: ExperimentUnitRole) -> WorkUnit:
-        from prefect.states import Pending
+        from prefect.client.schemas.actions import DeploymentFlowRunCreate
+        from prefect.states import Pending, to_state_create
 
         from prefect_xm.flows.declarations import xm_work_unit
 
@@ -570,20 +571,23 @@ class Experiment:
 
         async def create() -> None:
             client = await store.client()
-            link = await store.link_task_run(client, self.flow_run_id, f"{kind}-{wid}",
-                                             f"xm.{kind.replace('-', '_')}", str(wid))
-            run = await api_client.create_flow_run(
-                client, xm_work_unit, name=f"{self.experiment_title}-{wu.unit_label}", parameters=parameters,
-                tags=tags, parent_task_run_id=link.id, state=Pending(),
-            )
-            wu.flow_run_id, wu.link_task_run_id = run.id, link.id
+            link_id = await self._writes.links.create(self.flow_run_id, f"{kind}-{wid}",
+                                                      f"xm.{kind.replace('-', '_')}", str(wid))
+            create = DeploymentFlowRunCreate(
+                name=f"{self.experiment_title}-{wu.unit_label}", parameters=parameters, tags=tags,
+                parent_task_run_id=link_id, state=to_state_create(Pending()),
+                # one run per unit however often the request is sent (a retried bulk request)
+                idempotency_key=f"prefect-xm:{self.flow_run_id}:{kind}-{wid}")
+            deployment_id = await ensure_in_launcher_deployment(client, xm_work_unit)
+            wu.flow_run_id = await self._writes.creations.create(deployment_id, create)
+            wu.link_task_run_id = link_id
 
         wu._task = asyncio.ensure_future(self._run_work_unit(wu, ms, create))
         return wu
 
     def _creation_slots(self) -> asyncio.Semaphore:
         """How many work units are being created at once (their runs, links and jobs):
-        enough to keep the server busy, few enough not to flood it."""
+        enough to fill the bulk requests, few enough to bound what waits in memory."""
         if self._creating is None:
             self._creating = asyncio.Semaphore(CREATION_CONCURRENCY)
         return self._creating
@@ -598,8 +602,8 @@ class Experiment:
         """Creates the work unit's run (`create`), submits its gang, and watches it to its
         end."""
         client = await store.client()
-        if self._creations is None:
-            self._creations = CoalescedCreations(client)
+        if self._writes is None:
+            self._writes = orchestration.Writes.to(client)
         # The slots bound the one-at-a-time creations (the unit's run and the links); the
         # job runs on pools wait outside them, so a sweep's gather into bulk requests.
         async with self._creation_slots():
@@ -616,10 +620,10 @@ class Experiment:
                         wu._created.set_result(None)
             if not self._stopped:
                 # (a link that failed is tried again by submit_gang, which reports its error)
-                await asyncio.gather(*(orchestration.link(client, wu, m) for m in members if m.flow_run_id is None),
+                await asyncio.gather(*(orchestration.link(self._writes, wu, m) for m in members if m.flow_run_id is None),
                                      return_exceptions=True)
-        outcomes = [] if self._stopped else await orchestration.submit_gang(client, wu, members, self._creations)
-        await orchestration.watch_gang(client, wu, members, outcomes, reads=self._reads,
+        outcomes = [] if self._stopped else await orchestration.submit_gang(client, wu, members, self._writes)
+        await orchestration.watch_gang(client, wu, members, outcomes, reads=self._reads, writes=self._writes,
                                        stopped=lambda: self._stopped)
         self._summary.mark_dirty()  # (rewritten in the background; at once when the experiment ends)
 
@@ -727,6 +731,8 @@ class Experiment:
         return dual(self._stop)
 
     async def _finish_run(self, stop_reason: Optional[str] = None) -> str:
+        if self._writes is not None:
+            await self._writes.links.drain()  # (the links show their units' ends before the experiment's)
         state = await self._final_state(stop_reason)
         client = await store.client()
         if self._heartbeat is not None:

@@ -144,3 +144,32 @@ async def _create_job_runner_deployment(pool_name: str) -> UUID:
         tags=[store.TAG_XM],
     )
     return deployment_id
+
+
+#: the deployment, on no pool, of the runs a launcher drives itself
+IN_LAUNCHER = "in-launcher"
+
+
+async def ensure_in_launcher_deployment(client, flow) -> UUID:
+    """Deployment ``<flow>/in-launcher``, on no work pool: the runs the launching process
+    drives itself (work units; Local jobs) are created from it, because Prefect creates
+    runs 100 to a request only from a deployment. No worker or runner picks its runs up
+    (no pool, no queue); they start Pending and the launcher moves them on. Made once per
+    server (cached on the client)."""
+    from prefect.utilities.callables import parameter_schema
+
+    ids = client.__dict__.setdefault("_xm_in_launcher_deployments", {})
+    lock = client.__dict__.setdefault("_xm_in_launcher_lock", asyncio.Lock())
+    async with lock:  # (side-by-side creations of one deployment make the server answer 500)
+        if flow.name not in ids:
+            ids[flow.name] = await client.create_deployment(
+                flow_id=await client.create_flow(flow),
+                name=IN_LAUNCHER,
+                # a work unit's parameters are its args, whatever they are
+                enforce_parameter_schema=False,
+                parameter_openapi_schema=parameter_schema(flow.fn).model_dump_for_openapi(),
+                description=("Runs prefect-xm launchers create and drive themselves (made automatically). "
+                             "Running it from here starts nothing: launch an experiment instead."),
+                paused=True,
+            )
+    return ids[flow.name]

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 from uuid import UUID
 
@@ -21,9 +22,10 @@ from prefect.client.schemas.objects import StateType
 
 from prefect_xm import api_client
 from prefect_xm.core import store
-from prefect_xm.core.deployments import ensure_job_runner_deployment
+from prefect_xm.core.deployments import ensure_in_launcher_deployment, ensure_job_runner_deployment
 from prefect_xm.core.job_blocks import Job
 from prefect_xm.gang import gang_tags
+from prefect_xm.task_run_links import TaskRunLinks
 
 log = logging.getLogger("prefect_xm")
 
@@ -59,6 +61,23 @@ class Member:
         if self.job is None:
             return bool(self._local)
         return self.job.executor.work_pool_name is None
+
+
+@dataclass
+class Writes:
+    """An experiment's writes that go to the server together, whichever work unit asks:
+    job runs on pools 100 to a request, matching work-unit states 50 to a request, and
+    the links (task runs) as events, a batch to a request."""
+
+    creations: api_client.CoalescedCreations
+    states: api_client.CoalescedStates
+    links: TaskRunLinks
+
+    @classmethod
+    def to(cls, client) -> "Writes":
+        # (a state lingers a little longer than the worker's: units end a poll apart)
+        return cls(api_client.CoalescedCreations(client), api_client.CoalescedStates(client, linger=0.2),
+                   TaskRunLinks(client))
 
 
 class SharedReads:
@@ -98,17 +117,17 @@ class SharedReads:
         self._next_read = started + (POLL_SECONDS / 2 * pages if pages > 2 else 0.0)
 
 
-async def link(client, unit, m: Member) -> None:
+async def link(writes: Writes, unit, m: Member) -> None:
     """The task run in the work unit's run that the member's run hangs from (the UI's
     subflow link); made before the run, which points at it."""
     if m.link_id is None:
-        m.link_id = (await store.link_task_run(client, unit.flow_run_id, f"job-{m.key}", "xm.job", m.key)).id
+        m.link_id = await writes.links.create(unit.flow_run_id, f"job-{m.key}", "xm.job", m.key)
 
 
-async def submit(client, unit, m: Member, gang_place: Sequence[str] = (), creations=None) -> None:
+async def submit(client, unit, m: Member, writes: Writes, gang_place: Sequence[str] = ()) -> None:
     """Creates a member's flow run: here for a Local job, from its pool's job-runner
-    deployment otherwise; through `creations` (api_client.CoalescedCreations), a
-    sweep's runs on one pool go to the server 100 to a request."""
+    deployment otherwise, where a sweep's runs on one pool go to the server 100 to a
+    request (`writes.creations`)."""
     from prefect.client.schemas.actions import DeploymentFlowRunCreate
     from prefect.states import Pending, Scheduled, to_state_create
 
@@ -117,29 +136,20 @@ async def submit(client, unit, m: Member, gang_place: Sequence[str] = (), creati
     tags = [store.TAG_XM, store.TAG_KIND + store.KIND_JOB, store.experiment_tag(unit.experiment_id),
             unit.unit_tag, *gang_place, store.TAG_JOB + m.key]
     name = f"{unit.experiment.experiment_title}-{unit.unit_label}-{m.key}"
-    await link(client, unit, m)
-    if m.is_local:
-        run = await api_client.create_flow_run(client, run_job, name=name, parameters=m.params, tags=tags,
-                                               parent_task_run_id=m.link_id, state=Pending())
-        m.flow_run_id = run.id
-        return
-    pool = m.job.executor.work_pool_name
-    deployment_id = await ensure_job_runner_deployment(pool)
-    create = DeploymentFlowRunCreate(
-        name=name, parameters=m.params, tags=tags, parent_task_run_id=m.link_id, state=to_state_create(Scheduled()),
-        job_variables=m.job.executor.job_variables_for(m.job.executable),
-        # one run per member however often the request is sent (a retried bulk request)
-        idempotency_key=f"prefect-xm:{unit.flow_run_id}:{m.key}",
-    )
-    if creations is None:
-        from prefect_xm.api_client import create_flow_runs_from_deployment
-
-        [created] = await create_flow_runs_from_deployment(client, deployment_id, [create])
-        if created.flow_run_id is None:
-            raise RuntimeError(f"Prefect refused to create the flow run: {created.error}")
-        m.flow_run_id = created.flow_run_id
+    await link(writes, unit, m)
+    # one run per member however often the request is sent (a retried bulk request)
+    once = f"prefect-xm:{unit.flow_run_id}:{m.key}"
+    if m.is_local:  # (run here: Pending, on no pool)
+        deployment_id = await ensure_in_launcher_deployment(client, run_job)
+        create = DeploymentFlowRunCreate(name=name, parameters=m.params, tags=tags, parent_task_run_id=m.link_id,
+                                         state=to_state_create(Pending()), idempotency_key=once)
     else:
-        m.flow_run_id = await creations.create(deployment_id, create)
+        deployment_id = await ensure_job_runner_deployment(m.job.executor.work_pool_name)
+        create = DeploymentFlowRunCreate(
+            name=name, parameters=m.params, tags=tags, parent_task_run_id=m.link_id,
+            state=to_state_create(Scheduled()), job_variables=m.job.executor.job_variables_for(m.job.executable),
+            idempotency_key=once)
+    m.flow_run_id = await writes.creations.create(deployment_id, create)
 
 
 async def start_local(client, unit, m: Member) -> None:
@@ -204,7 +214,7 @@ async def cancel_members(client, members: Sequence[Member], reason: str) -> None
                 m.local_task.cancel()
 
 
-async def submit_gang(client, unit, members: Sequence[Member], creations=None) -> list[Any]:
+async def submit_gang(client, unit, members: Sequence[Member], writes: Writes) -> list[Any]:
     """Submits every member not submitted yet, before any is started or watched; returns
     each submission's outcome (None, or the exception it raised).
 
@@ -216,13 +226,13 @@ async def submit_gang(client, unit, members: Sequence[Member], creations=None) -
                 and len({m.job.executor.work_pool_name for m in members}) == 1)
     places = {m.key: gang_tags(str(unit.flow_run_id), i, len(members)) if one_pool else []
               for i, m in enumerate(members)}
-    return await asyncio.gather(*(submit(client, unit, m, places[m.key], creations)
+    return await asyncio.gather(*(submit(client, unit, m, writes, places[m.key])
                                   for m in members if m.flow_run_id is None),
                                 return_exceptions=True)
 
 
 async def watch_gang(client, unit, members: list[Member], outcomes: Sequence[Any], *, reads: SharedReads,
-                     stopped: Callable[[], bool]) -> None:
+                     writes: Writes, stopped: Callable[[], bool]) -> None:
     """Starts the Local members, follows the gang until it ends, and writes the final
     states of the members' links and of the work unit. `outcomes` are submit_gang's;
     `stopped()` tells whether the experiment is being stopped."""
@@ -308,7 +318,7 @@ async def watch_gang(client, unit, members: list[Member], outcomes: Sequence[Any
                 # Proposed, not forced: a stop() that turned the unit Cancelling after this
                 # poll's read must not be overwritten (Prefect refuses Cancelling -> Running),
                 # or the gang would run on to its end.
-                await client.set_flow_run_state(unit.flow_run_id, Running(message="every job is running"))
+                await writes.states.set(unit.flow_run_id, Running(message="every job is running"))
                 running_set = True
             if all(m.state_type == StateType.COMPLETED for m in members):
                 final_type, message = StateType.COMPLETED, f"{len(members)} job(s) completed"
@@ -327,10 +337,12 @@ async def watch_gang(client, unit, members: list[Member], outcomes: Sequence[Any
     reads.forget([m.flow_run_id for m in members] + [unit.flow_run_id])
     # Final states, mirrored on the link task runs.
     for m in members:
-        await store.finish_task_run(client, m.link_id, m.state_type, m.message)
+        if not writes.links.finish(m.link_id, m.state_type, m.message):
+            await store.finish_task_run(client, m.link_id, m.state_type, m.message)
     if final_type == StateType.COMPLETED and not running_set:
-        await client.set_flow_run_state(unit.flow_run_id, Running(), force=True)
+        await writes.states.set(unit.flow_run_id, Running(), force=True)
     state = {StateType.COMPLETED: Completed, StateType.CANCELLED: Cancelled,
              StateType.CRASHED: Crashed}.get(final_type, Failed)(message=message)
-    await client.set_flow_run_state(unit.flow_run_id, state, force=True)
-    await store.finish_task_run(client, unit.link_task_run_id, final_type, message)
+    await writes.states.set(unit.flow_run_id, state, force=True)
+    if not writes.links.finish(unit.link_task_run_id, final_type, message):
+        await store.finish_task_run(client, unit.link_task_run_id, final_type, message)

@@ -130,19 +130,9 @@ async def experiment_runs(client, experiment_id: ExperimentId, kind: str = KIND_
     return await read_runs(client, tags=tags)
 
 
-async def link_task_run(client, parent_flow_run_id: UUID, name: str, key: str, dynamic_key: str):
-    """A task run in the parent flow run standing for a child run (as run_deployment does),
-    so the UI shows the child as a subflow of the parent."""
-    from prefect import Task
-    from prefect.states import Running
-
-    task = Task(name=name, fn=lambda: None)
-    task.task_key = key
-    return await client.create_task_run(task=task, flow_run_id=parent_flow_run_id, dynamic_key=dynamic_key,
-                                        state=Running())
-
-
 async def finish_task_run(client, task_run_id: Optional[UUID], state_type: StateType, message: str = "") -> None:
+    """Ends a link task run through the API: one a launcher re-attached (the links it
+    made itself end as events: task_run_links)."""
     from prefect.states import Cancelled, Completed, Failed
 
     if task_run_id is None:

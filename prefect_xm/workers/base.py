@@ -49,7 +49,7 @@ from prefect.workers.base import (
 )
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
-from prefect_xm.api_client import CoalescedStates, StateSet, absorb_busy_answers, read_once_per_batch
+from prefect_xm.api_client import CoalescedRunReads, CoalescedStates, absorb_busy_answers, read_once_per_batch
 from prefect_xm.gang import gang_place
 from prefect_xm.workers.arrays import (
     GROUPING_DIR,
@@ -558,6 +558,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         self._het_jobs = HetJobGatherer(self, max_wait=_env_float("PREFECT_XM_GANG_GATHER", 60.0))
         #: Pending and Submitting for the runs Prefect submits together, in bulk (see setup)
         self._states: Optional[CoalescedStates] = None
+        self._run_reads: Optional[CoalescedRunReads] = None
 
     # -- lifecycle ------------------------------------------------------------------
     async def setup(self) -> None:
@@ -567,6 +568,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         absorb_busy_answers(self._client)
         read_once_per_batch(self._client)
         self._states = CoalescedStates(self._client)
+        self._run_reads = CoalescedRunReads(self._client)
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise(), name="xm-supervisor")
 
     async def teardown(self, *exc_info: Any) -> None:
@@ -593,12 +595,16 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         """Proposes (or with `force`, sets) a run's state, in one bulk request with the
         runs taking the same state at the same time; answers Prefect's verdict
         (accepted, state_type)."""
-        answer = await self._states.propose(flow_run_id, state, force=force) if self._states else None
-        if answer is not None and not (answer.status == "ABORT" and answer.state_type is None):
-            return answer
-        result = await self.client.set_flow_run_state(flow_run_id, state, force=force)
-        return StateSet(flow_run_id, result.status.value, result.state.type.value if result.state else None,
-                        result.state.name if result.state else None)
+        if self._states is None:
+            self._states = CoalescedStates(self.client)
+        return await self._states.set(flow_run_id, state, force=force)
+
+    async def _read_run(self, flow_run_id: UUID):
+        """A run as the server has it now, read with the runs asked for at the same time
+        (an array's tasks ending in one poll: one request)."""
+        if self._run_reads is None:
+            self._run_reads = CoalescedRunReads(self.client)
+        return await self._run_reads.read(flow_run_id)
 
     # -- Prefect's per-run submission states, sent for a batch at once ------------------
     async def _propose_pending_state(self, flow_run: "FlowRun") -> bool:
@@ -1156,7 +1162,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         started = await self._attempts_started(followed)
         requeues = max(followed.tracked.requeues, started - (status.state == JobState.RUNNING))
         limit = followed.configuration.max_requeues
-        current = (await self.client.read_flow_run(flow_run.id)).state
+        current = (await self._read_run(flow_run.id)).state
         if current is not None and (current.type == StateType.CANCELLING or (
                 current.is_final() and current.type != StateType.CRASHED)) or followed.cancel_requested:
             return  # being cancelled, or ended for good: nothing to take back
@@ -1194,7 +1200,7 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         job = f"{followed.poller.scheduler.name} job {followed.job_id}"
         if "gave_up" in followed.extra:
             return  # Crashed already, past its requeues
-        current = (await self.client.read_flow_run(flow_run.id)).state
+        current = (await self._read_run(flow_run.id)).state
         if current is None:
             return
         if current.type in (StateType.CANCELLING, StateType.CANCELLED) or followed.cancel_requested:
