@@ -5,13 +5,14 @@ Prefect's engine records its tasks this way: the server's task run recorder (a s
 every server: the embedded one, `prefect server start`, the services process of the
 production topology) makes and updates a task run from a ``prefect.task-run.<State>``
 event. ``POST /events`` takes a list, so a sweep's links cost one request per batch, not
-two each (create, finish).
+one each. Once a link's run exists the server itself sets the link to each state the run
+takes (Prefect's UpdateSubflowParentTask); only a link whose run never came is ended here.
 
 Recording is asynchronous and a child flow run's ``parent_task_run_id`` is a foreign key,
-so `create` answers once the server shows the task run (one read per batch). An event is
-a shortcut, never the only write: a link the server has not recorded within
-RECORD_DEADLINE (a recorder turned off, an event it dropped after a busy database) is
-written through the task-run routes, and so is a finish it has not recorded.
+so `create` answers once the server shows the task runs sent with it (a read per batch).
+An event is a shortcut, never the only write: a link the server has not recorded within
+`record_deadline()` (a recorder turned off, an event it dropped after a busy database) is
+written through the task-run routes, and so is an end it has not recorded.
 """
 
 from __future__ import annotations
@@ -94,10 +95,12 @@ def task_run_event(link: Link, state_type: str, state_name: str, message: Option
 
 
 class TaskRunLinks:
-    """Links created and finished through events sent together (see the module docstring).
+    """Links created (and, where no run came to hang from them, finished) through events
+    sent together (see the module docstring).
 
-    `create` answers the new link's id once the server has it; `finish` returns at once
-    (the event goes with the next batch); `drain` waits until every finish is recorded."""
+    `create` answers the new link's id once the server has it and the links sent with it;
+    `finish` returns at once (the event goes with the next batch); `drain` waits until
+    every finish is recorded."""
 
     def __init__(self, client, linger: float = 0.2) -> None:
         self.client = client
@@ -105,8 +108,13 @@ class TaskRunLinks:
         self._links: dict[UUID, Link] = {}
         self._outbox: list[dict[str, Any]] = []
         self._sending: Optional[asyncio.Task] = None
-        #: creations sent and not yet seen recorded, with who waits for them
+        #: creations sent and not yet answered, with who waits for them
         self._unrecorded: dict[UUID, asyncio.Future] = {}
+        #: ...of which the server shows these (answered with the rest of their request)
+        self._seen: set[UUID] = set()
+        #: the creations each request of events carried (and the one being gathered)
+        self._batches: list[list[UUID]] = []
+        self._gathering: list[UUID] = []
         #: finishes sent and not yet seen recorded: the state type each must show
         self._unfinished: dict[UUID, tuple[str, str, Optional[str]]] = {}
         self._checking: Optional[asyncio.Task] = None
@@ -120,13 +128,15 @@ class TaskRunLinks:
         self._links[link.id] = link
         recorded = asyncio.get_running_loop().create_future()
         self._unrecorded[link.id] = recorded
+        self._gathering.append(link.id)
         self._post(link.id, task_run_event(link, "RUNNING", "Running", at=link.start_time))
         await asyncio.shield(recorded)
         return link.id
 
     def finish(self, link_id: Optional[UUID], state_type: StateType, message: str = "") -> bool:
-        """Ends a link made here in the state its run ended in; False for a link this
-        object does not know (one re-attached from the server: store.finish_task_run)."""
+        """Ends a link made here whose run was never created (a run sets its link's states
+        itself, on the server); False for a link this object does not know (one
+        re-attached from the server: store.finish_task_run)."""
         link = self._links.get(link_id) if link_id is not None else None
         if link is None:
             return False
@@ -134,6 +144,11 @@ class TaskRunLinks:
         self._unfinished[link.id] = (type_, name, message or None)
         self._post(link.id, task_run_event(link, type_, name, message or None))
         return True
+
+    def forget(self, link_id: Optional[UUID]) -> None:
+        """The link's run exists and sets its states: nothing more to send for it."""
+        if link_id is not None and link_id not in self._unfinished:
+            self._links.pop(link_id, None)
 
     async def drain(self) -> None:
         """Waits until every finish sent is recorded (or written through the API)."""
@@ -156,6 +171,11 @@ class TaskRunLinks:
     async def _send_soon(self) -> None:
         await asyncio.sleep(self.linger)
         while self._outbox:
+            # The links gathered for a request are answered together, once the server shows
+            # all of them, so the runs that hang from them go together too (one bulk request).
+            if self._gathering:
+                self._batches.append(self._gathering)
+                self._gathering = []
             batch, self._outbox = self._outbox[:EVENTS_PER_REQUEST], self._outbox[EVENTS_PER_REQUEST:]
             try:
                 response = await self.client._client.post("/events", json=batch)
@@ -182,12 +202,25 @@ class TaskRunLinks:
             except Exception as e:
                 log.debug("could not read task runs: %s: %s", type(e).__name__, e)
             late = loop.time() - record_deadline()
-            overdue = [i for i in (*self._unrecorded, *self._unfinished) if self._posted.get(i, 0.0) < late]
+            overdue = [i for i in (*self._unrecorded, *self._unfinished)
+                       if i not in self._seen and self._posted.get(i, 0.0) < late]
             if overdue:
                 await self._write_through_api(overdue)
 
+    def _answer_recorded_batches(self) -> None:
+        """Answers the creations of every request whose links the server all shows."""
+        for batch in [b for b in self._batches if all(i in self._seen or i not in self._unrecorded for i in b)]:
+            self._batches.remove(batch)
+            for link_id in batch:
+                self._seen.discard(link_id)
+                self._posted.pop(link_id, None)
+                waiting = self._unrecorded.pop(link_id, None)
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(None)
+
     async def _read_recorded(self) -> None:
-        ids = list(self._unrecorded) + [i for i in self._unfinished if i not in self._unrecorded]
+        ids = ([i for i in self._unrecorded if i not in self._seen]
+               + [i for i in self._unfinished if i not in self._unrecorded])
         for start in range(0, len(ids), READ_PAGE):
             page = ids[start:start + READ_PAGE]
             response = await self.client._client.post(
@@ -195,14 +228,14 @@ class TaskRunLinks:
             response.raise_for_status()
             for run in response.json():
                 run_id = UUID(run["id"])
-                waiting = self._unrecorded.pop(run_id, None)
-                if waiting is not None and not waiting.done():
-                    waiting.set_result(None)
+                if run_id in self._unrecorded:
+                    self._seen.add(run_id)
                 wanted = self._unfinished.get(run_id)
                 if wanted is not None and run.get("state_type") == wanted[0]:
                     del self._unfinished[run_id]
                     self._links.pop(run_id, None)
                     self._posted.pop(run_id, None)
+        self._answer_recorded_batches()
 
     async def _write_through_api(self, overdue: list[UUID]) -> None:
         """What the recorder did not record in time, written as Prefect's client writes a
@@ -213,7 +246,7 @@ class TaskRunLinks:
         log.warning("the server did not record %d task run link event(s) within %g s (is its task run "
                     "recorder service on?); writing them through the API", len(overdue), record_deadline())
         for link_id in dict.fromkeys(overdue):
-            if link_id not in self._unrecorded:
+            if link_id not in self._unrecorded or link_id in self._seen:
                 continue
             waiting, link = self._unrecorded[link_id], self._links[link_id]
             task = Task(name=link.name, fn=lambda: None)
@@ -221,9 +254,7 @@ class TaskRunLinks:
             try:
                 await self.client.create_task_run(task=task, flow_run_id=link.flow_run_id, id=link.id,
                                                   dynamic_key=link.dynamic_key, state=Running())
-                self._unrecorded.pop(link_id, None)
-                if not waiting.done():
-                    waiting.set_result(None)
+                self._seen.add(link_id)
             except Exception as e:
                 self._unrecorded.pop(link_id, None)
                 if not waiting.done():
@@ -240,3 +271,4 @@ class TaskRunLinks:
             self._unfinished.pop(link_id, None)
             self._links.pop(link_id, None)
             self._posted.pop(link_id, None)
+        self._answer_recorded_batches()

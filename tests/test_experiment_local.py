@@ -632,3 +632,30 @@ def test_add_with_a_list_of_args_adds_a_work_unit_each_checking_them_all_first(a
         wus = experiment.add(job, args=[{"args": {"lr": 0.1}}, {"args": {"lr": 0.2}}])
     assert [wu.work_unit_id for wu in wus] == [1, 2] and all(wu.get_status().is_completed for wu in wus)
     assert sorted(_run(wu.flow_run_id).parameters["args"]["lr"] for wu in wus) == [0.1, 0.2]
+
+
+def test_each_link_task_run_shows_its_runs_end(api):
+    """The UI draws a work unit (a job) as the task run it hangs from: the links are sent
+    as events and take their runs' states from the server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
+
+    from prefect_xm import xm, xm_local
+
+    experiment = xm_local.create_experiment(experiment_title="links")
+    with experiment:
+        [exe] = experiment.package([xm.Packageable(xm.Binary(PY), xm_local.Local.Spec())])
+        experiment.add(xm.Job(exe, xm_local.Local(), args=["-c", "pass"]))
+        experiment.add(xm.Job(exe, xm_local.Local(), args=["-c", "raise SystemExit(3)"]))
+    units = {wid: wu.flow_run_id for wid, wu in experiment.work_units.items()}
+
+    def links(flow_run_id):
+        with get_client(sync_client=True) as c:
+            runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                    task_run_filter=TaskRunFilter())
+        return {r.name: r.state_type.value for r in runs}
+
+    want = {"work-unit-1": "COMPLETED", "work-unit-2": "FAILED"}
+    wait_for(lambda: links(experiment.flow_run_id) == want, 60, what=f"the experiment's links to be {want}")
+    # (each unit's one job: its link is named after the job's key)
+    assert set(links(units[1]).values()) == {"COMPLETED"} and set(links(units[2]).values()) == {"FAILED"}

@@ -579,7 +579,11 @@ class Experiment:
                 # one run per unit however often the request is sent (a retried bulk request)
                 idempotency_key=f"prefect-xm:{self.flow_run_id}:{kind}-{wid}")
             deployment_id = await ensure_in_launcher_deployment(client, xm_work_unit)
-            wu.flow_run_id = await self._writes.creations.create(deployment_id, create)
+            try:
+                wu.flow_run_id = await self._writes.creations.create(deployment_id, create)
+            except BaseException as e:  # (no run will set its link's state: the link says why)
+                self._writes.links.finish(link_id, StateType.FAILED, f"the work unit's run was not created: {e}")
+                raise
             wu.link_task_run_id = link_id
 
         wu._task = asyncio.ensure_future(self._run_work_unit(wu, ms, create))
@@ -839,7 +843,6 @@ class Experiment:
                        f"the others were never submitted")
             await orchestration.cancel_members(client, members, message)
             await client.set_flow_run_state(wu.flow_run_id, Crashed(message=message), force=True)
-            await store.finish_task_run(client, wu.link_task_run_id, StateType.CRASHED, message)
             self._summary.mark_dirty()
             return
         await self._run_work_unit(wu, members)

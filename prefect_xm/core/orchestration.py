@@ -335,14 +335,17 @@ async def watch_gang(client, unit, members: list[Member], outcomes: Sequence[Any
         except Exception:
             pass
     reads.forget([m.flow_run_id for m in members] + [unit.flow_run_id])
-    # Final states, mirrored on the link task runs.
+    # A link takes its run's states from the server (Prefect's UpdateSubflowParentTask
+    # sets a subflow's parent task run to each state the subflow takes); a link whose run
+    # was never created is ended here.
     for m in members:
-        if not writes.links.finish(m.link_id, m.state_type, m.message):
-            await store.finish_task_run(client, m.link_id, m.state_type, m.message)
+        if m.flow_run_id is not None:
+            writes.links.forget(m.link_id)
+        elif not writes.links.finish(m.link_id, final_type, message):
+            await store.finish_task_run(client, m.link_id, final_type, message)
+    writes.links.forget(unit.link_task_run_id)
     if final_type == StateType.COMPLETED and not running_set:
         await writes.states.set(unit.flow_run_id, Running(), force=True)
     state = {StateType.COMPLETED: Completed, StateType.CANCELLED: Cancelled,
              StateType.CRASHED: Crashed}.get(final_type, Failed)(message=message)
     await writes.states.set(unit.flow_run_id, state, force=True)
-    if not writes.links.finish(unit.link_task_run_id, final_type, message):
-        await store.finish_task_run(client, unit.link_task_run_id, final_type, message)

@@ -49,8 +49,8 @@ from prefect.workers.base import (
 )
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
-from prefect_xm.api_client import CoalescedRunReads, CoalescedStates, absorb_busy_answers, read_once_per_batch
 from prefect_xm.gang import gang_place
+from prefect_xm.workers.bulk_calls import BulkPrefectCalls
 from prefect_xm.workers.arrays import (
     GROUPING_DIR,
     ARGV_FILE,
@@ -529,7 +529,7 @@ V = TypeVar("V", bound=BatchVariables)
 
 
 # abc.ABC among the direct bases keeps Prefect from registering this as a worker type.
-class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
+class BatchWorker(BulkPrefectCalls, BaseWorker[C, V, BatchWorkerResult], abc.ABC):
     """Prefect worker for a batch scheduler; subclasses set `type` and `scheduler`."""
 
     scheduler: ClassVar[Scheduler]
@@ -556,19 +556,10 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         self._array_settles: dict[tuple[str, str], asyncio.Task] = {}
         self._arrays = ArraySubmitter(self, max_wait=_env_float("PREFECT_XM_ARRAY_MAX_WAIT", 10.0))
         self._het_jobs = HetJobGatherer(self, max_wait=_env_float("PREFECT_XM_GANG_GATHER", 60.0))
-        #: Pending and Submitting for the runs Prefect submits together, in bulk (see setup)
-        self._states: Optional[CoalescedStates] = None
-        self._run_reads: Optional[CoalescedRunReads] = None
 
     # -- lifecycle ------------------------------------------------------------------
     async def setup(self) -> None:
-        await super().setup()
-        # Prefect's worker crashes a run it is submitting when its client has retried a
-        # busy server's 503 five times; ours waits such answers out (api_client).
-        absorb_busy_answers(self._client)
-        read_once_per_batch(self._client)
-        self._states = CoalescedStates(self._client)
-        self._run_reads = CoalescedRunReads(self._client)
+        await super().setup()  # (BulkPrefectCalls wraps the client)
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise(), name="xm-supervisor")
 
     async def teardown(self, *exc_info: Any) -> None:
@@ -590,56 +581,6 @@ class BatchWorker(BaseWorker[C, V, BatchWorkerResult], abc.ABC):
         scheduler = followed.poller.scheduler
         array = scheduler.array_of(followed.job_id)
         return f"{scheduler.name} array {array} task" if array else f"{scheduler.name} job {followed.job_id}"
-
-    async def _set_state(self, flow_run_id: UUID, state, force: bool = False):
-        """Proposes (or with `force`, sets) a run's state, in one bulk request with the
-        runs taking the same state at the same time; answers Prefect's verdict
-        (accepted, state_type)."""
-        if self._states is None:
-            self._states = CoalescedStates(self.client)
-        return await self._states.set(flow_run_id, state, force=force)
-
-    async def _read_run(self, flow_run_id: UUID):
-        """A run as the server has it now, read with the runs asked for at the same time
-        (an array's tasks ending in one poll: one request)."""
-        if self._run_reads is None:
-            self._run_reads = CoalescedRunReads(self.client)
-        return await self._run_reads.read(flow_run_id)
-
-    # -- Prefect's per-run submission states, sent for a batch at once ------------------
-    async def _propose_pending_state(self, flow_run: "FlowRun") -> bool:
-        """Prefect proposes Pending to each run it submits, a request each; the runs it
-        picked up together (a sweep's) go in one request here, each still orchestrated
-        (a run another worker took, or one cancelled meanwhile, is refused as before)."""
-        from prefect.states import Pending
-
-        try:
-            answer = await self._states.propose(flow_run.id, Pending()) if self._states else None
-        except Exception as e:
-            self.get_flow_run_logger(flow_run).warning(
-                f"bulk Pending failed ({type(e).__name__}: {e}); proposing it for this run alone")
-            answer = None
-        if answer is None or answer.status == "WAIT":  # (WAIT: Prefect's own method waits as asked)
-            return await super()._propose_pending_state(flow_run)
-        if answer.accepted and answer.state_type == StateType.PENDING.value:
-            return True
-        self.get_flow_run_logger(flow_run).info(
-            f"Aborted submission of flow run '{flow_run.id}': the server answered {answer.status} "
-            f"with its state {answer.state_type!r}" + (f" ({answer.reason})" if answer.reason else ""))
-        return False
-
-    async def _propose_submitting_state(self, flow_run: "FlowRun") -> None:
-        """Prefect's Submitting, for a batch at once (as Prefect, a failure is only logged)."""
-        from prefect.states import Pending
-
-        try:
-            if self._states is not None:
-                await self._states.propose(flow_run.id, Pending(name="Submitting"))
-                return
-        except Exception as e:
-            self._logger.debug(f"Failed to update flow run '{flow_run.id}' to Submitting state: {e}")
-            return
-        await super()._propose_submitting_state(flow_run)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
