@@ -296,3 +296,30 @@ def _drop_postgres_database(name: str) -> None:
 # of a cluster do. loadscope keeps a module's tests, and a class's, on one process: each
 # BatchWorkerSuite class shares its pool, worker and scheduler scenarios, and modules
 # share their module-scoped fixtures (a pool, a browser, one `prefect deploy --all`).
+
+
+class RequestLog:
+    """The requests a Prefect client sends, as "METHOD /api/route" in `seen`. `answer`
+    (request -> response or None) answers a request in the server's place: a request the
+    server lost."""
+
+    def __init__(self, client, answer=None) -> None:
+        self.seen: list[str] = []
+        inner = client._client._transport
+
+        async def handle(request, inner=inner):
+            self.seen.append(f"{request.method} {request.url.path}")
+            response = answer(request) if answer is not None else None
+            return response if response is not None else await inner.handle_async_request(request)
+
+        class T:
+            handle_async_request = staticmethod(handle)
+
+            async def aclose(self):
+                await inner.aclose()
+
+            async def __aexit__(self, *exc):
+                await inner.__aexit__(*exc)
+
+        client._client._transport = T()
+

@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+from conftest import RequestLog
 from prefect_xm import api_client
 
 pytestmark = pytest.mark.e2e
@@ -38,27 +39,11 @@ async def _deployment(client, pool_type: str = "process") -> uuid.UUID:
     return await client.create_deployment(flow_id=flow_id, name="d", work_pool_name=pool, entrypoint="x.py:noop")
 
 
-class _Counting:
-    """Counts the requests a client sends, by method and route."""
-
-    def __init__(self, client) -> None:
-        self.seen: list[str] = []
-        inner = client._client._transport
-
-        async def handle(request, inner=inner):
-            self.seen.append(f"{request.method} {request.url.path}")
-            return await inner.handle_async_request(request)
-
-        class T:
-            handle_async_request = staticmethod(handle)
-
-            async def aclose(self):
-                await inner.aclose()
-
-            async def __aexit__(self, *exc):
-                await inner.__aexit__(*exc)
-
-        client._client._transport = T()
+async def _runs(client, prefix: str, n: int) -> list[uuid.UUID]:
+    """n Scheduled runs named <prefix>-<i> of a deployment on a pool of their own."""
+    created = await api_client.create_flow_runs_from_deployment(
+        client, await _deployment(client), [{"name": f"{prefix}-{i}"} for i in range(n)])
+    return [c.flow_run_id for c in created]
 
 
 def test_a_sweep_of_250_runs_is_three_requests_and_each_run_is_answered(api):
@@ -69,7 +54,7 @@ def test_a_sweep_of_250_runs_is_three_requests_and_each_run_is_answered(api):
     async def go():
         async with get_client() as client:
             deployment_id = await _deployment(client)
-            counting = _Counting(client)
+            counting = RequestLog(client)
             runs = [DeploymentFlowRunCreate(name=f"trial-{i}", parameters={}, tags=["xm", f"t{i}"],
                                             state=to_state_create(Scheduled()), idempotency_key=f"k-{i}")
                     for i in range(250)]
@@ -121,7 +106,7 @@ def test_coalesced_creations_go_in_bulk_and_each_caller_gets_its_run(api):
     async def go():
         async with get_client() as client:
             deployment_id = await _deployment(client)
-            counting = _Counting(client)
+            counting = RequestLog(client)
             creations = api_client.CoalescedCreations(client)
             ids = await asyncio.gather(*(creations.create(deployment_id, DeploymentFlowRunCreate(name=f"c-{i}"))
                                          for i in range(130)))
@@ -140,13 +125,10 @@ def test_bulk_states_are_orchestrated_per_run(api):
 
     async def go():
         async with get_client() as client:
-            deployment_id = await _deployment(client)
-            created = await api_client.create_flow_runs_from_deployment(
-                client, deployment_id, [{"name": f"s-{i}"} for i in range(60)])
-            ids = [c.flow_run_id for c in created]
+            ids = await _runs(client, "s", 60)
             # one of them is cancelled already: Prefect refuses Pending for it
             await client.set_flow_run_state(ids[0], Cancelled(), force=True)
-            counting = _Counting(client)
+            counting = RequestLog(client)
             answers = await api_client.set_flow_run_states(client, ids, Pending())
             requests = list(counting.seen)
             running = await api_client.set_flow_run_states(client, ids[1:3], Running(message="started"))
@@ -170,7 +152,7 @@ def test_a_batch_reads_its_deployment_and_flow_once_and_each_caller_gets_its_own
         async with get_client() as client:
             deployment_id = await _deployment(client)
             api_client.read_once_per_batch(client, seconds=60)
-            counting = _Counting(client)
+            counting = RequestLog(client)
             deployments = await asyncio.gather(*(client.read_deployment(deployment_id) for _ in range(20)))
             deployments[0].job_variables["env"] = {"MINE": "1"}  # as Prefect's worker merges a run's env
             later = await client.read_deployment(deployment_id)
@@ -189,12 +171,9 @@ def test_coalesced_states_go_in_bulk_and_each_run_gets_its_own_answer(api):
 
     async def go():
         async with get_client() as client:
-            deployment_id = await _deployment(client)
-            created = await api_client.create_flow_runs_from_deployment(
-                client, deployment_id, [{"name": f"p-{i}"} for i in range(70)])
-            ids = [c.flow_run_id for c in created]
+            ids = await _runs(client, "p", 70)
             await client.set_flow_run_state(ids[3], Cancelled(), force=True)
-            counting = _Counting(client)
+            counting = RequestLog(client)
             states = api_client.CoalescedStates(client)
             answers = await asyncio.gather(*(states.propose(i, Pending()) for i in ids))
             return ids, answers, counting.seen
@@ -212,11 +191,8 @@ def test_coalesced_run_reads_go_200_to_a_request_and_a_run_that_is_gone_raises_a
 
     async def go():
         async with get_client() as client:
-            deployment_id = await _deployment(client)
-            created = await api_client.create_flow_runs_from_deployment(
-                client, deployment_id, [{"name": f"r-{i}"} for i in range(250)])
-            ids = [c.flow_run_id for c in created]
-            counting = _Counting(client)
+            ids = await _runs(client, "r", 250)
+            counting = RequestLog(client)
             reads = api_client.CoalescedRunReads(client)
             runs = await asyncio.gather(*(reads.read(i) for i in ids), reads.read(ids[5]))
             with pytest.raises(ObjectNotFound):

@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+from conftest import RequestLog
 from prefect_xm.task_run_links import TaskRunLinks
 
 pytestmark = pytest.mark.e2e
@@ -23,36 +24,17 @@ def api(prefect_server):
     return prefect_server
 
 
-class _Routes:
-    """The requests a client sends, by method and route; `drop_events` answers POST
-    /events as the server would (204) without sending it: an event the server lost."""
+def _routes(log: RequestLog) -> list[str]:
+    return [r.replace(" /api/", " /").rstrip("/") for r in log.seen]
 
-    def __init__(self, client, drop_events: bool = False) -> None:
-        import httpx
 
-        self.seen: list[str] = []
-        inner = client._client._transport
+def _dropping_events(request):
+    """A POST /events the server answers (204) and loses."""
+    import httpx
 
-        async def handle(request, inner=inner):
-            route = f"{request.method} {request.url.path.split('/api', 1)[-1].rstrip('/')}"
-            self.seen.append(route)
-            if drop_events and route == "POST /events":
-                return httpx.Response(204, request=request)
-            return await inner.handle_async_request(request)
-
-        class T:
-            handle_async_request = staticmethod(handle)
-
-            async def aclose(self):
-                await inner.aclose()
-
-            async def __aexit__(self, *exc):
-                await inner.__aexit__(*exc)
-
-        client._client._transport = T()
-
-    def count(self, route: str) -> int:
-        return sum(1 for r in self.seen if r == route)
+    if request.method == "POST" and request.url.path.rstrip("/").endswith("/api/events"):
+        return httpx.Response(204, request=request)
+    return None
 
 
 async def _parent(client):
@@ -87,18 +69,18 @@ def test_a_sweeps_links_are_recorded_from_a_request_of_events_and_children_can_p
     async def go():
         async with get_client() as client:
             parent = await _parent(client)
-            routes = _Routes(client)
+            log = RequestLog(client)
             links = TaskRunLinks(client)
             ids = await asyncio.gather(*(links.create(parent, f"work-unit-{i}", "xm.work_unit", str(i))
                                          for i in range(120)))
-            created_requests = list(routes.seen)
+            created_requests = _routes(log)
             # (a foreign key: the child is refused unless its link is in the database)
             child_run = await client.create_flow_run(child, name="child", parent_task_run_id=ids[7], state=Pending())
             ends = [StateType.COMPLETED] * 100 + [StateType.FAILED] * 10 + [StateType.CANCELLED] * 10
             assert all(links.finish(i, end, f"unit {n} ended") for n, (i, end) in enumerate(zip(ids, ends)))
             assert not links.finish(uuid.uuid4(), StateType.COMPLETED)  # not made here: the caller's
             await links.drain()
-            return parent, ids, ends, created_requests, list(routes.seen), child_run, await _task_runs(client, ids)
+            return parent, ids, ends, created_requests, _routes(log), child_run, await _task_runs(client, ids)
 
     parent, ids, ends, created_requests, requests, child_run, runs = asyncio.run(go())
     assert len(set(ids)) == 120
@@ -128,13 +110,13 @@ def test_links_the_server_did_not_record_are_written_through_the_api(api, monkey
     async def go():
         async with get_client() as client:
             parent = await _parent(client)
-            routes = _Routes(client, drop_events=True)
+            log = RequestLog(client, answer=_dropping_events)
             links = TaskRunLinks(client)
             ids = await asyncio.gather(*(links.create(parent, f"job-{k}", "xm.job", k) for k in "abc"))
             links.finish(ids[0], StateType.COMPLETED, "done")
             links.finish(ids[1], StateType.CRASHED, "its launcher died")
             await links.drain()
-            return parent, ids, list(routes.seen), await _task_runs(client, ids)
+            return parent, ids, _routes(log), await _task_runs(client, ids)
 
     with caplog.at_level(logging.WARNING, logger="prefect_xm"):
         parent, ids, requests, runs = asyncio.run(go())
