@@ -67,3 +67,17 @@ def test_the_bulk_limits_prefect_xm_assumes():
 
     assert deployments.BULK_CREATE_LIMIT >= api_client.CREATE_BULK_LIMIT
     assert flow_runs.BULK_OPERATION_LIMIT >= api_client.SET_STATE_BULK_LIMIT
+
+
+def test_the_ui_route_the_launcher_polls_states_with_is_served_and_answers_state_types():
+    """core/store.read_state_types polls watched runs' state types through the UI's
+    history route (columns, not whole runs); it falls back to whole runs on a 404."""
+    from prefect.server.api.ui import flow_runs
+
+    paths = {(m, r.path) for r in flow_runs.router.routes for m in getattr(r, "methods", ())}
+    assert ("POST", "/ui/flow_runs/history") in paths, paths
+    fields = flow_runs.SimpleFlowRun.model_fields
+    assert {"id", "state_type"} <= set(fields), fields
+    from prefect.server.schemas.sorting import FlowRunSort
+
+    assert "ID_DESC" in FlowRunSort.__members__

@@ -82,7 +82,8 @@ class Writes:
 
 class SharedReads:
     """The runs the work units watched by this launcher wait on, read by one request per
-    poll for all of them (not one per work unit)."""
+    poll for all of them (not one per work unit): their state types, and the runs whose
+    type changed."""
 
     def __init__(self) -> None:
         self._watched: set[UUID] = set()
@@ -111,9 +112,21 @@ class SharedReads:
         await asyncio.sleep(max(0.0, self._next_read - loop.time()))
         started = loop.time()
         watched = set(self._watched)
-        runs = await store.read_runs(await store.client(), tags=[], ids=list(watched))
-        self._snapshot = (started, watched, {r.id: r for r in runs})
-        pages = -(-len(watched) // store.READ_PAGE)
+        client = await store.client()
+        before = self._snapshot[2] if self._snapshot is not None else {}
+        # The watched runs' state types first (cheap); the whole run only for those whose
+        # type changed since the last read (a message is read with the state it belongs to).
+        types = await store.read_state_types(client, list(watched))
+        if types is None:
+            runs = {r.id: r for r in await store.read_runs(client, tags=[], ids=list(watched))}
+            pages = -(-len(watched) // store.READ_PAGE)
+        else:
+            changed = [i for i, t in types.items() if i not in before or store.state_type(before[i]) != t]
+            runs = {i: before[i] for i in types if i in before}
+            if changed:
+                runs.update((r.id, r) for r in await store.read_runs(client, tags=[], ids=changed))
+            pages = -(-len(watched) // store.STATE_PAGE) + -(-len(changed) // store.READ_PAGE)
+        self._snapshot = (started, watched, runs)
         self._next_read = started + (POLL_SECONDS / 2 * pages if pages > 2 else 0.0)
 
 
