@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
 
 import pytest
+from prefect.client.schemas.objects import StateType
 
-from batch_suite import BatchWorkerSuite, RequeueScenario, SchedulerHarness
-from conftest import cluster_is_up
+from batch_suite import BatchWorkerSuite, RequeueScenario, SchedulerHarness, job_id_of, logs_of, state_history, trial, wait_state
+from conftest import cluster_is_up, wait_for
+from e2e import run, start_runs_together
 from prefect_xm.workers.slurm import SlurmScheduler
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
@@ -42,4 +45,26 @@ SLURM = SchedulerHarness(
 
 class TestSlurmWorker(BatchWorkerSuite, RequeueScenario):
     harness = SLURM
+
+    def test_a_run_cancelled_while_its_job_waits_stays_cancelled_when_the_job_runs(self, env):
+        """The launcher ends a gang member it still sees Scheduled by setting Cancelled (no
+        worker is told). Should its job have been queued meanwhile and start, the worker
+        must not bring the run back: Prefect lets a Cancelled run take Running."""
+        from prefect.client.orchestration import get_client
+        from prefect.states import Cancelled
+
+        program = ["sh", "-c", "echo started; sleep 12; echo over"]
+        [r] = run(start_runs_together(env.deployments["job"], [trial(program)],
+                                      {**env.job_variables, **SLURM.hold_variables}))
+        fr = wait_state(r.id, StateType.PENDING, name="InfrastructurePending", timeout=240)
+        job = job_id_of(fr)
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(fr.id, Cancelled(message="cancelled by the launcher"), force=True)
+        subprocess.run(["scontrol", "release", job], check=True)
+        # its whole output shipped: the worker has followed the job to its end
+        wait_for(lambda: "over" in logs_of(fr.id), 180, what=f"job {job}'s output in the run's logs")
+        history = state_history(fr.id)
+        after = history.split("cancelled by the launcher", 1)[1]
+        assert "RUNNING" not in after and "COMPLETED" not in after, history
+        assert wait_state(fr.id, StateType.CANCELLED, timeout=5).state.message == "cancelled by the launcher", history
 

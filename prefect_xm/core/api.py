@@ -608,8 +608,8 @@ class Experiment:
         client = await store.client()
         if self._writes is None:
             self._writes = orchestration.Writes.to(client)
-        # The slots bound the one-at-a-time creations (the unit's run and the links); the
-        # job runs on pools wait outside them, so a sweep's gather into bulk requests.
+        # The slots bound how many units are being created at once (their links and run,
+        # their jobs' links); their job runs wait outside them, gathering into bulk requests.
         async with self._creation_slots():
             if create is not None:
                 try:

@@ -1210,15 +1210,15 @@ class BatchWorker(BulkPrefectCalls, BaseWorker[C, V, BatchWorkerResult], abc.ABC
 
     async def _mark_running(self, flow_run: "FlowRun", followed: FollowedRun, message: str, current=None) -> None:
         """Running, once, for a run still Pending (a direct job has no engine to say so).
-        Proposed, not forced, unless `current` (just read) says it is Pending: Prefect
-        refuses Running to a run that is Cancelling or final, so no read is needed first."""
+        Read first (with the runs starting at the same time: one request), never only
+        proposed: Prefect lets a Cancelled, Failed or Crashed run take Running, and a run
+        the launcher cancelled before its job started must stay Cancelled."""
         if followed.marked_running:
             return
-        if current is not None:
-            if current.type == StateType.PENDING:
-                await self._set_state(flow_run.id, Running(message=message), force=True)
-        else:
-            await self._set_state(flow_run.id, Running(message=message))
+        if current is None:
+            current = (await self._read_run(flow_run.id)).state
+        if current is not None and current.type == StateType.PENDING:
+            await self._set_state(flow_run.id, Running(message=message), force=True)
         followed.marked_running = True
 
     async def _stderr_tail(self, followed: FollowedRun, lines: int = 20) -> str:
