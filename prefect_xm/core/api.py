@@ -257,10 +257,10 @@ class WorkUnit(UnitNames):
                     "script driving it can mark how it ends; stop() without it cancels it from here")
             self.stop_mark = (mark, reason)
         client = await store.client()
-        run_id = await self._run_id()
-        run = await client.read_flow_run(run_id)
-        if store.state_type(run) not in store.FINAL:
-            await client.set_flow_run_state(run_id, Cancelling(message=reason), force=True)
+        # Proposed, not forced, and no read first: Prefect refuses Cancelling to a run that
+        # has ended, so a unit whose own end lands meanwhile keeps it (a read, then a forced
+        # Cancelling, overwrote an end that came between the two).
+        await client.set_flow_run_state(await self._run_id(), Cancelling(message=reason))
 
     def stop(self, *, mark_as_failed: bool = False, mark_as_completed: bool = False,
              message: Optional[str] = None) -> Any:
@@ -693,7 +693,8 @@ class Experiment:
         wus += await store.experiment_runs(client, self.experiment_id, store.KIND_AUXILIARY_UNIT)
         for r in wus:
             if store.state_type(r) not in store.FINAL:
-                await client.set_flow_run_state(r.id, Cancelling(message=reason), force=True)
+                # (proposed: a unit whose own end lands after this read keeps it)
+                await client.set_flow_run_state(r.id, Cancelling(message=reason))
         # Work units driven by another (or no) process: cancel their jobs directly.
         jobs = await store.experiment_runs(client, self.experiment_id, store.KIND_JOB)
         for r in jobs:
