@@ -51,6 +51,9 @@ class Transport(Protocol):
 #: commands run at once on one SSH connection (sshd's MaxSessions is 10 by default,
 #: and the shared SFTP session takes one)
 COMMANDS_AT_ONCE = 8
+#: tries to open a command's channel: sshd frees a session a moment after its command
+#: exits, so a busy login node can refuse one while our count says a slot is free
+CHANNEL_OPEN_ATTEMPTS = 5
 
 #: Names of the worker's own credentials (its Prefect API key, cloud tokens...). Scheduler
 #: commands run without them: qsub -V, HTCondor's getenv and bsub copy the submitting
@@ -379,7 +382,7 @@ class SSHTransport:
             command = "sh -c " + shlex.quote('set -a; . "$0"; set +a; rm -f "$0"; exec "$@"') + " " + shlex.join([env_file, *argv])
         else:
             command = shlex.join(argv)
-        for attempt in (1, 2):
+        for attempt in range(1, CHANNEL_OPEN_ATTEMPTS + 1):
             conn = await self._connection()
             try:
                 async with self._command_slots:
@@ -403,10 +406,10 @@ class SSHTransport:
             except (asyncssh.ConnectionLost, asyncssh.DisconnectError, asyncssh.ChannelOpenError, OSError) as exc:
                 # a closed connection is replaced (with its jump host connection) by the
                 # next _connection(); one still open is kept for the other commands on it
-                if attempt == 1 and isinstance(exc, asyncssh.ChannelOpenError):
+                if attempt < CHANNEL_OPEN_ATTEMPTS and isinstance(exc, asyncssh.ChannelOpenError):
                     if not self._is_closed(conn):
-                        await asyncio.sleep(1)  # e.g. the server's MaxSessions: wait for a free one
-                    continue  # the channel never opened: the command did not run; retry once
+                        await asyncio.sleep(attempt)  # e.g. the server's MaxSessions: wait for a free one
+                    continue  # the channel never opened: the command did not run; try again
                 raise TransientSchedulerError(
                     f"SSH connection to {self.connection.describe()} lost during {argv[0]}: {exc}"
                 ) from None
