@@ -305,6 +305,17 @@ async def test_a_refusal_of_the_file_system_is_not_retried(sshd, tmp_path):
     await t.close()
 
 
+async def test_the_first_command_is_not_held_to_the_file_operations_timeout(sshd):
+    """The first command on a connection probes the login node for timeout(1); the probe
+    belongs to that command and runs within its timeout, not within command_timeout (the
+    bound on file operations), which a slow login shell start can exceed."""
+    t = transport(sshd)
+    t.command_timeout = 0.001  # below any round trip: a probe held to it always fails
+    assert (await t.run(["echo", "first"], timeout=60)).stdout == "first\n"
+    assert t._login_node_has_timeout is True
+    await t.close()
+
+
 async def test_a_peer_that_stopped_answering_does_not_hang_files_or_commands(sshd, tmp_path):
     """Keepalives off, the login node's sshd frozen (SIGSTOP: the TCP connection stays up,
     nothing answers): every operation ends after the transport's command timeout."""

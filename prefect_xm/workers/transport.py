@@ -384,12 +384,17 @@ class SSHTransport:
             command = shlex.join(argv)
         for attempt in range(1, CHANNEL_OPEN_ATTEMPTS + 1):
             conn = await self._connection()
+            waiting_for = argv[0]  # what a timeout names
             try:
                 async with self._command_slots:
                     if self._login_node_has_timeout is None:
-                        probe = await asyncio.wait_for(
-                            conn.run("command -v timeout", check=False), self.command_timeout)
+                        # Within the command's own timeout: the first command on a login
+                        # node whose shell start is slow (a loaded node, a heavy ~/.bashrc)
+                        # must not fail on the probe's account.
+                        waiting_for = f"the probe for timeout(1) before {argv[0]}"
+                        probe = await asyncio.wait_for(conn.run("command -v timeout", check=False), timeout)
                         self._login_node_has_timeout = probe.exit_status == 0
+                        waiting_for = argv[0]
                     bounded = command
                     if self._login_node_has_timeout:
                         # Bounded on the login node too, a second after we give up: sshd frees
@@ -399,9 +404,9 @@ class SSHTransport:
                     completed = await asyncio.wait_for(_run_to_exit(conn, bounded, stdin), timeout)
             except asyncio.TimeoutError as exc:
                 if getattr(exc, "errno", None) is None:  # ours, not a TCP ETIMEDOUT
-                    raise TransientSchedulerError(f"{argv[0]} did not answer within {timeout:g} s (over SSH)") from None
+                    raise TransientSchedulerError(f"{waiting_for} did not answer within {timeout:g} s (over SSH)") from None
                 raise TransientSchedulerError(
-                    f"SSH connection to {self.connection.describe()} lost during {argv[0]}: {exc}"
+                    f"SSH connection to {self.connection.describe()} lost during {waiting_for}: {exc}"
                 ) from None
             except (asyncssh.ConnectionLost, asyncssh.DisconnectError, asyncssh.ChannelOpenError, OSError) as exc:
                 # a closed connection is replaced (with its jump host connection) by the
