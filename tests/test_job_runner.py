@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -99,3 +100,33 @@ def test_base_image_without_a_runtime_runs_on_the_host(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     argv, _ = build_argv({"kind": "module", "module": "m", "image": "docker://pytorch"}, ["--x=1"])
     assert argv == [sys.executable, "-m", "m", "--x=1"]
+
+
+async def test_a_jobs_output_reaches_the_logs_when_it_ends_while_a_batch_is_posted(monkeypatch):
+    """A Local job's output is posted in batches; when the program ends while a batch is
+    on its way (a slow server), that batch still arrives, before the final lines."""
+    import asyncio
+
+    from prefect_xm.flows import job_runner
+
+    monkeypatch.setattr(job_runner, "LOG_FLUSH_SECONDS", 0.01)
+    posted: list[list[str]] = []
+    sending = asyncio.Event()
+    release = asyncio.Event()
+
+    class SlowServer:
+        async def create_logs(self, batch):
+            sending.set()
+            await release.wait()
+            posted.append([log.message for log in batch])
+
+    logs = job_runner._RunLogShipper(SlowServer(), uuid.uuid4())
+    logs.emit("line 1")
+    logs.emit("line 2")
+    await asyncio.wait_for(sending.wait(), 10)  # the first batch is on its way
+    logs.emit("exited with code 0")
+    closing = asyncio.ensure_future(logs.close())
+    await asyncio.sleep(0.05)
+    release.set()
+    await asyncio.wait_for(closing, 10)
+    assert posted == [["line 1", "line 2"], ["exited with code 0"]]

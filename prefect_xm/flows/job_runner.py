@@ -244,6 +244,7 @@ class _RunLogShipper:
         self.flow_run_id = flow_run_id
         self.pending: list = []
         self._flusher: Optional[asyncio.Task] = None
+        self._closing = asyncio.Event()
 
     def emit(self, message: str, level: int = 20) -> None:
         import datetime
@@ -257,7 +258,10 @@ class _RunLogShipper:
             self._flusher = asyncio.ensure_future(self._flush_later())
 
     async def _flush_later(self) -> None:
-        await asyncio.sleep(LOG_FLUSH_SECONDS)
+        try:  # (woken early by close)
+            await asyncio.wait_for(self._closing.wait(), LOG_FLUSH_SECONDS)
+        except asyncio.TimeoutError:
+            pass
         await self.flush()
 
     async def flush(self) -> None:
@@ -270,8 +274,11 @@ class _RunLogShipper:
                       file=sys.stderr)
 
     async def close(self) -> None:
-        if self._flusher is not None and not self._flusher.done():
-            self._flusher.cancel()
+        """Everything emitted, posted, in order. The flusher is woken and waited for,
+        never cancelled: cancelled while it posts, its batch would be lost."""
+        self._closing.set()
+        if self._flusher is not None:
+            await self._flusher
         await self.flush()
 
 
