@@ -20,7 +20,7 @@ from prefect_xm.workers.arrays import (
     argv_file,
     task_env,
 )
-from prefect_xm.workers.base import environment_file
+from prefect_xm.workers.run_directory import environment_file
 from prefect_xm.workers.scheduler import SchedulerError, SubmitRequest
 from prefect_xm.workers.sge import SgeScheduler
 from prefect_xm.workers.slurm import SlurmScheduler

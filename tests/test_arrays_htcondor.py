@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from prefect_xm.workers.arrays import TASK_EXEC, argv_file, task_env
-from prefect_xm.workers.base import environment_file
+from prefect_xm.workers.run_directory import environment_file
 from prefect_xm.workers.htcondor import (
     HTCondorJobConfiguration,
     HTCondorScheduler,

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import REPO, wait_for
 from prefect_xm.workers.arrays import TASK_EXEC, argv_file, array_name, task_env
-from prefect_xm.workers.base import environment_file
+from prefect_xm.workers.run_directory import environment_file
 from prefect_xm.workers.lsf import LsfScheduler, compact_ids, element_id, parse_bkill
 from prefect_xm.workers.scheduler import CommandResult, JobState, SchedulerError, SubmitRequest
 from prefect_xm.workers.transport import LocalTransport

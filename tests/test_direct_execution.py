@@ -16,7 +16,8 @@ import pytest
 
 from conftest import cluster_is_up, require_service, wait_for
 from prefect_xm.flows.job_runner import build_argv
-from prefect_xm.workers.base import DirectOutput, SubmissionError, direct_program
+from prefect_xm.workers.direct import DirectOutput, direct_program
+from prefect_xm.workers.scheduler import SubmissionError
 from prefect_xm.workers.scheduler import JobState, JobStatus, Scheduler
 from prefect_xm.workers.transport import LocalTransport
 
@@ -89,9 +90,9 @@ def test_output_is_shipped_in_whole_lines_and_the_rest_at_the_end(tmp_path):
 def test_a_successor_skips_the_lines_already_in_the_logs(tmp_path, monkeypatch, chunk):
     """A worker following a job its predecessor was shipping starts after the lines the
     run's logs hold, whatever the read size (a line may straddle reads)."""
-    import prefect_xm.workers.base as base
+    import prefect_xm.workers.direct as direct
 
-    monkeypatch.setattr(base, "LOG_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(direct, "LOG_CHUNK_BYTES", chunk)
     lines: list[str] = []
     worker = SimpleNamespace(run_directory=lambda configuration, run_id: _value(str(tmp_path)))
     followed = SimpleNamespace(configuration=None, flow_run_id=None, transport=LocalTransport())

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from prefect_xm.workers.base import ScriptTemplateError, environment_file
+from prefect_xm.workers.base import ScriptTemplateError
+from prefect_xm.workers.run_directory import environment_file
 from prefect_xm.workers.sge import SgeJobConfiguration, SgeWorker
 from prefect_xm.workers.transport import LocalTransport, command_environment
 

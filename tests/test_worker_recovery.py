@@ -62,7 +62,7 @@ async def test_reads_of_the_pools_runs_go_past_the_apis_page(prefect_server, mon
     cancel watch of a 1,000-task sweep must see them all, not the first page."""
     from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
 
-    from prefect_xm.workers import base
+    from prefect_xm.workers import bulk_calls
 
     async with get_client() as client:
         pool = await client.create_work_pool(WorkPoolCreate(
@@ -73,7 +73,7 @@ async def test_reads_of_the_pools_runs_go_past_the_apis_page(prefect_server, mon
         created = {(await client.create_flow_run_from_deployment(deployment_id)).id for _ in range(5)}
         worker = SlurmWorker(work_pool_name=pool.name)
         worker._client = client
-        monkeypatch.setattr(base, "API_PAGE", 2)
+        monkeypatch.setattr(bulk_calls, "API_PAGE", 2)
         runs = await worker._read_all_flow_runs(
             work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool.name])))
         assert {r.id for r in runs} == created and len(runs) == 5

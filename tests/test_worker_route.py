@@ -11,7 +11,7 @@ from typing import ClassVar
 import pytest
 from prefect.exceptions import InfrastructureNotAvailable
 
-from prefect_xm.workers.base import BatchJobConfiguration
+from prefect_xm.workers.configuration import BatchJobConfiguration
 from prefect_xm.workers.pbs import DIALECTS, PbsJobConfiguration, PbsWorker, TorqueScheduler
 from prefect_xm.workers.scheduler import CommandResult, JobState
 from prefect_xm.workers.slurm import SlurmJobConfiguration, SlurmScheduler, SlurmWorker

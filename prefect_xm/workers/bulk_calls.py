@@ -9,7 +9,7 @@ checked by name in tests/test_prefect_contract.py.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 from uuid import UUID
 
 from prefect.client.schemas.objects import StateType
@@ -18,6 +18,10 @@ from prefect_xm.api_client import CoalescedRunReads, CoalescedStates, absorb_bus
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
+
+
+#: flow runs per read (the server's default page, PREFECT_API_DEFAULT_LIMIT)
+API_PAGE = 200
 
 
 class BulkPrefectCalls:
@@ -84,3 +88,18 @@ class BulkPrefectCalls:
             self._logger.debug(f"Failed to update flow run '{flow_run.id}' to Submitting state: {e}")
             return
         await super()._propose_submitting_state(flow_run)
+
+    async def _read_all_flow_runs(self, **filters: Any) -> list["FlowRun"]:
+        """Every run the filters match: the API answers at most a page per request (200
+        by default), and a 1,000-task sweep is more than a page."""
+        from prefect.client.schemas.sorting import FlowRunSort
+
+        runs: dict[UUID, "FlowRun"] = {}
+        offset = 0
+        while True:
+            page = await self.client.read_flow_runs(**filters, sort=FlowRunSort.ID_DESC,
+                                                    limit=API_PAGE, offset=offset)
+            runs.update((r.id, r) for r in page)  # (a run moved between pages is read once)
+            if len(page) < API_PAGE:
+                return list(runs.values())
+            offset += API_PAGE

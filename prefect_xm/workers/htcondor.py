@@ -73,8 +73,9 @@ from prefect_xm.workers.requirements import (
     whole_cpus,
     with_unit,
 )
-from prefect_xm.workers.base import (
-    AtLeastOne, BatchJobConfiguration, BatchVariables, BatchWorker, ZeroOrMore, check_format,
+from prefect_xm.workers.base import BatchWorker
+from prefect_xm.workers.configuration import (
+    AtLeastOne, BatchJobConfiguration, BatchVariables, ZeroOrMore, check_format,
 )
 from prefect_xm.workers.scheduler import (
     CommandResult,

@@ -74,6 +74,10 @@ class SchedulerError(RuntimeError):
         self.result = result
 
 
+class SubmissionError(RuntimeError):
+    """The scheduler refused the job; the message is its stderr, verbatim."""
+
+
 class TransientSchedulerError(SchedulerError):
     """The controller is unreachable or slow; retry later, assume nothing."""
 

@@ -15,8 +15,9 @@ from pydantic import Field, field_validator
 
 from prefect_xm.core.resources import JobRequirements
 from prefect_xm.workers.requirements import limit_seconds, whole_cpus, with_unit
-from prefect_xm.workers.base import (
-    AtLeastOne, BatchJobConfiguration, BatchVariables, BatchWorker, ZeroOrMore, check_format,
+from prefect_xm.workers.base import BatchWorker
+from prefect_xm.workers.configuration import (
+    AtLeastOne, BatchJobConfiguration, BatchVariables, ZeroOrMore, check_format,
 )
 from prefect_xm.workers.scheduler import (
     CommandResult,
