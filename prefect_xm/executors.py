@@ -108,7 +108,7 @@ class BatchSpec(ExecutorSpec):
         return f"{self.executor_name}.Spec()"
 
 
-#: options of every batch executor, job variables of every batch pool (BatchVariables)
+#: options of every batch executor, job variables of every batch pool (BatchJobConfiguration)
 COMMON_OPTIONS = ("modules", "setup_commands", "extra_directives", "working_dir", "job_name")
 
 

@@ -55,6 +55,7 @@ from prefect_xm.workers.configuration import (
     BatchJobConfiguration,
     BatchVariables,
     job_name_prefix,
+    variables_of,
 )
 from prefect_xm.workers.direct import JOB_OUTPUT_LOGGER, STDERR_PREFIX, DirectOutput, direct_program
 from prefect_xm.workers.hetjob import (
@@ -131,6 +132,12 @@ class BatchWorker(BatchCancellation, BatchRecovery, BulkPrefectCalls, BaseWorker
 
     scheduler: ClassVar[Scheduler]
     _documentation_url = "https://github.com/prefect-xm/prefect-xm"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # the pool's variables, from the one declaration of each (configuration.py)
+        if "job_configuration" in cls.__dict__:
+            cls.job_configuration_variables = variables_of(cls.job_configuration)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -1,19 +1,25 @@
-"""The job variables every batch worker shares (BatchJobConfiguration: the values a
-run's job is built from, with their checks; BatchVariables: the same variables as the
-pool's form shows them) and the checks the schedulers' own variables use.
+"""The job variables every batch worker shares, and the checks the schedulers' own
+variables use.
 
-Each check names the variable and the value it refused, whichever scheduler's it is.
+Each variable is declared once, on a BatchJobConfiguration subclass: its type, default,
+title and description (the pool's form in the UI), and its checks. A check that the form
+can make too (a minimum, a pattern) is written into the type's JSON schema
+(`AtLeastOne`, `ZeroOrMore`, `pattern_in_form`) without changing how the worker checks it:
+its error names the variable and the value it refused, whichever scheduler's it is. The
+pool's variables schema is made from the configuration (`variables_of`), never written by
+hand a second time.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 import shlex
 import sys
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Optional
 
 from prefect.workers.base import BaseJobConfiguration, BaseVariables
-from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, WithJsonSchema, create_model, field_validator, model_validator
 
 from prefect_xm.workers.schema import compact
 
@@ -40,9 +46,20 @@ def _not_negative(v: Optional[int], info: ValidationInfo) -> Optional[int]:
 
 #: a job variable counting what a job has at least one of (nodes, CPUs, slots, tasks),
 #: its error naming the variable whichever scheduler's it is
-AtLeastOne = Annotated[Optional[int], AfterValidator(_at_least_one)]
+AtLeastOne = Annotated[Optional[int], AfterValidator(_at_least_one),
+                       WithJsonSchema({"anyOf": [{"minimum": 1, "type": "integer"}, {"type": "null"}]})]
 #: a job variable counting what a job may have none of (GPUs, requeues)
-ZeroOrMore = Annotated[Optional[int], AfterValidator(_not_negative)]
+ZeroOrMore = Annotated[Optional[int], AfterValidator(_not_negative),
+                       WithJsonSchema({"anyOf": [{"minimum": 0, "type": "integer"}, {"type": "null"}]})]
+#: a count that has no empty value (array_size_limit)
+PositiveCount = Annotated[int, AfterValidator(_at_least_one), WithJsonSchema({"minimum": 1, "type": "integer"})]
+
+
+def pattern_in_form(pattern: "re.Pattern[str]") -> WithJsonSchema:
+    """An optional text variable's pattern, in the pool's form (the UI checks it as the
+    user types); the worker checks it with check_format, whose error says what is expected."""
+    return WithJsonSchema({"anyOf": [{"pattern": pattern.pattern, "type": "string"}, {"type": "null"}]})
+
 
 #: what a batch job name may not hold, whatever the scheduler
 JOB_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
@@ -62,21 +79,104 @@ def job_name_prefix(text: str, empty: str) -> str:
 class BatchJobConfiguration(BaseJobConfiguration):
     """Settings common to every batch scheduler; subclasses add their resources."""
 
-    modules: list[str] = Field(default_factory=list)
-    setup_commands: list[str] = Field(default_factory=list)
-    extra_directives: list[str] = Field(default_factory=list)
-    working_dir: Optional[str] = Field(default=None)
-    job_name: Optional[str] = Field(default=None)
-    script_template: Optional[str] = Field(default=None)
-    run_dir: str = Field(default="~/.prefect-xm/runs")
-    cluster: str = Field(default="local")
-    ssh_block: Optional[str] = Field(default=None)
-    submit_timeout: float = Field(default=60.0)
-    execution: str = Field(default=ENGINE)
-    array_size_limit: Annotated[int, AfterValidator(_at_least_one)] = Field(default=1000)
-    array_throttle: AtLeastOne = Field(default=None)
-    requeue: bool = Field(default=False)
-    max_requeues: ZeroOrMore = Field(default=None)
+    modules: list[str] = Field(
+        default_factory=list,
+        title="Modules",
+        description="Environment modules to load before the flow starts (`module load NAME`).",
+    )
+    setup_commands: list[str] = Field(
+        default_factory=list,
+        title="Setup commands",
+        description="Shell lines run in the batch script before the flow starts (e.g. activating a venv).",
+    )
+    extra_directives: list[str] = Field(
+        default_factory=list,
+        title="Extra directives",
+        description="More scheduler options, one per line, written after the scheduler's directive prefix (#SBATCH, #$, #PBS, #BSUB).",
+    )
+    working_dir: Optional[str] = Field(
+        default=None,
+        title="Working directory",
+        description="Directory the job starts in (a path without spaces: it goes into a directive line).",
+    )
+    job_name: Optional[str] = Field(
+        default=None,
+        title="Job name",
+        description="Prefix of the scheduler job name; the flow run id is always appended. Defaults to the flow run's name.",
+    )
+    script_template: Optional[str] = Field(
+        default=None,
+        title="Script template",
+        description="A custom jinja2 batch-script template: a path on the worker's machine, or the template text itself.",
+    )
+    run_dir: str = Field(
+        default="~/.prefect-xm/runs",
+        title="Run directory",
+        description="Where each run's batch script, stdout and stderr are kept (one subdirectory per flow run); must be visible from the compute nodes.",
+    )
+    cluster: str = Field(
+        default="local",
+        title="Cluster name",
+        description="A name for the cluster, stored in each run's infrastructure id so a restarted worker finds its jobs. Defaults to the SSH block's name when one is set.",
+    )
+    ssh_block: Optional[str] = Field(
+        default=None,
+        title="SSH connection block",
+        description="Name of an 'SSH Connection' block: run the scheduler's commands on that login node. Empty: on the worker's machine.",
+    )
+    submit_timeout: float = Field(
+        default=60.0,
+        title="Submit timeout (s)",
+        description="How long a submission may take before it is checked and retried.",
+    )
+    execution: Annotated[str, WithJsonSchema({"enum": ["engine", "direct"], "type": "string"})] = Field(
+        default=ENGINE,
+        title="Execution",
+        description=(
+            "'engine': the batch script starts Prefect's flow engine (`python -m prefect flow-run execute`), "
+            "which needs Prefect installed and a route to the Prefect API on the compute node. 'direct' (for "
+            "prefect-xm job-runner runs, the default of their deployments): the script runs the job's program "
+            "itself; the worker writes the run's states from the scheduler's and ships the program's output "
+            "as the run's logs, so nothing of Prefect runs on the node."
+        ),
+    )
+    array_size_limit: PositiveCount = Field(
+        default=1000,
+        title="Array size limit",
+        description=(
+            "Runs of one deployment picked up together whose batch scripts differ only in their program's "
+            "arguments and environment (a sweep's trials) go to the scheduler as one array of at most this "
+            "many tasks, each task still its own flow run. 1: every run is its own job. Keep it at or below "
+            "the site's limit (Slurm MaxArraySize, SGE max_aj_tasks); a refused array is split."
+        ),
+    )
+    array_throttle: AtLeastOne = Field(
+        default=None,
+        title="Array throttle",
+        description=(
+            "At most this many tasks of one array run at once (Slurm --array=...%N, SGE -tc, Torque -t ...%N, "
+            "LSF [1-N]%M, HTCondor max_materialize). Empty: as many as the scheduler allows."
+        ),
+    )
+    requeue: bool = Field(
+        default=False,
+        title="Requeue",
+        description=(
+            "Ask the scheduler to put the job back in its queue when it is preempted or its node fails "
+            "(Slurm --requeue, SGE and PBS -r y, LSF -r; HTCondor reschedules evicted jobs by itself). "
+            "Whether or not this is set, a job the scheduler requeues keeps its flow run: the run goes back "
+            "to Pending (named Requeued) and follows the same job; the program sees which attempt it is "
+            "in PREFECT_XM_ATTEMPT (1, 2, ...), to resume from its checkpoint."
+        ),
+    )
+    max_requeues: ZeroOrMore = Field(
+        default=None,
+        title="Maximum requeues",
+        description=(
+            "Once the job has been requeued more times than this, the worker removes it and the run ends "
+            "Crashed, saying so. Empty: no limit."
+        ),
+    )
 
     @field_validator("execution")
     @classmethod
@@ -144,6 +244,8 @@ class BatchJobConfiguration(BaseJobConfiguration):
 
 
 class BatchVariables(BaseVariables):
+    """The base of every batch pool's variables model (made by variables_of)."""
+
     @classmethod
     def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
         # What `prefect work-pool create` and the UI store as the pool's variables: the
@@ -151,106 +253,12 @@ class BatchVariables(BaseVariables):
         # against them in a fraction of the time (see schema.py).
         return compact(super().model_json_schema(*args, **kwargs))
 
-    modules: list[str] = Field(
-        default_factory=list,
-        title="Modules",
-        description="Environment modules to load before the flow starts (`module load NAME`).",
-    )
-    setup_commands: list[str] = Field(
-        default_factory=list,
-        title="Setup commands",
-        description="Shell lines run in the batch script before the flow starts (e.g. activating a venv).",
-    )
-    extra_directives: list[str] = Field(
-        default_factory=list,
-        title="Extra directives",
-        description="More scheduler options, one per line, written after the scheduler's directive prefix (#SBATCH, #$, #PBS, #BSUB).",
-    )
-    working_dir: Optional[str] = Field(
-        default=None,
-        title="Working directory",
-        description="Directory the job starts in (a path without spaces: it goes into a directive line).",
-    )
-    job_name: Optional[str] = Field(
-        default=None,
-        title="Job name",
-        description="Prefix of the scheduler job name; the flow run id is always appended. Defaults to the flow run's name.",
-    )
-    script_template: Optional[str] = Field(
-        default=None,
-        title="Script template",
-        description="A custom jinja2 batch-script template: a path on the worker's machine, or the template text itself.",
-    )
-    run_dir: str = Field(
-        default="~/.prefect-xm/runs",
-        title="Run directory",
-        description="Where each run's batch script, stdout and stderr are kept (one subdirectory per flow run); must be visible from the compute nodes.",
-    )
-    cluster: str = Field(
-        default="local",
-        title="Cluster name",
-        description="A name for the cluster, stored in each run's infrastructure id so a restarted worker finds its jobs. Defaults to the SSH block's name when one is set.",
-    )
-    ssh_block: Optional[str] = Field(
-        default=None,
-        title="SSH connection block",
-        description="Name of an 'SSH Connection' block: run the scheduler's commands on that login node. Empty: on the worker's machine.",
-    )
-    submit_timeout: float = Field(
-        default=60.0,
-        title="Submit timeout (s)",
-        description="How long a submission may take before it is checked and retried.",
-    )
-    execution: Literal["engine", "direct"] = Field(
-        default="engine",
-        title="Execution",
-        description=(
-            "'engine': the batch script starts Prefect's flow engine (`python -m prefect flow-run execute`), "
-            "which needs Prefect installed and a route to the Prefect API on the compute node. 'direct' (for "
-            "prefect-xm job-runner runs, the default of their deployments): the script runs the job's program "
-            "itself; the worker writes the run's states from the scheduler's and ships the program's output "
-            "as the run's logs, so nothing of Prefect runs on the node."
-        ),
-    )
 
-
-    array_size_limit: int = Field(
-        default=1000,
-        ge=1,
-        title="Array size limit",
-        description=(
-            "Runs of one deployment picked up together whose batch scripts differ only in their program's "
-            "arguments and environment (a sweep's trials) go to the scheduler as one array of at most this "
-            "many tasks, each task still its own flow run. 1: every run is its own job. Keep it at or below "
-            "the site's limit (Slurm MaxArraySize, SGE max_aj_tasks); a refused array is split."
-        ),
-    )
-    array_throttle: Optional[int] = Field(
-        default=None,
-        ge=1,
-        title="Array throttle",
-        description=(
-            "At most this many tasks of one array run at once (Slurm --array=...%N, SGE -tc, Torque -t ...%N, "
-            "LSF [1-N]%M, HTCondor max_materialize). Empty: as many as the scheduler allows."
-        ),
-    )
-    requeue: bool = Field(
-        default=False,
-        title="Requeue",
-        description=(
-            "Ask the scheduler to put the job back in its queue when it is preempted or its node fails "
-            "(Slurm --requeue, SGE and PBS -r y, LSF -r; HTCondor reschedules evicted jobs by itself). "
-            "Whether or not this is set, a job the scheduler requeues keeps its flow run: the run goes back "
-            "to Pending (named Requeued) and follows the same job; the program sees which attempt it is "
-            "in PREFECT_XM_ATTEMPT (1, 2, ...), to resume from its checkpoint."
-        ),
-    )
-    max_requeues: Optional[int] = Field(
-        default=None,
-        ge=0,
-        title="Maximum requeues",
-        description=(
-            "Once the job has been requeued more times than this, the worker removes it and the run ends "
-            "Crashed, saying so. Empty: no limit."
-        ),
-    )
+def variables_of(configuration: type[BatchJobConfiguration]) -> type[BatchVariables]:
+    """The pool's variables model of a worker type: the configuration's own variables
+    (declared once, there, with their titles, descriptions and form checks) over
+    Prefect's BaseVariables (name, env, labels, command)."""
+    fields = {name: (info.annotation, copy.deepcopy(info)) for name, info in configuration.model_fields.items()
+              if name not in BaseJobConfiguration.model_fields}
+    return create_model(configuration.__name__.replace("JobConfiguration", "Variables"), __base__=BatchVariables,
+                        __module__=configuration.__module__, **fields)

@@ -61,7 +61,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Optional, Sequence
+from typing import Annotated, Any, ClassVar, Mapping, Optional, Sequence
 
 from pydantic import Field, field_validator
 
@@ -75,7 +75,7 @@ from prefect_xm.workers.requirements import (
 )
 from prefect_xm.workers.base import BatchWorker
 from prefect_xm.workers.configuration import (
-    AtLeastOne, BatchJobConfiguration, BatchVariables, ZeroOrMore, check_format,
+    AtLeastOne, BatchJobConfiguration, ZeroOrMore, check_format, pattern_in_form,
 )
 from prefect_xm.workers.scheduler import (
     CommandResult,
@@ -492,15 +492,63 @@ _SINGLE_LINE_RE = re.compile(r"^[^\n\r]*$")
 
 
 class HTCondorJobConfiguration(BatchJobConfiguration):
-    universe: str = Field(default="vanilla")
-    request_cpus: AtLeastOne = Field(default=None)
-    request_memory: Optional[str] = Field(default=None)
-    request_disk: Optional[str] = Field(default=None)
-    request_gpus: ZeroOrMore = Field(default=None)
-    requirements: Optional[str] = Field(default=None)
-    accounting_group: Optional[str] = Field(default=None)
-    time_limit: Optional[str] = Field(default=None)
-    hold: bool = Field(default=False)
+    universe: str = Field(
+        default="vanilla",
+        title="Universe",
+        description="The HTCondor universe (vanilla, container, docker, ...).",
+    )
+    request_cpus: AtLeastOne = Field(
+        default=None,
+        title="CPUs",
+        description="CPU cores the job's slot must have (request_cpus).",
+    )
+    request_memory: Annotated[Optional[str], pattern_in_form(_MEMORY_RE)] = Field(
+        default=None,
+        title="Memory",
+        description="request_memory, e.g. '4GB' (a bare number is MB).",
+    )
+    request_disk: Optional[str] = Field(
+        default=None,
+        title="Disk",
+        description="request_disk, e.g. '10GB' (a bare number is KB).",
+    )
+    request_gpus: ZeroOrMore = Field(
+        default=None,
+        title="GPUs",
+        description="GPUs the job's slot must have (request_gpus).",
+    )
+    requirements: Optional[str] = Field(
+        default=None,
+        title="Requirements",
+        description="A ClassAd expression the execution slot must match.",
+    )
+    accounting_group: Optional[str] = Field(
+        default=None,
+        title="Accounting group",
+        description="The accounting group the job's usage is charged to (accounting_group), e.g. 'group_physics.alice'.",
+    )
+    time_limit: Annotated[Optional[str], pattern_in_form(_DURATION_RE)] = Field(
+        default=None,
+        title="Time limit",
+        description=(
+            "Execution time limit: minutes or 'H:MM:SS', as allowed_execute_duration. At the limit "
+            "HTCondor holds the job and the run ends Crashed with the hold reason."
+        ),
+    )
+    hold: bool = Field(
+        default=False,
+        title="Hold",
+        description="Submit the job held (hold = True) until released with condor_release.",
+    )
+    extra_directives: list[str] = Field(
+        default_factory=list,
+        title="Extra submit commands",
+        description=(
+            "More submit-description lines, before the worker's 'queue 1' ('queue N' for an array) "
+            "(e.g. 'rank = Memory', '+ProjectName = \"x\"'). An 'environment' line here gets the "
+            "array index variable XM_ARRAY_INDEX added."
+        ),
+    )
 
     @field_validator("time_limit")
     @classmethod
@@ -537,50 +585,9 @@ class HTCondorJobConfiguration(BatchJobConfiguration):
         return v
 
 
-class HTCondorVariables(BatchVariables):
-    universe: str = Field(
-        default="vanilla", title="Universe", description="The HTCondor universe (vanilla, container, docker, ...)."
-    )
-    request_cpus: Optional[int] = Field(default=None, ge=1, title="CPUs", description="CPU cores the job's slot must have (request_cpus).")
-    request_memory: Optional[str] = Field(
-        default=None, title="Memory", description="request_memory, e.g. '4GB' (a bare number is MB).",
-        pattern=_MEMORY_RE.pattern,
-    )
-    request_disk: Optional[str] = Field(
-        default=None, title="Disk", description="request_disk, e.g. '10GB' (a bare number is KB)."
-    )
-    request_gpus: Optional[int] = Field(default=None, ge=0, title="GPUs", description="GPUs the job's slot must have (request_gpus).")
-    requirements: Optional[str] = Field(
-        default=None, title="Requirements", description="A ClassAd expression the execution slot must match."
-    )
-    accounting_group: Optional[str] = Field(default=None, title="Accounting group", description="The accounting group the job's usage is charged to (accounting_group), e.g. 'group_physics.alice'.")
-    time_limit: Optional[str] = Field(
-        default=None,
-        title="Time limit",
-        description=(
-            "Execution time limit: minutes or 'H:MM:SS', as allowed_execute_duration. At the limit "
-            "HTCondor holds the job and the run ends Crashed with the hold reason."
-        ),
-        pattern=_DURATION_RE.pattern,
-    )
-    hold: bool = Field(
-        default=False, title="Hold", description="Submit the job held (hold = True) until released with condor_release."
-    )
-    extra_directives: list[str] = Field(
-        default_factory=list,
-        title="Extra submit commands",
-        description=(
-            "More submit-description lines, before the worker's 'queue 1' ('queue N' for an array) "
-            "(e.g. 'rank = Memory', '+ProjectName = \"x\"'). An 'environment' line here gets the "
-            "array index variable XM_ARRAY_INDEX added."
-        ),
-    )
-
-
 class HTCondorWorker(BatchWorker):
     type: ClassVar[str] = "xm-htcondor"
     job_configuration = HTCondorJobConfiguration
-    job_configuration_variables = HTCondorVariables
     scheduler: ClassVar[Scheduler] = HTCondorScheduler()
     _description = (
         "Runs each flow run as an HTCondor job (condor_submit with a generated submit "

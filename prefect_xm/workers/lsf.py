@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, ClassVar, Mapping, Optional, Sequence
+from typing import Annotated, Any, ClassVar, Mapping, Optional, Sequence
 
 from pydantic import Field, field_validator
 
@@ -38,7 +38,7 @@ from prefect_xm.core.resources import GiB, KiB, MiB, TiB, JobRequirements
 from prefect_xm.workers.requirements import limit_seconds, single_replica, untyped_gpus, whole_cpus, with_unit
 from prefect_xm.workers.base import BatchWorker
 from prefect_xm.workers.configuration import (
-    AtLeastOne, BatchJobConfiguration, BatchVariables, ZeroOrMore, check_format,
+    AtLeastOne, BatchJobConfiguration, ZeroOrMore, check_format, pattern_in_form,
 )
 from prefect_xm.workers.scheduler import (
     CommandResult,
@@ -377,16 +377,64 @@ _GPU_MODEL_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 
 class LsfJobConfiguration(BatchJobConfiguration):
-    queue: Optional[str] = Field(default=None)
-    project: Optional[str] = Field(default=None)
-    time_limit: Optional[str] = Field(default=None)
-    slots: AtLeastOne = Field(default=None)
-    memory: Optional[str] = Field(default=None)
-    reserve_memory: bool = Field(default=False)
-    resources: Optional[str] = Field(default=None)
-    gpus: ZeroOrMore = Field(default=None)
-    gpu_model: Optional[str] = Field(default=None)
-    hold: bool = Field(default=False)
+    queue: Optional[str] = Field(
+        default=None,
+        title="Queue",
+        description="LSF queue to submit to (-q).",
+    )
+    project: Optional[str] = Field(
+        default=None,
+        title="Project",
+        description="Project to charge the job to (-P).",
+    )
+    time_limit: Annotated[Optional[str], pattern_in_form(_RUN_LIMIT_RE)] = Field(
+        default=None,
+        title="Run limit",
+        description="Wall-clock limit (-W): minutes, or 'HH:MM'. LSF kills the job at the limit (TERM_RUNLIMIT, exit code 140).",
+    )
+    slots: AtLeastOne = Field(
+        default=None,
+        title="Slots",
+        description="Number of slots/tasks (-n).",
+    )
+    memory: Annotated[Optional[str], pattern_in_form(_MEMORY_RE)] = Field(
+        default=None,
+        title="Memory limit",
+        description=(
+            "Per-process memory limit (-M), e.g. '16GB' or '512MB'. A bare number is in the "
+            "cluster's LSF_UNIT_FOR_LIMITS: KB by default, MB at many sites."
+        ),
+    )
+    reserve_memory: bool = Field(
+        default=False,
+        title="Reserve memory",
+        description="Also reserve the memory for scheduling (-R \"rusage[mem=...]\").",
+    )
+    resources: Optional[str] = Field(
+        default=None,
+        title="Resource requirement",
+        description="A resource requirement string (-R), e.g. 'span[hosts=1] select[avx2]'.",
+    )
+    gpus: ZeroOrMore = Field(
+        default=None,
+        title="GPUs",
+        description='GPUs per host (-gpu "num=N").',
+    )
+    gpu_model: Optional[str] = Field(
+        default=None,
+        title="GPU model",
+        description="GPU model in the -gpu request (gmodel=...).",
+    )
+    hold: bool = Field(
+        default=False,
+        title="Hold",
+        description="Submit the job held (-H, state PSUSP) until released with bresume.",
+    )
+    extra_directives: list[str] = Field(
+        default_factory=list,
+        title="Extra directives",
+        description="More bsub options, one per line, without '#BSUB' (e.g. '-x' or '-R \"select[avx2]\"').",
+    )
 
     @field_validator("time_limit")
     @classmethod
@@ -416,53 +464,9 @@ class LsfJobConfiguration(BatchJobConfiguration):
         return v or None
 
 
-class LsfVariables(BatchVariables):
-    queue: Optional[str] = Field(default=None, title="Queue", description="LSF queue to submit to (-q).")
-    project: Optional[str] = Field(default=None, title="Project", description="Project to charge the job to (-P).")
-    time_limit: Optional[str] = Field(
-        default=None,
-        title="Run limit",
-        description="Wall-clock limit (-W): minutes, or 'HH:MM'. LSF kills the job at the limit (TERM_RUNLIMIT, exit code 140).",
-        pattern=_RUN_LIMIT_RE.pattern,
-    )
-    slots: Optional[int] = Field(default=None, ge=1, title="Slots", description="Number of slots/tasks (-n).")
-    memory: Optional[str] = Field(
-        default=None,
-        title="Memory limit",
-        description=(
-            "Per-process memory limit (-M), e.g. '16GB' or '512MB'. A bare number is in the "
-            "cluster's LSF_UNIT_FOR_LIMITS: KB by default, MB at many sites."
-        ),
-        pattern=_MEMORY_RE.pattern,
-    )
-    reserve_memory: bool = Field(
-        default=False,
-        title="Reserve memory",
-        description="Also reserve the memory for scheduling (-R \"rusage[mem=...]\").",
-    )
-    resources: Optional[str] = Field(
-        default=None,
-        title="Resource requirement",
-        description="A resource requirement string (-R), e.g. 'span[hosts=1] select[avx2]'.",
-    )
-    gpus: Optional[int] = Field(default=None, ge=0, title="GPUs", description='GPUs per host (-gpu "num=N").')
-    gpu_model: Optional[str] = Field(
-        default=None, title="GPU model", description="GPU model in the -gpu request (gmodel=...)."
-    )
-    hold: bool = Field(
-        default=False, title="Hold", description="Submit the job held (-H, state PSUSP) until released with bresume."
-    )
-    extra_directives: list[str] = Field(
-        default_factory=list,
-        title="Extra directives",
-        description="More bsub options, one per line, without '#BSUB' (e.g. '-x' or '-R \"select[avx2]\"').",
-    )
-
-
 class LsfWorker(BatchWorker):
     type: ClassVar[str] = "xm-lsf"
     job_configuration = LsfJobConfiguration
-    job_configuration_variables = LsfVariables
     scheduler: ClassVar[Scheduler] = LsfScheduler()
     _description = (
         "Runs each flow run as an IBM Spectrum LSF batch job (bsub), tracks it with one "

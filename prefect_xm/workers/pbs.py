@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, ClassVar, Literal, Mapping, Optional, Sequence
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Sequence
 
 from pydantic import Field, field_validator
 
@@ -61,7 +61,7 @@ from prefect_xm.core.resources import GiB, KiB, MiB, TiB, JobRequirements
 from prefect_xm.workers.requirements import hours_minutes_seconds_limit, untyped_gpus, whole_cpus, with_unit
 from prefect_xm.workers.base import BatchWorker
 from prefect_xm.workers.configuration import (
-    AtLeastOne, BatchJobConfiguration, BatchVariables, ZeroOrMore, check_format,
+    AtLeastOne, BatchJobConfiguration, ZeroOrMore, check_format, pattern_in_form,
 )
 from prefect_xm.workers.scheduler import (
     CommandResult,
@@ -449,15 +449,54 @@ _WORD_RE = re.compile(r"^[A-Za-z0-9_.@+-]+$")
 
 
 class PbsJobConfiguration(BatchJobConfiguration):
-    dialect: Literal["pbspro", "torque"] = Field(default="pbspro")
-    queue: Optional[str] = Field(default=None)
-    account: Optional[str] = Field(default=None)
-    time_limit: Optional[str] = Field(default=None)
-    nodes: AtLeastOne = Field(default=None)
-    cpus: AtLeastOne = Field(default=None)
-    memory: Optional[str] = Field(default=None)
-    gpus: ZeroOrMore = Field(default=None)
-    hold: bool = Field(default=False)
+    dialect: Literal["pbspro", "torque"] = Field(
+        default="pbspro",
+        title="PBS dialect",
+        description=(
+            "'pbspro' for PBS Professional / OpenPBS (qstat -x -F json, -l select=...), "
+            "'torque' for Torque or Slurm's Torque wrappers (qstat -f, -l nodes=N:ppn=C)."
+        ),
+    )
+    queue: Optional[str] = Field(
+        default=None,
+        title="Queue",
+        description="Queue to submit to (-q).",
+    )
+    account: Optional[str] = Field(
+        default=None,
+        title="Account",
+        description="Account to charge (-A).",
+    )
+    time_limit: Annotated[Optional[str], pattern_in_form(_WALLTIME_RE)] = Field(
+        default=None,
+        title="Walltime",
+        description="Wall-clock limit (-l walltime=): 'HH:MM:SS', 'MM:SS' or seconds.",
+    )
+    nodes: AtLeastOne = Field(
+        default=None,
+        title="Nodes",
+        description="Number of nodes (chunks in PBS Pro's select; nodes= in Torque).",
+    )
+    cpus: AtLeastOne = Field(
+        default=None,
+        title="CPUs per node",
+        description="CPUs per node (ncpus= in PBS Pro's select; ppn= in Torque).",
+    )
+    memory: Annotated[Optional[str], pattern_in_form(_SIZE_RE)] = Field(
+        default=None,
+        title="Memory",
+        description="Memory, e.g. '16gb': per node in PBS Pro (mem= in select), for the job in Torque (-l mem=).",
+    )
+    gpus: ZeroOrMore = Field(
+        default=None,
+        title="GPUs per node",
+        description="GPUs per node (ngpus= in PBS Pro's select; gpus= in Torque's nodes=).",
+    )
+    hold: bool = Field(
+        default=False,
+        title="Submit held",
+        description="Submit the job held (-h): it waits until released with qrls.",
+    )
 
     @field_validator("time_limit")
     @classmethod
@@ -475,45 +514,9 @@ class PbsJobConfiguration(BatchJobConfiguration):
         return check_format(_WORD_RE, info.field_name, v, "a single word")
 
 
-class PbsVariables(BatchVariables):
-    dialect: Literal["pbspro", "torque"] = Field(
-        default="pbspro",
-        title="PBS dialect",
-        description="'pbspro' for PBS Professional / OpenPBS (qstat -x -F json, -l select=...), "
-        "'torque' for Torque or Slurm's Torque wrappers (qstat -f, -l nodes=N:ppn=C).",
-    )
-    queue: Optional[str] = Field(default=None, title="Queue", description="Queue to submit to (-q).")
-    account: Optional[str] = Field(default=None, title="Account", description="Account to charge (-A).")
-    time_limit: Optional[str] = Field(
-        default=None,
-        title="Walltime",
-        description="Wall-clock limit (-l walltime=): 'HH:MM:SS', 'MM:SS' or seconds.",
-        pattern=_WALLTIME_RE.pattern,
-    )
-    nodes: Optional[int] = Field(
-        default=None, ge=1, title="Nodes", description="Number of nodes (chunks in PBS Pro's select; nodes= in Torque)."
-    )
-    cpus: Optional[int] = Field(
-        default=None, ge=1, title="CPUs per node", description="CPUs per node (ncpus= in PBS Pro's select; ppn= in Torque)."
-    )
-    memory: Optional[str] = Field(
-        default=None,
-        title="Memory",
-        description="Memory, e.g. '16gb': per node in PBS Pro (mem= in select), for the job in Torque (-l mem=).",
-        pattern=_SIZE_RE.pattern,
-    )
-    gpus: Optional[int] = Field(
-        default=None, ge=0, title="GPUs per node", description="GPUs per node (ngpus= in PBS Pro's select; gpus= in Torque's nodes=)."
-    )
-    hold: bool = Field(
-        default=False, title="Submit held", description="Submit the job held (-h): it waits until released with qrls."
-    )
-
-
 class PbsWorker(BatchWorker):
     type: ClassVar[str] = "xm-pbs"
     job_configuration = PbsJobConfiguration
-    job_configuration_variables = PbsVariables
     scheduler: ClassVar[Scheduler] = DIALECTS["pbspro"]
     _description = (
         "Runs each flow run as a PBS Pro/OpenPBS or Torque batch job (qsub), tracks it with "

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import re
 import xml.etree.ElementTree as ET
-from typing import Any, ClassVar, Mapping, Optional, Sequence
+from typing import Annotated, Any, ClassVar, Mapping, Optional, Sequence
 
 from pydantic import Field, field_validator
 
@@ -40,7 +40,7 @@ from prefect_xm.workers.requirements import (
 )
 from prefect_xm.workers.base import BatchWorker
 from prefect_xm.workers.configuration import (
-    AtLeastOne, BatchJobConfiguration, BatchVariables, ZeroOrMore, check_format,
+    AtLeastOne, BatchJobConfiguration, ZeroOrMore, check_format, pattern_in_form,
 )
 from prefect_xm.workers.scheduler import (
     CommandResult,
@@ -414,15 +414,51 @@ _WORD_RE = re.compile(r"^[A-Za-z0-9_.@+*,-]+$")
 
 
 class SgeJobConfiguration(BatchJobConfiguration):
-    queue: Optional[str] = Field(default=None)
-    project: Optional[str] = Field(default=None)
-    time_limit: Optional[str] = Field(default=None)
-    memory: Optional[str] = Field(default=None)
-    slots: AtLeastOne = Field(default=None)
-    parallel_environment: Optional[str] = Field(default="smp")
-    gpus: ZeroOrMore = Field(default=None)
-    gpu_resource: str = Field(default="gpu")
-    shell: str = Field(default="/bin/bash")
+    queue: Optional[str] = Field(
+        default=None,
+        title="Queue",
+        description="Cluster queue to submit to (-q), e.g. 'all.q'.",
+    )
+    project: Optional[str] = Field(
+        default=None,
+        title="Project",
+        description="Project to charge (-P).",
+    )
+    time_limit: Annotated[Optional[str], pattern_in_form(_TIME_RE)] = Field(
+        default=None,
+        title="Time limit",
+        description="Wall-clock limit (-l h_rt=): seconds or 'H:MM:SS'. SGE kills the job (SIGKILL) when it is reached.",
+    )
+    memory: Annotated[Optional[str], pattern_in_form(_MEMORY_RE)] = Field(
+        default=None,
+        title="Memory per slot",
+        description="Virtual memory limit per slot (-l h_vmem=), e.g. '4G' or '512M'.",
+    )
+    slots: AtLeastOne = Field(
+        default=None,
+        title="Slots (CPUs)",
+        description="Slots in the parallel environment (-pe <pe> N).",
+    )
+    parallel_environment: Optional[str] = Field(
+        default="smp",
+        title="Parallel environment",
+        description="The site's parallel environment for multi-slot jobs (`qconf -spl` lists them).",
+    )
+    gpus: ZeroOrMore = Field(
+        default=None,
+        title="GPUs",
+        description="GPUs, requested as the site's consumable (-l <resource>=N).",
+    )
+    gpu_resource: str = Field(
+        default="gpu",
+        title="GPU resource name",
+        description="The site's GPU consumable (`qconf -sc`), e.g. 'gpu'.",
+    )
+    shell: str = Field(
+        default="/bin/bash",
+        title="Shell",
+        description="The job's shell (-S).",
+    )
 
     @field_validator("time_limit")
     @classmethod
@@ -445,44 +481,9 @@ class SgeJobConfiguration(BatchJobConfiguration):
         return check_format(re.compile(r"^/[^\s]+$"), "shell", v, "'/bin/bash'")
 
 
-class SgeVariables(BatchVariables):
-    queue: Optional[str] = Field(
-        default=None, title="Queue", description="Cluster queue to submit to (-q), e.g. 'all.q'."
-    )
-    project: Optional[str] = Field(default=None, title="Project", description="Project to charge (-P).")
-    time_limit: Optional[str] = Field(
-        default=None,
-        title="Time limit",
-        description="Wall-clock limit (-l h_rt=): seconds or 'H:MM:SS'. SGE kills the job (SIGKILL) when it is reached.",
-        pattern=_TIME_RE.pattern,
-    )
-    memory: Optional[str] = Field(
-        default=None,
-        title="Memory per slot",
-        description="Virtual memory limit per slot (-l h_vmem=), e.g. '4G' or '512M'.",
-        pattern=_MEMORY_RE.pattern,
-    )
-    slots: Optional[int] = Field(
-        default=None, ge=1, title="Slots (CPUs)", description="Slots in the parallel environment (-pe <pe> N)."
-    )
-    parallel_environment: Optional[str] = Field(
-        default="smp",
-        title="Parallel environment",
-        description="The site's parallel environment for multi-slot jobs (`qconf -spl` lists them).",
-    )
-    gpus: Optional[int] = Field(
-        default=None, ge=0, title="GPUs", description="GPUs, requested as the site's consumable (-l <resource>=N)."
-    )
-    gpu_resource: str = Field(
-        default="gpu", title="GPU resource name", description="The site's GPU consumable (`qconf -sc`), e.g. 'gpu'."
-    )
-    shell: str = Field(default="/bin/bash", title="Shell", description="The job's shell (-S).")
-
-
 class SgeWorker(BatchWorker):
     type: ClassVar[str] = "xm-sge"
     job_configuration = SgeJobConfiguration
-    job_configuration_variables = SgeVariables
     scheduler: ClassVar[Scheduler] = SgeScheduler()
     _description = (
         "Runs each flow run as a Grid Engine batch job (qsub), tracks it with one qstat per "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import re
-from typing import Any, ClassVar, Mapping, Optional, Sequence
+from typing import Annotated, Any, ClassVar, Mapping, Optional, Sequence
 
 from pydantic import Field, field_validator
 
@@ -17,7 +17,7 @@ from prefect_xm.core.resources import JobRequirements
 from prefect_xm.workers.requirements import limit_seconds, whole_cpus, with_unit
 from prefect_xm.workers.base import BatchWorker
 from prefect_xm.workers.configuration import (
-    AtLeastOne, BatchJobConfiguration, BatchVariables, ZeroOrMore, check_format,
+    AtLeastOne, BatchJobConfiguration, ZeroOrMore, check_format, pattern_in_form,
 )
 from prefect_xm.workers.scheduler import (
     CommandResult,
@@ -388,18 +388,73 @@ TIME_LIMIT = re.compile(
 
 
 class SlurmJobConfiguration(BatchJobConfiguration):
-    partition: Optional[str] = Field(default=None)
-    account: Optional[str] = Field(default=None)
-    qos: Optional[str] = Field(default=None)
-    time_limit: Optional[str] = Field(default=None)
-    nodes: AtLeastOne = Field(default=None)
-    ntasks: AtLeastOne = Field(default=None)
-    cpus_per_task: AtLeastOne = Field(default=None)
-    memory: Optional[str] = Field(default=None)
-    gpus: ZeroOrMore = Field(default=None)
-    gpu_type: Optional[str] = Field(default=None)
-    constraint: Optional[str] = Field(default=None)
-    het_job: bool = Field(default=True)
+    partition: Optional[str] = Field(
+        default=None,
+        title="Partition",
+        description="Slurm partition (queue) to submit to (--partition).",
+    )
+    account: Optional[str] = Field(
+        default=None,
+        title="Account",
+        description="Account to charge the job to (--account).",
+    )
+    qos: Optional[str] = Field(
+        default=None,
+        title="QOS",
+        description="Quality of service (--qos).",
+    )
+    time_limit: Annotated[Optional[str], pattern_in_form(TIME_LIMIT)] = Field(
+        default=None,
+        title="Time limit",
+        description="Wall-clock limit (--time): minutes, 'HH:MM:SS' or 'D-HH:MM:SS'.",
+    )
+    nodes: AtLeastOne = Field(
+        default=None,
+        title="Nodes",
+        description="Number of nodes (--nodes).",
+    )
+    ntasks: AtLeastOne = Field(
+        default=None,
+        title="Tasks",
+        description="Number of tasks (--ntasks).",
+    )
+    cpus_per_task: AtLeastOne = Field(
+        default=None,
+        title="CPUs per task",
+        description="CPUs per task (--cpus-per-task).",
+    )
+    memory: Annotated[Optional[str], pattern_in_form(_MEMORY_RE)] = Field(
+        default=None,
+        title="Memory",
+        description="Memory per node (--mem), e.g. '16G' or '512M'.",
+    )
+    gpus: ZeroOrMore = Field(
+        default=None,
+        title="GPUs",
+        description="GPUs per node, requested as --gres=gpu[:type]:N.",
+    )
+    gpu_type: Optional[str] = Field(
+        default=None,
+        title="GPU type",
+        description="GPU type in the gres request, e.g. 'a100'.",
+    )
+    constraint: Optional[str] = Field(
+        default=None,
+        title="Constraint",
+        description="Node features required (--constraint).",
+    )
+    het_job: bool = Field(
+        default=True,
+        title="Gangs as one heterogeneous job",
+        description=(
+            "A JobGroup whose members all run on this pool goes to Slurm as one heterogeneous job "
+            "(#SBATCH hetjob), one component per member with its own requirements, so Slurm starts them "
+            "together; each member is still its own flow run (job id <job>+<component>). Slurm gives each "
+            "component nodes of its own: a group needs as many nodes as members. Off (for the pool, or in the "
+            "members' job_variables): the members are separate jobs held together by the work unit's "
+            "start deadline."
+        ),
+    )
 
     @field_validator("time_limit")
     @classmethod
@@ -419,58 +474,9 @@ class SlurmJobConfiguration(BatchJobConfiguration):
         return check_format(_DIRECTIVE_VALUE_RE, info.field_name, v, "a single line")
 
 
-class SlurmVariables(BatchVariables):
-    partition: Optional[str] = Field(
-        default=None, title="Partition", description="Slurm partition (queue) to submit to (--partition)."
-    )
-    account: Optional[str] = Field(
-        default=None, title="Account", description="Account to charge the job to (--account)."
-    )
-    qos: Optional[str] = Field(default=None, title="QOS", description="Quality of service (--qos).")
-    time_limit: Optional[str] = Field(
-        default=None,
-        title="Time limit",
-        description="Wall-clock limit (--time): minutes, 'HH:MM:SS' or 'D-HH:MM:SS'.",
-        pattern=TIME_LIMIT.pattern,
-    )
-    nodes: Optional[int] = Field(default=None, ge=1, title="Nodes", description="Number of nodes (--nodes).")
-    ntasks: Optional[int] = Field(default=None, ge=1, title="Tasks", description="Number of tasks (--ntasks).")
-    cpus_per_task: Optional[int] = Field(
-        default=None, ge=1, title="CPUs per task", description="CPUs per task (--cpus-per-task)."
-    )
-    memory: Optional[str] = Field(
-        default=None,
-        title="Memory",
-        description="Memory per node (--mem), e.g. '16G' or '512M'.",
-        pattern=_MEMORY_RE.pattern,
-    )
-    gpus: Optional[int] = Field(
-        default=None, ge=0, title="GPUs", description="GPUs per node, requested as --gres=gpu[:type]:N."
-    )
-    gpu_type: Optional[str] = Field(
-        default=None, title="GPU type", description="GPU type in the gres request, e.g. 'a100'."
-    )
-    constraint: Optional[str] = Field(
-        default=None, title="Constraint", description="Node features required (--constraint)."
-    )
-    het_job: bool = Field(
-        default=True,
-        title="Gangs as one heterogeneous job",
-        description=(
-            "A JobGroup whose members all run on this pool goes to Slurm as one heterogeneous job "
-            "(#SBATCH hetjob), one component per member with its own requirements, so Slurm starts them "
-            "together; each member is still its own flow run (job id <job>+<component>). Slurm gives each "
-            "component nodes of its own: a group needs as many nodes as members. Off (for the pool, or in the "
-            "members' job_variables): the members are separate jobs held together by the work unit's "
-            "start deadline."
-        ),
-    )
-
-
 class SlurmWorker(BatchWorker):
     type: ClassVar[str] = "xm-slurm"
     job_configuration = SlurmJobConfiguration
-    job_configuration_variables = SlurmVariables
     scheduler: ClassVar[Scheduler] = SlurmScheduler()
     _description = (
         "Runs each flow run as a Slurm batch job (sbatch), tracks it with one squeue per "
