@@ -205,7 +205,7 @@ def test_trainer_on_slurm_and_evaluator_on_kubernetes_form_one_gang(api, k8s_poo
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
     from prefect_xm.core.deployments import job_runner_source_dir
-    from prefect_xm.flows.job_runner import build_argv
+    from prefect_xm.core.job_spec import build_argv
     from prefect_xm.workers.slurm import SlurmJobConfiguration, SlurmWorker
 
     slurm = xm_local.Slurm(requirements=xm.JobRequirements(cpu=8, memory=32 * xm.GiB), partition="gpu",

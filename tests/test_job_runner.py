@@ -1,4 +1,4 @@
-"""The job runner's argv for container images (prefect_xm/flows/job_runner.py
+"""A job's argv for container images (prefect_xm/core/job_spec.py
 build_argv), through a stub `apptainer` on PATH: no apptainer runs here."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from prefect_xm.flows.job_runner import JobSpecError, build_argv
+from prefect_xm.core.job_spec import JobSpecError, build_argv
 
 # Words a shell would act on: each must reach the program as one argv item, unchanged.
 HOSTILE = ["$(touch {marker})", "a b", "x; touch {marker}", "`touch {marker}`", "*", "it's", "--lr=0.1"]

@@ -6,15 +6,8 @@ by line into the run's logs. The run ends Failed with the exit code when the pro
 fails, and Cancelled when the run is cancelled: the job runner watches its own flow run
 and, on Cancelling, kills the program's whole process group.
 
-Parameters (what ``Executable.runner_parameters`` produces):
-
-- ``executable``: ``{"kind": "command", "command": [...]}``,
-  ``{"kind": "module", "module": "pkg.mod", "path": "/code", "image": optional}``,
-  ``{"kind": "commands", "commands": ["bash line", ...], "path": ..., "image": optional}``
-  or ``{"kind": "container", "image": "docker://alpine:3"}``;
-- ``args``: the argv tail, already rendered from XManager-style args;
-- ``env``: extra environment variables for the program;
-- ``working_dir``: the program's working directory.
+Its parameters are the job's program (core/job_spec.py reads them, for every place that
+starts a job).
 """
 
 from __future__ import annotations
@@ -22,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
-import shutil
 import signal
 import sys
 from typing import Any, Callable, Optional
@@ -30,6 +22,8 @@ from typing import Any, Callable, Optional
 from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import StateType
 from prefect.states import Cancelled, Failed
+
+from prefect_xm.core.job_spec import JobSpecError, job_program
 
 JOB_RUNNER_FLOW_NAME = "xm-job-runner"
 CANCEL_POLL_SECONDS = float(os.environ.get("PREFECT_XM_CANCEL_POLL_SECONDS", "1.0"))
@@ -51,65 +45,6 @@ def _kill_live_groups() -> None:
 
 
 atexit.register(_kill_live_groups)
-
-
-class JobSpecError(ValueError):
-    """The executable parameter does not describe a runnable program."""
-
-
-def _container_runtime() -> Optional[str]:
-    for name in ("apptainer", "singularity"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
-def build_argv(executable: dict[str, Any], args: list[str], *, on_node: bool = False) -> tuple[list[str], dict[str, str]]:
-    """The program's argv and extra env for an executable spec. Pure but for PATH lookups.
-
-    on_node: the argv is for a batch script on a compute node (direct execution), not for
-    this process: programs are named for the node's PATH (python3, apptainer) and
-    nothing is taken from this machine's environment."""
-    kind = executable.get("kind", "command")
-    extra_env: dict[str, str] = {}
-    image = executable.get("image")
-    path = executable.get("path")
-    args = [str(a) for a in args]
-    if kind == "command":
-        command = executable.get("command")
-        if not command or isinstance(command, str):
-            raise JobSpecError(f"executable.command must be a non-empty argv list, got {command!r}")
-        return [str(c) for c in command] + args, extra_env
-    runtime = ("apptainer" if on_node else _container_runtime()) if image else None
-    if kind == "container":
-        if not image:
-            raise JobSpecError("executable.image is required for kind 'container'")
-        if runtime is None:
-            raise JobSpecError(f"container {image!r}: neither apptainer nor singularity is installed here")
-        return [runtime, "run", image] + args, extra_env
-    if kind in ("module", "commands"):
-        if path:
-            inherited = "" if on_node else os.environ.get("PYTHONPATH", "")
-            extra_env["PYTHONPATH"] = path + (os.pathsep + inherited if inherited else "")
-        if kind == "module":
-            module = executable.get("module")
-            if not module:
-                raise JobSpecError("executable.module is required for kind 'module'")
-            inner = ["python3" if runtime or on_node else sys.executable, "-m", module]
-        else:
-            commands = executable.get("commands")
-            if not commands:
-                raise JobSpecError("executable.commands is required for kind 'commands'")
-            # The user's own bash lines, as XManager's entrypoint.sh runs them: the job's
-            # args appended to the last command. They are positional parameters ("$@",
-            # quoted: each arg one word), never text the shell reads.
-            inner = ["bash", "-c", "\n".join(commands) + ' "$@"', "xm-entrypoint"]
-        if runtime:
-            bind = ["--bind", path, "--pwd", path] if path else []
-            return [runtime, "exec", *bind, image, *inner] + args, extra_env
-        return inner + args, extra_env
-    raise JobSpecError(f"unknown executable kind {kind!r}")
 
 
 def _kill_group(proc: asyncio.subprocess.Process, sig: int) -> None:
@@ -170,11 +105,9 @@ async def run_job(
     from prefect.context import FlowRunContext
 
     logger = get_run_logger()
-    argv, extra_env = build_argv(executable, list(args or []))
-    child_env = dict(os.environ)
-    child_env.update(extra_env)
-    child_env.update({str(k): str(v) for k, v in (env or {}).items()})
-    cwd = working_dir or None
+    job = job_program(dict(executable=executable, args=args, env=env, working_dir=working_dir))
+    argv, cwd = job.argv, job.working_dir
+    child_env = {**os.environ, **job.env}
     logger.info("starting %s (%d args)", argv[0], len(argv) - 1)
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -305,21 +238,20 @@ async def run_direct(client, flow_run_id, parameters: dict[str, Any],
     proc: Optional[asyncio.subprocess.Process] = None
     try:
         try:
-            argv, extra_env = build_argv(parameters["executable"], list(parameters.get("args") or []))
-        except (JobSpecError, KeyError) as e:
+            job = job_program(parameters)
+        except JobSpecError as e:
             await client.set_flow_run_state(flow_run_id, Failed(message=f"bad job: {e}"), force=True)
             return StateType.FAILED
+        argv = job.argv
         result = await client.set_flow_run_state(flow_run_id, Running())
         if result.state is None or not result.state.is_running():
             return result.state.type if result.state is not None else StateType.PENDING
-        child_env = dict(os.environ)
-        child_env.update(extra_env)
-        child_env.update({str(k): str(v) for k, v in (parameters.get("env") or {}).items()})
+        child_env = {**os.environ, **job.env}
         logs.emit(f"starting {argv[0]} ({len(argv) - 1} args)")
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, cwd=parameters.get("working_dir") or None, env=child_env,
+                stderr=asyncio.subprocess.PIPE, cwd=job.working_dir, env=child_env,
                 start_new_session=True, limit=1 << 20,
             )
         except OSError as e:

@@ -8,6 +8,7 @@ import asyncio
 import re
 from typing import TYPE_CHECKING, Any, Optional
 
+from prefect_xm.core.job_spec import JobSpecError, job_program
 from prefect_xm.workers.configuration import ENV_NAME
 from prefect_xm.workers.scheduler import SubmissionError
 
@@ -25,27 +26,24 @@ def direct_program(flow_run: "FlowRun", pool_env: dict[str, Any]) -> tuple[list[
     script that runs it directly: the argv the job runner would build on the node, the
     job's env over the pool's, and none of Prefect's variables (no API URL, no key: the
     node needs neither, and the key must not travel)."""
-    from prefect_xm.flows.job_runner import JobSpecError, build_argv
-
     parameters = flow_run.parameters or {}
     if not isinstance(parameters.get("executable"), dict):
         raise SubmissionError(
             f"execution: 'direct' runs the program of a prefect-xm job-runner run; flow run {flow_run.id} has "
             f"no 'executable' parameter (a flow of its own: set the job variable execution to 'engine')")
     try:
-        argv, extra_env = build_argv(parameters["executable"], list(parameters.get("args") or []), on_node=True)
+        job = job_program(parameters, on_node=True)
     except JobSpecError as e:
         raise SubmissionError(f"executable: {e}") from None
     env = {k: str(v) for k, v in pool_env.items() if not k.startswith("PREFECT_")}
-    env.update(extra_env)
-    env.update({str(k): str(v) for k, v in (parameters.get("env") or {}).items()})
+    env.update(job.env)
     for name in env:
         if not ENV_NAME.fullmatch(name):
             raise SubmissionError(f"env: {name!r} is not a valid environment variable name")
-    working_dir = parameters.get("working_dir") or None
+    working_dir = job.working_dir
     if working_dir is not None and (not str(working_dir).strip() or re.search(r"\s", str(working_dir))):
         raise SubmissionError(f"working_dir: {working_dir!r} must be a path without spaces or line breaks")
-    return argv, env, working_dir
+    return job.argv, env, working_dir
 
 
 #: the logger (a child of the run's) under which a direct job's output lines reach its logs
