@@ -6,7 +6,8 @@ A launch script written for XManager ports by changing its imports to
 
 from prefect_xm.core import job_operators
 from prefect_xm.core.args import SequentialArgs, ShellSafeArg, UserArgs, merge_args, to_argv
-from prefect_xm.core.api import Experiment, LaunchedJob, WorkUnit, WorkUnitCompletedAwaitable
+from prefect_xm.core.api import Experiment
+from prefect_xm.core.work_units import LaunchedJob, WorkUnit, WorkUnitCompletedAwaitable
 from prefect_xm.core.job_blocks import (
     BazelBinary,
     BazelContainer,
