@@ -1,13 +1,6 @@
-"""Executors: where a job runs.
-
-An executor is a Prefect work pool plus that pool's job variables. ``Local`` is the
-embedded default (no pool: the job-runner flow runs in the launching process, the
-program in a subprocess). ``Slurm``, ``SGE``, ``PBS``, ``LSF`` and ``HTCondor`` target our
-workers' pools, ``Docker``, ``Kubernetes`` and ``Vertex`` the stock ones, ``WorkPool`` any.
-Job variables are checked against the pool's variable schema (core/deployments.py, read
-from the Prefect API) before anything is submitted, because Prefect silently drops job
-variables a pool does not declare.
-"""
+"""The executors of Prefect's stock container pools: Docker, Kubernetes (GKE
+accelerators, TPUs) and Vertex AI (its machine table), each with its mapping of
+JobRequirements to the pool's job variables."""
 
 from __future__ import annotations
 
@@ -15,393 +8,11 @@ import dataclasses
 import datetime
 import math
 import re
-from typing import Any, ClassVar, Mapping, Optional, Sequence
-
-import pydantic
+from typing import Any, Mapping, Optional, Sequence
 
 from prefect_xm.core.job_blocks import Executor, ExecutorSpec
 from prefect_xm.core.resources import GiB, KiB, MiB, TiB, JobRequirements, ResourceType
-
-
-def _check_requirements(value: Any, where: str, clusters: bool = False) -> JobRequirements:
-    if value is None:
-        return JobRequirements()
-    if not isinstance(value, JobRequirements):
-        raise ValueError(f"{where}.requirements must be xm.JobRequirements, got {value!r}")
-    if value.cluster is not None and not clusters:
-        raise ValueError(f"{where}: JobRequirements(cluster={value.cluster!r}) is for the batch executors "
-                         f"(Slurm, SGE, PBS, LSF, HTCondor); {where} chooses where it runs by its work pool")
-    return value
-
-
-# ------------------------------------------------------------------------- Local
-
-
-class LocalSpec(ExecutorSpec):
-    """Package for the Local executor."""
-
-    runs_locally = True
-
-    def __repr__(self) -> str:
-        return "Local.Spec()"
-
-
-@dataclasses.dataclass
-class DockerOptions:
-    """XManager's options for a Local job in a Docker container (ports, volumes, ...).
-    Local containers run here with Apptainer/Singularity (no Docker engine is assumed),
-    which has no such options: a Local job with docker_options whose executable is a
-    container is refused at add(); for other executables they do nothing (as in XManager)."""
-
-    ports: Optional[Mapping[Any, Any]] = None
-    volumes: Optional[Mapping[str, str]] = None
-    mount_gcs_path: bool = True
-    interactive: bool = False
-
-
-@dataclasses.dataclass
-class Local(Executor):
-    """Runs jobs on this machine: each job is a flow run of the job-runner flow executed
-    by the launching process, its program a subprocess in its own process group.
-
-    requirements are recorded but not enforced locally. experimental_stream_output (on
-    by default, as in XManager): each line the program writes is also printed on the
-    launcher's terminal, prefixed with the job's name; its run's logs have it either way.
-    """
-
-    requirements: Optional[JobRequirements] = None
-    docker_options: Optional[DockerOptions] = None
-    experimental_stream_output: bool = True
-
-    def __post_init__(self) -> None:
-        self.requirements = _check_requirements(self.requirements, "Local")
-        if self.docker_options is not None and not isinstance(self.docker_options, DockerOptions):
-            raise ValueError(f"Local.docker_options must be xm_local.DockerOptions, got {self.docker_options!r}")
-        if not isinstance(self.experimental_stream_output, bool):
-            raise ValueError(f"Local.experimental_stream_output must be True or False, "
-                             f"got {self.experimental_stream_output!r}")
-
-    work_pool_name = None
-
-    def runner_parameters(self, params: dict[str, Any]) -> dict[str, Any]:
-        if self.docker_options is not None and (params.get("executable") or {}).get("kind") == "container":
-            raise ValueError(f"Local(docker_options={self.docker_options!r}): Local containers run with "
-                             f"Apptainer here, which takes no Docker options; use a Docker pool "
-                             f"(xm_local.Docker(..., volumes=[...])) for them")
-        return params
-
-    @classmethod
-    def Spec(cls) -> LocalSpec:  # noqa: N802
-        return LocalSpec()
-
-
-# ----------------------------------------------- batch schedulers: Slurm, SGE, PBS, LSF, HTCondor
-
-
-class BatchSpec(ExecutorSpec):
-    """Package for a batch scheduler's executor (the code must be on a filesystem the
-    compute nodes see)."""
-
-    executor_name = "Batch"
-
-    def __repr__(self) -> str:
-        return f"{self.executor_name}.Spec()"
-
-
-#: options of every batch executor, job variables of every batch pool (BatchJobConfiguration)
-COMMON_OPTIONS = ("modules", "setup_commands", "extra_directives", "working_dir", "job_name")
-
-
-class _BatchExecutor(Executor):
-    """A job on one of our batch workers' pools. The scheduler's own module maps
-    JobRequirements and ``time`` to its job variables (``requirements_variables`` and
-    ``time_limit`` beside its worker); here are the options every scheduler shares.
-    Every value is checked by the worker's own job configuration as it is built, so a
-    bad one fails here, naming the executor's field and the value."""
-
-    #: the module of this scheduler's worker, which holds its mapping
-    worker_module: ClassVar[str]
-    #: its job configuration's class, whose validators check what we produce
-    configuration_class: ClassVar[str]
-    #: this executor's own options that are job variables of the same name
-    options: ClassVar[tuple[str, ...]]
-
-    def _configure(self, requirements: Optional[JobRequirements], time: Any, options: Mapping[str, Any],
-                   common: Mapping[str, Any], job_variables: Optional[Mapping[str, Any]],
-                   work_pool: Optional[str]) -> None:
-        name = type(self).__name__
-        self.requirements = _check_requirements(requirements, name, clusters=True)
-        if self.requirements.location is not None:
-            raise ValueError(
-                f"{name}: JobRequirements.location={self.requirements.location!r} is not supported; "
-                f"use the scheduler's queue or partition, or a separate work pool")
-        if not isinstance(work_pool, str) or not work_pool.strip():
-            raise ValueError(f"{name}.work_pool must be a non-empty string, got {work_pool!r}")
-        # (their types and syntax are the job configuration's to check, in job_variables)
-        for field, value in {**options, **common}.items():
-            if isinstance(value, str) and not value.strip():
-                raise ValueError(f"{name}.{field} must be a non-empty string, got {value!r}")
-        for field in ("modules", "setup_commands", "extra_directives"):
-            value = common[field]
-            if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
-                raise ValueError(f"{name}.{field} must be a list of strings, got {value!r}")
-        if job_variables is not None and not isinstance(job_variables, Mapping):
-            raise ValueError(f"{name}.job_variables must be a dict, got {job_variables!r}")
-        # read back as attributes too (Slurm(...).partition), as XManager's executors are
-        for field, value in {**options, **common}.items():
-            setattr(self, field, list(value) if isinstance(value, (list, tuple)) else value)
-        self.time = time
-        self.job_variables_ = dict(job_variables or {})
-        self.work_pool = work_pool
-        self.job_variables()  # fail early, before anything is submitted
-
-    @property
-    def work_pool_name(self) -> str:  # type: ignore[override]
-        return self.work_pool
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(work_pool={self.work_pool!r}, job_variables={self.job_variables()!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and (self.work_pool, self.job_variables()) == (
-            other.work_pool, other.job_variables())  # type: ignore[attr-defined]
-
-    @classmethod
-    def Spec(cls) -> BatchSpec:  # noqa: N802
-        spec = BatchSpec()
-        spec.executor_name = cls.__name__
-        return spec
-
-    def job_variables(self) -> dict[str, Any]:
-        import importlib
-
-        name = type(self).__name__
-        scheduler = importlib.import_module(self.worker_module)
-        chosen = {f: getattr(self, f) for f in (*self.options, *COMMON_OPTIONS) if getattr(self, f) is not None}
-        out: dict[str, Any] = scheduler.requirements_variables(self.requirements, chosen)
-        out.update(chosen)
-        if self.requirements.cluster is not None:
-            # one pool, several clusters: each is its login node's SSH Connection block
-            out["ssh_block"] = self.requirements.cluster
-        if self.time is not None:
-            try:
-                out["time_limit"] = scheduler.time_limit(self.time)
-            except ValueError as e:  # "time: ..." -> "SGE.time: ..."
-                raise ValueError(f"{name}.{e}") from None
-        for key, value in self.job_variables_.items():
-            if key in out and out[key] != value:
-                raise ValueError(f"{name}: job variable {key!r} given both by an option ({out[key]!r}) "
-                                 f"and in job_variables ({value!r})")
-            out[key] = value
-        configuration = getattr(scheduler, self.configuration_class)
-        fields = {k: v for k, v in out.items() if k in configuration.model_fields}
-        try:
-            configuration.model_validate(fields)
-        except pydantic.ValidationError as e:
-            error = e.errors()[0]
-            field = ".".join(map(str, error["loc"]))
-            reason = str(error.get("ctx", {}).get("error") or error["msg"])
-            value = fields.get(field, error.get("input"))
-            # named as the user wrote it: Slurm.time='two hours', Slurm.partition=5
-            given = ("time" if field == "time_limit" and self.time is not None
-                     else field if field in chosen else None)
-            where = f"{name}.{given}={self.time if given == 'time' else value!r}" if given else \
-                f"{name}: job variable {field}={value!r}"
-            raise ValueError(f"{where}: {reason}") from None
-        return out
-
-
-class Slurm(_BatchExecutor):
-    """A job on a Slurm cluster through an ``xm-slurm`` work pool.
-
-    ``Slurm(requirements=xm.JobRequirements(cpu=4, memory=16*xm.GiB, a100=2),
-    partition='gpu', time='1-00:00:00')``. Requirements map to the pool's job variables:
-    cpu -> cpus_per_task, memory -> memory ('16G'), accelerators -> gpus + gpu_type,
-    replicas -> ntasks. ``time``: Slurm's syntax, an int of minutes or a timedelta.
-    ``job_variables`` passes further variables verbatim; all are checked against the
-    pool's schema before submission.
-    """
-
-    worker_module = "prefect_xm.workers.slurm"
-    configuration_class = "SlurmJobConfiguration"
-    options = ("partition", "account", "qos", "nodes", "constraint")
-
-    def __init__(self, requirements: Optional[JobRequirements] = None, *, partition: Optional[str] = None,
-                 account: Optional[str] = None, qos: Optional[str] = None, time: Any = None,
-                 nodes: Optional[int] = None, constraint: Optional[str] = None,
-                 modules: Optional[Sequence[str]] = None, setup_commands: Optional[Sequence[str]] = None,
-                 extra_directives: Optional[Sequence[str]] = None, working_dir: Optional[str] = None,
-                 job_name: Optional[str] = None, job_variables: Optional[Mapping[str, Any]] = None,
-                 work_pool: str = "xm-slurm") -> None:
-        if nodes is not None and (isinstance(nodes, bool) or not isinstance(nodes, int) or nodes <= 0):
-            raise ValueError(f"Slurm.nodes must be a positive int, got {nodes!r}")
-        self._configure(requirements, time,
-                        dict(partition=partition, account=account, qos=qos, nodes=nodes, constraint=constraint),
-                        dict(modules=modules, setup_commands=setup_commands, extra_directives=extra_directives,
-                             working_dir=working_dir, job_name=job_name), job_variables, work_pool)
-
-
-class SGE(_BatchExecutor):
-    """A job on a Sun/Son of/Univa Grid Engine cluster through an ``xm-sge`` work pool.
-
-    ``SGE(requirements=xm.JobRequirements(cpu=4, memory=16*xm.GiB, gpu=1), queue='gpu.q',
-    time=datetime.timedelta(hours=2))``. cpu -> slots (in the pool's parallel environment,
-    ``parallel_environment`` here), memory -> memory per slot (h_vmem: the job's memory
-    divided among its slots), GPUs -> gpus (-l <gpu_resource>=N; a GPU type has no
-    standard SGE name and is refused). ``time``: h_rt's syntax, an int of minutes or a
-    timedelta.
-    """
-
-    worker_module = "prefect_xm.workers.sge"
-    configuration_class = "SgeJobConfiguration"
-    options = ("queue", "project", "parallel_environment")
-
-    def __init__(self, requirements: Optional[JobRequirements] = None, *, queue: Optional[str] = None,
-                 project: Optional[str] = None, parallel_environment: Optional[str] = None, time: Any = None,
-                 modules: Optional[Sequence[str]] = None, setup_commands: Optional[Sequence[str]] = None,
-                 extra_directives: Optional[Sequence[str]] = None, working_dir: Optional[str] = None,
-                 job_name: Optional[str] = None, job_variables: Optional[Mapping[str, Any]] = None,
-                 work_pool: str = "xm-sge") -> None:
-        self._configure(requirements, time,
-                        dict(queue=queue, project=project, parallel_environment=parallel_environment),
-                        dict(modules=modules, setup_commands=setup_commands, extra_directives=extra_directives,
-                             working_dir=working_dir, job_name=job_name), job_variables, work_pool)
-
-
-class PBS(_BatchExecutor):
-    """A job on a PBS Pro/OpenPBS or Torque cluster through an ``xm-pbs`` work pool.
-
-    ``PBS(requirements=xm.JobRequirements(cpu=8, memory=32*xm.GiB, replicas=2), queue='workq',
-    time='12:00:00')``. replicas -> nodes (chunks), cpu -> cpus per chunk (ncpus, Torque's
-    ppn), GPUs -> gpus (ngpus; a GPU type is refused), memory -> memory: per chunk on PBS
-    Pro, the whole job's on Torque (``dialect='torque'``). ``time``: walltime's syntax, an
-    int of minutes or a timedelta.
-    """
-
-    worker_module = "prefect_xm.workers.pbs"
-    configuration_class = "PbsJobConfiguration"
-    options = ("queue", "account", "dialect")
-
-    def __init__(self, requirements: Optional[JobRequirements] = None, *, queue: Optional[str] = None,
-                 account: Optional[str] = None, dialect: Optional[str] = None, time: Any = None,
-                 modules: Optional[Sequence[str]] = None, setup_commands: Optional[Sequence[str]] = None,
-                 extra_directives: Optional[Sequence[str]] = None, working_dir: Optional[str] = None,
-                 job_name: Optional[str] = None, job_variables: Optional[Mapping[str, Any]] = None,
-                 work_pool: str = "xm-pbs") -> None:
-        self._configure(requirements, time, dict(queue=queue, account=account, dialect=dialect),
-                        dict(modules=modules, setup_commands=setup_commands, extra_directives=extra_directives,
-                             working_dir=working_dir, job_name=job_name), job_variables, work_pool)
-
-
-class LSF(_BatchExecutor):
-    """A job on an IBM Spectrum LSF cluster through an ``xm-lsf`` work pool.
-
-    ``LSF(requirements=xm.JobRequirements(cpu=4, memory=16*xm.GiB, gpu=2), queue='normal',
-    time=90)``. cpu -> slots (-n), memory -> memory (-M, '16GB'), GPUs -> gpus (-gpu num=N;
-    a GPU type is refused: name your site's model with job_variables={'gpu_model': ...}).
-    ``resources`` is a -R string. ``time``: -W's syntax ([H:]M), an int of minutes or a
-    timedelta.
-    """
-
-    worker_module = "prefect_xm.workers.lsf"
-    configuration_class = "LsfJobConfiguration"
-    options = ("queue", "project", "resources")
-
-    def __init__(self, requirements: Optional[JobRequirements] = None, *, queue: Optional[str] = None,
-                 project: Optional[str] = None, resources: Optional[str] = None, time: Any = None,
-                 modules: Optional[Sequence[str]] = None, setup_commands: Optional[Sequence[str]] = None,
-                 extra_directives: Optional[Sequence[str]] = None, working_dir: Optional[str] = None,
-                 job_name: Optional[str] = None, job_variables: Optional[Mapping[str, Any]] = None,
-                 work_pool: str = "xm-lsf") -> None:
-        self._configure(requirements, time, dict(queue=queue, project=project, resources=resources),
-                        dict(modules=modules, setup_commands=setup_commands, extra_directives=extra_directives,
-                             working_dir=working_dir, job_name=job_name), job_variables, work_pool)
-
-
-class HTCondor(_BatchExecutor):
-    """A job on an HTCondor pool through an ``xm-htcondor`` work pool.
-
-    ``HTCondor(requirements=xm.JobRequirements(cpu=2, memory=8*xm.GiB, gpu=1),
-    accounting_group='group_physics.alice')``. cpu -> request_cpus, memory ->
-    request_memory ('8GB'), GPUs -> request_gpus (a GPU type is refused: match it with a
-    ClassAd expression in job_variables={'requirements': ...}). ``time``: minutes as an
-    int, 'H:MM:SS' or a timedelta.
-    """
-
-    worker_module = "prefect_xm.workers.htcondor"
-    configuration_class = "HTCondorJobConfiguration"
-    options = ("accounting_group", "universe")
-
-    def __init__(self, requirements: Optional[JobRequirements] = None, *,
-                 accounting_group: Optional[str] = None, universe: Optional[str] = None, time: Any = None,
-                 modules: Optional[Sequence[str]] = None, setup_commands: Optional[Sequence[str]] = None,
-                 extra_directives: Optional[Sequence[str]] = None, working_dir: Optional[str] = None,
-                 job_name: Optional[str] = None, job_variables: Optional[Mapping[str, Any]] = None,
-                 work_pool: str = "xm-htcondor") -> None:
-        self._configure(requirements, time, dict(accounting_group=accounting_group, universe=universe),
-                        dict(modules=modules, setup_commands=setup_commands, extra_directives=extra_directives,
-                             working_dir=working_dir, job_name=job_name), job_variables, work_pool)
-
-
-#: XManager-era name of the Slurm executor's spec
-SlurmSpec = BatchSpec
-
-
-# ------------------------------------------------------------- any work pool
-
-
-class WorkPoolSpec(ExecutorSpec):
-    """Package for a job on a work pool (the code must be where the pool's workers run)."""
-
-    def __repr__(self) -> str:
-        return "WorkPool.Spec()"
-
-
-class WorkPool(Executor):
-    """A job on any Prefect work pool, with its job variables given verbatim.
-
-    ``WorkPool("my-process-pool", job_variables={"working_dir": "/scratch"})``. This is
-    how schedulers without a dedicated executor class plug in; like the others, the
-    variables are checked against the pool's schema before submission.
-    """
-
-    def __init__(self, work_pool: str, job_variables: Optional[Mapping[str, Any]] = None,
-                 requirements: Optional[JobRequirements] = None) -> None:
-        if not isinstance(work_pool, str) or not work_pool.strip():
-            raise ValueError(f"WorkPool.work_pool must be a non-empty string, got {work_pool!r}")
-        if job_variables is not None and not isinstance(job_variables, Mapping):
-            raise ValueError(f"WorkPool.job_variables must be a dict, got {job_variables!r}")
-        self.work_pool = work_pool
-        self.job_variables_ = dict(job_variables or {})
-        self.requirements = _check_requirements(requirements, "WorkPool")
-
-    @property
-    def work_pool_name(self) -> str:  # type: ignore[override]
-        return self.work_pool
-
-    @classmethod
-    def Spec(cls) -> WorkPoolSpec:  # noqa: N802
-        return WorkPoolSpec()
-
-    def job_variables(self) -> dict[str, Any]:
-        return dict(self.job_variables_)
-
-    def __repr__(self) -> str:
-        return f"WorkPool({self.work_pool!r}, job_variables={self.job_variables_!r})"
-
-
-# ------------------------------------------- stock workers: Docker, Kubernetes, Vertex AI
-
-
-def _check_str(owner: str, field: str, value: Any) -> None:
-    if value is not None and (not isinstance(value, str) or not value.strip()):
-        raise ValueError(f"{owner}.{field} must be a non-empty string, got {value!r}")
-
-
-def _check_str_dict(owner: str, field: str, value: Any) -> None:
-    if value is not None and (not isinstance(value, Mapping)
-                              or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())):
-        raise ValueError(f"{owner}.{field} must be a dict of strings, got {value!r}")
+from prefect_xm.executors.checks import check_requirements, check_str, check_str_dict
 
 
 class ContainerSpec(ExecutorSpec):
@@ -416,7 +27,7 @@ class ContainerSpec(ExecutorSpec):
 
     def __init__(self, push_image_tag: Optional[str] = None, *, executor_name: str = "ContainerSpec",
                  needs_registry: bool = False) -> None:
-        _check_str(f"{executor_name}.Spec", "push_image_tag", push_image_tag)
+        check_str(f"{executor_name}.Spec", "push_image_tag", push_image_tag)
         self.push_image_tag = push_image_tag
         self.executor_name = executor_name
         self.needs_registry = needs_registry
@@ -453,10 +64,10 @@ class _ContainerExecutor(Executor):
                  env: Optional[Mapping[str, str]], job_variables: Optional[Mapping[str, Any]],
                  work_pool: Optional[str]) -> None:
         owner = type(self).__name__
-        self.requirements = _check_requirements(requirements, owner)
-        _check_str(owner, "image", image)
-        _check_str(owner, "work_pool", work_pool)
-        _check_str_dict(owner, "env", env)
+        self.requirements = check_requirements(requirements, owner)
+        check_str(owner, "image", image)
+        check_str(owner, "work_pool", work_pool)
+        check_str_dict(owner, "env", env)
         if job_variables is not None and not isinstance(job_variables, Mapping):
             raise ValueError(f"{owner}.job_variables must be a dict, got {job_variables!r}")
         self.image = image
@@ -572,7 +183,7 @@ class Docker(_ContainerExecutor):
         super().__init__(requirements, image, env, job_variables, work_pool)
         if volumes is not None and (isinstance(volumes, str) or not all(isinstance(v, str) for v in volumes)):
             raise ValueError(f"Docker.volumes must be a list of 'host:container' strings, got {volumes!r}")
-        _check_str("Docker", "network_mode", network_mode)
+        check_str("Docker", "network_mode", network_mode)
         if self.requirements.location is not None:
             raise ValueError(f"Docker: JobRequirements.location={self.requirements.location!r} is not supported; "
                              f"use a work pool whose workers run there")
@@ -703,10 +314,10 @@ class Kubernetes(_ContainerExecutor):
         if tpu_capability is not None:
             raise ValueError(f"Kubernetes: tpu_capability={tpu_capability!r} is not supported (no TPUs on "
                              f"Kubernetes pools here)")
-        _check_str("Kubernetes", "namespace", namespace)
-        _check_str("Kubernetes", "accelerator_label", accelerator_label)
-        _check_str("Kubernetes", "service_account_name", service_account_name)
-        _check_str_dict("Kubernetes", "node_selector", node_selector)
+        check_str("Kubernetes", "namespace", namespace)
+        check_str("Kubernetes", "accelerator_label", accelerator_label)
+        check_str("Kubernetes", "service_account_name", service_account_name)
+        check_str_dict("Kubernetes", "node_selector", node_selector)
         unsupported = sorted(k for k, v in xmanager_options.items() if v)
         if unsupported:  # XManager's cloud_provider/tolerations/...: no stock template variable
             raise ValueError(f"Kubernetes: option(s) {', '.join(unsupported)} are not supported; "
@@ -854,7 +465,7 @@ class Vertex(_ContainerExecutor):
                  env: Optional[Mapping[str, str]] = None, job_variables: Optional[Mapping[str, Any]] = None,
                  work_pool: str = "vertex-ai", **xmanager_options: Any) -> None:
         super().__init__(requirements, image, env, job_variables, work_pool)
-        _check_str("Vertex", "service_account_name", service_account_name)
+        check_str("Vertex", "service_account_name", service_account_name)
         if tensorboard is not None and not isinstance(tensorboard, TensorboardCapability):
             raise ValueError(f"Vertex.tensorboard must be an xm_local.TensorboardCapability, got {tensorboard!r}")
         unsupported = sorted(k for k, v in xmanager_options.items() if v)
