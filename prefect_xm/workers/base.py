@@ -249,7 +249,9 @@ class BatchWorker(BatchCancellation, BatchRecovery, BulkPrefectCalls, BaseWorker
         """The batch script of one run; `names` replaces the run's own names (job name,
         paths, env file) with an array's."""
         env = jinja2.sandbox.SandboxedEnvironment(
-            undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
+            undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False,
+            # (a template may include the default scripts' run section, run.sh.j2)
+            loader=jinja2.FileSystemLoader(TEMPLATES),
         )
         env.filters["q"] = lambda v: shlex.quote(str(v))
         context = configuration.model_dump(exclude={"env"})
