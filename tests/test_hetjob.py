@@ -104,7 +104,7 @@ class _Worker:
     def __init__(self):
         self.calls = []
 
-    def _spawn(self, coro):
+    def spawn(self, coro):
         return asyncio.ensure_future(coro)
 
     async def submit_single(self, flow_run, *args):

@@ -186,7 +186,8 @@ class BatchWorker(BatchCancellation, BatchRecovery, BulkPrefectCalls, BaseWorker
         array = scheduler.array_of(followed.job_id)
         return f"{scheduler.name} array {array} task" if array else f"{scheduler.name} job {followed.job_id}"
 
-    def _spawn(self, coro) -> asyncio.Task:
+    def spawn(self, coro) -> asyncio.Task:
+        """A background task of the worker's (kept until it ends; cancelled at teardown)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -351,7 +352,7 @@ class BatchWorker(BatchCancellation, BatchRecovery, BulkPrefectCalls, BaseWorker
         scheduler has them, the pool (or the member) leaves them on, and the member runs
         its program directly (its exit code is then the member's end)."""
         return (bool(self.scheduler_for(configuration).het_separator) and configuration.execution == DIRECT
-                and bool(getattr(configuration, "het_job", False)))
+                and configuration.gangs_as_one_job())
 
     async def submit_het_job(self, members: list[HetMember]) -> list[str]:
         """The gang's members as one heterogeneous job, one component each, in order;
@@ -596,7 +597,7 @@ class BatchWorker(BatchCancellation, BatchRecovery, BulkPrefectCalls, BaseWorker
                 except Exception as e:  # following the job matters more than a repeated line
                     logger.warning(f"could not tell which output lines are in the logs already "
                                    f"({type(e).__name__}: {e}); shipping the output from its start")
-        pump = self._spawn(output.follow(self.poll_interval)) if output else None
+        pump = self.spawn(output.follow(self.poll_interval)) if output else None
         requeues_seen = followed.tracked.requeues
         try:
             status = followed.tracked.status
@@ -701,7 +702,7 @@ class BatchWorker(BatchCancellation, BatchRecovery, BulkPrefectCalls, BaseWorker
         if end.gives_up:
             followed.extra["gave_up"] = end.message
             followed.cancel_requested = True
-            followed.cancel_task = self._spawn(
+            followed.cancel_task = self.spawn(
                 self.cancel_job(followed.poller.scheduler, followed.job_id, followed.transport, 30, status.state,
                                 followed))
             return

@@ -131,7 +131,7 @@ class BatchCancellation:
         self.get_flow_run_logger(run).info(
             f"Flow run is cancelling: cancelling {followed.poller.scheduler.name} job {followed.job_id}"
         )
-        followed.cancel_task = self._spawn(
+        followed.cancel_task = self.spawn(
             self.cancel_job(followed.poller.scheduler, followed.job_id, followed.transport, 30,
                             followed.tracked.status.state, followed)
         )
@@ -141,7 +141,7 @@ class BatchCancellation:
         Prefect's cancellation observer ask for it)."""
         key = (cluster, array)
         if key not in self._array_settles:
-            task = self._spawn(self.settle_array_cancel(cluster, array))
+            task = self.spawn(self.settle_array_cancel(cluster, array))
             self._array_settles[key] = task
             task.add_done_callback(lambda _: self._array_settles.pop(key, None))
         return self._array_settles[key]
@@ -193,7 +193,7 @@ class BatchCancellation:
             self.get_flow_run_logger(run).info(
                 f"Flow run is cancelling with the rest of its array: cancelling "
                 f"{members[0].poller.scheduler.name} array {array} ({len(members)} tasks)")
-        task = self._spawn(self.cancel_array(array, members))
+        task = self.spawn(self.cancel_array(array, members))
         self._array_cancels[key] = task
         # kept a while for Prefect's late asks about its tasks (no second command), then
         # dropped: a long-lived worker sees many stopped arrays

@@ -231,6 +231,11 @@ class BatchJobConfiguration(BaseJobConfiguration):
             raise ValueError(f"cluster: {v!r} must be a non-empty name without ':'")
         return v
 
+    def gangs_as_one_job(self) -> bool:
+        """Whether this pool sends a gang to its scheduler as one heterogeneous job (a
+        scheduler that has them says so with a job variable of its own)."""
+        return False
+
     def prepare_for_flow_run(self, flow_run, deployment=None, flow=None, work_pool=None, worker_name=None, worker_id=None):
         default_command = self.command is None
         super().prepare_for_flow_run(

@@ -155,7 +155,7 @@ class HetMember(ArrayTask):
 class HetJobWorker(ArrayWorker, Protocol):
     """What of the worker (a BatchWorker) the gatherer calls (see arrays.ArrayWorker)."""
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task: ...
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task: ...
 
     async def submit_het_job(self, members: list[HetMember]) -> list[str]: ...
 
@@ -179,16 +179,16 @@ class HetJobGatherer:
         if gang in self._apart:
             member.log.warning("a member of the gang goes as a job of its own (heterogeneous jobs off for it): "
                                "submitted as separate jobs (the work unit's start deadline still holds the gang together)")
-            self.worker._spawn(self._submit_separately([member]))
+            self.worker.spawn(self._submit_separately([member]))
             return await asyncio.shield(member.job_id)
         members = self.gangs.setdefault(gang, [])
         members.append(member)
         if len(members) == 1:
             self._first[gang] = time.monotonic()
-            self.worker._spawn(self._give_up_after(gang))
+            self.worker.spawn(self._give_up_after(gang))
         if len({m.place.index for m in members}) == member.place.size:
             self._take(gang)
-            self.worker._spawn(self._submit(sorted(members, key=lambda m: m.place.index)))
+            self.worker.spawn(self._submit(sorted(members, key=lambda m: m.place.index)))
         return await asyncio.shield(member.job_id)
 
     def not_coming(self, place: GangPlace) -> None:
@@ -204,7 +204,7 @@ class HetJobGatherer:
                           f"for it): submitted as separate jobs (the work unit's start deadline still holds "
                           f"the gang together)")
         if members:
-            self.worker._spawn(self._submit_separately(members))
+            self.worker.spawn(self._submit_separately(members))
 
     def _take(self, gang: str) -> list[HetMember]:
         self._first.pop(gang, None)

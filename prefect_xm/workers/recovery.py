@@ -96,11 +96,11 @@ class BatchRecovery:
             followed.extra["resumed"] = True  # its output may be partly in the logs already
             if run.state and run.state.type == StateType.CANCELLING:
                 followed.cancel_requested = True
-                followed.cancel_task = self._spawn(
+                followed.cancel_task = self.spawn(
                     self.cancel_job(followed.poller.scheduler, job_id, followed.transport, 30, JobState.UNKNOWN,
                                     followed)
                 )
-            self._spawn(self._follow(run, followed, logger))
+            self.spawn(self._follow(run, followed, logger))
             adopted.append(run.id)
         return adopted
 
@@ -138,7 +138,7 @@ class BatchRecovery:
         await self.client.update_flow_run(run.id, infrastructure_pid=pid)
         logger.info(f"Found {scheduler.name} job {job_id} submitted by a worker that died; following it")
         followed = await self._start_following(run.id, job_id, configuration)
-        self._spawn(self._follow(run, followed, logger))
+        self.spawn(self._follow(run, followed, logger))
 
     async def _reschedule_abandoned(self, run: "FlowRun") -> None:
         """A run Pending for longer than any live worker takes to reach Submitting:

@@ -456,6 +456,9 @@ class SlurmJobConfiguration(BatchJobConfiguration):
         ),
     )
 
+    def gangs_as_one_job(self) -> bool:
+        return self.het_job
+
     @field_validator("time_limit")
     @classmethod
     def _time_limit(cls, v):
