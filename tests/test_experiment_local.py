@@ -484,8 +484,27 @@ def test_bad_input_raises_before_anything_is_submitted(api, tmp_path):
             experiment.add(xm.JobGroup(train=xm.Job(exe, xm_local.Local())), args={"evaluator": {}})
         with pytest.raises(ValueError, match="no-such-pool"):
             experiment.add(xm.Job(exe, xm_local.Slurm(work_pool="no-such-pool")))
+        with pytest.raises(ValueError, match="args must be a dict, got 'lr=0.1'"):
+            experiment.add(xm.Job(exe, xm_local.Local()), args="lr=0.1")
+        with pytest.raises(ValueError, match="expected a Job, a JobGroup or a job generator, got 'train.py'"):
+            experiment.add("train.py")
     assert experiment.work_units == {}
     assert _runs("xm-kind:work-unit", f"xm-experiment:{experiment.experiment_id}") == []
+
+
+async def test_bad_input_raises_the_same_in_an_async_launch_script(api, tmp_path):
+    """add_async checks what add checks, with the same words, before anything is submitted."""
+    from prefect_xm import xm, xm_local
+
+    async with xm_local.create_experiment(experiment_title="bad-input-async") as experiment:
+        [exe] = experiment.package([xm.Packageable(xm.Binary("/bin/true"), xm_local.Local.Spec())])
+        with pytest.raises(ValueError, match="evaluator"):
+            await experiment.add_async(xm.JobGroup(train=xm.Job(exe, xm_local.Local())), args={"evaluator": {}})
+        with pytest.raises(ValueError, match="args must be a dict, got 'lr=0.1'"):
+            await experiment.add_async(xm.Job(exe, xm_local.Local()), args="lr=0.1")
+        with pytest.raises(ValueError, match="expected a Job, a JobGroup or a job generator, got 'train.py'"):
+            await experiment.add_async("train.py")
+    assert experiment.work_units == {}
 
 
 async def test_async_launch_script_with_a_job_generator(api, tmp_path):

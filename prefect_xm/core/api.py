@@ -186,23 +186,29 @@ class Experiment:
         """
         if isinstance(args, (list, tuple)):
             return self._add_each(job, args, role, identity)
-        if args is not None and not isinstance(args, Mapping):
-            raise ValueError(f"experiment.add args must be a dict, got {args!r}")
-        job, role = _unit_role(job, role)
-        # Resolve the jobs now, so bad input raises before anything is submitted.
-        display_args: Any
-        if isinstance(job, (Job, JobGroup)):
-            resolved = apply_args(job, args)
-            display_args = jsonable(args) if args else _default_display_args(resolved)
-        elif callable(job):
+        job, role, resolved, display_args = self._unit_of(job, args, role)
+        if resolved is None:  # a job generator
             if not self._loaded:
                 Runtime.get().run(self._load())
             # An async generator only records jobs: it runs to its end on the runtime loop.
             resolved, display_args = Runtime.get().run(self._generate(job, args))
-        else:
-            raise ValueError(f"experiment.add: expected a Job, a JobGroup or a job generator, got {job!r}")
-        members = flatten_jobs(resolved)
-        return Runtime.get().run(self._add(members, display_args, identity, start_deadline_of(resolved), role))
+        return Runtime.get().run(self._add(flatten_jobs(resolved), display_args, identity,
+                                           start_deadline_of(resolved), role))
+
+    @staticmethod
+    def _unit_of(job: Any, args: Optional[Mapping[str, Any]], role: Optional[ExperimentUnitRole]
+                 ) -> tuple[Any, ExperimentUnitRole, Optional[Union[Job, JobGroup]], Any]:
+        """(job, role, its jobs with the args applied, the args it shows), checked before
+        anything is submitted; for a job generator, its jobs are None (it runs later)."""
+        if args is not None and not isinstance(args, Mapping):
+            raise ValueError(f"experiment.add args must be a dict, got {args!r}")
+        job, role = _unit_role(job, role)
+        if isinstance(job, (Job, JobGroup)):
+            resolved = apply_args(job, args)
+            return job, role, resolved, jsonable(args) if args else _default_display_args(resolved)
+        if callable(job):
+            return job, role, None, None
+        raise ValueError(f"experiment.add: expected a Job, a JobGroup or a job generator, got {job!r}")
 
     def _add_each(self, job: Any, args_list: Sequence[Any], role: Optional[ExperimentUnitRole],
                   identity: Optional[str]) -> list[WorkUnit]:
@@ -232,13 +238,11 @@ class Experiment:
                         role: Optional[ExperimentUnitRole] = None, identity: Optional[str] = None) -> WorkUnit:
         if isinstance(args, (list, tuple)):
             return [await self.add_async(job, a, role=role) for a in self._checked_args_list(job, args, identity)]
-        job, role = _unit_role(job, role)
-        if callable(job) and not isinstance(job, (Job, JobGroup)):
-            await Runtime.get().arun(self._load())
+        job, role, resolved, display_args = self._unit_of(job, args, role)
+        if resolved is None:  # a job generator
+            if not self._loaded:
+                await Runtime.get().arun(self._load())
             resolved, display_args = await self._generate(job, args)
-        else:
-            resolved = apply_args(job, args)
-            display_args = jsonable(args) if args else _default_display_args(resolved)
         return await Runtime.get().arun(self._add(flatten_jobs(resolved), display_args, identity,
                                                   start_deadline_of(resolved), role))
 
