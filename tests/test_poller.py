@@ -233,7 +233,7 @@ async def test_a_cancel_that_comes_after_the_job_ended_keeps_how_it_ended():
     gone without any record, e.g. SGE's deleted while pending)."""
     from unittest.mock import MagicMock
 
-    from prefect_xm.workers.base import FollowedRun
+    from prefect_xm.workers.followed import FollowedRun
     from prefect_xm.workers.slurm import SlurmWorker
 
     t = ScriptedTransport(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import dataclasses
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional, Protocol
 from uuid import UUID
 
 from prefect.client.schemas.objects import StateType
@@ -25,8 +25,13 @@ from prefect_xm.core.status import (
     ExperimentUnitStatus,
 )
 
-if TYPE_CHECKING:
-    from prefect_xm.core.api import Experiment
+
+
+class OwningExperiment(Protocol):
+    """What a unit reads of the experiment it belongs to (core/api.py's Experiment)."""
+
+    experiment_id: store.ExperimentId
+    experiment_title: str
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LaunchedJob:
@@ -76,7 +81,7 @@ class UnitNames:
     """XManager's names of a work unit, from its experiment and id: the unit itself and
     what a job generator receives as it (before the unit exists) say the same."""
 
-    experiment: "Experiment"
+    experiment: OwningExperiment
     work_unit_id: int
 
     @property
@@ -95,7 +100,7 @@ class UnitNames:
 class WorkUnit(UnitNames):
     """One trial of an experiment (a Job or a gang-scheduled JobGroup)."""
 
-    def __init__(self, experiment: "Experiment", work_unit_id: int, args: Any, flow_run_id: Optional[UUID],
+    def __init__(self, experiment: OwningExperiment, work_unit_id: int, args: Any, flow_run_id: Optional[UUID],
                  identity: Optional[str] = None) -> None:
         self.experiment = experiment
         self.work_unit_id = work_unit_id
@@ -258,7 +263,7 @@ class AuxiliaryUnit(WorkUnit):
     termination_delay_secs, unless it ended first. Its run is tagged
     `xm-kind:auxiliary-unit`, its jobs `xm-auxiliary-unit:<id>`."""
 
-    def __init__(self, experiment: "Experiment", unit_id: int, args: Any, role: AuxiliaryUnitRole,
+    def __init__(self, experiment: OwningExperiment, unit_id: int, args: Any, role: AuxiliaryUnitRole,
                  identity: Optional[str] = None) -> None:
         super().__init__(experiment, unit_id, args, None, identity=identity)
         self.role = role

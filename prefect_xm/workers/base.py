@@ -23,7 +23,6 @@ import os
 import shlex
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, TypeVar
 from uuid import UUID
@@ -57,6 +56,7 @@ from prefect_xm.workers.configuration import (
     job_name_prefix,
     variables_of,
 )
+from prefect_xm.workers.followed import FollowedRun
 from prefect_xm.workers.direct import JOB_OUTPUT_LOGGER, STDERR_PREFIX, DirectOutput, direct_program
 from prefect_xm.workers.hetjob import (
     GANG_STOP_FILE,
@@ -68,7 +68,7 @@ from prefect_xm.workers.hetjob import (
     het_script,
     member_end,
 )
-from prefect_xm.workers.poller import JobPoller, TrackedJob
+from prefect_xm.workers.poller import JobPoller
 from prefect_xm.workers.recovery import BatchRecovery
 from prefect_xm.workers.run_directory import ARRAY_TASK_FILE, ATTEMPT_FILE, ENV_FILE, environment_file
 from prefect_xm.workers.run_end import RunEnd, job_end, member_run_end, requeue_end
@@ -105,21 +105,6 @@ class ScriptTemplateError(ValueError):
 
 class BatchWorkerResult(BaseWorkerResult):
     """The job's identifier (infrastructure pid) and 0, or the code of a failed submit."""
-
-
-@dataclass
-class FollowedRun:
-    flow_run_id: UUID
-    job_id: str
-    poller: JobPoller
-    transport: Transport
-    configuration: BatchJobConfiguration
-    tracked: TrackedJob
-    cancel_requested: bool = False
-    cancel_task: Optional[asyncio.Task] = None
-    #: this worker has put the run in Running (a direct job has no engine to say so)
-    marked_running: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 C = TypeVar("C", bound=BatchJobConfiguration)

@@ -19,7 +19,7 @@ from prefect_xm.workers.scheduler import JobState, Scheduler
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
 
-    from prefect_xm.workers.base import FollowedRun
+    from prefect_xm.workers.followed import FollowedRun
     from prefect_xm.workers.configuration import BatchJobConfiguration
     from prefect_xm.workers.transport import Transport
 

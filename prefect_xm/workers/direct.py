@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Awaitable, Optional, Protocol
 
 from prefect_xm.core.job_spec import JobSpecError, job_program
 from prefect_xm.workers.configuration import ENV_NAME
@@ -15,7 +15,7 @@ from prefect_xm.workers.scheduler import SubmissionError
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
 
-    from prefect_xm.workers.base import BatchWorker, FollowedRun
+    from prefect_xm.workers.followed import FollowedRun
 
 #: how much of a direct job's stdout/stderr one poll ships to the run's logs, per stream
 LOG_CHUNK_BYTES = 256 * 1024
@@ -46,6 +46,12 @@ def direct_program(flow_run: "FlowRun", pool_env: dict[str, Any]) -> tuple[list[
     return job.argv, env, working_dir
 
 
+class RunDirectories(Protocol):
+    """What DirectOutput asks of its worker (BatchWorker): where a run's files are."""
+
+    def run_directory(self, configuration: Any, flow_run_id: Any) -> Awaitable[str]: ...
+
+
 #: the logger (a child of the run's) under which a direct job's output lines reach its logs
 JOB_OUTPUT_LOGGER = "job"
 STDERR_PREFIX = "[stderr] "
@@ -56,7 +62,7 @@ class DirectOutput:
     per poll while it runs, and the rest at its end (the worker's logger batches them
     to the API), each line one record of the JOB_OUTPUT_LOGGER logger."""
 
-    def __init__(self, worker: "BatchWorker", followed: "FollowedRun", logger) -> None:
+    def __init__(self, worker: RunDirectories, followed: "FollowedRun", logger) -> None:
         self.worker, self.followed, self.logger = worker, followed, logger
         self.offsets = {"job.out": 0, "job.err": 0}
         self.partial = {"job.out": b"", "job.err": b""}
