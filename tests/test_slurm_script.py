@@ -89,6 +89,17 @@ def test_template_from_a_file(tmp_path):
     assert "exec python -c 'print(1)'" in script
 
 
+def test_a_site_template_includes_the_default_run_section():
+    """A site's template writes its own directives and keeps ours for the run (run.sh.j2):
+    the environment file, modules, setup lines and the quoted command."""
+    script = render(script_template='#!/bin/bash\n#SBATCH --licenses=matlab\n{% include "run.sh.j2" %}',
+                    modules=["cuda/12.2"], command="python -c 'print(1)'")
+    assert script.splitlines() == [
+        "#!/bin/bash", "#SBATCH --licenses=matlab",
+        ". /tmp/pxm-runs/00000000-0000-0000-0000-000000000007/job.env", "module load cuda/12.2",
+        "exec python -c 'print(1)'"]
+
+
 def test_bad_values_name_field_and_value():
     for field, value in (("time_limit", "ten minutes"), ("memory", "16 gigs"), ("cpus_per_task", 0), ("job_name", "my job")):
         with pytest.raises(ValueError) as info:
