@@ -55,11 +55,15 @@ class Link:
 
 
 #: the state a link ends in, for its run's end
-_END_STATES = {StateType.COMPLETED: ("COMPLETED", "Completed"), StateType.CANCELLED: ("CANCELLED", "Cancelled")}
+def link_end(state_type: StateType) -> StateType:
+    """The state a link takes when its run ends: Completed or Cancelled as the run, Failed
+    for any other end (a task run has no Crashed of its own to show)."""
+    return state_type if state_type in (StateType.COMPLETED, StateType.CANCELLED) else StateType.FAILED
 
 
 def _end_state(state_type: StateType) -> tuple[str, str]:
-    return _END_STATES.get(state_type, ("FAILED", "Failed"))
+    end = link_end(state_type)
+    return end.value, end.value.title()
 
 
 def task_run_event(link: Link, state_type: str, state_name: str, message: Optional[str] = None,

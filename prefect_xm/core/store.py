@@ -159,10 +159,12 @@ async def finish_task_run(client, task_run_id: Optional[UUID], state_type: State
     made itself end as events: task_run_links)."""
     from prefect.states import Cancelled, Completed, Failed
 
+    from prefect_xm.task_run_links import link_end
+
     if task_run_id is None:
         return
-    state = {StateType.COMPLETED: Completed, StateType.CANCELLED: Cancelled}.get(state_type, Failed)(
-        message=message or None)
+    state = {StateType.COMPLETED: Completed, StateType.CANCELLED: Cancelled, StateType.FAILED: Failed}[
+        link_end(state_type)](message=message or None)
     try:
         await client.set_task_run_state(task_run_id, state, force=True)
     except Exception as e:  # cosmetic link only
