@@ -101,6 +101,51 @@ def test_slurm_jobs_are_deployment_runs_with_checked_job_variables(api, tmp_path
     assert all(r.state.is_cancelled() for r in _runs("xm-kind:job", f"xm-experiment:{experiment.experiment_id}"))
 
 
+def test_stopping_an_experiment_from_elsewhere_cancels_queued_jobs_and_leaves_picked_up_ones_to_their_worker(
+        api, tmp_path, monkeypatch):
+    """`prefect-xm stop` (another process) ends a job still queued on its pool at once, and
+    turns one a worker picks up meanwhile (after the stop read it as queued) Cancelling,
+    not Cancelled: that worker then removes its job (a Cancelled forced from the stale read
+    would leave the job running to its end)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Pending
+
+    from prefect_xm import xm, xm_local
+    from prefect_xm.core import store
+
+    read_runs = store.experiment_runs
+    picked_up: list = []
+
+    async def read_then_a_worker_picks_one_up(client, experiment_id, kind=store.KIND_WORK_UNIT, unit_tag=None):
+        runs = await read_runs(client, experiment_id, kind, unit_tag)
+        if kind == store.KIND_JOB and picked_up and not picked_up[0][1]:
+            picked_up[0][1] = True  # right after the stop's read: Pending, for a worker
+            assert (await client.set_flow_run_state(picked_up[0][0], Pending())).status.value == "ACCEPT"
+        return runs
+
+    pool = f"slurm-{uuid.uuid4().hex[:6]}"
+    _create_pool(pool, "xm-slurm", SLURM_VARIABLES)
+    with xm_local.create_experiment(experiment_title="stop-elsewhere") as experiment:
+        [exe] = experiment.package([xm.Packageable(xm.Binary("/bin/true"), xm_local.Slurm.Spec())])
+        for i in range(2):
+            experiment.add(xm.Job(exe, xm_local.Slurm(work_pool=pool), args={"i": i}))
+        tags = ("xm-kind:job", f"xm-experiment:{experiment.experiment_id}")
+        queued, picked = wait_for(lambda: len(_runs(*tags)) == 2 and _runs(*tags), timeout=60, what="two job runs")
+        with get_client(sync_client=True) as c:
+            picked_up.append([picked.id, False])
+            monkeypatch.setattr(store, "experiment_runs", read_then_a_worker_picks_one_up)
+            xm_local.get_experiment(experiment.experiment_id).stop()
+            monkeypatch.setattr(store, "experiment_runs", read_runs)
+            assert picked_up[0][1]
+            queued, picked = c.read_flow_run(queued.id), c.read_flow_run(picked.id)
+            assert queued.state.type.value == "CANCELLED" and queued.state.message == "experiment stopped by the user"
+            assert picked.state.type.value == "CANCELLING"
+            # its worker removes the job and says so
+            c.set_flow_run_state(picked.id, Cancelled(message="job removed"), force=True)
+        experiment.stop()
+    assert experiment.get_status().is_cancelled
+
+
 def test_pool_jobs_run_from_the_job_runner_deployment(api, tmp_path):
     """A stock process worker runs the job runner from the automatic deployment: the same
     route an xm-slurm worker takes, minus sbatch."""
