@@ -182,6 +182,7 @@ def main() -> None:
     peak_rss = [0.0]
     sampling = [True]
     own_reads = [0]  # this bench's reads, sent as "launcher" too (one process, one header)
+    own_counts = [0]  # and its counts of the runs created so far
     arrays: list[str] = []
 
     def sample() -> None:
@@ -211,14 +212,22 @@ def main() -> None:
                 tags = ["xm-kind:job", f"xm-experiment:{experiment.experiment_id}"]
                 created = None
                 with get_client(sync_client=True) as client:
+                    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+                    # (a count until all exist, then whole runs: the bench's own reads must not
+                    # load the server it measures; every run read every 2 s did, on SQLite)
                     while True:
+                        count = client.count_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags)))
+                        own_counts[0] += 1
+                        if count < n:
+                            time.sleep(2)
+                            continue
+                        if created is None:
+                            created = time.monotonic() - started
                         runs = job_runs(client, tags)
                         own_reads[0] += len(runs) // 200 + 1
-                        if created is None and len(runs) == n:
-                            created = time.monotonic() - started
                         # (a run crashed before it was submitted never gets a job: it is counted at the end)
-                        if len(runs) == n and all(r.infrastructure_pid or (r.state and r.state.is_final())
-                                                  for r in runs):
+                        if all(r.infrastructure_pid or (r.state and r.state.is_final()) for r in runs):
                             break
                         time.sleep(2)
                 queued = time.monotonic() - started
@@ -251,16 +260,18 @@ def main() -> None:
                       f"({final:.1f} s after the first add)", flush=True)
         except Exception as e:  # e.g. a 503 that killed the launch script: the figure to report
             crashed = f"{type(e).__name__}: {e}"
-        launcher = requests(counts, "launcher") - own_reads[0]
+        launcher = requests(counts, "launcher") - own_reads[0] - own_counts[0]
         worker_requests = requests(counts, "worker") - idle_before
         print(f"Prefect API requests per trial: launcher {launcher / n:.1f}, worker {worker_requests / n:.1f}; "
               f"worker peak RSS {peak_rss[0]:.0f} MB", flush=True)
         now_counts = json.loads(counts.read_text())
         # (this bench's own reads are sent as the launcher's: taken off its reads)
         print("  by kind, per trial: " + per_trial(now_counts, "launcher", n,
-                                                   minus={"launcher GET /bench-own-reads": own_reads[0]}), flush=True)
+                                                   minus={"launcher GET /bench-own-reads": own_reads[0] + own_counts[0]}),
+              flush=True)
         print("  by kind, per trial: " + per_trial(now_counts, "worker", n, minus=idle_counts), flush=True)
-        own = {"launcher POST /api/flow_runs/filter": own_reads[0]}  # (the bench's own reads)
+        own = {"launcher POST /api/flow_runs/filter": own_reads[0],  # (the bench's own reads and counts)
+               "launcher POST /api/flow_runs/count": own_counts[0]}
         print("  by route, per trial: launcher: " + by_route(now_counts, "launcher", n, minus=own), flush=True)
         print("  by route, per trial: worker: " + by_route(now_counts, "worker", n, minus=idle_counts), flush=True)
         if crashed:
