@@ -434,16 +434,8 @@ class Experiment:
                 wu = self._auxiliary_units[int(aid) - 1]
             if wu is not None and wu.flow_run_id in local_ids:
                 continue
-            if store.state_type(r) in store.FINAL:
-                continue
-            # Proposed, never forced after the read: the server decides from the state the
-            # run is in when this lands. A run still Scheduled (no infrastructure) becomes
-            # Cancelled there (Prefect's BypassCancellingFlowRunsWithNoInfra); one a worker
-            # picked up meanwhile becomes Cancelling, so the worker removes its job.
-            result = await client.set_flow_run_state(r.id, Cancelling(message=reason))
-            if result.state is not None and result.state.type == StateType.CANCELLED and not result.state.message:
-                # (that rule's Cancelled carries no message: the reason is written on it)
-                await client.set_flow_run_state(r.id, Cancelled(message=reason), force=True)
+            if store.state_type(r) not in store.FINAL:
+                await store.cancel_pool_run(client, r.id, reason)
         tasks = [wu._task for wu in units if wu._task is not None]
         if tasks:
             await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)

@@ -189,9 +189,11 @@ async def cancel_members(client, members: Sequence[Member], reason: str) -> None
             if m.flow_run_id is None and m.local_task is not None:
                 m.local_task.cancel()
             continue
-        not_started = m.state_type in store.NOT_STARTED if m.is_local else m.state_type == StateType.SCHEDULED
-        state = Cancelled(message=reason) if not_started else Cancelling(message=reason)
-        await client.set_flow_run_state(m.flow_run_id, state, force=True)
+        if m.is_local:  # (run by this process: nothing else picks it up)
+            state = Cancelled(message=reason) if m.state_type in store.NOT_STARTED else Cancelling(message=reason)
+            await client.set_flow_run_state(m.flow_run_id, state, force=True)
+        else:
+            await store.cancel_pool_run(client, m.flow_run_id, reason)
         if m.local_task is not None:
             m.local_task.cancel()  # kills the program and records Cancelled
     loop = asyncio.get_running_loop()

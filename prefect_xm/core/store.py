@@ -127,6 +127,21 @@ async def read_state_types(client, ids: Sequence[UUID]) -> Optional[dict[UUID, S
     return out
 
 
+async def cancel_pool_run(client, flow_run_id: UUID, reason: str) -> None:
+    """Cancels a job run on a pool, from whatever state it is in when this lands: proposed,
+    never forced after a read. A run still queued (Scheduled, no infrastructure) becomes
+    Cancelled there (Prefect's BypassCancellingFlowRunsWithNoInfra), with `reason` written
+    on it; one a worker picked up meanwhile becomes Cancelling, so that worker removes its
+    job (a Cancelled forced from a stale read left the job running to its end); an ended
+    one keeps its end."""
+    from prefect.states import Cancelled, Cancelling
+
+    result = await client.set_flow_run_state(flow_run_id, Cancelling(message=reason))
+    if result.state is not None and result.state.type == StateType.CANCELLED and not result.state.message:
+        # (that rule's Cancelled carries no message)
+        await client.set_flow_run_state(flow_run_id, Cancelled(message=reason), force=True)
+
+
 async def read_runs(client, *, tags: Sequence[str], ids: Optional[Sequence[UUID]] = None, limit: Optional[int] = None,
                     sort=None):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterTags
