@@ -347,8 +347,8 @@ class BatchWorkerSuite:
     def test_bad_partition_is_refused_verbatim_and_nothing_is_submitted(self, env):
         fr = run(start_run(env.deployments["double"], {"x": 1}, env.h.bad_queue_variables))
         fr = wait_final(fr.id)
-        assert fr.state.type == StateType.CRASHED
-        assert env.h.bad_queue_error in fr.state.message
+        assert fr.state.type == StateType.CRASHED, state_history(fr.id)
+        assert env.h.bad_queue_error in fr.state.message, state_history(fr.id)
         assert not fr.infrastructure_pid
         assert env.h.jobs_named(f"{fr.name}-{fr.id}") == []
 
