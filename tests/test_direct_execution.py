@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import cluster_is_up, require_service, wait_for
-from prefect_xm.core.job_spec import build_argv
+from prefect_xm.job_spec import build_argv
 from prefect_xm.workers.direct import DirectOutput, direct_program
 from prefect_xm.workers.scheduler import SubmissionError
 from prefect_xm.workers.scheduler import JobState, JobStatus, Scheduler

@@ -268,7 +268,7 @@ def test_add_returns_before_the_server_is_asked_and_the_runs_follow(api, monkeyp
     import asyncio
 
     from prefect_xm import xm, xm_local
-    from prefect_xm.core import api
+    from prefect_xm.core import experiment as core_experiment
     from prefect_xm.task_run_links import TaskRunLinks
 
     real_link = TaskRunLinks.create
@@ -282,7 +282,7 @@ def test_add_returns_before_the_server_is_asked_and_the_runs_follow(api, monkeyp
         return await real_link(self, parent_flow_run_id, name, key, dynamic_key)
 
     monkeypatch.setattr(TaskRunLinks, "create", held_link)
-    monkeypatch.setattr(api, "CREATION_CONCURRENCY", 8)  # (fewer than the adds: the bound shows)
+    monkeypatch.setattr(core_experiment, "CREATION_CONCURRENCY", 8)  # (fewer than the adds: the bound shows)
     with xm_local.create_experiment(experiment_title="quick-adds") as experiment:
         [true] = experiment.package([xm.Packageable(xm.Binary("/bin/true"), xm_local.Local.Spec())])
         wus = [experiment.add(xm.Job(true, xm_local.Local(), args={"seed": i})) for i in range(12)]
@@ -292,10 +292,10 @@ def test_add_returns_before_the_server_is_asked_and_the_runs_follow(api, monkeyp
             experiment.add(xm.Job(true, xm_local.Local()), args=["not", "a", "dict"])  # bad input still raises
         from prefect_xm.core.runtime import Runtime
 
-        wait_for(lambda: len(seen_before_release) >= api.CREATION_CONCURRENCY, 60, what="creations to start")
+        wait_for(lambda: len(seen_before_release) >= core_experiment.CREATION_CONCURRENCY, 60, what="creations to start")
         at_release = len(seen_before_release)
         Runtime.get().run(_set(released))
-    assert at_release == api.CREATION_CONCURRENCY  # created side by side, bounded
+    assert at_release == core_experiment.CREATION_CONCURRENCY  # created side by side, bounded
     assert all(wu.get_status().is_completed for wu in wus)
     assert len(_runs("xm-kind:work-unit", f"xm-experiment:{experiment.experiment_id}")) == 12
 

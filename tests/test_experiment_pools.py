@@ -104,8 +104,8 @@ def test_slurm_jobs_are_deployment_runs_with_checked_job_variables(api, tmp_path
 def test_stopping_an_experiment_from_elsewhere_cancels_queued_jobs_and_leaves_picked_up_ones_to_their_worker(
         api, tmp_path, monkeypatch):
     """`prefect-xm stop` (another process) ends a job still queued on its pool at once, and
-    turns one a worker picks up meanwhile (after the stop read it as queued) Cancelling,
-    not Cancelled: that worker then removes its job (a Cancelled forced from the stale read
+    turns one a worker picked up after the stop read it as queued Cancelling, not
+    Cancelled: that worker then removes its job (a Cancelled forced from the stale read
     would leave the job running to its end)."""
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelled, Pending
@@ -114,14 +114,13 @@ def test_stopping_an_experiment_from_elsewhere_cancels_queued_jobs_and_leaves_pi
     from prefect_xm.core import store
 
     read_runs = store.experiment_runs
-    picked_up: list = []
+    stale_reads: list = []
 
-    async def read_then_a_worker_picks_one_up(client, experiment_id, kind=store.KIND_WORK_UNIT, unit_tag=None):
-        runs = await read_runs(client, experiment_id, kind, unit_tag)
-        if kind == store.KIND_JOB and picked_up and not picked_up[0][1]:
-            picked_up[0][1] = True  # right after the stop's read: Pending, for a worker
-            assert (await client.set_flow_run_state(picked_up[0][0], Pending())).status.value == "ACCEPT"
-        return runs
+    async def jobs_as_read_before_the_pick_up(client, experiment_id, kind=store.KIND_WORK_UNIT, unit_tag=None):
+        # (the stop's own read: the launcher beside it reads jobs too, for its summary)
+        if kind == store.KIND_JOB and stale_reads and sys._getframe(1).f_code.co_name == "_stop":
+            return stale_reads.pop()
+        return await read_runs(client, experiment_id, kind, unit_tag)
 
     pool = f"slurm-{uuid.uuid4().hex[:6]}"
     _create_pool(pool, "xm-slurm", SLURM_VARIABLES)
@@ -132,11 +131,16 @@ def test_stopping_an_experiment_from_elsewhere_cancels_queued_jobs_and_leaves_pi
         tags = ("xm-kind:job", f"xm-experiment:{experiment.experiment_id}")
         queued, picked = wait_for(lambda: len(_runs(*tags)) == 2 and _runs(*tags), timeout=60, what="two job runs")
         with get_client(sync_client=True) as c:
-            picked_up.append([picked.id, False])
-            monkeypatch.setattr(store, "experiment_runs", read_then_a_worker_picks_one_up)
+            # The stop's read of the jobs shows both queued; a worker picks one up (Pending)
+            # before the stop writes. (Set up in this order, not raced: the experiment's own
+            # launcher also cancels its jobs once it sees its units Cancelling.)
+            stale_reads.append([c.read_flow_run(queued.id), c.read_flow_run(picked.id)])
+            assert all(r.state.type.value == "SCHEDULED" for r in stale_reads[0]), stale_reads
+            assert c.set_flow_run_state(picked.id, Pending()).status.value == "ACCEPT"
+            monkeypatch.setattr(store, "experiment_runs", jobs_as_read_before_the_pick_up)
             xm_local.get_experiment(experiment.experiment_id).stop()
             monkeypatch.setattr(store, "experiment_runs", read_runs)
-            assert picked_up[0][1]
+            assert not stale_reads  # the stop read the jobs (and got the stale read)
             queued, picked = c.read_flow_run(queued.id), c.read_flow_run(picked.id)
             # (ended by the stop, or by its own work unit's launcher seeing the unit cancelled)
             assert queued.state.type.value == "CANCELLED"
@@ -253,7 +257,7 @@ def test_trainer_on_slurm_and_evaluator_on_kubernetes_form_one_gang(api, k8s_poo
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
     from prefect_xm.core.deployments import job_runner_source_dir
-    from prefect_xm.core.job_spec import build_argv
+    from prefect_xm.job_spec import build_argv
     from prefect_xm.workers.slurm import SlurmJobConfiguration, SlurmWorker
 
     slurm = xm_local.Slurm(requirements=xm.JobRequirements(cpu=8, memory=32 * xm.GiB), partition="gpu",

@@ -107,7 +107,7 @@ def test_use_deep_module_imports_the_module_under_its_code_directorys_name(tmp_p
     import os
     import subprocess
 
-    from prefect_xm.core.job_spec import build_argv
+    from prefect_xm.job_spec import build_argv
 
     code = tmp_path / "local_container_gpu"
     code.mkdir()

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from prefect_xm.core.job_spec import JobSpecError, build_argv
+from prefect_xm.job_spec import JobSpecError, build_argv
 
 # Words a shell would act on: each must reach the program as one argv item, unchanged.
 HOSTILE = ["$(touch {marker})", "a b", "x; touch {marker}", "`touch {marker}`", "*", "it's", "--lr=0.1"]
@@ -107,7 +107,7 @@ async def test_a_jobs_output_reaches_the_logs_when_it_ends_while_a_batch_is_post
     on its way (a slow server), that batch still arrives, before the final lines."""
     import asyncio
 
-    from prefect_xm.flows import job_runner
+    from prefect_xm import job_runner
 
     monkeypatch.setattr(job_runner, "LOG_FLUSH_SECONDS", 0.01)
     posted: list[list[str]] = []

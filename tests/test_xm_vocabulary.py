@@ -127,7 +127,7 @@ def test_package_and_add_args_follow_xmanager(tmp_path):
 
 
 def test_job_runner_argv_never_uses_a_shell_for_args(tmp_path):
-    from prefect_xm.core.job_spec import build_argv
+    from prefect_xm.job_spec import build_argv
 
     argv, _ = build_argv({"kind": "command", "command": ["/bin/echo"]}, ["$(touch x)", "a;b"])
     assert argv == ["/bin/echo", "$(touch x)", "a;b"]
@@ -142,7 +142,7 @@ def test_a_command_lists_last_command_gets_the_jobs_args_as_in_xmanager(tmp_path
     reach the last command (quoted here, so each arg stays one word, as given)."""
     import subprocess
 
-    from prefect_xm.core.job_spec import build_argv
+    from prefect_xm.job_spec import build_argv
 
     args = ["--lr=0.1", "two words", "$(touch pwned)", "`id`"]
     argv, _ = build_argv({"kind": "commands", "commands": ["cd /", "printf '%s\\n'"]}, args)

@@ -117,7 +117,7 @@ async def ensure_job_runner_deployment(pool_name: str) -> UUID:
 async def _create_job_runner_deployment(pool_name: str) -> UUID:
     from prefect.utilities.callables import parameter_schema
 
-    from prefect_xm.flows.job_runner import run_job
+    from prefect_xm.job_runner import run_job
 
     client = await store.client()
     source = job_runner_source_dir()

@@ -269,7 +269,7 @@ class Executable:
     env_vars: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def runner_parameters(self, job_args: SequentialArgs, job_env: Mapping[str, str]) -> dict[str, Any]:
-        """Parameters of the job-runner flow (prefect_xm.flows.job_runner.run_job)."""
+        """Parameters of the job-runner flow (prefect_xm.job_runner.run_job)."""
         spec: dict[str, Any] = {"kind": self.kind}
         if self.command is not None:
             spec["command"] = list(self.command)

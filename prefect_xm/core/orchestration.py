@@ -144,7 +144,7 @@ async def submit(client, unit, m: Member, writes: Writes, gang_place: Sequence[s
     from prefect.client.schemas.actions import DeploymentFlowRunCreate
     from prefect.states import Pending, Scheduled, to_state_create
 
-    from prefect_xm.flows.job_runner import run_job
+    from prefect_xm.job_runner import run_job
 
     tags = [store.TAG_XM, store.TAG_KIND + store.KIND_JOB, store.experiment_tag(unit.experiment_id),
             unit.unit_tag, *gang_place, store.TAG_JOB + m.key]
@@ -170,7 +170,7 @@ async def start_local(client, unit, m: Member) -> None:
     (no flow engine per job: see job_runner.run_direct). With the executor's
     experimental_stream_output (XManager's default), its lines also reach this
     terminal, each prefixed with the job's unit and name."""
-    from prefect_xm.flows.job_runner import run_direct
+    from prefect_xm.job_runner import run_direct
 
     prefix = f"[{unit.unit_label}/{m.key}] "
 

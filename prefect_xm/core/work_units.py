@@ -7,13 +7,13 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import dataclasses
-from typing import Any, Awaitable, Callable, Optional, Protocol
+from typing import Any, Awaitable, Callable, Mapping, Optional, Protocol, Union
 from uuid import UUID
 
 from prefect.client.schemas.objects import StateType
 
 from prefect_xm.core import store
-from prefect_xm.core.job_blocks import DEFAULT_START_DEADLINE_SECONDS
+from prefect_xm.core.job_blocks import DEFAULT_START_DEADLINE_SECONDS, Job, JobGroup, apply_args
 from prefect_xm.core.metadata import MetadataContext, metadata_context
 from prefect_xm.core.orchestration import POLL_SECONDS
 from prefect_xm.core.roles import AuxiliaryUnitRole
@@ -28,7 +28,7 @@ from prefect_xm.core.status import (
 
 
 class OwningExperiment(Protocol):
-    """What a unit reads of the experiment it belongs to (core/api.py's Experiment)."""
+    """What a unit reads of the experiment it belongs to (core/experiment.py's Experiment)."""
 
     experiment_id: store.ExperimentId
     experiment_title: str
@@ -95,6 +95,43 @@ class UnitNames:
     def get_full_job_name(self, job_name: str) -> str:
         """A job's full name, as XManager spells it: `<experiment id>_<work unit id>_<job>`."""
         return f"{self.experiment_unit_name}_{job_name}"
+
+
+class GeneratorWorkUnit(UnitNames):
+    """What a job generator receives as `work_unit`: collects its `add` calls, and knows
+    the id the work unit will get (XManager predicts it too) for names built from it."""
+
+    def __init__(self, experiment: OwningExperiment, work_unit_id: int) -> None:
+        self._jobs: dict[str, Union[Job, JobGroup]] = {}
+        self.experiment = experiment
+        self.work_unit_id = work_unit_id
+
+    def add(self, job: Union[Job, JobGroup], args: Optional[Mapping[str, Any]] = None) -> Any:
+        resolved = apply_args(job, args)
+        if isinstance(resolved, Job):
+            base = resolved.name or resolved.executable.name
+            key, n = base, 1
+            while key in self._jobs:
+                n += 1
+                key = f"{base}_{n}"
+            self._jobs[key] = resolved
+        else:
+            for k, v in resolved.jobs.items():
+                if k in self._jobs:
+                    raise ValueError(f"job key {k!r} added twice to the work unit")
+                self._jobs[k] = v
+
+        class _Done:
+            def __await__(self_inner):
+                async def none():
+                    return None
+                return none().__await__()
+        return _Done()
+
+    def group(self) -> Union[Job, JobGroup]:
+        if not self._jobs:
+            raise ValueError("the job generator added no jobs to its work unit")
+        return JobGroup(**self._jobs)
 
 
 class WorkUnit(UnitNames):

@@ -3,13 +3,28 @@ WorkPool for any pool."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import pydantic
 
 from prefect_xm.core.job_blocks import Executor, ExecutorSpec
 from prefect_xm.core.resources import JobRequirements
 from prefect_xm.executors.checks import check_requirements
+from prefect_xm.executors.requirements import (
+    htcondor_time_limit,
+    htcondor_variables,
+    lsf_time_limit,
+    lsf_variables,
+    pbs_time_limit,
+    pbs_variables,
+    sge_time_limit,
+    sge_variables,
+    slurm_time_limit,
+    slurm_variables,
+)
+
+if TYPE_CHECKING:
+    from prefect_xm.workers.configuration import BatchJobConfiguration
 
 
 class BatchSpec(ExecutorSpec):
@@ -27,18 +42,25 @@ COMMON_OPTIONS = ("modules", "setup_commands", "extra_directives", "working_dir"
 
 
 class _BatchExecutor(Executor):
-    """A job on one of our batch workers' pools. The scheduler's own module maps
-    JobRequirements and ``time`` to its job variables (``requirements_variables`` and
-    ``time_limit`` beside its worker); here are the options every scheduler shares.
+    """A job on one of our batch workers' pools. Each scheduler's executor names its
+    mapping of JobRequirements and ``time`` to its job variables (in
+    ``prefect_xm.executors.requirements``); here are the options every scheduler shares.
     Every value is checked by the worker's own job configuration as it is built, so a
     bad one fails here, naming the executor's field and the value."""
 
-    #: the module of this scheduler's worker, which holds its mapping
-    worker_module: ClassVar[str]
-    #: its job configuration's class, whose validators check what we produce
-    configuration_class: ClassVar[str]
+    #: JobRequirements (and the options chosen) in this scheduler's job variables
+    requirements_variables: ClassVar[Callable[[JobRequirements, Mapping[str, Any]], dict[str, Any]]]
+    #: ``time`` as this scheduler's time_limit job variable
+    time_limit: ClassVar[Callable[[Any], str]]
     #: this executor's own options that are job variables of the same name
     options: ClassVar[tuple[str, ...]]
+
+    @staticmethod
+    def configuration() -> type[BatchJobConfiguration]:
+        """The worker's job configuration, whose validators check what we produce. Each
+        executor imports it when asked: importing a worker module loads every worker and
+        Prefect's worker machinery, which ``import prefect_xm.xm_local`` does not need."""
+        raise NotImplementedError
 
     def _configure(self, requirements: Optional[JobRequirements], time: Any, options: Mapping[str, Any],
                    common: Mapping[str, Any], job_variables: Optional[Mapping[str, Any]],
@@ -87,19 +109,16 @@ class _BatchExecutor(Executor):
         return spec
 
     def job_variables(self) -> dict[str, Any]:
-        import importlib
-
         name = type(self).__name__
-        scheduler = importlib.import_module(self.worker_module)
         chosen = {f: getattr(self, f) for f in (*self.options, *COMMON_OPTIONS) if getattr(self, f) is not None}
-        out: dict[str, Any] = scheduler.requirements_variables(self.requirements, chosen)
+        out: dict[str, Any] = self.requirements_variables(self.requirements, chosen)
         out.update(chosen)
         if self.requirements.cluster is not None:
             # one pool, several clusters: each is its login node's SSH Connection block
             out["ssh_block"] = self.requirements.cluster
         if self.time is not None:
             try:
-                out["time_limit"] = scheduler.time_limit(self.time)
+                out["time_limit"] = self.time_limit(self.time)
             except ValueError as e:  # "time: ..." -> "SGE.time: ..."
                 raise ValueError(f"{name}.{e}") from None
         for key, value in self.job_variables_.items():
@@ -107,7 +126,7 @@ class _BatchExecutor(Executor):
                 raise ValueError(f"{name}: job variable {key!r} given both by an option ({out[key]!r}) "
                                  f"and in job_variables ({value!r})")
             out[key] = value
-        configuration = getattr(scheduler, self.configuration_class)
+        configuration = self.configuration()
         fields = {k: v for k, v in out.items() if k in configuration.model_fields}
         try:
             configuration.model_validate(fields)
@@ -136,9 +155,15 @@ class Slurm(_BatchExecutor):
     pool's schema before submission.
     """
 
-    worker_module = "prefect_xm.workers.slurm"
-    configuration_class = "SlurmJobConfiguration"
+    requirements_variables = staticmethod(slurm_variables)
+    time_limit = staticmethod(slurm_time_limit)
     options = ("partition", "account", "qos", "nodes", "constraint")
+
+    @staticmethod
+    def configuration() -> type[BatchJobConfiguration]:
+        from prefect_xm.workers.slurm import SlurmJobConfiguration
+
+        return SlurmJobConfiguration
 
     def __init__(self, requirements: Optional[JobRequirements] = None, *, partition: Optional[str] = None,
                  account: Optional[str] = None, qos: Optional[str] = None, time: Any = None,
@@ -166,9 +191,15 @@ class SGE(_BatchExecutor):
     timedelta.
     """
 
-    worker_module = "prefect_xm.workers.sge"
-    configuration_class = "SgeJobConfiguration"
+    requirements_variables = staticmethod(sge_variables)
+    time_limit = staticmethod(sge_time_limit)
     options = ("queue", "project", "parallel_environment")
+
+    @staticmethod
+    def configuration() -> type[BatchJobConfiguration]:
+        from prefect_xm.workers.sge import SgeJobConfiguration
+
+        return SgeJobConfiguration
 
     def __init__(self, requirements: Optional[JobRequirements] = None, *, queue: Optional[str] = None,
                  project: Optional[str] = None, parallel_environment: Optional[str] = None, time: Any = None,
@@ -192,9 +223,15 @@ class PBS(_BatchExecutor):
     int of minutes or a timedelta.
     """
 
-    worker_module = "prefect_xm.workers.pbs"
-    configuration_class = "PbsJobConfiguration"
+    requirements_variables = staticmethod(pbs_variables)
+    time_limit = staticmethod(pbs_time_limit)
     options = ("queue", "account", "dialect")
+
+    @staticmethod
+    def configuration() -> type[BatchJobConfiguration]:
+        from prefect_xm.workers.pbs import PbsJobConfiguration
+
+        return PbsJobConfiguration
 
     def __init__(self, requirements: Optional[JobRequirements] = None, *, queue: Optional[str] = None,
                  account: Optional[str] = None, dialect: Optional[str] = None, time: Any = None,
@@ -217,9 +254,15 @@ class LSF(_BatchExecutor):
     timedelta.
     """
 
-    worker_module = "prefect_xm.workers.lsf"
-    configuration_class = "LsfJobConfiguration"
+    requirements_variables = staticmethod(lsf_variables)
+    time_limit = staticmethod(lsf_time_limit)
     options = ("queue", "project", "resources")
+
+    @staticmethod
+    def configuration() -> type[BatchJobConfiguration]:
+        from prefect_xm.workers.lsf import LsfJobConfiguration
+
+        return LsfJobConfiguration
 
     def __init__(self, requirements: Optional[JobRequirements] = None, *, queue: Optional[str] = None,
                  project: Optional[str] = None, resources: Optional[str] = None, time: Any = None,
@@ -242,9 +285,15 @@ class HTCondor(_BatchExecutor):
     int, 'H:MM:SS' or a timedelta.
     """
 
-    worker_module = "prefect_xm.workers.htcondor"
-    configuration_class = "HTCondorJobConfiguration"
+    requirements_variables = staticmethod(htcondor_variables)
+    time_limit = staticmethod(htcondor_time_limit)
     options = ("accounting_group", "universe")
+
+    @staticmethod
+    def configuration() -> type[BatchJobConfiguration]:
+        from prefect_xm.workers.htcondor import HTCondorJobConfiguration
+
+        return HTCondorJobConfiguration
 
     def __init__(self, requirements: Optional[JobRequirements] = None, *,
                  accounting_group: Optional[str] = None, universe: Optional[str] = None, time: Any = None,

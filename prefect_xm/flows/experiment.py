@@ -5,7 +5,7 @@ the process running the launch script) through the Prefect API: the experiment r
 the parent, each work unit a subflow run (linked through a task run in the experiment
 run, as ``run_deployment`` links its runs) whose parameters are the work unit's args, and
 each job a flow run of ``xm-job-runner`` linked into its work-unit run the same way
-(the flows a launch script creates runs of are in ``declarations.py``).
+(the flows a launch script creates runs of are in ``core/declarations.py``).
 
 ``xm_experiment`` is the deployable entrypoint (``deployments/prefect.yaml``): a run of
 it started from the UI or ``prefect deployment run 'xm-experiment/<name>' --param ...``
@@ -20,7 +20,7 @@ from typing import Any, Optional
 from prefect import flow, get_run_logger
 
 # (xm_work_unit is named here too, where it was declared before)
-from prefect_xm.flows.declarations import EXPERIMENT_FLOW_NAME, WORK_UNIT_FLOW_NAME, xm_work_unit  # noqa: F401
+from prefect_xm.core.declarations import EXPERIMENT_FLOW_NAME, WORK_UNIT_FLOW_NAME, xm_work_unit  # noqa: F401
 
 
 def sweep_trials(sweep: Optional[list[dict[str, Any]]] = None,

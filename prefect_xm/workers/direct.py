@@ -8,7 +8,7 @@ import asyncio
 import re
 from typing import TYPE_CHECKING, Any, Awaitable, Optional, Protocol
 
-from prefect_xm.core.job_spec import JobSpecError, job_program
+from prefect_xm.job_spec import JobSpecError, job_program
 from prefect_xm.workers.configuration import ENV_NAME
 from prefect_xm.workers.scheduler import SubmissionError
 

@@ -65,14 +65,6 @@ from typing import Annotated, Any, ClassVar, Mapping, Optional, Sequence
 
 from pydantic import Field, field_validator
 
-from prefect_xm.core.resources import GiB, KiB, MiB, TiB, JobRequirements
-from prefect_xm.workers.requirements import (
-    hours_minutes_seconds_limit,
-    single_replica,
-    untyped_gpus,
-    whole_cpus,
-    with_unit,
-)
 from prefect_xm.workers.base import BatchWorker
 from prefect_xm.workers.configuration import (
     AtLeastOne, BatchJobConfiguration, ZeroOrMore, check_format, pattern_in_form,
@@ -596,28 +588,3 @@ class HTCondorWorker(BatchWorker):
         "cluster of procs (queue N, max_materialize as throttle)."
     )
     _display_name = "HTCondor (prefect-xm)"
-
-
-# -- an xm job's requirements in this pool's job variables (xm_local.HTCondor) --------------------------------
-
-
-_CONDOR_UNITS = ((TiB, "TB"), (GiB, "GB"), (MiB, "MB"), (KiB, "KB"))
-
-
-def requirements_variables(requirements: JobRequirements, options: Mapping[str, Any]) -> dict[str, Any]:
-    """cpu -> request_cpus, memory -> request_memory ('16GB'), GPUs -> request_gpus."""
-    single_replica(requirements, "HTCondor")
-    out: dict[str, Any] = {}
-    if (cpus := whole_cpus(requirements)) is not None:
-        out["request_cpus"] = cpus
-    if requirements.memory is not None:
-        out["request_memory"] = with_unit(requirements.memory, _CONDOR_UNITS)
-    gpus = untyped_gpus(requirements, "HTCondor", "match the type with a ClassAd expression in "
-                                                  "job_variables={'requirements': ...}")
-    if gpus is not None:
-        out["request_gpus"] = gpus
-    return out
-
-
-#: the run-time limit ('H:MM:SS') from an int of minutes, a timedelta or a str
-time_limit = hours_minutes_seconds_limit

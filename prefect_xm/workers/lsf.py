@@ -28,14 +28,11 @@ Parsers are pure functions over command output (tests/test_lsf_parsers.py).
 
 from __future__ import annotations
 
-import math
 import re
-from typing import Annotated, Any, ClassVar, Mapping, Optional, Sequence
+from typing import Annotated, ClassVar, Mapping, Optional, Sequence
 
 from pydantic import Field, field_validator
 
-from prefect_xm.core.resources import GiB, KiB, MiB, TiB, JobRequirements
-from prefect_xm.workers.requirements import limit_seconds, single_replica, untyped_gpus, whole_cpus, with_unit
 from prefect_xm.workers.base import BatchWorker
 from prefect_xm.workers.configuration import (
     AtLeastOne, BatchJobConfiguration, ZeroOrMore, check_format, pattern_in_form,
@@ -475,34 +472,3 @@ class LsfWorker(BatchWorker):
         "go as one job array (bsub -J \"name[1-N]%M\"), each element its own flow run."
     )
     _display_name = "LSF (prefect-xm)"
-
-
-# -- an xm job's requirements in this pool's job variables (xm_local.LSF) -------------------------------------
-
-
-_LSF_UNITS = ((TiB, "TB"), (GiB, "GB"), (MiB, "MB"), (KiB, "KB"))
-
-
-def requirements_variables(requirements: JobRequirements, options: Mapping[str, Any]) -> dict[str, Any]:
-    """cpu -> slots (-n), memory -> memory (-M, '16GB'), GPUs -> gpus (-gpu num=N)."""
-    single_replica(requirements, "LSF")
-    out: dict[str, Any] = {}
-    if (slots := whole_cpus(requirements)) is not None:
-        out["slots"] = slots
-    if requirements.memory is not None:
-        out["memory"] = with_unit(requirements.memory, _LSF_UNITS)
-    gpus = untyped_gpus(requirements, "LSF", "name your site's model in job_variables={'gpu_model': ...} "
-                                             "(as `lshosts -gpu` shows it)")
-    if gpus is not None:
-        out["gpus"] = gpus
-    return out
-
-
-def time_limit(value: Any) -> str:
-    """-W ('H:MM', whole minutes rounded up) from an int of minutes, a timedelta or a str
-    in LSF's syntax."""
-    seconds = limit_seconds(value, "time")
-    if seconds is None:
-        return value.strip()
-    h, m = divmod(math.ceil(seconds / 60), 60)
-    return f"{h}:{m:02d}"

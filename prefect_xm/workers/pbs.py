@@ -53,12 +53,10 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Sequence
+from typing import Annotated, ClassVar, Literal, Optional, Sequence
 
 from pydantic import Field, field_validator
 
-from prefect_xm.core.resources import GiB, KiB, MiB, TiB, JobRequirements
-from prefect_xm.workers.requirements import hours_minutes_seconds_limit, untyped_gpus, whole_cpus, with_unit
 from prefect_xm.workers.base import BatchWorker
 from prefect_xm.workers.configuration import (
     AtLeastOne, BatchJobConfiguration, ZeroOrMore, check_format, pattern_in_form,
@@ -526,32 +524,3 @@ class PbsWorker(BatchWorker):
 
     def scheduler_for(self, configuration: BatchJobConfiguration) -> Scheduler:
         return DIALECTS[getattr(configuration, "dialect", "pbspro")]
-
-
-# -- an xm job's requirements in this pool's job variables (xm_local.PBS) -------------------------------------
-
-
-#: PBS sizes: 1kb = 1024 bytes
-_PBS_UNITS = ((TiB, "tb"), (GiB, "gb"), (MiB, "mb"), (KiB, "kb"))
-
-
-def requirements_variables(requirements: JobRequirements, options: Mapping[str, Any]) -> dict[str, Any]:
-    """replicas -> nodes (PBS Pro: chunks of select=N; Torque: nodes=N), cpu -> cpus per
-    chunk/node (ncpus, ppn), GPUs -> gpus (ngpus), memory -> memory: per chunk on PBS Pro
-    (select's mem), the whole job's on Torque (-l mem)."""
-    out: dict[str, Any] = {}
-    if requirements.replicas != 1:
-        out["nodes"] = requirements.replicas
-    if (cpus := whole_cpus(requirements)) is not None:
-        out["cpus"] = cpus
-    if requirements.memory is not None:
-        per_job = options.get("dialect") == "torque"
-        out["memory"] = with_unit(requirements.memory * (requirements.replicas if per_job else 1), _PBS_UNITS)
-    gpus = untyped_gpus(requirements, "PBS", "pick the type with queue= or a site resource in extra_directives")
-    if gpus is not None:
-        out["gpus"] = gpus
-    return out
-
-
-#: walltime ('H:MM:SS') from an int of minutes, a timedelta or a str
-time_limit = hours_minutes_seconds_limit

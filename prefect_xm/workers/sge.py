@@ -23,21 +23,12 @@ Choices worth knowing:
 
 from __future__ import annotations
 
-import math
 import re
 import xml.etree.ElementTree as ET
-from typing import Annotated, Any, ClassVar, Mapping, Optional, Sequence
+from typing import Annotated, ClassVar, Mapping, Optional, Sequence
 
 from pydantic import Field, field_validator
 
-from prefect_xm.core.resources import JobRequirements
-from prefect_xm.workers.requirements import (
-    hours_minutes_seconds_limit,
-    single_replica,
-    untyped_gpus,
-    whole_cpus,
-    with_unit,
-)
 from prefect_xm.workers.base import BatchWorker
 from prefect_xm.workers.configuration import (
     AtLeastOne, BatchJobConfiguration, ZeroOrMore, check_format, pattern_in_form,
@@ -491,26 +482,3 @@ class SgeWorker(BatchWorker):
     )
     _display_name = "Grid Engine / SGE (prefect-xm)"
     _logo_url = "https://upload.wikimedia.org/wikipedia/commons/8/8a/Grid_Engine_logo.png"
-
-
-# -- an xm job's requirements in this pool's job variables (xm_local.SGE) -------------------------------------
-
-
-def requirements_variables(requirements: JobRequirements, options: Mapping[str, Any]) -> dict[str, Any]:
-    """cpu -> slots (-pe <parallel_environment> N), memory -> memory per slot (h_vmem is
-    per slot: the job's memory divided among its slots), GPUs -> gpus (-l <gpu_resource>=N)."""
-    single_replica(requirements, "SGE")
-    out: dict[str, Any] = {}
-    slots = whole_cpus(requirements)
-    if slots is not None:
-        out["slots"] = slots
-    if requirements.memory is not None:
-        out["memory"] = with_unit(math.ceil(requirements.memory / (slots or 1)))
-    gpus = untyped_gpus(requirements, "SGE", "pick the type with queue= or the pool's gpu_resource variable")
-    if gpus is not None:
-        out["gpus"] = gpus
-    return out
-
-
-#: h_rt ('H:MM:SS') from an int of minutes, a timedelta or a str
-time_limit = hours_minutes_seconds_limit

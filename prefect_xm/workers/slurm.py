@@ -7,14 +7,11 @@ tests/test_slurm_parsers.py).
 
 from __future__ import annotations
 
-import datetime
 import re
-from typing import Annotated, Any, ClassVar, Mapping, Optional, Sequence
+from typing import Annotated, ClassVar, Optional, Sequence
 
 from pydantic import Field, field_validator
 
-from prefect_xm.core.resources import JobRequirements
-from prefect_xm.workers.requirements import limit_seconds, whole_cpus, with_unit
 from prefect_xm.workers.base import BatchWorker
 from prefect_xm.workers.configuration import (
     AtLeastOne, BatchJobConfiguration, ZeroOrMore, check_format, pattern_in_form,
@@ -487,41 +484,3 @@ class SlurmWorker(BatchWorker):
     )
     _display_name = "Slurm (prefect-xm)"
     _logo_url = "https://slurm.schedmd.com/slurm_logo.png"
-
-
-# -- an xm job's requirements in this pool's job variables (xm_local.Slurm) -----------------------------------
-
-
-def requirements_variables(requirements: JobRequirements, options: Mapping[str, Any]) -> dict[str, Any]:
-    """cpu -> cpus_per_task, memory -> memory (--mem, '16G'), accelerators -> gpus and
-    gpu_type (a100=2 -> --gres=gpu:a100:2), replicas -> ntasks."""
-    out: dict[str, Any] = {}
-    if (cpus := whole_cpus(requirements)) is not None:
-        out["cpus_per_task"] = cpus
-    if requirements.memory is not None:
-        out["memory"] = with_unit(requirements.memory)
-    accelerator = requirements.accelerator
-    if accelerator is not None:
-        if accelerator.is_tpu:
-            raise ValueError(f"Slurm: accelerator {accelerator.value}={requirements.accelerator_count} "
-                             f"is not available on Slurm")
-        out["gpus"] = requirements.accelerator_count
-        if not accelerator.is_any_gpu:
-            out["gpu_type"] = accelerator.value
-    if requirements.replicas != 1:
-        out["ntasks"] = requirements.replicas
-    return out
-
-
-def time_limit(value: Any) -> str:
-    """--time from an int of minutes (as Slurm reads a bare number), a timedelta
-    ('D-HH:MM:SS') or a str in Slurm's syntax."""
-    seconds = limit_seconds(value, "time")
-    if seconds is None:
-        return value.strip()
-    if not isinstance(value, datetime.timedelta):
-        return str(value)
-    days, rest = divmod(seconds, 86400)
-    h, rest = divmod(rest, 3600)
-    m, s = divmod(rest, 60)
-    return f"{days}-{h:02d}:{m:02d}:{s:02d}" if days else f"{h:02d}:{m:02d}:{s:02d}"
