@@ -29,14 +29,12 @@ async def _create(experiment_title: str, identity: Optional[str]) -> Experiment:
 
     client = await store.client()
     if identity is not None:
-        tag = store.identity_tag(identity, store.TAG_EXPERIMENT_IDENTITY)
-        found = await store.read_runs(client, tags=[store.TAG_KIND + store.KIND_EXPERIMENT, tag], limit=1)
+        found = await store.read_runs(client, tags=[store.kind_tag(store.KIND_EXPERIMENT),
+                                                    store.experiment_identity_tag(identity)], limit=1)
         if found:
             return _experiment_from_run(found[0])
     exp_id = store.new_experiment_id()
-    tags = [store.TAG_XM, store.TAG_KIND + store.KIND_EXPERIMENT, store.experiment_tag(exp_id)]
-    if identity is not None:
-        tags.append(store.identity_tag(identity, store.TAG_EXPERIMENT_IDENTITY))
+    tags = store.experiment_run_tags(exp_id, identity)
     run = await client.create_flow_run(
         launched_experiment, name=experiment_title, tags=tags,
         parameters={}, state=Running(message=f"experiment {exp_id}"),
@@ -52,10 +50,9 @@ async def adopt_flow_run(flow_run_id: UUID, experiment_title: str) -> Experiment
     tags it, names it after the title, returns its Experiment (the flow drives it)."""
     client = await store.client()
     run = await client.read_flow_run(flow_run_id)
-    tagged = store.tag_value(run.tags or [], store.TAG_EXPERIMENT)
+    tagged = store.experiment_of(run)
     exp_id = store.experiment_id_of(tagged) if tagged else store.new_experiment_id()
-    tags = list(dict.fromkeys(list(run.tags or []) + [store.TAG_XM, store.TAG_KIND + store.KIND_EXPERIMENT,
-                                                       store.experiment_tag(exp_id)]))
+    tags = list(dict.fromkeys(list(run.tags or []) + store.experiment_run_tags(exp_id)))
     await client.update_flow_run(flow_run_id, name=experiment_title, tags=tags)
     exp = Experiment(exp_id, experiment_title, flow_run_id)
     exp._loaded = True
@@ -80,7 +77,7 @@ async def drive_adopted(experiment: Experiment, add_work_units: Callable[[Experi
 
 
 def _experiment_from_run(run) -> Experiment:
-    exp_id = store.experiment_id_of(store.tag_value(run.tags, store.TAG_EXPERIMENT))
+    exp_id = store.experiment_id_of(store.experiment_of(run))
     return Experiment(exp_id, run.name, run.id)
 
 
@@ -95,7 +92,7 @@ def create_experiment(experiment_title: Optional[str] = None, *, identity: Optio
     if not isinstance(title, str):
         raise ValueError(f"experiment_title must be a string, got {experiment_title!r}")
     if identity is not None:
-        store.identity_tag(identity, store.TAG_EXPERIMENT_IDENTITY)
+        store.experiment_identity_tag(identity)
     return _AsyncOrSync(title, identity)  # type: ignore[return-value]
 
 
@@ -139,12 +136,12 @@ async def _get(experiment_id: Union[str, UUID]) -> Experiment:
     text = str(experiment_id)
     try:
         run = await client.read_flow_run(UUID(text))
-        if store.TAG_KIND + store.KIND_EXPERIMENT not in (run.tags or []):
+        if not store.is_experiment_run(run):
             raise ValueError(f"flow run {text} is not an xm experiment")
     except ValueError as e:
         if "not an xm experiment" in str(e):
             raise
-        found = await store.read_runs(client, tags=[store.TAG_KIND + store.KIND_EXPERIMENT, store.TAG_EXPERIMENT + text],
+        found = await store.read_runs(client, tags=[store.kind_tag(store.KIND_EXPERIMENT), store.experiment_tag(text)],
                                       limit=1)
         if not found:
             raise ValueError(f"no experiment with id {text!r} in the Prefect API ({client.api_url})") from None
@@ -163,10 +160,10 @@ async def _list(limit: Optional[int]) -> list[Experiment]:
     from prefect.client.schemas.sorting import FlowRunSort
 
     client = await store.client()
-    runs = await store.read_runs(client, tags=[store.TAG_KIND + store.KIND_EXPERIMENT], limit=limit,
+    runs = await store.read_runs(client, tags=[store.kind_tag(store.KIND_EXPERIMENT)], limit=limit,
                                  sort=FlowRunSort.ID_DESC)
     runs.sort(key=lambda r: r.created or datetime.datetime.min.replace(tzinfo=datetime.timezone.utc), reverse=True)
-    return [_experiment_from_run(r) for r in runs if store.tag_value(r.tags, store.TAG_EXPERIMENT)]
+    return [_experiment_from_run(r) for r in runs if store.experiment_of(r)]
 
 
 def list_experiments(limit: Optional[int] = None) -> list[Experiment]:

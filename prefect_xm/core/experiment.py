@@ -117,14 +117,14 @@ class Experiment(ExperimentLifecycle):
         client = await store.client()
         runs = await store.experiment_runs(client, self.experiment_id)
         for run in runs:
-            wid = store.tag_value(run.tags, store.TAG_WORK_UNIT)
+            wid = store.work_unit_of(run)
             if wid is None or not wid.isdigit():
                 continue
-            ident_tag = next((t for t in run.tags if t.startswith(store.TAG_IDENTITY)), None)
+            ident_tag = store.identity_tag_of(run)
             wu = WorkUnit(self, int(wid), dict(run.parameters or {}), run.id,
-                          identity=ident_tag[len(store.TAG_IDENTITY):] if ident_tag else None)
+                          identity=store.identity_in(ident_tag))
             wu.link_task_run_id = run.parent_task_run_id
-            wu._loaded_state, wu._job_count = store.state_type(run), store.tag_value(run.tags, store.TAG_JOB_COUNT)
+            wu._loaded_state, wu._job_count = store.state_type(run), store.job_count_of(run)
             if wu.work_unit_id not in self._work_units:
                 self._work_units[wu.work_unit_id] = wu
                 if ident_tag:
@@ -284,10 +284,8 @@ class Experiment(ExperimentLifecycle):
             self._next_id += 1
             wu = WorkUnit(self, wid, parameters, None, identity=identity)
             self._work_units[wid] = wu
-        tags = [store.TAG_XM, store.TAG_KIND + kind, store.experiment_tag(self.experiment_id), wu.unit_tag,
-                store.TAG_JOB_COUNT + str(len(members)), store.TAG_IMPORTANCE + role.importance.value]
-        if ident_tag:
-            tags.append(ident_tag)
+        tags = store.unit_run_tags(self.experiment_id, kind, wu.unit_tag, len(members), role.importance.value,
+                                   ident_tag)
         wu.start_deadline = start_deadline
         wu._created = asyncio.get_running_loop().create_future()
         if ident_tag:

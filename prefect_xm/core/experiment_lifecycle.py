@@ -96,9 +96,9 @@ class ExperimentLifecycle:
         # Work units driven by another (or no) process: cancel their jobs directly.
         jobs = await store.experiment_runs(client, self.experiment_id, store.KIND_JOB)
         for r in jobs:
-            wid = store.tag_value(r.tags, store.TAG_WORK_UNIT)
+            wid = store.work_unit_of(r)
             wu = self._work_units.get(int(wid)) if wid and wid.isdigit() else None
-            aid = store.tag_value(r.tags, store.TAG_AUXILIARY_UNIT)
+            aid = store.auxiliary_unit_of(r)
             if aid and aid.isdigit() and 0 < int(aid) <= len(self._auxiliary_units):
                 wu = self._auxiliary_units[int(aid) - 1]
             if wu is not None and wu.flow_run_id in local_ids:
@@ -118,8 +118,8 @@ class ExperimentLifecycle:
                 break
             jobs = await store.experiment_runs(client, self.experiment_id, store.KIND_JOB)
             for r in left:
-                wid = store.tag_value(r.tags, store.TAG_WORK_UNIT)
-                mine = [j for j in jobs if store.tag_value(j.tags, store.TAG_WORK_UNIT) == wid]
+                wid = store.work_unit_of(r)
+                mine = [j for j in jobs if store.work_unit_of(j) == wid]
                 if all(store.state_type(j) in store.FINAL for j in mine):
                     await client.set_flow_run_state(r.id, Cancelled(message=reason), force=True)
             await asyncio.sleep(POLL_SECONDS)

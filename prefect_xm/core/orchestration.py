@@ -51,7 +51,7 @@ class Member:
     @classmethod
     def from_run(cls, run) -> "Member":
         """A job of a work unit whose launcher died, as its run tells it."""
-        m = cls(store.tag_value(run.tags, store.TAG_JOB) or str(run.id), None, dict(run.parameters or {}))
+        m = cls(store.job_key_of(run) or str(run.id), None, dict(run.parameters or {}))
         m.flow_run_id, m.link_id, m._local = run.id, run.parent_task_run_id, run.work_pool_name is None
         m.state_type, m.message = store.state_type(run), store.state_message(run)
         return m
@@ -146,8 +146,7 @@ async def submit(client, unit, m: Member, writes: Writes, gang_place: Sequence[s
 
     from prefect_xm.job_runner import run_job
 
-    tags = [store.TAG_XM, store.TAG_KIND + store.KIND_JOB, store.experiment_tag(unit.experiment_id),
-            unit.unit_tag, *gang_place, store.TAG_JOB + m.key]
+    tags = store.job_run_tags(unit.experiment_id, unit.unit_tag, m.key, gang_place)
     name = f"{unit.experiment.experiment_title}-{unit.unit_label}-{m.key}"
     await link(writes, unit, m)
     # one run per member however often the request is sent (a retried bulk request)

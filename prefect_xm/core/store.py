@@ -67,6 +67,9 @@ FINAL = frozenset({StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, Sta
 NOT_STARTED = frozenset({StateType.SCHEDULED, StateType.PENDING, StateType.PAUSED})
 
 
+# -- the tags: written and read here only -------------------------------------------------
+
+
 def tag_value(tags: Iterable[str], prefix: str) -> Optional[str]:
     for t in tags:
         if t.startswith(prefix):
@@ -80,6 +83,70 @@ def identity_tag(identity: str, prefix: str = TAG_IDENTITY) -> str:
     if len(identity) <= 80 and re.fullmatch(r"[A-Za-z0-9_.:=,@+\-/]+", identity):
         return prefix + identity
     return prefix + "sha1-" + hashlib.sha1(identity.encode()).hexdigest()
+
+
+def experiment_identity_tag(identity: str) -> str:
+    return identity_tag(identity, TAG_EXPERIMENT_IDENTITY)
+
+
+def kind_tag(kind: str) -> str:
+    return TAG_KIND + kind
+
+
+def unit_tag(kind: str, unit_id: int) -> str:
+    """A work unit's (or auxiliary unit's) tag, carried by its run and its jobs' runs."""
+    return (TAG_AUXILIARY_UNIT if kind == KIND_AUXILIARY_UNIT else TAG_WORK_UNIT) + str(unit_id)
+
+
+def experiment_run_tags(experiment_id: ExperimentId, identity: Optional[str] = None) -> list[str]:
+    tags = [TAG_XM, kind_tag(KIND_EXPERIMENT), experiment_tag(experiment_id)]
+    return tags + [experiment_identity_tag(identity)] if identity is not None else tags
+
+
+def unit_run_tags(experiment_id: ExperimentId, kind: str, unit: str, job_count: int, importance: str,
+                  identity: Optional[str] = None) -> list[str]:
+    tags = [TAG_XM, kind_tag(kind), experiment_tag(experiment_id), unit, TAG_JOB_COUNT + str(job_count),
+            TAG_IMPORTANCE + importance]
+    return tags + [identity] if identity else tags
+
+
+def job_run_tags(experiment_id: ExperimentId, unit: str, job_key: str, gang_place: Sequence[str] = ()) -> list[str]:
+    return [TAG_XM, kind_tag(KIND_JOB), experiment_tag(experiment_id), unit, *gang_place, TAG_JOB + job_key]
+
+
+def is_experiment_run(run) -> bool:
+    return kind_tag(KIND_EXPERIMENT) in (run.tags or [])
+
+
+def experiment_of(run) -> Optional[str]:
+    """The experiment id a run's tag names (as text: experiment_id_of makes it an id)."""
+    return tag_value(run.tags or [], TAG_EXPERIMENT)
+
+
+def work_unit_of(run) -> Optional[str]:
+    return tag_value(run.tags or [], TAG_WORK_UNIT)
+
+
+def auxiliary_unit_of(run) -> Optional[str]:
+    return tag_value(run.tags or [], TAG_AUXILIARY_UNIT)
+
+
+def job_key_of(run) -> Optional[str]:
+    return tag_value(run.tags or [], TAG_JOB)
+
+
+def job_count_of(run) -> Optional[str]:
+    """How many jobs a work unit's run says it has (a launcher that died may have made fewer)."""
+    return tag_value(run.tags or [], TAG_JOB_COUNT)
+
+
+def identity_tag_of(run) -> Optional[str]:
+    """A work unit's identity tag, whole (the identity itself may be hashed into it)."""
+    return next((t for t in run.tags or [] if t.startswith(TAG_IDENTITY)), None)
+
+
+def identity_in(tag: Optional[str]) -> Optional[str]:
+    return tag[len(TAG_IDENTITY):] if tag else None
 
 
 def state_type(run) -> StateType:
@@ -163,7 +230,7 @@ async def read_runs(client, *, tags: Sequence[str], ids: Optional[Sequence[UUID]
 async def experiment_runs(client, experiment_id: ExperimentId, kind: str = KIND_WORK_UNIT, unit_tag: Optional[str] = None):
     """The runs of one kind (work units, auxiliary units, jobs) of an experiment; with
     `unit_tag`, only those of that unit."""
-    tags = [TAG_KIND + kind, experiment_tag(experiment_id)]
+    tags = [kind_tag(kind), experiment_tag(experiment_id)]
     if unit_tag is not None:
         tags.append(unit_tag)
     return await read_runs(client, tags=tags)

@@ -84,13 +84,13 @@ async def summary_rows(client, experiment_id: store.ExperimentId) -> list[dict[s
     for j in jobs:
         if j.start_time is None:
             continue
-        wid = store.tag_value(j.tags, store.TAG_WORK_UNIT)
+        wid = store.work_unit_of(j)
         end = j.end_time or (now if store.state_type(j) not in store.FINAL else j.start_time)
         span = spans.setdefault(wid, [j.start_time, end])
         span[0], span[1] = min(span[0], j.start_time), max(span[1], end)
     rows = []
     for r in runs:
-        wid = store.tag_value(r.tags, store.TAG_WORK_UNIT)
+        wid = store.work_unit_of(r)
         span = spans.get(wid)
         # Duration: from the first job's start to the last job's end (the gang's span).
         seconds = (span[1] - span[0]).total_seconds() if span else duration(r)
@@ -206,6 +206,6 @@ async def job_states_by_work_unit(client, experiment_id: store.ExperimentId) -> 
     jobs = await store.experiment_runs(client, experiment_id, store.KIND_JOB)
     per_wu: dict[str, list[str]] = {}
     for j in sorted(jobs, key=lambda r: r.name):
-        wid = store.tag_value(j.tags, store.TAG_WORK_UNIT)
-        per_wu.setdefault(wid, []).append(f"{store.tag_value(j.tags, store.TAG_JOB)}={store.state_name(j)}")
+        wid = store.work_unit_of(j)
+        per_wu.setdefault(wid, []).append(f"{store.job_key_of(j)}={store.state_name(j)}")
     return per_wu

@@ -184,7 +184,7 @@ class WorkUnit(UnitNames):
     #: what its runs' tags and names call it
     @property
     def unit_tag(self) -> str:
-        return store.TAG_WORK_UNIT + str(self.work_unit_id)
+        return store.unit_tag(store.KIND_WORK_UNIT, self.work_unit_id)
 
     @property
     def unit_label(self) -> str:
@@ -251,10 +251,10 @@ class WorkUnit(UnitNames):
 
             ui = PREFECT_UI_URL.value()
             runs = await self._job_runs()
-            return [LaunchedJob(name=store.tag_value(r.tags, store.TAG_JOB) or r.name,
+            return [LaunchedJob(name=store.job_key_of(r) or r.name,
                                 address=r.infrastructure_pid,
                                 logs=f"{ui.rstrip('/')}/runs/flow-run/{r.id}" if ui else None)
-                    for r in sorted(runs, key=lambda r: store.tag_value(r.tags, store.TAG_JOB) or r.name)]
+                    for r in sorted(runs, key=lambda r: store.job_key_of(r) or r.name)]
 
         return Runtime.get().run(read())
 
@@ -290,7 +290,7 @@ class WorkUnit(UnitNames):
     def jobs(self) -> dict[str, ExperimentUnitStatus]:
         """{job key: status} of the work unit's job runs."""
         runs = Runtime.get().run(self._job_runs())
-        return {(store.tag_value(r.tags, store.TAG_JOB) or r.name): ExperimentUnitStatus.from_state(r.state)
+        return {(store.job_key_of(r) or r.name): ExperimentUnitStatus.from_state(r.state)
                 for r in runs}
 
 
@@ -311,7 +311,7 @@ class AuxiliaryUnit(WorkUnit):
 
     @property
     def unit_tag(self) -> str:
-        return store.TAG_AUXILIARY_UNIT + str(self.work_unit_id)
+        return store.unit_tag(store.KIND_AUXILIARY_UNIT, self.work_unit_id)
 
     @property
     def unit_label(self) -> str:

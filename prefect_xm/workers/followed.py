@@ -4,8 +4,8 @@ configuration, and what the worker has done about it (a cancel asked for, Runnin
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 from uuid import UUID
 
 from prefect_xm.workers.configuration import BatchJobConfiguration
@@ -25,4 +25,9 @@ class FollowedRun:
     cancel_task: Optional[asyncio.Task] = None
     #: this worker has put the run in Running (a direct job has no engine to say so)
     marked_running: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: taken over after a restart: its output may be partly in the logs already
+    resumed: bool = False
+    #: why the worker stopped waiting for the job's end (its run then ends with this)
+    gave_up: Optional[str] = None
+    #: where its stderr tail was read from, for the run's final message
+    stderr_path: Optional[str] = None

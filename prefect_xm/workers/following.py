@@ -82,7 +82,7 @@ class BatchFollowing:
         output = None
         if direct:
             output = DirectOutput(self, followed, self.job_output_logger(flow_run))
-            if followed.extra.get("resumed"):
+            if followed.resumed:
                 try:
                     await output.skip_shipped(await self._output_lines_shipped(flow_run.id))
                 except Exception as e:  # following the job matters more than a repeated line
@@ -191,7 +191,7 @@ class BatchFollowing:
             return
         await self._end_run(flow_run, followed, end, logger)
         if end.gives_up:
-            followed.extra["gave_up"] = end.message
+            followed.gave_up = end.message
             followed.cancel_requested = True
             followed.cancel_task = self.spawn(
                 self.cancel_job(followed.poller.scheduler, followed.job_id, followed.transport, 30, status.state,
@@ -210,7 +210,7 @@ class BatchFollowing:
 
     async def _finish(self, flow_run: "FlowRun", followed: FollowedRun, status: JobStatus, logger) -> None:
         """The job has ended: the run takes the state run_end decides."""
-        if "gave_up" in followed.extra:
+        if followed.gave_up is not None:
             return  # Crashed already, past its requeues
         current = (await self._read_run(flow_run.id)).state
         if current is None:
@@ -231,7 +231,7 @@ class BatchFollowing:
         if end.running_first:
             await self._mark_running(flow_run, followed, f"{self.state_label(followed)} started", current=current)
         tail = await self._stderr_tail(followed) if end.with_stderr else ""
-        state = end.state(tail, followed.extra.get("stderr_path"))
+        state = end.state(tail, followed.stderr_path)
         await self._set_state(flow_run.id, state, force=end.force)
         logger.log(end.level, end.log or state.message)
 
@@ -250,7 +250,7 @@ class BatchFollowing:
 
     async def _stderr_tail(self, followed: FollowedRun, lines: int = 20) -> str:
         path = f"{await self.run_directory(followed.configuration, followed.flow_run_id)}/job.err"
-        followed.extra["stderr_path"] = path
+        followed.stderr_path = path
         try:
             text = await followed.transport.read_tail(path, STDERR_TAIL_BYTES)
         except Exception:

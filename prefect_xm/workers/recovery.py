@@ -93,7 +93,7 @@ class BatchRecovery:
             logger = self.get_flow_run_logger(run)
             logger.info(f"Worker {self.name!r} resumes following {scheduler_name} job {job_id}")
             followed = await self._start_following(run.id, job_id, configuration)
-            followed.extra["resumed"] = True  # its output may be partly in the logs already
+            followed.resumed = True
             if run.state and run.state.type == StateType.CANCELLING:
                 followed.cancel_requested = True
                 followed.cancel_task = self.spawn(
