@@ -24,7 +24,7 @@ idle worker's CPU share and RSS.
 `prefect.collections` entry point): in this repository's .venv, with the extras for the
 Docker, Kubernetes and Vertex AI executors, that is about 250 MB of prefect-gcp and
 prefect-kubernetes in every worker. `--login-install` runs both workers from a virtualenv
-holding prefect-xm alone (.venv-login, made once), as the README tells a login node to
+holding prefect-xm alone (.venv-login, made once), as docs/production.md tells a login node to
 install it.
 """
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A Prefect server as the README's production section runs it: on PostgreSQL (Debian's
+# A Prefect server as the production docs (docs/production.md) run it: on PostgreSQL (Debian's
 # packages, its default cluster), with a role and database of its own and password
 # authentication; the password is generated once into a root-only file and never
 # appears on a command line.

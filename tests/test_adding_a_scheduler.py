@@ -1,4 +1,4 @@
-"""The README's "Adding a scheduler" list, held against every batch worker type there is:
+"""The "Adding a scheduler" list (docs/adding-a-scheduler.md), held against every batch worker type there is:
 each must have every part the list names, so a scheduler added without one fails here,
 naming what is missing (and the list cannot drift from the code without this failing)."""
 
@@ -76,7 +76,7 @@ def executor_for(worker: type[BatchWorker]) -> Optional[type]:
 
 
 def missing_parts(worker: type[BatchWorker], e2e_types: set[str]) -> list[str]:
-    """What of the README's list this worker type lacks, each in the list's own words."""
+    """What of the list (docs/adding-a-scheduler.md) this worker type lacks, each in the list's own words."""
     from prefect.workers.base import BaseWorker
 
     missing = []

@@ -3,7 +3,7 @@
 The `prefect_server` fixture is `prefect server start`, which serves the UI. The test
 creates an xm-slurm pool, runs a small experiment, then checks that (1) the pool's edit
 form shows our job variables with their titles and (2) the experiment's run page lists
-its work-unit subflows. Screenshots go to docs/ (shown in the README).
+its work-unit subflows. Screenshots go to docs/ (shown in the README and the documentation site).
 
 Chromium comes from `scripts/chromium.sh` (apt); Playwright's own browser download
 (`playwright install`) is never used.
@@ -30,7 +30,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage"]
-# The README's screenshots are refreshed only on request, so a test run leaves the
+# The documentation's screenshots are refreshed only on request, so a test run leaves the
 # tree clean: PREFECT_XM_UPDATE_SCREENSHOTS=1 bash scripts/test.sh -k ui
 DOCS = (REPO / "docs") if os.environ.get("PREFECT_XM_UPDATE_SCREENSHOTS") == "1" else Path(tempfile.mkdtemp(prefix="pxm-ui-"))
 SLURM_TITLES = ["Partition", "Time limit", "CPUs per task", "Memory", "GPUs", "GPU type", "Modules",

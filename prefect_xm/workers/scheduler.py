@@ -4,8 +4,8 @@ A Scheduler is data plus small pure functions: how to submit, how to read the jo
 the one batched status query and its parser, the terminal-record lookup, the cancel
 argv. The worker (base.py) and the poller (poller.py) only ever talk to this interface.
 A new scheduler is this interface, its job configuration and worker class, its template
-and its requirements mapping in one module, plus an executor and the tests: the README's
-"Adding a scheduler" lists each place.
+and its requirements mapping in one module, plus an executor and the tests:
+docs/adding-a-scheduler.md lists each place.
 """
 
 from __future__ import annotations
