@@ -7,7 +7,7 @@ A launch script written for XManager ports by changing its imports to
 from prefect_xm.core import job_operators
 from prefect_xm.core.args import SequentialArgs, ShellSafeArg, UserArgs, merge_args, to_argv
 from prefect_xm.core.api import Experiment
-from prefect_xm.core.work_units import LaunchedJob, WorkUnit, WorkUnitCompletedAwaitable
+from prefect_xm.core.work_units import AuxiliaryUnit, LaunchedJob, WorkUnit, WorkUnitCompletedAwaitable
 from prefect_xm.core.job_blocks import (
     BazelBinary,
     BazelContainer,
@@ -53,6 +53,8 @@ from prefect_xm.core.resources import (
     KB,
     MB,
     TB,
+    AcceleratorType,
+    Architecture,
     GiB,
     GpuType,
     InvalidTpuTopologyError,
@@ -72,6 +74,7 @@ from prefect_xm.core.resources import (
     vCPU,
 )
 from prefect_xm.core.status import (
+    DebugInterrupt,
     ExperimentUnitError,
     ExperimentUnitFailedError,
     ExperimentUnitNotCompletedError,
@@ -110,4 +113,5 @@ __all__ = [
     "dockerfile_container", "get_args_for_all_jobs", "job_operators", "PB", "PiB",
     "LaunchedJob", "ReloadError", "WorkUnitCompletedAwaitable",
     "mCPU", "merge_args", "python_container", "run_in_asyncio_loop", "to_argv", "vCPU",
+    "AcceleratorType", "Architecture", "AuxiliaryUnit", "DebugInterrupt",
 ]

@@ -168,3 +168,117 @@ def test_local_jobs_stream_their_output_to_the_terminal_unless_told_not_to(api, 
     with get_client(sync_client=True) as c:
         lines = [log.message for log in c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[quiet.id])))]
     assert "marker-quiet" in lines and "[stderr] err-marker-quiet" in lines, lines
+
+
+# ------------------------------------------------------------- help, JSON, logs, exit codes
+
+
+def test_help_names_the_commands_and_the_exit_codes_and_usage_errors_exit_2(api):
+    helped = _cli(api, "--help")
+    assert helped.returncode == 0, helped.stderr[-2000:]
+    for command in ("launch", "list", "show", "logs", "stop"):
+        assert command in helped.stdout
+    assert "Exit codes: 0 ok; 1 a work unit failed" in " ".join(helped.stdout.split())
+    assert "--follow" in _cli(api, "logs", "--help").stdout and "--json" in _cli(api, "show", "--help").stdout
+    for usage in ([], ["bogus"], ["show"], ["logs", "123"], ["list", "--bogus"], ["list", "--limit", "many"]):
+        proc = _cli(api, *usage)
+        assert proc.returncode == 2, (usage, proc.stdout[-1000:], proc.stderr[-1000:])
+        assert not usage or usage[-1] in proc.stderr or "EXPERIMENT" in proc.stderr or "UNIT" in proc.stderr, (
+            usage, proc.stderr)  # (it says what was wrong)
+
+
+def test_launch_exits_1_when_a_work_unit_failed_and_list_show_and_logs_tell_it(api, tmp_path):
+    import json
+
+    script = tmp_path / "launch.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        from prefect_xm import xm, xm_local
+
+        code = "import sys; print('marker-' + sys.argv[1][-1]); sys.exit(int(sys.argv[1][-1]))"
+        with xm_local.create_experiment(experiment_title="cli-json") as experiment:
+            [exe] = experiment.package([xm.Packageable(xm.Command([sys.executable, "-c", code]),
+                                                       xm_local.Local.Spec())])
+            for c in (0, 3):
+                experiment.add(xm.Job(exe, xm_local.Local(experimental_stream_output=False), name="trainer",
+                                      args={"code": c}))
+        print("EXPERIMENT", experiment.experiment_id)
+        print("AFTER THE EXPERIMENT")
+    """))
+    launched = _cli(api, "launch", str(script))
+    # (the whole script runs, then its experiments' ends decide the exit code)
+    assert launched.returncode == 1, launched.stdout + launched.stderr[-3000:]
+    assert "AFTER THE EXPERIMENT" in launched.stdout and "cli-json" in launched.stdout
+    exp_id = launched.stdout.split("EXPERIMENT", 1)[1].split()[0]
+
+    listed = _cli(api, "list", "--json")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    [entry] = [e for e in json.loads(listed.stdout)["experiments"] if str(e["id"]) == exp_id]
+    assert entry["title"] == "cli-json" and entry["state"] == "Failed" and entry["state_type"] == "FAILED"
+    assert entry["work_unit_count"] == 2 and entry["work_unit_states"] == {"Completed": 1, "Failed": 1}
+    assert entry["created"] and entry["flow_run_id"]
+
+    shown = _cli(api, "show", exp_id, "--json")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    doc = json.loads(shown.stdout)
+    assert (doc["id"], doc["state"]) == (int(exp_id), "Failed")
+    units = {u["id"]: u for u in doc["work_units"]}
+    assert sorted(units) == [1, 2] and doc["auxiliary_units"] == []
+    assert units[1]["args"] == {"code": 0} and units[1]["state"] == "Completed"
+    assert units[2]["args"] == {"code": 3} and units[2]["state_type"] == "FAILED" and "code 3" in units[2]["message"]
+    [job] = units[2]["jobs"]
+    assert job["name"] == "trainer" and job["state"] == "Failed" and job["flow_run_id"] and job["work_pool"] is None
+    [runner] = _runs("xm-kind:job", f"xm-experiment:{exp_id}", "xm-work-unit:2")
+    assert job["flow_run_id"] == str(runner.id)
+
+    logs = _cli(api, "logs", exp_id, "1")
+    assert logs.returncode == 0, logs.stderr[-2000:]
+    lines = logs.stdout.splitlines()
+    assert "[wu1/trainer] marker-0" in lines and "marker-3" not in logs.stdout
+    assert lines.index("[wu1/trainer] marker-0") < len(lines) - 1  # (its end follows: oldest first)
+    failed = _cli(api, "logs", exp_id, "2", "--follow")
+    assert failed.returncode == 1 and "[wu2/trainer] marker-3" in failed.stdout, failed.stdout + failed.stderr
+    assert _cli(api, "logs", exp_id, "wu1", "-f").returncode == 0
+    missing = _cli(api, "logs", exp_id, "9")
+    assert missing.returncode == 2 and "no work unit 9" in missing.stderr
+
+
+def test_logs_follow_prints_a_running_units_lines_until_it_ends(api, tmp_path):
+    from prefect_xm import xm, xm_local
+
+    code = "import time; print('line-one', flush=True); time.sleep(4); print('line-two')"
+    with xm_local.create_experiment(experiment_title="cli-follow") as experiment:
+        [exe] = experiment.package([xm.Packageable(xm.Command([sys.executable, "-c", code]), xm_local.Local.Spec())])
+        wu = experiment.add(xm.Job(exe, xm_local.Local(experimental_stream_output=False), name="talker"))
+        wait_for(lambda: wu.get_status().is_running, timeout=120, what="the work unit to run")
+        follow = subprocess.Popen([CLI, "logs", str(experiment.experiment_id), "1", "--follow"],
+                                  env=api.env(COLUMNS="200"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+    out, err = follow.communicate(timeout=120)
+    assert follow.returncode == 0, out + err
+    lines = out.splitlines()
+    assert lines.index("[wu1/talker] line-one") < lines.index("[wu1/talker] line-two"), lines
+
+
+def test_a_launch_refused_at_add_says_so_and_leaves_no_experiment_listed(api, tmp_path):
+    import json
+
+    script = tmp_path / "launch.py"
+    script.write_text(textwrap.dedent("""
+        from prefect_xm import xm, xm_local
+
+        with xm_local.create_experiment(experiment_title="cli-refused") as experiment:
+            [exe] = experiment.package([xm.Packageable(xm.Binary("/bin/true"), xm_local.Local.Spec())])
+            experiment.add(xm.Job(exe, xm_local.Local()), args="lr=0.1")
+    """))
+    refused = _cli(api, "launch", str(script))
+    assert refused.returncode == 1, refused.stdout + refused.stderr[-3000:]
+    said = next((line for line in refused.stderr.splitlines() if "launch refused" in line), "")
+    assert said.startswith("prefect-xm: experiment ") and "(cli-refused): launch refused before any work unit was " \
+        "added: ValueError: experiment.add args must be a dict, got 'lr=0.1'; its run was deleted" in said, refused.stderr
+    exp_id = said.split()[2]
+    assert f"experiment {exp_id} \u2014 cli-refused: launch refused" in refused.stdout  # (instead of its table)
+    assert "Still processing items" not in refused.stderr
+    listed = json.loads(_cli(api, "list", "--json").stdout)["experiments"]
+    assert exp_id not in {str(e["id"]) for e in listed}
+    assert _cli(api, "show", exp_id).returncode == 2

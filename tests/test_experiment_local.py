@@ -678,3 +678,82 @@ def test_each_link_task_run_shows_its_runs_end(api):
     wait_for(lambda: links(experiment.flow_run_id) == want, 60, what=f"the experiment's links to be {want}")
     # (each unit's one job: its link is named after the job's key)
     assert set(links(units[1]).values()) == {"COMPLETED"} and set(links(units[2]).values()) == {"FAILED"}
+
+
+# ------------------------------------------------------------- how a launch script ends
+
+_PLAIN_LAUNCHER = textwrap.dedent("""
+    import asyncio, sys
+    from prefect.events.clients import EventsClient
+    from prefect_xm import xm, xm_local
+
+    # A slow link to the events API (0.3 s an event): the events of the experiment's end
+    # (its summary artifact's) are still queued when the script ends unless that end sent them.
+    emit = EventsClient.emit
+    async def slow_emit(self, event):
+        await asyncio.sleep(0.3)
+        await emit(self, event)
+    EventsClient.emit = slow_emit
+
+    codes = [int(c) for c in sys.argv[1:]]
+    with xm_local.create_experiment(experiment_title="plain-launcher") as experiment:
+        print("EXPERIMENT", experiment.experiment_id, flush=True)
+        [exe] = experiment.package([xm.Packageable(xm.Command([sys.executable, "-c", "import sys; sys.exit(int(sys.argv[1][-1]))"]),
+                                                   xm_local.Local.Spec())])
+        for code in codes:
+            experiment.add(xm.Job(exe, xm_local.Local(), args={"code": code}))
+    print("AFTER THE EXPERIMENT")
+""")
+
+
+def _launch_plain(api, script: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, str(script), *args], env=api.env(), cwd="/", capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_plain_launch_script_ends_quietly_and_exits_1_when_a_work_unit_failed(api, tmp_path):
+    """`python launcher.py` ends as `prefect-xm launch` does: 0 when every work unit
+    completed, 1 (said on stderr) when one failed; and without Prefect's "EventsWorker -
+    Still processing items" warning (the experiment's end sends the events it emitted)."""
+    script = tmp_path / "launcher.py"
+    script.write_text(_PLAIN_LAUNCHER)
+    ok = _launch_plain(api, script, "0", "0")
+    assert ok.returncode == 0, ok.stdout + ok.stderr[-3000:]
+    assert "AFTER THE EXPERIMENT" in ok.stdout
+    failed = _launch_plain(api, script, "0", "3")
+    assert failed.returncode == 1, failed.stdout + failed.stderr[-3000:]
+    exp_id = failed.stdout.split("EXPERIMENT", 1)[1].split()[0]
+    assert (f"prefect-xm: experiment {exp_id} (plain-launcher) ended Failed: work units: 1 completed, 1 failed; "
+            "exiting with code 1") in failed.stderr, failed.stderr[-3000:]
+    assert "AFTER THE EXPERIMENT" not in failed.stdout  # (it ended where its `with` did, as XManager's)
+    assert "Traceback" not in failed.stderr
+    for proc in (ok, failed):
+        assert "Still processing items" not in proc.stderr and "EventsWorker" not in proc.stderr, proc.stderr[-3000:]
+    [run] = _runs("xm-kind:experiment", f"xm-experiment:{exp_id}")
+    assert run.state.is_failed()
+
+
+def test_a_launch_refused_at_package_leaves_no_empty_experiment(api, tmp_path):
+    """package() raising before any work unit exists: the script says so and its
+    experiment's run is deleted (no empty Cancelled experiment in `prefect-xm list`)."""
+    from prefect_xm import xm_local
+
+    script = tmp_path / "launcher.py"
+    script.write_text(textwrap.dedent("""
+        from prefect_xm import xm, xm_local
+
+        with xm_local.create_experiment(experiment_title="refused-at-package") as experiment:
+            [exe] = experiment.package([xm.Packageable(
+                xm.PythonContainer(path="/no/such/dir", entrypoint=xm.ModuleName("train")), xm_local.Local.Spec())])
+            experiment.add(xm.Job(exe, xm_local.Local()))
+    """))
+    proc = _launch_plain(api, script)
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
+    said = next((line for line in proc.stderr.splitlines() if "launch refused" in line), "")
+    assert "(refused-at-package): launch refused before any work unit was added: ValueError:" in said, proc.stderr
+    assert "/no/such/dir" in said and said.endswith("its run was deleted"), said
+    exp_id = said.split("prefect-xm: experiment ", 1)[1].split()[0]
+    assert "ValueError" in proc.stderr.split(said, 1)[1]  # (the script's own error follows, as raised)
+    assert "Still processing items" not in proc.stderr
+    assert _runs("xm-kind:experiment", f"xm-experiment:{exp_id}") == []
+    assert exp_id not in {str(e.experiment_id) for e in xm_local.list_experiments()}

@@ -440,3 +440,45 @@ def test_job_variables_outside_the_pool_schema_constraints_fail_add(api, request
             _assert_nothing_submitted(experiment)
         finally:
             experiment.stop()
+
+
+# --------------------------------------------- a pool no worker serves
+
+
+def test_jobs_waiting_on_a_pool_no_worker_serves_say_so_once_with_the_command_that_starts_one(api, capfd):
+    """A sweep on a pool with no worker used to show "1 pending" forever: within a poll or
+    two of its job waiting Scheduled there, the launcher says so, once, naming the pool
+    and the command that starts a worker of its type. A pool whose worker beats (as a
+    live worker does, every 30 s) is not named."""
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    idle, served = f"idle-{uuid.uuid4().hex[:6]}", f"served-{uuid.uuid4().hex[:6]}"
+    _create_pool(idle, "process")
+    _create_pool(served, "process")
+    with get_client(sync_client=True) as c:
+        c.send_worker_heartbeat(served, "a-live-worker", heartbeat_interval_seconds=30)
+    err: list[str] = []
+
+    def stderr() -> str:
+        err.append(capfd.readouterr().err)
+        return "".join(err)
+
+    with xm_local.create_experiment(experiment_title="no-worker") as experiment:
+        [exe] = experiment.package([xm.Packageable(xm.Command(["true"]), xm_local.WorkPool.Spec())])
+        experiment.add(xm.Job(exe, xm_local.WorkPool(served)))
+        experiment.add(xm.Job(exe, xm_local.WorkPool(idle)))
+        message = (f"no-worker ({experiment.experiment_id}): no worker is serving work pool '{idle}': "
+                   f"start one with: prefect worker start --pool {idle} --type process")
+        jobs = wait_for(lambda: [r for r in _runs("xm-kind:job", f"xm-experiment:{experiment.experiment_id}")
+                                 if r.state.is_scheduled()], timeout=60, interval=0.2, what="the jobs queued")
+        queued = time.monotonic()
+        wait_for(lambda: message in stderr(), timeout=60, interval=0.2, what="the no-worker message")
+        # (a poll or two of the launcher's, on a machine the suite keeps busy)
+        assert time.monotonic() - queued < 15, stderr()
+        assert {r.work_pool_name for r in jobs} <= {idle, served}
+        time.sleep(4)  # more polls: said once; the served pool never
+        assert stderr().count(message) == 1 and f"'{served}'" not in stderr(), stderr()
+        experiment.stop()
+    assert all(r.state.is_cancelled() for r in _runs("xm-kind:job", f"xm-experiment:{experiment.experiment_id}"))

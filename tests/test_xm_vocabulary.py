@@ -390,3 +390,24 @@ def test_xmanagers_job_operators_walk_a_job_structure():
     assert clique.constraint is deadline and clique.jobs == [copied.jobs["actors"].jobs["actor"]]
     assert xm.PiB == 1024**5 and xm.PB == 10**15
     assert issubclass(xm.ReloadError, xm.ExperimentUnitError)
+
+
+def test_xmanagers_accelerator_type_architecture_auxiliary_unit_and_debug_interrupt_exist():
+    from prefect_xm.core.work_units import AuxiliaryUnit
+
+    assert {"AcceleratorType", "Architecture", "AuxiliaryUnit", "DebugInterrupt"} <= set(xm.__all__)
+    # the accelerators among ResourceType, as GpuType and TpuType are subsets of it
+    assert xm.AcceleratorType.A100 is xm.ResourceType.A100 and xm.ResourceType["tpu_v3"] in xm.AcceleratorType
+    assert set(xm.GpuType) | set(xm.TpuType) <= set(xm.AcceleratorType)
+    assert xm.ResourceType.CPU not in xm.AcceleratorType and xm.ResourceType.RAM not in xm.AcceleratorType
+    assert xm.JobRequirements(v100=2).accelerator in xm.AcceleratorType
+    assert [a.value for a in xm.Architecture] == ["x86_64", "arm64"] and xm.Architecture("arm64") is xm.Architecture.ARM64
+    # what `experiment.add(..., role=xm.AuxiliaryUnitRole(...))` returns
+    assert xm.AuxiliaryUnit is AuxiliaryUnit and issubclass(xm.AuxiliaryUnit, xm.ExperimentUnit)
+    # a BaseException: `except Exception` in a launch script lets it through
+    assert issubclass(xm.DebugInterrupt, BaseException) and not issubclass(xm.DebugInterrupt, Exception)
+    with pytest.raises(xm.DebugInterrupt):
+        try:
+            raise xm.DebugInterrupt()
+        except Exception:  # pragma: no cover - it is not one
+            pass

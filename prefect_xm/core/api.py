@@ -160,8 +160,10 @@ async def _list(limit: Optional[int]) -> list[Experiment]:
     from prefect.client.schemas.sorting import FlowRunSort
 
     client = await store.client()
+    # (newest first before the limit: an experiment's run starts Running when it is made;
+    # its id, a random UUID, says nothing of its age)
     runs = await store.read_runs(client, tags=[store.kind_tag(store.KIND_EXPERIMENT)], limit=limit,
-                                 sort=FlowRunSort.ID_DESC)
+                                 sort=FlowRunSort.START_TIME_DESC)
     runs.sort(key=lambda r: r.created or datetime.datetime.min.replace(tzinfo=datetime.timezone.utc), reverse=True)
     return [_experiment_from_run(r) for r in runs if store.experiment_of(r)]
 

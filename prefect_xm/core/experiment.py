@@ -9,6 +9,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import sys
 from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence, Union
 from uuid import UUID
 
@@ -88,6 +89,7 @@ class Experiment(ExperimentLifecycle):
         #: what the work units write together (made with the runtime's client)
         self._writes: Optional[orchestration.Writes] = None
         self._heartbeat: Optional[asyncio.Task] = None
+        self._pool_watch: Optional[asyncio.Task] = None
 
     def __repr__(self) -> str:
         return f"Experiment(experiment_id={self.experiment_id!r}, title={self.experiment_title!r})"
@@ -331,6 +333,7 @@ class Experiment(ExperimentLifecycle):
         client = await store.client()
         if self._writes is None:
             self._writes = orchestration.Writes.to(client)
+        wu._members = members
         # The slots bound how many units are being created at once (their links and run,
         # their jobs' links); their job runs wait outside them, gathering into bulk requests.
         async with self._creation_slots():
@@ -374,6 +377,8 @@ class Experiment(ExperimentLifecycle):
         except KeyboardInterrupt:
             Runtime.get().run(self._stop("interrupted (Ctrl-C)"))
             raise
+        if exc is None:
+            self._exit_a_program_that_failed()
 
     async def __aenter__(self) -> "Experiment":
         await Runtime.get().arun(self._reopen())
@@ -383,12 +388,49 @@ class Experiment(ExperimentLifecycle):
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
         await Runtime.get().arun(self._close(exc))
+        if exc is None:
+            self._exit_a_program_that_failed()
+
+    def _exit_a_program_that_failed(self) -> None:
+        """A launch script run as a program (`python launcher.py`) ends with the exit code
+        `prefect-xm launch` gives it (summary.launch_exit_code): 1, said on stderr, when a
+        work unit did not complete; raised as SystemExit where its `with` block ends.
+        Under `prefect-xm launch` (which decides the exit code itself once the script has
+        run), or where the `with` is not the script's own, nothing happens here."""
+        import threading
+
+        if not END_PROGRAM_THAT_FAILED or self.final_state is None or not _left_in_a_program():
+            return
+        if threading.current_thread() is not threading.main_thread():
+            return
+        code = summary.launch_exit_code([self.final_state.type])
+        if code:
+            state = self.final_state
+            print(f"prefect-xm: experiment {self.experiment_id} ({self.experiment_title}) ended {state.name}"
+                  + (f": {state.message}" if state.message else "") + f"; exiting with code {code}",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(code)
 
     # Info
     def get_status(self) -> ExperimentUnitStatus:
         async def go():
             return ExperimentUnitStatus.from_state((await (await store.client()).read_flow_run(self.flow_run_id)).state)
         return Runtime.get().run(go())
+
+
+#: False under `prefect-xm launch`: it runs the whole script, then decides the exit code
+#: from every experiment's end (see Experiment._exit_a_program_that_failed)
+END_PROGRAM_THAT_FAILED = True
+
+
+def _left_in_a_program() -> bool:
+    """Whether the `with` block being left is the launch script's own, run as a program
+    (`python launcher.py`, `python -m ...`): the first caller outside prefect_xm is the
+    `__main__` module of a file, not a test, a notebook or a library."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "prefect_xm":
+        frame = frame.f_back
+    return frame is not None and frame.f_globals.get("__name__") == "__main__" and "__file__" in frame.f_globals
 
 
 def _unit_role(job: Any, role: Optional[ExperimentUnitRole]) -> tuple[Any, ExperimentUnitRole]:

@@ -8,14 +8,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from typing import Any, Optional
 from uuid import UUID
 
 from prefect.client.schemas.objects import StateType
 
-from prefect_xm.core import orchestration, store, summary
+from prefect_xm.core import orchestration, pool_workers, store, summary
 from prefect_xm.core.orchestration import POLL_SECONDS, Member
-from prefect_xm.core.runtime import dual
+from prefect_xm.core.runtime import dual, flush_prefect_events
 from prefect_xm.core.status import ExperimentUnitStatus
 from prefect_xm.core.work_units import AuxiliaryUnit, WorkUnit
 
@@ -28,6 +29,7 @@ class ExperimentLifecycle:
     `_run_work_unit`."""
 
     experiment_id: store.ExperimentId
+    experiment_title: str
     flow_run_id: UUID
     _work_units: dict[int, WorkUnit]
     _auxiliary_units: list[AuxiliaryUnit]
@@ -35,6 +37,11 @@ class ExperimentLifecycle:
     _summary: summary.SummaryArtifact
     _writes: Optional[orchestration.Writes]
     _heartbeat: Optional[asyncio.Task]
+    _pool_watch: Optional[asyncio.Task]
+    #: the state this launcher ended the experiment's run in (None until it has)
+    final_state: Any = None
+    #: why the launch was refused before its first unit (its empty run not kept); None otherwise
+    refused: Optional[str] = None
 
     async def _wait_all(self) -> dict[int, ExperimentUnitStatus]:
         await self._load()
@@ -135,13 +142,24 @@ class ExperimentLifecycle:
             await self._writes.links.drain()  # (the links show their units' ends before the experiment's)
         state = await self._final_state(stop_reason)
         client = await store.client()
-        if self._heartbeat is not None:
-            # (before the final state: a beat after it would start a wait for the next one)
-            self._heartbeat.cancel()
-            self._heartbeat = None
+        self._stop_watching()
         await client.set_flow_run_state(self.flow_run_id, state, force=True)
+        self.final_state = state
         await self._summary.refresh()
+        await self._flush_events()
         return state.type.value
+
+    def _stop_watching(self) -> None:
+        """Ends the launcher's heartbeat and its watch of the pools' workers (before the
+        run's final state: a beat after it would start a wait for the next one)."""
+        for task in (self._heartbeat, self._pool_watch):
+            if task is not None:
+                task.cancel()
+        self._heartbeat = self._pool_watch = None
+
+    async def _flush_events(self) -> None:
+        if not await flush_prefect_events():
+            log.debug("experiment %s: Prefect's events worker still holds events", self.experiment_id)
 
     async def _final_state(self, stop_reason: Optional[str] = None):
         """The experiment run's final state, from its work units' states."""
@@ -166,6 +184,12 @@ class ExperimentLifecycle:
 
     async def _close(self, exc: Optional[BaseException]) -> None:
         if exc is not None and not self._stopped:
+            try:
+                if await self._refuse(exc):
+                    return
+            except Exception as e:  # (then it is stopped as any other)
+                log.warning("experiment %s: could not drop the run of a refused launch (%s: %s)",
+                            self.experiment_id, type(e).__name__, e)
             await self._stop(f"the launch script raised {type(exc).__name__}: {exc}")
             return
         if not self._stopped:
@@ -175,6 +199,67 @@ class ExperimentLifecycle:
                 # The trials have ended: auxiliary units get their termination delay, then stop.
                 await asyncio.gather(*(aux._end_after_delay() for aux in self._auxiliary_units))
                 await self._finish_run()
+
+    async def _refuse(self, exc: BaseException) -> bool:
+        """A launch refused before it added any unit (package() or add() raised, or the
+        script did before either): its experiment has nothing to show, so its run is
+        deleted (marked Cancelled and named Refused first, which stays if the delete
+        fails), and the launcher says so. False, and nothing done, when the experiment
+        has units, here or on the server (one reopened by identity, say)."""
+        from prefect.states import Cancelled
+
+        await self._load()
+        if self._work_units or self._auxiliary_units:
+            return False
+        client = await store.client()
+        for kind in (store.KIND_WORK_UNIT, store.KIND_AUXILIARY_UNIT):
+            if await store.experiment_runs(client, self.experiment_id, kind):
+                return False
+        what = "refused" if isinstance(exc, Exception) else "stopped"
+        reason = f"launch {what} before any work unit was added: {type(exc).__name__}: {exc}"
+        self._stop_watching()
+        # (a final state first: the launcher-gone automation waits for one after a heartbeat)
+        await client.set_flow_run_state(self.flow_run_id, Cancelled(name="Refused", message=reason), force=True)
+        try:
+            await client.delete_flow_run(self.flow_run_id)
+            kept = "its run was deleted"
+        except Exception as e:
+            log.warning("could not delete the run of experiment %s (%s: %s)", self.experiment_id, type(e).__name__, e)
+            kept = "its run is kept, named Refused"
+        self._stopped = True
+        self.refused = reason
+        print(f"prefect-xm: experiment {self.experiment_id} ({self.experiment_title}): {reason}; {kept}",
+              file=sys.stderr, flush=True)
+        await self._flush_events()
+        return True
+
+    def _pools_waited_on(self) -> set[str]:
+        """The pools that jobs of the units driven here wait Scheduled on, as last read."""
+        pools = set()
+        for wu in (*self._work_units.values(), *self._auxiliary_units):
+            if wu._task is None or wu._task.done():
+                continue
+            for m in wu._members:
+                if m.state_type == StateType.SCHEDULED and m.flow_run_id is not None and m.pool_name:
+                    pools.add(m.pool_name)
+        return pools
+
+    async def _watch_pools(self) -> None:
+        """While the experiment is open here: says once per pool, within a poll or two,
+        that its jobs wait on a pool no worker serves (pool_workers)."""
+        def say(message: str) -> None:
+            print(f"{self.experiment_title} ({self.experiment_id}): {message}", file=sys.stderr, flush=True)
+
+        watch = pool_workers.PoolWatch(say)
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            pools = self._pools_waited_on()
+            if not pools:
+                continue
+            try:
+                await watch.check(await store.client(), pools)
+            except Exception as e:  # a hint only
+                log.debug("experiment %s: could not read the workers of %s: %s", self.experiment_id, pools, e)
 
     async def _reopen(self) -> None:
         """Opens the experiment for this launcher. Work units a dead launcher left
@@ -216,6 +301,8 @@ class ExperimentLifecycle:
         if self._heartbeat is None or self._heartbeat.done():
             self._heartbeat = asyncio.ensure_future(
                 launcher.keep_beating(self.flow_run_id, launcher.heartbeat_seconds(), window))
+        if self._pool_watch is None or self._pool_watch.done():
+            self._pool_watch = asyncio.ensure_future(self._watch_pools())
         for wu in orphans:
             wu._task = asyncio.ensure_future(self._reattach(wu))
 

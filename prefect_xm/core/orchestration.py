@@ -45,14 +45,16 @@ class Member:
         self.local_task: Optional[asyncio.Task] = None
         self.state_type = StateType.PENDING
         self.message = ""
-        #: for a member re-attached from its run (no Job at hand): whether it ran here
+        #: for a member re-attached from its run (no Job at hand): whether it ran here, its pool
         self._local: Optional[bool] = None
+        self._pool: Optional[str] = None
 
     @classmethod
     def from_run(cls, run) -> "Member":
         """A job of a work unit whose launcher died, as its run tells it."""
         m = cls(store.job_key_of(run) or str(run.id), None, dict(run.parameters or {}))
         m.flow_run_id, m.link_id, m._local = run.id, run.parent_task_run_id, run.work_pool_name is None
+        m._pool = run.work_pool_name
         m.state_type, m.message = store.state_type(run), store.state_message(run)
         return m
 
@@ -61,6 +63,11 @@ class Member:
         if self.job is None:
             return bool(self._local)
         return self.job.executor.work_pool_name is None
+
+    @property
+    def pool_name(self) -> Optional[str]:
+        """The work pool its run waits on (None for a Local job)."""
+        return self._pool if self.job is None else self.job.executor.work_pool_name
 
 
 @dataclass

@@ -147,6 +147,20 @@ class TpuType(metaclass=_ResourceSubsetMeta):
     _members = frozenset(r for r in ResourceType if r.is_tpu)
 
 
+class AcceleratorType(metaclass=_ResourceSubsetMeta):
+    """The accelerators among ResourceType: the GPU and TPU types (a JobRequirements
+    takes one of them), as XManager's AcceleratorType subset."""
+
+    _members = frozenset(r for r in ResourceType if r.is_accelerator)
+
+
+class Architecture(enum.Enum):
+    """XManager's CPU architecture of an executable's platform."""
+
+    X86_64 = "x86_64"
+    ARM64 = "arm64"
+
+
 class InvalidTpuTopologyError(Exception):
     """An accelerator topology that is not 'N', 'NxM', 'NxMxK' (optionally _twisted)."""
 

@@ -70,6 +70,38 @@ class Runtime:
         return self._client
 
 
+#: the longest an experiment's end waits for Prefect's events worker to send its events
+EVENTS_FLUSH_SECONDS = 10.0
+
+
+async def flush_prefect_events(timeout: float = EVENTS_FLUSH_SECONDS) -> bool:
+    """Waits until Prefect's events worker has sent every event this process emitted
+    (the artifacts' events Prefect's client emits, the launcher's heartbeats), at most
+    `timeout` seconds; False if it had not by then. An event still queued at exit is
+    sent while the interpreter shuts down, under Prefect's warning "EventsWorker - Still
+    processing items": an experiment's end flushes them, so a launch script ends quietly.
+    The worker is not stopped: what is emitted later is sent as before."""
+    from prefect.events.worker import EventsWorker
+
+    # (the running instances: EventsWorker.instance() would start one where none runs)
+    workers = list(getattr(EventsWorker, "_instances", {}).values())
+    if not workers:
+        return True
+    sent = threading.Event()
+
+    def wait() -> None:
+        for worker in workers:
+            worker.wait_until_empty()
+        sent.set()
+
+    # A daemon thread: a worker that can no longer send holds nothing but it at exit.
+    threading.Thread(target=wait, name="prefect-xm-events-flush", daemon=True).start()
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not sent.is_set() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+    return sent.is_set()
+
+
 def in_event_loop() -> bool:
     try:
         asyncio.get_running_loop()

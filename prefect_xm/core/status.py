@@ -76,3 +76,9 @@ class ReloadError(ExperimentUnitError):
 
 class NotFoundError(KeyError):
     """An experiment or work unit that does not exist."""
+
+
+class DebugInterrupt(BaseException):
+    """XManager's interrupt of a launch script for debugging: a BaseException, so
+    `except Exception` lets it through. Nothing here raises it; raised in a launch
+    script's `with` block, it stops the experiment's work units, as any exception does."""

@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 from uuid import UUID
 
 from prefect_xm.core import store
@@ -21,6 +21,15 @@ def work_units_done(counts: Mapping[str, int]) -> int:
     """How many of the work units counted by state name have ended."""
     final_names = {t.value for t in store.FINAL}
     return sum(n for state, n in counts.items() if state.upper() in final_names)
+
+
+def launch_exit_code(ends: Iterable[Any]) -> int:
+    """A launch's exit code from the state types its experiments ended in: 1 when one
+    did not complete (a work unit failed, crashed or was cancelled), 0 when all did.
+    `prefect-xm launch` and a launch script run as a program decide it here alike."""
+    from prefect.client.schemas.objects import StateType
+
+    return 0 if all(end == StateType.COMPLETED for end in ends) else 1
 
 
 def print_progress(experiment, counts: Mapping[str, int]) -> None:
@@ -209,3 +218,67 @@ async def job_states_by_work_unit(client, experiment_id: store.ExperimentId) -> 
         wid = store.work_unit_of(j)
         per_wu.setdefault(wid, []).append(f"{store.job_key_of(j)}={store.state_name(j)}")
     return per_wu
+
+
+# -- the documents `prefect-xm list --json` and `show --json` print ------------------------
+
+
+def _iso(moment: Optional[datetime.datetime]) -> Optional[str]:
+    return moment.isoformat() if moment is not None else None
+
+
+def _state_fields(run) -> dict[str, Any]:
+    return {"state": store.state_name(run), "state_type": store.state_type(run).value,
+            "message": store.state_message(run)}
+
+
+def _unit_id(text: Optional[str]) -> Any:
+    return int(text) if text and text.isdigit() else text
+
+
+def _job_document(run) -> dict[str, Any]:
+    return {"name": store.job_key_of(run) or run.name, **_state_fields(run), "flow_run_id": str(run.id),
+            "work_pool": run.work_pool_name, "start_time": _iso(run.start_time), "end_time": _iso(run.end_time)}
+
+
+def _unit_document(run, jobs: list) -> dict[str, Any]:
+    return {"id": _unit_id(store.work_unit_of(run) or store.auxiliary_unit_of(run)), **_state_fields(run),
+            "args": jsonable_parameters(run.parameters), "identity": store.identity_in(store.identity_tag_of(run)),
+            "flow_run_id": str(run.id), "start_time": _iso(run.start_time), "end_time": _iso(run.end_time),
+            "jobs": [_job_document(j) for j in sorted(jobs, key=lambda j: store.job_key_of(j) or j.name)]}
+
+
+def jsonable_parameters(parameters: Any) -> Any:
+    """A run's parameters (a unit's args) as JSON takes them (what it cannot, as text)."""
+    return json.loads(json.dumps(parameters or {}, default=str))
+
+
+async def experiment_document(experiment, *, with_units: bool) -> dict[str, Any]:
+    """An experiment as a stable JSON document: its id, title, state, times and how many
+    work units are in each state; `with_units`, each work unit (and auxiliary unit) with
+    its args, state and jobs (their states and flow run ids)."""
+    client = await store.client()
+    run = await client.read_flow_run(experiment.flow_run_id)
+    units = await store.experiment_runs(client, experiment.experiment_id)
+    counts: dict[str, int] = {}
+    for r in units:
+        counts[store.state_name(r)] = counts.get(store.state_name(r), 0) + 1
+    doc: dict[str, Any] = {
+        "id": experiment.experiment_id, "title": experiment.experiment_title, "flow_run_id": str(run.id),
+        **_state_fields(run), "created": _iso(run.created), "start_time": _iso(run.start_time),
+        "end_time": _iso(run.end_time), "work_unit_count": len(units), "work_unit_states": dict(sorted(counts.items())),
+    }
+    if with_units:
+        jobs = await store.experiment_runs(client, experiment.experiment_id, store.KIND_JOB)
+        auxiliary = await store.experiment_runs(client, experiment.experiment_id, store.KIND_AUXILIARY_UNIT)
+
+        def documents(runs: list, unit_of) -> list[dict[str, Any]]:
+            by_unit: dict[Optional[str], list] = {}
+            for j in jobs:
+                by_unit.setdefault(unit_of(j), []).append(j)
+            docs = [_unit_document(r, by_unit.get(unit_of(r), [])) for r in runs]
+            return sorted(docs, key=lambda d: (not isinstance(d["id"], int), d["id"]))
+
+        doc["work_units"] = documents(units, store.work_unit_of)
+        doc["auxiliary_units"] = documents(auxiliary, store.auxiliary_unit_of)
+    return doc

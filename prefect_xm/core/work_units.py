@@ -146,6 +146,8 @@ class WorkUnit(UnitNames):
         self.flow_run_id = flow_run_id
         self.identity = identity
         self._task: Optional[asyncio.Task] = None  # the orchestration, when launched here
+        #: its gang's members as the orchestration here follows them (orchestration.Member)
+        self._members: list = []
         #: the task run in the experiment's run that links its run there
         self.link_task_run_id: Optional[UUID] = None
         #: as read when the experiment was reopened: its state type, and its job count tag
