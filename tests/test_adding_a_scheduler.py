@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-import pkgutil
 import typing
 from pathlib import Path
 from typing import ClassVar, Optional
@@ -15,6 +14,7 @@ from typing import ClassVar, Optional
 import pytest
 
 import prefect_xm.workers
+from prefect_xm.workers import batch_worker_types
 from prefect_xm import xm_local
 from prefect_xm.executors import batch, requirements
 from prefect_xm.workers.base import BatchWorker
@@ -24,20 +24,6 @@ from prefect_xm.workers.scheduler import Scheduler
 TESTS = Path(__file__).parent
 TEMPLATES = Path(prefect_xm.workers.__file__).parent / "templates"
 VECTORS = TESTS / "data" / "vectors"
-
-
-def batch_worker_types() -> list[type[BatchWorker]]:
-    """Every BatchWorker subclass the workers package defines, found by walking its modules
-    (not through its exports, which the list asks for and this test checks)."""
-    for module in pkgutil.iter_modules(prefect_xm.workers.__path__):
-        importlib.import_module(f"prefect_xm.workers.{module.name}")
-    found, todo = [], list(BatchWorker.__subclasses__())
-    while todo:
-        cls = todo.pop()
-        todo.extend(cls.__subclasses__())
-        if cls.__module__.startswith("prefect_xm.workers.") and "type" in vars(cls):
-            found.append(cls)
-    return sorted(found, key=lambda c: c.type)
 
 
 def schedulers_of(worker: type[BatchWorker]) -> list[Scheduler]:

@@ -32,24 +32,9 @@ def _reference_module():
 
 
 def _worker_types() -> list[type]:
-    """Every batch worker type, found apart from the hook (which could miss one): the
-    subclasses of BatchWorker with a type of their own, after importing every module of
-    the workers package."""
-    import importlib
-    import pkgutil
+    from prefect_xm.workers import batch_worker_types
 
-    import prefect_xm.workers
-    from prefect_xm.workers.base import BatchWorker
-
-    for module in pkgutil.iter_modules(prefect_xm.workers.__path__):
-        importlib.import_module(f"prefect_xm.workers.{module.name}")
-    found, todo = [], list(BatchWorker.__subclasses__())
-    while todo:
-        cls = todo.pop()
-        todo.extend(cls.__subclasses__())
-        if cls.__module__.startswith("prefect_xm.workers.") and "type" in vars(cls):
-            found.append(cls)
-    return sorted(found, key=lambda c: c.type)
+    return batch_worker_types()
 
 
 @pytest.fixture(scope="module")

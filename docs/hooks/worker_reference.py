@@ -19,9 +19,7 @@ tests/test_docs.py imports this module: the reference must name every variable.
 from __future__ import annotations
 
 import html
-import importlib
 import json
-import pkgutil
 import re
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -47,20 +45,11 @@ DERIVED = {
 
 
 def worker_types() -> list[type]:
-    """Every batch worker type the package defines, found by walking its modules (a new
-    scheduler's worker shows up here without a change)."""
-    import prefect_xm.workers
-    from prefect_xm.workers.base import BatchWorker
+    """Every batch worker type the package defines (a new scheduler's worker shows up here
+    without a change)."""
+    from prefect_xm.workers import batch_worker_types
 
-    for module in pkgutil.iter_modules(prefect_xm.workers.__path__):
-        importlib.import_module(f"prefect_xm.workers.{module.name}")
-    found, todo = [], list(BatchWorker.__subclasses__())
-    while todo:
-        cls = todo.pop()
-        todo.extend(cls.__subclasses__())
-        if cls.__module__.startswith("prefect_xm.workers.") and "type" in vars(cls):
-            found.append(cls)
-    return sorted(found, key=lambda c: c.type)
+    return batch_worker_types()
 
 
 def variables_schema(worker: type) -> dict[str, Any]:
