@@ -58,6 +58,20 @@ def with_unit(num_bytes: int, units: Sequence[tuple[int, str]] = BINARY_UNITS) -
     return f"{math.ceil(num_bytes / MiB)}{mib}"
 
 
+def present(**variables: Any) -> dict[str, Any]:
+    """The job variables a mapping has a value for: what JobRequirements leaves unset is
+    left to the pool's defaults."""
+    return {name: value for name, value in variables.items() if value is not None}
+
+
+def memory_with_unit(requirements: JobRequirements, units: Sequence[tuple[int, str]] = BINARY_UNITS,
+                     per: int = 1) -> Optional[str]:
+    """The memory asked for, divided by ``per`` (rounded up) and written with ``units``."""
+    if requirements.memory is None:
+        return None
+    return with_unit(math.ceil(requirements.memory / per), units)
+
+
 def whole_cpus(requirements: JobRequirements) -> Optional[int]:
     """Schedulers count whole CPUs: 0.5 asks for one."""
     return None if requirements.cpu is None else int(math.ceil(requirements.cpu))
@@ -91,11 +105,7 @@ def single_replica(requirements: JobRequirements, scheduler: str) -> None:
 def slurm_variables(requirements: JobRequirements, options: Mapping[str, Any]) -> dict[str, Any]:
     """cpu -> cpus_per_task, memory -> memory (--mem, '16G'), accelerators -> gpus and
     gpu_type (a100=2 -> --gres=gpu:a100:2), replicas -> ntasks."""
-    out: dict[str, Any] = {}
-    if (cpus := whole_cpus(requirements)) is not None:
-        out["cpus_per_task"] = cpus
-    if requirements.memory is not None:
-        out["memory"] = with_unit(requirements.memory)
+    out = present(cpus_per_task=whole_cpus(requirements), memory=memory_with_unit(requirements))
     accelerator = requirements.accelerator
     if accelerator is not None:
         if accelerator.is_tpu:
@@ -130,16 +140,12 @@ def sge_variables(requirements: JobRequirements, options: Mapping[str, Any]) -> 
     """cpu -> slots (-pe <parallel_environment> N), memory -> memory per slot (h_vmem is
     per slot: the job's memory divided among its slots), GPUs -> gpus (-l <gpu_resource>=N)."""
     single_replica(requirements, "SGE")
-    out: dict[str, Any] = {}
     slots = whole_cpus(requirements)
-    if slots is not None:
-        out["slots"] = slots
-    if requirements.memory is not None:
-        out["memory"] = with_unit(math.ceil(requirements.memory / (slots or 1)))
-    gpus = untyped_gpus(requirements, "SGE", "pick the type with queue= or the pool's gpu_resource variable")
-    if gpus is not None:
-        out["gpus"] = gpus
-    return out
+    return present(
+        slots=slots,
+        memory=memory_with_unit(requirements, per=slots or 1),
+        gpus=untyped_gpus(requirements, "SGE", "pick the type with queue= or the pool's gpu_resource variable"),
+    )
 
 
 #: h_rt ('H:MM:SS') from an int of minutes, a timedelta or a str
@@ -157,18 +163,14 @@ def pbs_variables(requirements: JobRequirements, options: Mapping[str, Any]) -> 
     """replicas -> nodes (PBS Pro: chunks of select=N; Torque: nodes=N), cpu -> cpus per
     chunk/node (ncpus, ppn), GPUs -> gpus (ngpus), memory -> memory: per chunk on PBS Pro
     (select's mem), the whole job's on Torque (-l mem)."""
-    out: dict[str, Any] = {}
-    if requirements.replicas != 1:
-        out["nodes"] = requirements.replicas
-    if (cpus := whole_cpus(requirements)) is not None:
-        out["cpus"] = cpus
-    if requirements.memory is not None:
-        per_job = options.get("dialect") == "torque"
-        out["memory"] = with_unit(requirements.memory * (requirements.replicas if per_job else 1), PBS_UNITS)
-    gpus = untyped_gpus(requirements, "PBS", "pick the type with queue= or a site resource in extra_directives")
-    if gpus is not None:
-        out["gpus"] = gpus
-    return out
+    chunks_per_memory = requirements.replicas if options.get("dialect") == "torque" else 1
+    memory = None if requirements.memory is None else with_unit(requirements.memory * chunks_per_memory, PBS_UNITS)
+    return present(
+        nodes=requirements.replicas if requirements.replicas != 1 else None,
+        cpus=whole_cpus(requirements),
+        memory=memory,
+        gpus=untyped_gpus(requirements, "PBS", "pick the type with queue= or a site resource in extra_directives"),
+    )
 
 
 #: walltime ('H:MM:SS') from an int of minutes, a timedelta or a str
@@ -184,16 +186,12 @@ LSF_UNITS = ((TiB, "TB"), (GiB, "GB"), (MiB, "MB"), (KiB, "KB"))
 def lsf_variables(requirements: JobRequirements, options: Mapping[str, Any]) -> dict[str, Any]:
     """cpu -> slots (-n), memory -> memory (-M, '16GB'), GPUs -> gpus (-gpu num=N)."""
     single_replica(requirements, "LSF")
-    out: dict[str, Any] = {}
-    if (slots := whole_cpus(requirements)) is not None:
-        out["slots"] = slots
-    if requirements.memory is not None:
-        out["memory"] = with_unit(requirements.memory, LSF_UNITS)
-    gpus = untyped_gpus(requirements, "LSF", "name your site's model in job_variables={'gpu_model': ...} "
-                                             "(as `lshosts -gpu` shows it)")
-    if gpus is not None:
-        out["gpus"] = gpus
-    return out
+    return present(
+        slots=whole_cpus(requirements),
+        memory=memory_with_unit(requirements, LSF_UNITS),
+        gpus=untyped_gpus(requirements, "LSF", "name your site's model in job_variables={'gpu_model': ...} "
+                                               "(as `lshosts -gpu` shows it)"),
+    )
 
 
 def lsf_time_limit(value: Any) -> str:
@@ -215,16 +213,12 @@ HTCONDOR_UNITS = ((TiB, "TB"), (GiB, "GB"), (MiB, "MB"), (KiB, "KB"))
 def htcondor_variables(requirements: JobRequirements, options: Mapping[str, Any]) -> dict[str, Any]:
     """cpu -> request_cpus, memory -> request_memory ('16GB'), GPUs -> request_gpus."""
     single_replica(requirements, "HTCondor")
-    out: dict[str, Any] = {}
-    if (cpus := whole_cpus(requirements)) is not None:
-        out["request_cpus"] = cpus
-    if requirements.memory is not None:
-        out["request_memory"] = with_unit(requirements.memory, HTCONDOR_UNITS)
-    gpus = untyped_gpus(requirements, "HTCondor", "match the type with a ClassAd expression in "
-                                                  "job_variables={'requirements': ...}")
-    if gpus is not None:
-        out["request_gpus"] = gpus
-    return out
+    return present(
+        request_cpus=whole_cpus(requirements),
+        request_memory=memory_with_unit(requirements, HTCONDOR_UNITS),
+        request_gpus=untyped_gpus(requirements, "HTCondor", "match the type with a ClassAd expression in "
+                                                            "job_variables={'requirements': ...}"),
+    )
 
 
 #: the run-time limit ('H:MM:SS') from an int of minutes, a timedelta or a str

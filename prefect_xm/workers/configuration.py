@@ -4,7 +4,7 @@ variables use.
 Each variable is declared once, on a BatchJobConfiguration subclass: its type, default,
 title and description (the pool's form in the UI), and its checks. A check that the form
 can make too (a minimum, a pattern) is written into the type's JSON schema
-(`AtLeastOne`, `ZeroOrMore`, `pattern_in_form`) without changing how the worker checks it:
+(`AtLeastOne`, `ZeroOrMore`, `in_syntax`) without changing how the worker checks it:
 its error names the variable and the value it refused, whichever scheduler's it is. The
 pool's variables schema is made from the configuration (`variables_of`), never written by
 hand a second time.
@@ -59,6 +59,20 @@ def pattern_in_form(pattern: "re.Pattern[str]") -> WithJsonSchema:
     """An optional text variable's pattern, in the pool's form (the UI checks it as the
     user types); the worker checks it with check_format, whose error says what is expected."""
     return WithJsonSchema({"anyOf": [{"pattern": pattern.pattern, "type": "string"}, {"type": "null"}]})
+
+
+def in_syntax(pattern: "re.Pattern[str]", example: str, *, in_form: bool = True) -> Any:
+    """The type of an optional text variable in its scheduler's syntax (a time limit, a
+    memory size, a queue name): the pattern is written once, for the worker's check (its
+    error names the variable, the value and an example) and, with ``in_form``, for the
+    pool's form. Patterns a browser's regex dialect may read differently stay out of the form."""
+
+    def check(value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        return check_format(pattern, info.field_name, value, example)
+
+    if in_form:
+        return Annotated[Optional[str], AfterValidator(check), pattern_in_form(pattern)]
+    return Annotated[Optional[str], AfterValidator(check)]
 
 
 #: what a batch job name may not hold, whatever the scheduler

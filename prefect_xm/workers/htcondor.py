@@ -61,13 +61,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 from pydantic import Field, field_validator
 
 from prefect_xm.workers.base import BatchWorker
 from prefect_xm.workers.configuration import (
-    AtLeastOne, BatchJobConfiguration, ZeroOrMore, check_format, pattern_in_form,
+    AtLeastOne, BatchJobConfiguration, ZeroOrMore, check_format, in_syntax,
 )
 from prefect_xm.workers.scheduler import (
     CommandResult,
@@ -479,8 +479,11 @@ class HTCondorScheduler(Scheduler):
 _DURATION_RE = re.compile(r"^(?:\d+|\d+:[0-5]\d:[0-5]\d)$")
 _MEMORY_RE = re.compile(r"^\d+(?:\s?[KMGT]B?)?$", re.IGNORECASE)
 _UNIVERSE_RE = re.compile(r"^[A-Za-z]+$")
-_WORD_RE = re.compile(r"^[A-Za-z0-9_.@+-]+$")
-_SINGLE_LINE_RE = re.compile(r"^[^\n\r]*$")
+_Duration = in_syntax(_DURATION_RE, "'90' (minutes) or '2:30:00'")
+_Size = in_syntax(_MEMORY_RE, "'4GB', '512MB' or '4096' (MB; disk: KB)")
+_SizeNotInForm = in_syntax(_MEMORY_RE, "'4GB', '512MB' or '4096' (MB; disk: KB)", in_form=False)
+_Word = in_syntax(re.compile(r"^[A-Za-z0-9_.@+-]+$"), "'group_physics.alice'", in_form=False)
+_Line = in_syntax(re.compile(r"^[^\n\r]*$"), "a single-line ClassAd expression", in_form=False)
 
 
 class HTCondorJobConfiguration(BatchJobConfiguration):
@@ -494,12 +497,12 @@ class HTCondorJobConfiguration(BatchJobConfiguration):
         title="CPUs",
         description="CPU cores the job's slot must have (request_cpus).",
     )
-    request_memory: Annotated[Optional[str], pattern_in_form(_MEMORY_RE)] = Field(
+    request_memory: _Size = Field(
         default=None,
         title="Memory",
         description="request_memory, e.g. '4GB' (a bare number is MB).",
     )
-    request_disk: Optional[str] = Field(
+    request_disk: _SizeNotInForm = Field(
         default=None,
         title="Disk",
         description="request_disk, e.g. '10GB' (a bare number is KB).",
@@ -509,17 +512,17 @@ class HTCondorJobConfiguration(BatchJobConfiguration):
         title="GPUs",
         description="GPUs the job's slot must have (request_gpus).",
     )
-    requirements: Optional[str] = Field(
+    requirements: _Line = Field(
         default=None,
         title="Requirements",
         description="A ClassAd expression the execution slot must match.",
     )
-    accounting_group: Optional[str] = Field(
+    accounting_group: _Word = Field(
         default=None,
         title="Accounting group",
         description="The accounting group the job's usage is charged to (accounting_group), e.g. 'group_physics.alice'.",
     )
-    time_limit: Annotated[Optional[str], pattern_in_form(_DURATION_RE)] = Field(
+    time_limit: _Duration = Field(
         default=None,
         title="Time limit",
         description=(
@@ -542,31 +545,11 @@ class HTCondorJobConfiguration(BatchJobConfiguration):
         ),
     )
 
-    @field_validator("time_limit")
-    @classmethod
-    def _time_limit(cls, v):
-        return check_format(_DURATION_RE, "time_limit", v, "'90' (minutes) or '2:30:00'")
-
-    @field_validator("request_memory", "request_disk")
-    @classmethod
-    def _memory(cls, v, info):
-        return check_format(_MEMORY_RE, info.field_name, v, "'4GB', '512MB' or '4096' (MB; disk: KB)")
-
     @field_validator("universe")
     @classmethod
     def _universe(cls, v):
         # not checked against a list: condor_submit's refusal is shown verbatim
         return check_format(_UNIVERSE_RE, "universe", v, "'vanilla', 'container'") or "vanilla"
-
-    @field_validator("accounting_group")
-    @classmethod
-    def _word(cls, v):
-        return check_format(_WORD_RE, "accounting_group", v, "'group_physics.alice'")
-
-    @field_validator("requirements")
-    @classmethod
-    def _line(cls, v):
-        return check_format(_SINGLE_LINE_RE, "requirements", v, "a single-line ClassAd expression")
 
     @field_validator("extra_directives")
     @classmethod

@@ -29,13 +29,13 @@ Parsers are pure functions over command output (tests/test_lsf_parsers.py).
 from __future__ import annotations
 
 import re
-from typing import Annotated, ClassVar, Mapping, Optional, Sequence
+from typing import ClassVar, Mapping, Optional, Sequence
 
 from pydantic import Field, field_validator
 
 from prefect_xm.workers.base import BatchWorker
 from prefect_xm.workers.configuration import (
-    AtLeastOne, BatchJobConfiguration, ZeroOrMore, check_format, pattern_in_form,
+    AtLeastOne, BatchJobConfiguration, ZeroOrMore, in_syntax,
 )
 from prefect_xm.workers.scheduler import (
     CommandResult,
@@ -369,22 +369,24 @@ class LsfScheduler(Scheduler):
 _RUN_LIMIT_RE = re.compile(r"^(?:\d+|\d+:[0-5]?\d)$")
 #: -M: a number in LSF_UNIT_FOR_LIMITS, or with a unit
 _MEMORY_RE = re.compile(r"^\d+(?:[KMGT]B?)?$")
-_WORD_RE = re.compile(r"^[A-Za-z0-9_.+:@/-]+$")
-_GPU_MODEL_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
+_RunLimit = in_syntax(_RUN_LIMIT_RE, "'90' (minutes) or '1:30' (hours:minutes)")
+_Memory = in_syntax(_MEMORY_RE, "'16GB', '512MB', '16G' or '4096' (in LSF_UNIT_FOR_LIMITS)")
+_Word = in_syntax(re.compile(r"^[A-Za-z0-9_.+:@/-]+$"), "a single word", in_form=False)
+_GpuModel = in_syntax(re.compile(r"^[A-Za-z0-9_.+-]+$"), "'TeslaV100_SXM2_32GB'", in_form=False)
 
 
 class LsfJobConfiguration(BatchJobConfiguration):
-    queue: Optional[str] = Field(
+    queue: _Word = Field(
         default=None,
         title="Queue",
         description="LSF queue to submit to (-q).",
     )
-    project: Optional[str] = Field(
+    project: _Word = Field(
         default=None,
         title="Project",
         description="Project to charge the job to (-P).",
     )
-    time_limit: Annotated[Optional[str], pattern_in_form(_RUN_LIMIT_RE)] = Field(
+    time_limit: _RunLimit = Field(
         default=None,
         title="Run limit",
         description="Wall-clock limit (-W): minutes, or 'HH:MM'. LSF kills the job at the limit (TERM_RUNLIMIT, exit code 140).",
@@ -394,7 +396,7 @@ class LsfJobConfiguration(BatchJobConfiguration):
         title="Slots",
         description="Number of slots/tasks (-n).",
     )
-    memory: Annotated[Optional[str], pattern_in_form(_MEMORY_RE)] = Field(
+    memory: _Memory = Field(
         default=None,
         title="Memory limit",
         description=(
@@ -417,7 +419,7 @@ class LsfJobConfiguration(BatchJobConfiguration):
         title="GPUs",
         description='GPUs per host (-gpu "num=N").',
     )
-    gpu_model: Optional[str] = Field(
+    gpu_model: _GpuModel = Field(
         default=None,
         title="GPU model",
         description="GPU model in the -gpu request (gmodel=...).",
@@ -432,26 +434,6 @@ class LsfJobConfiguration(BatchJobConfiguration):
         title="Extra directives",
         description="More bsub options, one per line, without '#BSUB' (e.g. '-x' or '-R \"select[avx2]\"').",
     )
-
-    @field_validator("time_limit")
-    @classmethod
-    def _time_limit(cls, v):
-        return check_format(_RUN_LIMIT_RE, "time_limit", v, "'90' (minutes) or '1:30' (hours:minutes)")
-
-    @field_validator("memory")
-    @classmethod
-    def _memory(cls, v):
-        return check_format(_MEMORY_RE, "memory", v, "'16GB', '512MB', '16G' or '4096' (in LSF_UNIT_FOR_LIMITS)")
-
-    @field_validator("queue", "project")
-    @classmethod
-    def _word(cls, v, info):
-        return check_format(_WORD_RE, info.field_name, v, "a single word")
-
-    @field_validator("gpu_model")
-    @classmethod
-    def _gpu_model(cls, v):
-        return check_format(_GPU_MODEL_RE, "gpu_model", v, "'TeslaV100_SXM2_32GB'")
 
     @field_validator("resources")
     @classmethod

@@ -53,13 +53,13 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, ClassVar, Literal, Optional, Sequence
+from typing import ClassVar, Literal, Optional, Sequence
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from prefect_xm.workers.base import BatchWorker
 from prefect_xm.workers.configuration import (
-    AtLeastOne, BatchJobConfiguration, ZeroOrMore, check_format, pattern_in_form,
+    AtLeastOne, BatchJobConfiguration, ZeroOrMore, in_syntax,
 )
 from prefect_xm.workers.scheduler import (
     CommandResult,
@@ -443,7 +443,9 @@ DIALECTS: dict[str, PbsScheduler] = {"pbspro": PbsScheduler(), "torque": TorqueS
 _WALLTIME_RE = re.compile(r"^\d+(?::\d{1,2}){0,3}$")
 # PBS sizes: an integer with an optional b/kb/mb/gb/tb/pb (or w: words) suffix
 _SIZE_RE = re.compile(r"^\d+(?:[kKmMgGtTpP]?[bBwW])?$")
-_WORD_RE = re.compile(r"^[A-Za-z0-9_.@+-]+$")
+_Walltime = in_syntax(_WALLTIME_RE, "'01:30:00' (HH:MM:SS), '90:00', '5400' (seconds)")
+_Size = in_syntax(_SIZE_RE, "'16gb', '512mb'")
+_Word = in_syntax(re.compile(r"^[A-Za-z0-9_.@+-]+$"), "a single word", in_form=False)
 
 
 class PbsJobConfiguration(BatchJobConfiguration):
@@ -455,17 +457,17 @@ class PbsJobConfiguration(BatchJobConfiguration):
             "'torque' for Torque or Slurm's Torque wrappers (qstat -f, -l nodes=N:ppn=C)."
         ),
     )
-    queue: Optional[str] = Field(
+    queue: _Word = Field(
         default=None,
         title="Queue",
         description="Queue to submit to (-q).",
     )
-    account: Optional[str] = Field(
+    account: _Word = Field(
         default=None,
         title="Account",
         description="Account to charge (-A).",
     )
-    time_limit: Annotated[Optional[str], pattern_in_form(_WALLTIME_RE)] = Field(
+    time_limit: _Walltime = Field(
         default=None,
         title="Walltime",
         description="Wall-clock limit (-l walltime=): 'HH:MM:SS', 'MM:SS' or seconds.",
@@ -480,7 +482,7 @@ class PbsJobConfiguration(BatchJobConfiguration):
         title="CPUs per node",
         description="CPUs per node (ncpus= in PBS Pro's select; ppn= in Torque).",
     )
-    memory: Annotated[Optional[str], pattern_in_form(_SIZE_RE)] = Field(
+    memory: _Size = Field(
         default=None,
         title="Memory",
         description="Memory, e.g. '16gb': per node in PBS Pro (mem= in select), for the job in Torque (-l mem=).",
@@ -495,21 +497,6 @@ class PbsJobConfiguration(BatchJobConfiguration):
         title="Submit held",
         description="Submit the job held (-h): it waits until released with qrls.",
     )
-
-    @field_validator("time_limit")
-    @classmethod
-    def _time_limit(cls, v):
-        return check_format(_WALLTIME_RE, "time_limit", v, "'01:30:00' (HH:MM:SS), '90:00', '5400' (seconds)")
-
-    @field_validator("memory")
-    @classmethod
-    def _memory(cls, v):
-        return check_format(_SIZE_RE, "memory", v, "'16gb', '512mb'")
-
-    @field_validator("queue", "account")
-    @classmethod
-    def _word(cls, v, info):
-        return check_format(_WORD_RE, info.field_name, v, "a single word")
 
 
 class PbsWorker(BatchWorker):

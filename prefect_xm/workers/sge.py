@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
-from typing import Annotated, ClassVar, Mapping, Optional, Sequence
+from typing import ClassVar, Mapping, Optional, Sequence
 
 from pydantic import Field, field_validator
 
 from prefect_xm.workers.base import BatchWorker
 from prefect_xm.workers.configuration import (
-    AtLeastOne, BatchJobConfiguration, ZeroOrMore, check_format, pattern_in_form,
+    AtLeastOne, BatchJobConfiguration, ZeroOrMore, check_format, in_syntax,
 )
 from prefect_xm.workers.scheduler import (
     CommandResult,
@@ -402,25 +402,28 @@ class SgeScheduler(Scheduler):
 _TIME_RE = re.compile(r"^(?:\d+|\d+:\d{1,2}:\d{1,2})$")
 _MEMORY_RE = re.compile(r"^\d+(?:\.\d+)?[KkMmGgTt]?$")
 _WORD_RE = re.compile(r"^[A-Za-z0-9_.@+*,-]+$")
+_TimeLimit = in_syntax(_TIME_RE, "'3600' (seconds) or '1:00:00' (h_rt)")
+_Memory = in_syntax(_MEMORY_RE, "'4G', '512M' (h_vmem, per slot)")
+_Word = in_syntax(_WORD_RE, "a single word such as 'all.q'", in_form=False)
 
 
 class SgeJobConfiguration(BatchJobConfiguration):
-    queue: Optional[str] = Field(
+    queue: _Word = Field(
         default=None,
         title="Queue",
         description="Cluster queue to submit to (-q), e.g. 'all.q'.",
     )
-    project: Optional[str] = Field(
+    project: _Word = Field(
         default=None,
         title="Project",
         description="Project to charge (-P).",
     )
-    time_limit: Annotated[Optional[str], pattern_in_form(_TIME_RE)] = Field(
+    time_limit: _TimeLimit = Field(
         default=None,
         title="Time limit",
         description="Wall-clock limit (-l h_rt=): seconds or 'H:MM:SS'. SGE kills the job (SIGKILL) when it is reached.",
     )
-    memory: Annotated[Optional[str], pattern_in_form(_MEMORY_RE)] = Field(
+    memory: _Memory = Field(
         default=None,
         title="Memory per slot",
         description="Virtual memory limit per slot (-l h_vmem=), e.g. '4G' or '512M'.",
@@ -430,7 +433,7 @@ class SgeJobConfiguration(BatchJobConfiguration):
         title="Slots (CPUs)",
         description="Slots in the parallel environment (-pe <pe> N).",
     )
-    parallel_environment: Optional[str] = Field(
+    parallel_environment: _Word = Field(
         default="smp",
         title="Parallel environment",
         description="The site's parallel environment for multi-slot jobs (`qconf -spl` lists them).",
@@ -451,20 +454,10 @@ class SgeJobConfiguration(BatchJobConfiguration):
         description="The job's shell (-S).",
     )
 
-    @field_validator("time_limit")
+    @field_validator("gpu_resource")
     @classmethod
-    def _time_limit(cls, v):
-        return check_format(_TIME_RE, "time_limit", v, "'3600' (seconds) or '1:00:00' (h_rt)")
-
-    @field_validator("memory")
-    @classmethod
-    def _memory(cls, v):
-        return check_format(_MEMORY_RE, "memory", v, "'4G', '512M' (h_vmem, per slot)")
-
-    @field_validator("queue", "project", "parallel_environment", "gpu_resource")
-    @classmethod
-    def _word(cls, v, info):
-        return check_format(_WORD_RE, info.field_name, v, "a single word such as 'all.q'")
+    def _gpu_resource(cls, v):
+        return check_format(_WORD_RE, "gpu_resource", v, "a single word such as 'gpu'")
 
     @field_validator("shell")
     @classmethod

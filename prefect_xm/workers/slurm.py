@@ -8,13 +8,13 @@ tests/test_slurm_parsers.py).
 from __future__ import annotations
 
 import re
-from typing import Annotated, ClassVar, Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from prefect_xm.workers.base import BatchWorker
 from prefect_xm.workers.configuration import (
-    AtLeastOne, BatchJobConfiguration, ZeroOrMore, check_format, pattern_in_form,
+    AtLeastOne, BatchJobConfiguration, ZeroOrMore, in_syntax,
 )
 from prefect_xm.workers.scheduler import (
     CommandResult,
@@ -373,7 +373,6 @@ class SlurmScheduler(Scheduler):
 # -- job variables and the worker ------------------------------------------------
 
 _MEMORY_RE = re.compile(r"^\d+[KMGT]?$")
-_DIRECTIVE_VALUE_RE = re.compile(r"^[^\n\r]*$")
 
 
 #: --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or no limit (Slurm reads
@@ -383,24 +382,30 @@ TIME_LIMIT = re.compile(
     r"|UNLIMITED|INFINITE|unlimited|infinite)$"
 )
 
+_TimeLimit = in_syntax(TIME_LIMIT, "'90' (minutes), '2:30:00', '1-12:00:00'")
+_Memory = in_syntax(_MEMORY_RE, "'16G', '512M', '4096'")
+_Word = in_syntax(re.compile(r"^\S+$"), "a single word", in_form=False)
+#: --constraint is an expression of node features ('a100&ib'), not one word
+_Line = in_syntax(re.compile(r"^[^\n\r]*$"), "a single line", in_form=False)
+
 
 class SlurmJobConfiguration(BatchJobConfiguration):
-    partition: Optional[str] = Field(
+    partition: _Word = Field(
         default=None,
         title="Partition",
         description="Slurm partition (queue) to submit to (--partition).",
     )
-    account: Optional[str] = Field(
+    account: _Word = Field(
         default=None,
         title="Account",
         description="Account to charge the job to (--account).",
     )
-    qos: Optional[str] = Field(
+    qos: _Word = Field(
         default=None,
         title="QOS",
         description="Quality of service (--qos).",
     )
-    time_limit: Annotated[Optional[str], pattern_in_form(TIME_LIMIT)] = Field(
+    time_limit: _TimeLimit = Field(
         default=None,
         title="Time limit",
         description="Wall-clock limit (--time): minutes, 'HH:MM:SS' or 'D-HH:MM:SS'.",
@@ -420,7 +425,7 @@ class SlurmJobConfiguration(BatchJobConfiguration):
         title="CPUs per task",
         description="CPUs per task (--cpus-per-task).",
     )
-    memory: Annotated[Optional[str], pattern_in_form(_MEMORY_RE)] = Field(
+    memory: _Memory = Field(
         default=None,
         title="Memory",
         description="Memory per node (--mem), e.g. '16G' or '512M'.",
@@ -430,12 +435,12 @@ class SlurmJobConfiguration(BatchJobConfiguration):
         title="GPUs",
         description="GPUs per node, requested as --gres=gpu[:type]:N.",
     )
-    gpu_type: Optional[str] = Field(
+    gpu_type: _Word = Field(
         default=None,
         title="GPU type",
         description="GPU type in the gres request, e.g. 'a100'.",
     )
-    constraint: Optional[str] = Field(
+    constraint: _Line = Field(
         default=None,
         title="Constraint",
         description="Node features required (--constraint).",
@@ -455,23 +460,6 @@ class SlurmJobConfiguration(BatchJobConfiguration):
 
     def gangs_as_one_job(self) -> bool:
         return self.het_job
-
-    @field_validator("time_limit")
-    @classmethod
-    def _time_limit(cls, v):
-        return check_format(TIME_LIMIT, "time_limit", v, "'90' (minutes), '2:30:00', '1-12:00:00'")
-
-    @field_validator("memory")
-    @classmethod
-    def _memory(cls, v):
-        return check_format(_MEMORY_RE, "memory", v, "'16G', '512M', '4096'")
-
-    @field_validator("partition", "account", "qos", "gpu_type", "constraint")
-    @classmethod
-    def _one_line(cls, v, info):
-        if v is not None and not re.match(r"^[^\s]+$", v) and info.field_name != "constraint":
-            raise ValueError(f"{info.field_name}: {v!r} must be a single word")
-        return check_format(_DIRECTIVE_VALUE_RE, info.field_name, v, "a single line")
 
 
 class SlurmWorker(BatchWorker):

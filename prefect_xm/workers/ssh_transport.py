@@ -240,14 +240,8 @@ class SSHTransport:
         return path
 
     # -- commands ---------------------------------------------------------------
-    async def run(
-        self,
-        argv: Sequence[str],
-        *,
-        stdin: str | None = None,
-        env: Mapping[str, str] | None = None,
-        timeout: float = 60.0,
-    ) -> CommandResult:
+    async def run(self, argv: Sequence[str], *, stdin: str | None = None, env: Mapping[str, str] | None = None,
+                  timeout: float = 60.0) -> CommandResult:
         import asyncssh
 
         env_file = None

@@ -40,14 +40,8 @@ __all__ = [
 
 
 class Transport(Protocol):
-    async def run(
-        self,
-        argv: Sequence[str],
-        *,
-        stdin: str | None = None,
-        env: Mapping[str, str] | None = None,
-        timeout: float = 60.0,
-    ) -> CommandResult: ...
+    async def run(self, argv: Sequence[str], *, stdin: str | None = None, env: Mapping[str, str] | None = None,
+                  timeout: float = 60.0) -> CommandResult: ...
 
     async def write_file(self, path: str, text: str, mode: int = 0o644) -> None: ...
 
@@ -77,14 +71,8 @@ def command_environment() -> dict[str, str]:
 class LocalTransport:
     """Runs scheduler commands as subprocesses of the worker."""
 
-    async def run(
-        self,
-        argv: Sequence[str],
-        *,
-        stdin: str | None = None,
-        env: Mapping[str, str] | None = None,
-        timeout: float = 60.0,
-    ) -> CommandResult:
+    async def run(self, argv: Sequence[str], *, stdin: str | None = None, env: Mapping[str, str] | None = None,
+                  timeout: float = 60.0) -> CommandResult:
         full_env = {**command_environment(), **{k: v for k, v in (env or {}).items() if v is not None}}
         try:
             proc = await asyncio.create_subprocess_exec(
