@@ -333,7 +333,11 @@ class BatchWorkerSuite:
         job_id = job_id_of(fr)
         assert env.h.job_state(job_id) == JobState.RUNNING
         request_cancel(fr.id)
-        wait_state(fr.id, StateType.CANCELLED, timeout=120)
+        try:
+            wait_state(fr.id, StateType.CANCELLED, timeout=120)
+        except AssertionError as late:
+            worker_log = env.worker.logs[-1].read_text()[-6000:]
+            raise AssertionError(f"{late}\n{state_history(fr.id)}\nworker log:\n{worker_log}") from None
         # The grace signal ends the flow process: the job ends cancelled, or failed if the
         # engine exits on its own first; it must not be left queued or running.
         wait_for(lambda: env.h.final_or_gone(job_id), 60, what=f"job {job_id} to end")

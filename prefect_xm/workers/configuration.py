@@ -258,7 +258,10 @@ class BatchJobConfiguration(BaseJobConfiguration):
         )
         if default_command:
             # The same Python as the worker: on a shared filesystem that is the one
-            # with prefect installed; a site can override `command` per pool.
+            # with prefect installed; a site can override `command` per pool. Not
+            # `-m prefect.engine`, which would start one interpreter fewer: the engine
+            # alone answers the scheduler's SIGTERM of a cancelled job with Crashed, after
+            # and over the worker's Cancelled (seen on Prefect 3.9.1, Torque and HTCondor).
             self.command = f"{shlex.quote(sys.executable)} -m prefect flow-run execute"
 
 
