@@ -285,14 +285,24 @@ async def run_direct(client, flow_run_id, parameters: dict[str, Any],
         await client.set_flow_run_state(flow_run_id, Completed(message=f"{program} exited with code 0"), force=True)
         return StateType.COMPLETED
     except asyncio.CancelledError:
-        if proc is not None:
-            await asyncio.shield(_terminate(proc))
-        run = await asyncio.shield(client.read_flow_run(flow_run_id))
-        reason = (run.state.message if run.state is not None and run.state.is_cancelling() else None) or "cancelled"
-        logs.emit(f"the run is being cancelled ({reason}): the program's process group was killed")
-        await asyncio.shield(logs.close())
-        await asyncio.shield(client.set_flow_run_state(
-            flow_run_id, Cancelled(message=f"cancelled: {reason}; the program was killed"), force=True))
+        async def record_cancelled() -> None:
+            if proc is not None:
+                await _terminate(proc)
+            run = await client.read_flow_run(flow_run_id)
+            reason = (run.state.message if run.state is not None and run.state.is_cancelling() else None) or "cancelled"
+            logs.emit(f"the run is being cancelled ({reason}): the program's process group was killed")
+            await logs.close()
+            await client.set_flow_run_state(
+                flow_run_id, Cancelled(message=f"cancelled: {reason}; the program was killed"), force=True)
+
+        # A run cancelled from outside is often cancelled twice (its own Cancelling, then its
+        # unit's): a second cancel must not cut this short, or the run stays Cancelling.
+        recording = asyncio.ensure_future(record_cancelled())
+        while not recording.done():
+            try:
+                await asyncio.shield(recording)
+            except asyncio.CancelledError:
+                continue
         raise
     except Exception as e:
         if proc is not None:

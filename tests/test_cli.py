@@ -8,6 +8,7 @@ import sys
 import textwrap
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -29,6 +30,35 @@ def api(prefect_server):
 def _cli(api, *args, timeout=300):
     proc = subprocess.run([CLI, *args], env=api.env(COLUMNS="200"), capture_output=True, text=True, timeout=timeout)
     return proc
+
+
+#: runs the CLI's main() on each argv in one interpreter (importing Prefect once, not per
+#: command) and prints each exit code and output as JSON
+_MAIN_ON_EACH = """
+import contextlib, io, json, sys
+from prefect_xm.cli import main
+answers = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as stop:
+            code = stop.code
+    answers.append({"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+print(json.dumps(answers))
+"""
+
+
+def _cli_each(api, *argvs: list[str]) -> list[SimpleNamespace]:
+    """The answers of `prefect-xm <argv>` for each argv, as _cli's (returncode, stdout,
+    stderr), from one interpreter: the installed command is run as a program by _cli."""
+    import json
+
+    proc = subprocess.run([sys.executable, "-c", _MAIN_ON_EACH, json.dumps([list(a) for a in argvs])],
+                          env=api.env(COLUMNS="200"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [SimpleNamespace(**answer) for answer in json.loads(proc.stdout)]
 
 
 def _runs(*tags):
@@ -74,13 +104,11 @@ def test_launch_twice_with_identity_adds_no_duplicate_work_units(api, tmp_path):
     assert sorted(r.parameters["lr"] for r in wus) == [0.1, 0.2]
 
     # list and show read it back from Prefect.
-    listed = _cli(api, "list")
+    listed, shown, missing = _cli_each(api, ["list"], ["show", exp_id], ["show", "nosuchid"])
     assert listed.returncode == 0, listed.stderr[-2000:]
     assert exp_id in listed.stdout and "idempotent" in listed.stdout
-    shown = _cli(api, "show", exp_id)
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert "lr=0.1" in shown.stdout and "lr=0.2" in shown.stdout and "Completed" in shown.stdout
-    missing = _cli(api, "show", "nosuchid")
     assert missing.returncode == 2 and "nosuchid" in missing.stderr
 
 
@@ -95,6 +123,10 @@ def test_stop_cancels_a_running_experiment(api, tmp_path):
         stopped = _cli(api, "stop", str(experiment.experiment_id))
         assert stopped.returncode == 0, stopped.stderr[-3000:]
         assert "Cancelled" in stopped.stdout
+        # the launcher ended its job itself, while the stop waited (not the stop's fallback
+        # for a launcher that is gone: the job left Cancelling, the stop a minute long)
+        [job] = _runs("xm-kind:job", f"xm-experiment:{experiment.experiment_id}")
+        assert job.state.type.value == "CANCELLED" and "the program was killed" in job.state.message, job.state
     assert wu.get_status().is_cancelled
     pid = int((tmp_path / "pid").read_text())
     wait_for(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
@@ -173,43 +205,19 @@ def test_local_jobs_stream_their_output_to_the_terminal_unless_told_not_to(api, 
 # ------------------------------------------------------------- help, JSON, logs, exit codes
 
 
-#: runs the CLI's main() on each argv in one interpreter (importing Prefect once, not per
-#: case) and prints each exit code and output as JSON
-_MAIN_ON_EACH = """
-import contextlib, io, json, sys
-from prefect_xm.cli import main
-answers = []
-for argv in json.loads(sys.argv[1]):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as stop:
-            code = stop.code
-    answers.append({"argv": argv, "code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
-print(json.dumps(answers))
-"""
-
-
 def test_help_names_the_commands_and_the_exit_codes_and_usage_errors_exit_2(api):
-    import json
-
     helped = _cli(api, "--help")  # the installed command itself, once
     assert helped.returncode == 0, helped.stderr[-2000:]
     for command in ("launch", "list", "show", "logs", "stop"):
         assert command in helped.stdout
     assert "Exit codes: 0 ok; 1 a work unit failed" in " ".join(helped.stdout.split())
     usages = [[], ["bogus"], ["show"], ["logs", "123"], ["list", "--bogus"], ["list", "--limit", "many"]]
-    proc = subprocess.run([sys.executable, "-c", _MAIN_ON_EACH, json.dumps([["logs", "--help"], ["show", "--help"],
-                                                                            *usages])],
-                          env=api.env(COLUMNS="200"), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    logs_help, show_help, *answers = json.loads(proc.stdout)
-    assert "--follow" in logs_help["stdout"] and "--json" in show_help["stdout"]
+    logs_help, show_help, *answers = _cli_each(api, ["logs", "--help"], ["show", "--help"], *usages)
+    assert "--follow" in logs_help.stdout and "--json" in show_help.stdout
     for usage, answer in zip(usages, answers):
-        assert answer["code"] == 2, answer
-        assert not usage or usage[-1] in answer["stderr"] or "EXPERIMENT" in answer["stderr"] or (
-            "UNIT" in answer["stderr"]), answer  # (it says what was wrong)
+        assert answer.returncode == 2, answer
+        assert not usage or usage[-1] in answer.stderr or "EXPERIMENT" in answer.stderr or (
+            "UNIT" in answer.stderr), answer  # (it says what was wrong)
 
 
 def test_launch_exits_1_when_a_work_unit_failed_and_list_show_and_logs_tell_it(api, tmp_path):
@@ -236,14 +244,15 @@ def test_launch_exits_1_when_a_work_unit_failed_and_list_show_and_logs_tell_it(a
     assert "AFTER THE EXPERIMENT" in launched.stdout and "cli-json" in launched.stdout
     exp_id = launched.stdout.split("EXPERIMENT", 1)[1].split()[0]
 
-    listed = _cli(api, "list", "--json")
+    listed, shown, logs, failed, followed, missing = _cli_each(
+        api, ["list", "--json"], ["show", exp_id, "--json"], ["logs", exp_id, "1"], ["logs", exp_id, "2", "--follow"],
+        ["logs", exp_id, "wu1", "-f"], ["logs", exp_id, "9"])
     assert listed.returncode == 0, listed.stderr[-2000:]
     [entry] = [e for e in json.loads(listed.stdout)["experiments"] if str(e["id"]) == exp_id]
     assert entry["title"] == "cli-json" and entry["state"] == "Failed" and entry["state_type"] == "FAILED"
     assert entry["work_unit_count"] == 2 and entry["work_unit_states"] == {"Completed": 1, "Failed": 1}
     assert entry["created"] and entry["flow_run_id"]
 
-    shown = _cli(api, "show", exp_id, "--json")
     assert shown.returncode == 0, shown.stderr[-2000:]
     doc = json.loads(shown.stdout)
     assert (doc["id"], doc["state"]) == (int(exp_id), "Failed")
@@ -256,15 +265,12 @@ def test_launch_exits_1_when_a_work_unit_failed_and_list_show_and_logs_tell_it(a
     [runner] = _runs("xm-kind:job", f"xm-experiment:{exp_id}", "xm-work-unit:2")
     assert job["flow_run_id"] == str(runner.id)
 
-    logs = _cli(api, "logs", exp_id, "1")
     assert logs.returncode == 0, logs.stderr[-2000:]
     lines = logs.stdout.splitlines()
     assert "[wu1/trainer] marker-0" in lines and "marker-3" not in logs.stdout
     assert lines.index("[wu1/trainer] marker-0") < len(lines) - 1  # (its end follows: oldest first)
-    failed = _cli(api, "logs", exp_id, "2", "--follow")
     assert failed.returncode == 1 and "[wu2/trainer] marker-3" in failed.stdout, failed.stdout + failed.stderr
-    assert _cli(api, "logs", exp_id, "wu1", "-f").returncode == 0
-    missing = _cli(api, "logs", exp_id, "9")
+    assert followed.returncode == 0, followed
     assert missing.returncode == 2 and "no work unit 9" in missing.stderr
 
 
@@ -304,6 +310,6 @@ def test_a_launch_refused_at_add_says_so_and_leaves_no_experiment_listed(api, tm
     exp_id = said.split()[2]
     assert f"experiment {exp_id} \u2014 cli-refused: launch refused" in refused.stdout  # (instead of its table)
     assert "Still processing items" not in refused.stderr
-    listed = json.loads(_cli(api, "list", "--json").stdout)["experiments"]
-    assert exp_id not in {str(e["id"]) for e in listed}
-    assert _cli(api, "show", exp_id).returncode == 2
+    listed, shown = _cli_each(api, ["list", "--json"], ["show", exp_id])
+    assert exp_id not in {str(e["id"]) for e in json.loads(listed.stdout)["experiments"]}
+    assert shown.returncode == 2
