@@ -65,7 +65,7 @@ def in_syntax(pattern: "re.Pattern[str]", example: str, *, in_form: bool = True)
     """The type of an optional text variable in its scheduler's syntax (a time limit, a
     memory size, a queue name): the pattern is written once, for the worker's check (its
     error names the variable, the value and an example) and, with ``in_form``, for the
-    pool's form. Patterns a browser's regex dialect may read differently stay out of the form."""
+    pool's form (``in_form=False``: the form takes any text, the worker still checks it)."""
 
     def check(value: Optional[str], info: ValidationInfo) -> Optional[str]:
         return check_format(pattern, info.field_name, value, example)
