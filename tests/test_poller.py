@@ -39,7 +39,7 @@ def drain(job):
 
 
 async def test_one_status_query_for_many_jobs():
-    listing = "".join(f"{i}|PENDING|Priority\n" for i in range(1, 201))
+    listing = "".join(f"{i}|PENDING|Priority|N/A\n" for i in range(1, 201))
     t = ScriptedTransport(squeue=[(0, listing, "")])
     p = JobPoller(SlurmScheduler(), t)
     jobs = [p.track(str(i)) for i in range(1, 201)]
@@ -50,10 +50,10 @@ async def test_one_status_query_for_many_jobs():
 
 async def test_failing_query_keeps_last_state_then_recovers():
     t = ScriptedTransport(squeue=[
-        (0, "5|RUNNING|None\n", ""),
+        (0, "5|RUNNING|None|N/A\n", ""),
         (1, "", "squeue: error: Socket timed out on send/recv operation"),
         (1, "", "slurm_load_jobs error: Unable to contact slurm controller (connect failure)"),
-        (0, "5|RUNNING|None\n", ""),
+        (0, "5|RUNNING|None|N/A\n", ""),
     ])
     p = JobPoller(SlurmScheduler(), t, grace_period=300)
     job = p.track("5")
@@ -66,18 +66,27 @@ async def test_failing_query_keeps_last_state_then_recovers():
 
 async def test_states_only_move_forward():
     # a state the model does not know is no step back from running
-    t = ScriptedTransport(squeue=[(0, "7|RUNNING|None\n", ""), (0, "7|RESV_DEL_HOLDING|x\n", "")])
+    t = ScriptedTransport(squeue=[(0, "7|RUNNING|None|N/A\n", ""), (0, "7|RESV_DEL_HOLDING|x|N/A\n", "")])
     p = JobPoller(SlurmScheduler(), t)
     job = p.track("7")
     await poll(p, 2)
     assert job.status.state == JobState.RUNNING and job.requeues == 0
 
 
+async def test_a_new_estimate_of_a_queued_jobs_start_is_an_update_and_the_same_one_is_not():
+    same, later = "9|PENDING|Resources|2026-12-07T21:33:22\n", "9|PENDING|Resources|2026-12-07T21:40:00\n"
+    t = ScriptedTransport(squeue=[(0, "9|PENDING|Resources|N/A\n", ""), (0, same, ""), (0, same, ""), (0, later, "")])
+    p = JobPoller(SlurmScheduler(), t)
+    job = p.track("9")
+    await poll(p, 4)
+    assert [s.expected_start for s in drain(job)] == ["", "2026-12-07T21:33:22", "2026-12-07T21:40:00"]
+
+
 async def test_a_started_job_back_in_the_queue_is_a_requeue_and_is_followed_on():
     # what `scontrol requeue` showed on the real Slurm 22.05: COMPLETING, then PENDING
     # (BeginTime: held for two minutes), then RUNNING again
-    t = ScriptedTransport(squeue=[(0, "7|RUNNING|None\n", ""), (0, "7|COMPLETING|None\n", ""),
-                                  (0, "7|PENDING|BeginTime\n", ""), (0, "7|RUNNING|None\n", "")])
+    t = ScriptedTransport(squeue=[(0, "7|RUNNING|None|N/A\n", ""), (0, "7|COMPLETING|None|N/A\n", ""),
+                                  (0, "7|PENDING|BeginTime|N/A\n", ""), (0, "7|RUNNING|None|N/A\n", "")])
     p = JobPoller(SlurmScheduler(), t)
     job = p.track("7")
     await poll(p, 4)
@@ -89,7 +98,7 @@ async def test_a_started_job_back_in_the_queue_is_a_requeue_and_is_followed_on()
 
 async def test_preempted_in_the_queue_but_queued_again_in_its_record_is_a_requeue_not_an_end():
     t = ScriptedTransport(
-        squeue=[(0, "8|RUNNING|None\n", ""), (0, "8|PREEMPTED|None\n", ""), (0, "8|PENDING|BeginTime\n", "")],
+        squeue=[(0, "8|RUNNING|None|N/A\n", ""), (0, "8|PREEMPTED|None|N/A\n", ""), (0, "8|PENDING|BeginTime|N/A\n", "")],
         scontrol=[(0, "JobId=8 JobName=x JobState=PENDING Reason=BeginTime Restarts=1 ExitCode=0:0\n", "")],
     )
     p = JobPoller(SlurmScheduler(), t)
@@ -104,7 +113,7 @@ async def test_a_scheduler_that_does_not_call_it_a_requeue_keeps_the_state_movin
         def requeued(self, previous, status):
             return False
 
-    t = ScriptedTransport(squeue=[(0, "7|RUNNING|None\n", ""), (0, "7|PENDING|Priority\n", "")])
+    t = ScriptedTransport(squeue=[(0, "7|RUNNING|None|N/A\n", ""), (0, "7|PENDING|Priority|N/A\n", "")])
     p = JobPoller(NoRequeues(), t)
     job = p.track("7")
     await poll(p, 2)
@@ -140,7 +149,7 @@ async def test_absent_job_without_record_waits_for_the_grace_period_then_is_lost
 
 async def test_final_state_in_the_queue_gets_its_exit_code_from_scontrol():
     t = ScriptedTransport(
-        squeue=[(0, "12|FAILED|NonZeroExitCode\n", "")],
+        squeue=[(0, "12|FAILED|NonZeroExitCode|N/A\n", "")],
         scontrol=[(0, "JobId=12 JobState=FAILED Reason=NonZeroExitCode ExitCode=3:0\n", "")],
     )
     p = JobPoller(SlurmScheduler(), t)
@@ -189,7 +198,7 @@ async def test_submissions_asking_for_early_polls_get_one_query_per_interval():
     query in it (the first, at once, since the poller was idle) and one per interval after."""
     import asyncio
 
-    listing = "".join(f"{i}|PENDING|Priority\n" for i in range(1, 51))
+    listing = "".join(f"{i}|PENDING|Priority|N/A\n" for i in range(1, 51))
     t = ScriptedTransport(squeue=[(0, listing, "")])
     p = JobPoller(SlurmScheduler(), t, interval=0.5)
     started = asyncio.get_running_loop().time()

@@ -244,3 +244,27 @@ def test_infrastructure_pid_round_trip():
     assert S.parse_infrastructure_pid(pid) == ("slurm", "hpc1", "123_4")
     with pytest.raises(ValueError):
         S.parse_infrastructure_pid("12345")
+
+
+#: `squeue --me -h -t all -o '%i|%T|%r|%S'` (the worker's status query), recorded from the
+#: real Slurm 22.05 here: a job running, one waiting behind it for its node (the backfill
+#: scheduler's estimate is the running job's time limit), one held (no estimate)
+SQUEUE_WITH_START = """4302|COMPLETED|None|2026-12-07T21:24:13
+4318_9|COMPLETED|None|2026-12-07T21:26:00
+4340+0|COMPLETED|None|2026-12-07T21:26:46
+4309+0|FAILED|JobLaunchFailure|2026-12-07T21:24:36
+4366|PENDING|Resources|2026-12-07T21:33:22
+4367|PENDING|JobHeldUser|N/A
+4365|RUNNING|None|2026-12-07T21:30:22
+"""
+
+
+def test_a_pending_jobs_expected_start_comes_with_its_status():
+    statuses = S.parse_status(CommandResult(S.status_argv([]), 0, SQUEUE_WITH_START, ""))
+    assert statuses["4366"].expected_start == "2026-12-07T21:33:22"
+    assert statuses["4366"].describe() == "PENDING (Resources) expected to start at 2026-12-07T21:33:22"
+    # a held job has no estimate; a running or ended job's %S is when it started
+    assert statuses["4367"].expected_start == "" and statuses["4367"].state == JobState.PENDING
+    assert statuses["4365"].expected_start == "" and statuses["4302"].expected_start == ""
+    assert statuses["4318_9"].state == JobState.COMPLETED and statuses["4340+0"].state == JobState.COMPLETED
+    assert "%S" in S.status_argv([])[-1]

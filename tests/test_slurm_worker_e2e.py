@@ -9,7 +9,7 @@ from prefect.client.schemas.objects import StateType
 
 from batch_suite import BatchWorkerSuite, RequeueScenario, SchedulerHarness, job_id_of, logs_of, state_history, trial, wait_state
 from conftest import cluster_is_up, wait_for
-from e2e import run, start_runs_together
+from e2e import read_run, run, start_run, start_runs_together, wait_final
 from prefect_xm.workers.slurm import SlurmScheduler
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
@@ -45,6 +45,20 @@ SLURM = SchedulerHarness(
 
 class TestSlurmWorker(BatchWorkerSuite, RequeueScenario):
     harness = SLURM
+
+    def test_a_waiting_job_says_when_slurm_expects_it_to_start(self, env):
+        """Slurm's estimate of a pending job's start (squeue's %S, in the one query per poll)
+        is in the run's logs while its job waits; the job runs once it may start."""
+        # (a job that may not begin for an hour: its estimate is that hour, whatever else
+        # the cluster runs meanwhile)
+        fr = run(start_run(env.deployments["double"], {"x": 2}, {"extra_directives": ["--begin=now+3600"]}))
+        said = wait_for(lambda: next((line for line in logs_of(fr.id).splitlines()
+                                      if "expected to start at" in line), None),
+                        120, what=f"run {fr.id}'s logs to say when its job is expected to start")
+        assert "is queued: PENDING (BeginTime) expected to start at 20" in said, said
+        subprocess.run(["scontrol", "update", f"JobId={job_id_of(run(read_run(fr.id)))}", "StartTime=now"], check=True)
+        fr = wait_final(fr.id)
+        assert fr.state.type == StateType.COMPLETED, state_history(fr.id)
 
     def test_a_run_cancelled_while_its_job_waits_stays_cancelled_when_the_job_runs(self, env):
         """The launcher ends a gang member it still sees Scheduled by setting Cancelled (no

@@ -135,6 +135,17 @@ class BatchCancellation:
             self.cancel_job(followed.poller.scheduler, followed.job_id, followed.transport, 30,
                             followed.tracked.status.state, followed)
         )
+        scheduler = followed.poller.scheduler
+        if scheduler.is_het_component(followed.job_id):
+            # Removing one component removes its whole heterogeneous job: the other members
+            # end because this worker removed them (Cancelled, with no command of their
+            # own), not by a crash, even before their own Cancelling reaches the worker.
+            het_job = scheduler.het_job_of(followed.job_id)
+            for member in self._followed.values():
+                if (member is not followed and member.configuration.cluster == followed.configuration.cluster
+                        and scheduler.is_het_component(member.job_id) and scheduler.het_job_of(member.job_id) == het_job):
+                    member.cancel_requested = True
+                    member.cancel_task = followed.cancel_task
 
     def _array_settle(self, cluster: str, array: str) -> asyncio.Task:
         """The one settle_array_cancel in flight for this array (both the supervisor and

@@ -229,7 +229,8 @@ class JobPoller:
         requeued = self.scheduler.requeued(old, status)
         if status.state < old.state and not requeued:
             return  # states only move forward
-        if status.state == old.state and status.reason == old.reason and status.native_state == old.native_state:
+        if (status.state, status.reason, status.native_state, status.expected_start) == (
+                old.state, old.reason, old.native_state, old.expected_start):
             return
         if requeued:
             job.requeues += 1

@@ -43,12 +43,17 @@ class JobStatus:
     reason: str = ""  # why it waits or why it ended: Resources, HoldReason, ...
     exit_code: int | None = None
     signal: int | None = None
+    #: when the scheduler expects a queued job to start, in its own words and clock
+    #: (Slurm's backfill estimate, '2026-12-07T21:33:22'); empty where it has none
+    expected_start: str = ""
 
     def describe(self) -> str:
         """A one-line human description, for state messages and logs."""
         parts = [self.native_state or self.state.name]
         if self.reason and self.reason not in ("None", "(null)"):
             parts.append(f"({self.reason})")
+        if self.expected_start:
+            parts.append(f"expected to start at {self.expected_start}")
         if self.exit_code is not None:
             parts.append(f"exit code {self.exit_code}")
         if self.signal:

@@ -7,6 +7,7 @@ tests/test_slurm_parsers.py).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import ClassVar, Optional, Sequence
 
@@ -132,12 +133,17 @@ def parse_sbatch(stdout: str) -> str:
     raise ValueError(f"no job id in sbatch output: {stdout.strip()[-500:]!r}")
 
 
+#: %S of a pending job: the backfill scheduler's estimate, or N/A / Unknown without one
+_START_TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}$")
+
+
 def parse_squeue(
     output: str, *, delimiter: str = "|", columns: Sequence[str] = ("id", "state", "reason")
 ) -> dict[str, JobStatus]:
-    """Statuses from squeue output in a custom format (`-h -o '%i|%T|%r'`), or in
-    squeue's default table (a header line starting with JOBID). Lines that are not job
-    lines (site banners, blank lines) are skipped; pending array ranges are expanded."""
+    """Statuses from squeue output in a custom format (`-h -o '%i|%T|%r'`; with a "start"
+    column, `%S`, a pending job's expected start), or in squeue's default table (a header
+    line starting with JOBID). Lines that are not job lines (site banners, blank lines)
+    are skipped; pending array ranges are expanded."""
     lines = output.splitlines()
     header = next((ln for ln in lines if ln.strip()), "")
     if header.split()[:1] == ["JOBID"]:
@@ -153,8 +159,12 @@ def parse_squeue(
         row = dict(zip(columns, (f.strip() for f in fields)))
         if not _JOB_ID_RE.match(row["id"]):
             continue
+        start = row.get("start", "")
         for job_id in expand_array_id(row["id"]):
-            statuses[job_id] = to_status(job_id, row["state"], row.get("reason", ""))
+            status = to_status(job_id, row["state"], row.get("reason", ""))
+            if status.state == JobState.PENDING and _START_TIME_RE.match(start):
+                status = dataclasses.replace(status, expected_start=start)
+            statuses[job_id] = status
     return statuses
 
 
@@ -255,7 +265,9 @@ class SlurmScheduler(Scheduler):
         r"slurm_receive_msg|Transport endpoint|temporarily unavailable",
         re.IGNORECASE,
     )
-    status_fields: ClassVar[str] = "%i|%T|%r"
+    #: %S: the expected start of a pending job, in the same one squeue per poll
+    status_fields: ClassVar[str] = "%i|%T|%r|%S"
+    status_columns: ClassVar[tuple[str, ...]] = ("id", "state", "reason", "start")
     # Bounded batches: one sacct over hundreds of ids can hang a slurmdbd.
     terminal_batch_size: ClassVar[int] = 100
 
@@ -278,7 +290,7 @@ class SlurmScheduler(Scheduler):
     def parse_status(self, result: CommandResult) -> dict[str, JobStatus]:
         if not result.ok:
             raise self.classify_error(result)
-        return parse_squeue(result.stdout)
+        return parse_squeue(result.stdout, columns=self.status_columns)
 
     def lookup(self, job_id: str, statuses: dict[str, JobStatus]) -> Optional[JobStatus]:
         return statuses.get(job_id) or combine_components(job_id, statuses)
