@@ -278,3 +278,20 @@ def test_each_scheduler_says_what_its_requeue_looks_like():
     running, queued = JobStatus("5", JobState.RUNNING, "R"), JobStatus("5", JobState.PENDING, "Q")
     for scheduler in (SlurmScheduler(), PbsScheduler(), LsfScheduler(), HTCondorScheduler()):
         assert scheduler.requeued(running, queued) and not scheduler.requeued(queued, running)
+
+
+def test_a_queued_jobs_line_is_logged_for_news_and_its_revised_estimate_at_most_every_five_minutes():
+    from prefect_xm.workers.following import ESTIMATE_LOG_SECONDS, queued_line_due
+    from prefect_xm.workers.scheduler import JobStatus
+
+    def queued(reason, start=""):
+        return JobStatus("9", JobState.PENDING, "PENDING", reason, expected_start=start)
+
+    none, first, revised = queued("Resources"), queued("Resources", "2026-12-07T21:33:22"), queued(
+        "Resources", "2026-12-07T21:40:00")
+    assert queued_line_due(none, None, 0.0, 1.0)
+    assert not queued_line_due(none, none, 0.0, 1.0)  # the same line never twice
+    assert queued_line_due(first, none, 0.0, 1.0)  # a first estimate at once
+    assert queued_line_due(queued("Priority", first.expected_start), first, 0.0, 1.0)  # a new reason at once
+    assert not queued_line_due(revised, first, 0.0, ESTIMATE_LOG_SECONDS - 1)
+    assert queued_line_due(revised, first, 0.0, ESTIMATE_LOG_SECONDS)

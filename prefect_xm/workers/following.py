@@ -30,6 +30,24 @@ if TYPE_CHECKING:
     from prefect_xm.workers.configuration import BatchJobConfiguration
 
 STDERR_TAIL_BYTES = 3000
+#: a queued job's revised start estimate is logged at most this often: a backfill
+#: scheduler revises it every cycle, and a sweep's waiting tasks would each log a line
+#: per poll
+ESTIMATE_LOG_SECONDS = 300.0
+
+
+def queued_line_due(status: JobStatus, last: Optional[JobStatus], last_at: float, now: float) -> bool:
+    """Whether a queued job's status is logged, the last one logged being `last` (at
+    `last_at`): a new state or reason, or a first estimate, at once; a revised estimate
+    once ESTIMATE_LOG_SECONDS have passed; the same line never twice."""
+    if last is None:
+        return True
+    if status.describe() == last.describe():
+        return False
+    if (status.native_state, status.reason, bool(status.expected_start)) != (
+            last.native_state, last.reason, bool(last.expected_start)):
+        return True
+    return now - last_at >= ESTIMATE_LOG_SECONDS
 
 
 # Here rather than in base.py: _follow hands it back, and base.py imports this module.
@@ -77,7 +95,8 @@ class BatchFollowing:
         announce = True
         retry_announce = False
         announce_attempts = 0
-        logged: Optional[str] = None
+        logged: Optional[JobStatus] = None  # the last queued status logged, and when
+        logged_at = 0.0
         direct = followed.configuration.execution == DIRECT
         output = None
         if direct:
@@ -112,9 +131,9 @@ class BatchFollowing:
                             flow_run, f"{self.state_label(followed)} is queued: {status.describe()}", logger) is False
                         announce_attempts += 1
                         retry_announce = announce and announce_attempts < 10
-                    if message != logged:
+                    if queued_line_due(status, logged, logged_at, time.monotonic()):
                         logger.info(message)
-                        logged = message
+                        logged, logged_at = status, time.monotonic()
                 elif status.state == JobState.RUNNING:
                     logger.info(f"{scheduler_name} job {followed.job_id} is running ({status.native_state})")
                     if direct:
