@@ -391,22 +391,22 @@ def test_job_finishing_while_its_state_is_read_is_not_taken_for_a_crash(api, mon
     from prefect_xm import xm, xm_local
     from prefect_xm.core import store
 
-    real_read_runs = store.read_runs
+    real_read_state_types = store.read_state_types
     held = []
 
     def local_engines():
         return [t for t in asyncio.all_tasks() if t.get_coro().__name__ == "start_local"]
 
-    async def read_runs_delivered_late(client, *, tags, ids=None, **kw):
-        runs = await real_read_runs(client, tags=tags, ids=ids, **kw)
-        if ids is not None and any(r.state is None or not r.state.is_final() for r in runs) and local_engines():
-            held.append([r.state.type.value if r.state else None for r in runs])
+    async def states_delivered_late(client, ids):
+        types = await real_read_state_types(client, ids)
+        if any(t not in store.FINAL for t in types.values()) and local_engines():
+            held.append([t.value for t in types.values()])
             deadline = asyncio.get_running_loop().time() + 120
             while any(not t.done() for t in local_engines()) and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.05)
-        return runs
+        return types
 
-    monkeypatch.setattr(store, "read_runs", read_runs_delivered_late)
+    monkeypatch.setattr(store, "read_state_types", states_delivered_late)
     with xm_local.create_experiment(experiment_title="late-read") as experiment:
         [true] = experiment.package([xm.Packageable(xm.Binary("/bin/true"), xm_local.Local.Spec())])
         wu = experiment.add(xm.Job(true, xm_local.Local()))

@@ -95,3 +95,30 @@ def test_paths_that_go_into_directive_lines_must_be_one_word(field, value):
     with pytest.raises(ValueError) as info:
         SgeJobConfiguration(**{field: value})
     assert field in str(info.value) and repr(value) in str(info.value)
+
+
+def test_the_base_environment_is_prefects_rendered_once_per_settings_object():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.workers.base import BaseJobConfiguration
+
+    assert SgeJobConfiguration._base_environment() == BaseJobConfiguration._base_environment()
+    with temporary_settings({PREFECT_API_URL: "http://login-node:4200/api"}):
+        assert SgeJobConfiguration._base_environment()["PREFECT_API_URL"] == "http://login-node:4200/api"
+        # a caller changing its copy changes no other run's
+        SgeJobConfiguration._base_environment()["PREFECT_API_URL"] = "changed"
+        assert SgeJobConfiguration._base_environment()["PREFECT_API_URL"] == "http://login-node:4200/api"
+    assert SgeJobConfiguration._base_environment() == BaseJobConfiguration._base_environment()
+
+
+def test_a_custom_template_is_rendered_as_written_each_time_it_changes(tmp_path):
+    worker = SgeWorker.__new__(SgeWorker)
+    flow_run = SimpleNamespace(id=uuid.uuid4(), name="run")
+    scripts = []
+    for word in ("first", "second", "first"):
+        configuration = SgeJobConfiguration(
+            script_template=f"#!/bin/bash\n# {word}\n. {{{{ env_file | q }}}}\nexec {{{{ command_argv | join(' ') }}}}\n",
+            command="true")
+        scripts.append(worker.render_script(configuration, flow_run, str(tmp_path)))
+    assert ["# first" in scripts[0], "# second" in scripts[1], "# first" in scripts[2]] == [True] * 3
+    with pytest.raises(ScriptTemplateError, match="syntax error"):
+        worker.render_script(SgeJobConfiguration(script_template="{% if %}", command="true"), flow_run, str(tmp_path))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -87,6 +88,25 @@ class Writes:
                    TaskRunLinks(client))
 
 
+#: watched runs read every poll; more are read as often in all (a poll apart per this many)
+RUNS_PER_POLL = 200
+#: the state types whose message a work unit's end repeats (read with the run, whole)
+MESSAGE_READ = frozenset({StateType.FAILED, StateType.CRASHED})
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the watchers know of a run: its state type, and the message of a state in
+    MESSAGE_READ."""
+
+    type: StateType
+    message: str = ""
+
+    @classmethod
+    def of(cls, run) -> "Seen":
+        return cls(store.state_type(run), store.state_message(run))
+
+
 class SharedReads:
     """The runs the work units watched by this launcher wait on, read by one request per
     poll for all of them (not one per work unit): their state types, and the runs whose
@@ -94,47 +114,51 @@ class SharedReads:
 
     def __init__(self) -> None:
         self._watched: set[UUID] = set()
-        self._snapshot: Optional[tuple[float, set[UUID], dict[UUID, Any]]] = None
+        self._snapshot: Optional[tuple[float, set[UUID], dict[UUID, Seen]]] = None
         self._snapshot_task: Optional[asyncio.Future] = None
         self._next_read = 0.0  # (loop time) the earliest the next read is sent
 
-    async def read(self, ids: Sequence[UUID], fresh_from: float) -> dict[UUID, Any]:
-        """The runs of `ids`, from a read begun no earlier than `fresh_from` (loop time)."""
+    async def read(self, ids: Sequence[UUID], after: float) -> tuple[float, dict[UUID, Seen]]:
+        """The runs of `ids`, from a read begun after `after` (loop time), and when that
+        read began. Reads are a poll apart: a watcher that asks for the read after the one
+        it last acted on sees a change within a poll (one that took any read younger than a
+        poll, as before, saw it up to two polls late)."""
         self._watched.update(ids)
-        while (self._snapshot is None or self._snapshot[0] < fresh_from
+        while (self._snapshot is None or self._snapshot[0] <= after
                or not self._snapshot[1].issuperset(ids)):
             if self._snapshot_task is None or self._snapshot_task.done():
                 self._snapshot_task = asyncio.ensure_future(self._take_snapshot())
             await asyncio.shield(self._snapshot_task)
-        runs = self._snapshot[2]
-        return {i: runs[i] for i in ids if i in runs}
+        started, _, runs = self._snapshot
+        return started, {i: runs[i] for i in ids if i in runs}
 
     def forget(self, ids: Sequence[UUID]) -> None:
         self._watched.difference_update(ids)
 
     async def _take_snapshot(self) -> None:
         loop = asyncio.get_running_loop()
-        # A large sweep's read is a page per 200 runs: such reads are spaced out (half a
-        # poll interval a page), or 2,000 watched runs cost the server 10 requests a second.
         await asyncio.sleep(max(0.0, self._next_read - loop.time()))
         started = loop.time()
         watched = set(self._watched)
         client = await store.client()
         before = self._snapshot[2] if self._snapshot is not None else {}
-        # The watched runs' state types first (cheap); the whole run only for those whose
-        # type changed since the last read (a message is read with the state it belongs to).
+        # The watched runs' state types first (cheap); the whole run only for those that
+        # turned Failed or Crashed, whose message the work unit's end repeats (a message is
+        # read with the state it belongs to). A sweep's runs change type every poll: read
+        # whole, they were a second request per poll.
         types = await store.read_state_types(client, list(watched))
         if types is None:
-            runs = {r.id: r for r in await store.read_runs(client, tags=[], ids=list(watched))}
-            pages = -(-len(watched) // store.READ_PAGE)
+            runs = {r.id: Seen.of(r) for r in await store.read_runs(client, tags=[], ids=list(watched))}
         else:
-            changed = [i for i, t in types.items() if i not in before or store.state_type(before[i]) != t]
-            runs = {i: before[i] for i in types if i in before}
-            if changed:
-                runs.update((r.id, r) for r in await store.read_runs(client, tags=[], ids=changed))
-            pages = -(-len(watched) // store.STATE_PAGE) + -(-len(changed) // store.READ_PAGE)
+            runs = {i: before[i] if i in before and before[i].type == t else Seen(t) for i, t in types.items()}
+            failed = [i for i, t in types.items() if t in MESSAGE_READ and (i not in before or before[i].type != t)]
+            if failed:
+                runs.update((r.id, Seen.of(r)) for r in await store.read_runs(client, tags=[], ids=failed))
         self._snapshot = (started, watched, runs)
-        self._next_read = started + (POLL_SECONDS / 2 * pages if pages > 2 else 0.0)
+        # A poll apart, and further for a large sweep: a read costs the server in proportion
+        # to the runs it names, and the writes a sweep waits on share that server (read every
+        # poll, the 400 runs of a 200-trial sweep slowed the writes it waited on).
+        self._next_read = started + POLL_SECONDS * max(1.0, len(watched) / RUNS_PER_POLL)
 
 
 async def link(writes: Writes, unit, m: Member) -> None:
@@ -271,6 +295,7 @@ async def watch_gang(client, unit, members: list[Member], outcomes: Sequence[Any
         ids = [m.flow_run_id for m in members] + [unit.flow_run_id]
         loop = asyncio.get_running_loop()
         first_started: Optional[float] = None  # (loop time) when its first member ran
+        seen = -math.inf  # (loop time) when the read last acted on began
         # members seen running once: one its scheduler requeued (Pending again) has
         # started with the others, and its requeue is its worker's to follow
         ever_started: set[str] = set()
@@ -280,16 +305,14 @@ async def watch_gang(client, unit, members: list[Member], outcomes: Sequence[Any
             # that (older) snapshot, and must not be taken for one that never set it.
             noted = asyncio.get_running_loop().time()
             ended_before_read = {m.key for m in members if m.local_task is not None and m.local_task.done()}
-            # A read begun after that note for in-process engines; any read of the last
-            # poll otherwise (one read serves every work unit watched here).
-            fresh_from = noted if any(m.is_local for m in members) else noted - POLL_SECONDS
-            runs = await reads.read(ids, fresh_from)
-            unit_state = store.state_type(runs.get(unit.flow_run_id))
+            # A read begun after that note for in-process engines; otherwise the read after
+            # the one acted on last (one read serves every work unit watched here).
+            seen, runs = await reads.read(ids, noted if any(m.is_local for m in members) else seen)
+            unit_state = runs[unit.flow_run_id].type if unit.flow_run_id in runs else StateType.PENDING
             for m in members:
-                r = runs.get(m.flow_run_id)
-                if r is not None:
-                    m.state_type = store.state_type(r)
-                    m.message = store.state_message(r)
+                seen_run = runs.get(m.flow_run_id)
+                if seen_run is not None:
+                    m.state_type, m.message = seen_run.type, seen_run.message
                 if m.key in ended_before_read and m.state_type not in store.FINAL:
                     # The in-process engine ended without a final state: record a crash.
                     exc = m.local_task.exception() if not m.local_task.cancelled() else None
@@ -344,7 +367,6 @@ async def watch_gang(client, unit, members: list[Member], outcomes: Sequence[Any
             if all(m.state_type == StateType.COMPLETED for m in members):
                 final_type, message = StateType.COMPLETED, f"{len(members)} job(s) completed"
                 break
-            await asyncio.sleep(POLL_SECONDS)
     except asyncio.CancelledError:
         final_type, message = StateType.CANCELLED, "the launching process stopped the work unit"
         await asyncio.shield(cancel_members(client, members, message))

@@ -8,6 +8,7 @@ A mixin of BatchWorker (it uses the worker's transports and schedulers)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import shlex
@@ -46,6 +47,24 @@ TEMPLATES = Path(__file__).parent / "templates"
 FILE_WRITES_AT_ONCE = 16
 
 
+
+def _script_environment() -> jinja2.sandbox.SandboxedEnvironment:
+    env = jinja2.sandbox.SandboxedEnvironment(
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False,
+        # (a template may include the default scripts' run section, run.sh.j2)
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+    )
+    env.filters["q"] = lambda v: shlex.quote(str(v))
+    return env
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_template(text: str) -> jinja2.Template:
+    """A batch-script template, compiled once: a sweep renders the same one for each of
+    its runs, and compiling it cost the worker more than rendering it. (A template it
+    includes by name is read again when its file changes: jinja2's loader checks.)"""
+    return _script_environment().from_string(text)
+
 class ScriptTemplateError(ValueError):
     """The batch-script template could not be rendered (names the variable)."""
 
@@ -74,12 +93,6 @@ class BatchSubmission:
     ) -> str:
         """The batch script of one run; `names` replaces the run's own names (job name,
         paths, env file) with an array's."""
-        env = jinja2.sandbox.SandboxedEnvironment(
-            undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False,
-            # (a template may include the default scripts' run section, run.sh.j2)
-            loader=jinja2.FileSystemLoader(TEMPLATES),
-        )
-        env.filters["q"] = lambda v: shlex.quote(str(v))
         context = configuration.model_dump(exclude={"env"})
         context.update(
             job_name=self.job_name(configuration, flow_run),
@@ -92,7 +105,7 @@ class BatchSubmission:
         )
         context.update(names or {})
         try:
-            script = env.from_string(self.load_template(configuration)).render(context)
+            script = _compiled_template(self.load_template(configuration)).render(context)
         except jinja2.UndefinedError as exc:
             raise ScriptTemplateError(
                 f"script_template: the batch-script template uses an undefined variable: {exc.message}"
