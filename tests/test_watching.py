@@ -54,4 +54,34 @@ async def test_each_watcher_gets_the_read_after_the_one_it_acted_on_and_reads_ar
         assert runs[units[7][0]].message == "exit 3" and runs[units[7][1]].type == StateType.RUNNING
         seen[7] = started
     assert read_whole == [units[7][0]]
+
+    # A stop asks for the next read at once, not after a large sweep's spacing.
+    monkeypatch.setattr(orchestration, "POLL_SECONDS", 60.0)
+    latest, _ = await reads.read(units[0], seen[7])  # (the read after this one waits a minute)
+    waiting = asyncio.ensure_future(reads.read(units[0], latest))
+    await asyncio.sleep(0.5)
+    assert not waiting.done()
+    reads.read_now()
+    await asyncio.wait_for(waiting, 30)
     assert all(later - earlier >= poll * 0.99 for earlier, later in zip(sent, sent[1:]))
+
+
+async def test_the_progress_line_counts_units_from_one_read_of_their_state_types(monkeypatch):
+    from prefect_xm.core import summary
+
+    done, running = uuid.uuid4(), uuid.uuid4()
+    asked = []
+
+    async def read_state_types(client, ids):
+        asked.append(list(ids))
+        return {done: StateType.COMPLETED, running: StateType.RUNNING}
+
+    async def read_runs(client, **kw):
+        raise AssertionError("whole runs read for a count")
+
+    monkeypatch.setattr(store, "read_state_types", read_state_types)
+    monkeypatch.setattr(store, "read_runs", read_runs)
+    # (a unit whose run is not created yet is pending)
+    counts = await summary.work_unit_counts(None, [done, running, None])
+    assert counts == {"COMPLETED": 1, "RUNNING": 1, "PENDING": 1} and asked == [[done, running]]
+    assert summary.work_units_done(counts) == 1

@@ -36,6 +36,7 @@ class ExperimentLifecycle:
     _stopped: bool
     _summary: summary.SummaryArtifact
     _writes: Optional[orchestration.Writes]
+    _reads: orchestration.SharedReads
     _heartbeat: Optional[asyncio.Task]
     _pool_watch: Optional[asyncio.Task]
     #: the state this launcher ended the experiment's run in (None until it has)
@@ -53,11 +54,12 @@ class ExperimentLifecycle:
             else:
                 last = None
                 while True:
-                    # (a read of every unit: spaced out as the shared reads are, by its pages)
-                    pages = -(-len(self._work_units) // store.READ_PAGE)
-                    done, _ = await asyncio.wait({gathered}, timeout=POLL_SECONDS * max(1.0, pages / 2))
+                    # (a read of every unit: spaced out as the shared reads are)
+                    done, _ = await asyncio.wait({gathered}, timeout=POLL_SECONDS * max(
+                        1.0, len(self._work_units) / orchestration.RUNS_PER_POLL))
                     try:
-                        counts = await summary.work_unit_counts(await store.client(), self.experiment_id)
+                        counts = await summary.work_unit_counts(
+                            await store.client(), [wu.flow_run_id for wu in self._work_units.values()])
                         if counts != last:
                             last = counts
                             summary.PROGRESS_HOOK(self, counts)
@@ -91,6 +93,7 @@ class ExperimentLifecycle:
 
         await self._load()
         self._stopped = True
+        self._reads.read_now()
         client = await store.client()
         units = [*self._work_units.values(), *self._auxiliary_units]
         local_ids = {wu.flow_run_id for wu in units if wu._task is not None}

@@ -117,6 +117,7 @@ class SharedReads:
         self._snapshot: Optional[tuple[float, set[UUID], dict[UUID, Seen]]] = None
         self._snapshot_task: Optional[asyncio.Future] = None
         self._next_read = 0.0  # (loop time) the earliest the next read is sent
+        self._wake: Optional[asyncio.Event] = None
 
     async def read(self, ids: Sequence[UUID], after: float) -> tuple[float, dict[UUID, Seen]]:
         """The runs of `ids`, from a read begun after `after` (loop time), and when that
@@ -135,9 +136,20 @@ class SharedReads:
     def forget(self, ids: Sequence[UUID]) -> None:
         self._watched.difference_update(ids)
 
+    def read_now(self) -> None:
+        """The next read without waiting out its spacing (a stop: a large sweep's reads are
+        seconds apart, and its watchers act on the stop at their next read)."""
+        if self._wake is not None:
+            self._wake.set()
+
     async def _take_snapshot(self) -> None:
         loop = asyncio.get_running_loop()
-        await asyncio.sleep(max(0.0, self._next_read - loop.time()))
+        self._wake = self._wake or asyncio.Event()
+        try:
+            await asyncio.wait_for(self._wake.wait(), max(0.0, self._next_read - loop.time()))
+        except asyncio.TimeoutError:
+            pass
+        self._wake.clear()
         started = loop.time()
         watched = set(self._watched)
         client = await store.client()
