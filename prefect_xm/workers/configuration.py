@@ -75,10 +75,10 @@ def in_syntax(pattern: "re.Pattern[str]", example: str, *, in_form: bool = True)
     return Annotated[Optional[str], AfterValidator(check)]
 
 
-#: what a batch job name may not hold, whatever the scheduler
 #: (the settings object, the environment it renders to): BatchJobConfiguration._base_environment
 _base_environment_of: Optional[tuple[Any, dict[str, str]]] = None
 
+#: what a batch job name may not hold, whatever the scheduler
 JOB_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
 #: `execution` job variable: Prefect's flow engine on the node, or the job's program itself
 ENGINE, DIRECT = "engine", "direct"

@@ -47,7 +47,6 @@ TEMPLATES = Path(__file__).parent / "templates"
 FILE_WRITES_AT_ONCE = 16
 
 
-
 def _script_environment() -> jinja2.sandbox.SandboxedEnvironment:
     env = jinja2.sandbox.SandboxedEnvironment(
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False,
@@ -64,6 +63,7 @@ def _compiled_template(text: str) -> jinja2.Template:
     its runs, and compiling it cost the worker more than rendering it. (A template it
     includes by name is read again when its file changes: jinja2's loader checks.)"""
     return _script_environment().from_string(text)
+
 
 class ScriptTemplateError(ValueError):
     """The batch-script template could not be rendered (names the variable)."""
